@@ -1,0 +1,43 @@
+# batchgen developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of this exact version ships with the dev machines; an unpinned torch would pull CUDA builds.
+TORCH  := torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev run test test-fast lint clean
+
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install batchgen (torch pinned)
+
+install-dev: $(VENV)/.installed-dev ## Install with the dev extras (pytest, ruff)
+
+run: install ## Render the embedded styles sweep into runs/styles
+	$(BIN)/batchgen +sweep=styles
+
+test: install-dev ## Run the test suite
+	$(BIN)/pytest
+
+test-fast: install-dev ## Run the tests not marked slow
+	$(BIN)/pytest -m "not slow"
+
+lint: install-dev ## ruff check at 119 columns
+	$(BIN)/ruff check .
+
+clean: ## Remove runs/ and caches (not .venv)
+	rm -rf runs .pytest_cache .ruff_cache

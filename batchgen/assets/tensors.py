@@ -1,0 +1,67 @@
+"""Read tensor files safely. torch is imported here, so the planner never imports this module."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from batchgen.errors import BatchgenError
+
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+
+
+def read_state_dict(path: Path) -> dict:
+    """A safetensors file, or a pickle through torch.load(weights_only=True): a pickle that would run code fails."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for every kind of corruption
+            raise BatchgenError(f"{path}: not a readable safetensors file ({_short(e)}); re-download it") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise BatchgenError(
+                f"{path}: refused, the pickle would run code or load non-tensor objects ({_short(e)}); "
+                "use a .safetensors version of this file"
+            ) from None
+        except Exception as e:
+            raise BatchgenError(f"{path}: not a readable PyTorch file ({_short(e)}); re-download it") from None
+    raise BatchgenError(f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .pt, .bin or .ckpt")
+
+
+def embedding_vectors(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Normalise every TI format to {encoder: [n_vectors, width]}; encoder is `clip_l` or `clip_g`.
+
+    A1111 .pt keeps vectors under string_to_param['*']; kohya/A1111 safetensors under emb_params; diffusers
+    writes {token: tensor}; SDXL TIs carry clip_l (768) and clip_g (1280) for the two text encoders.
+    """
+    if "clip_l" in state_dict and "clip_g" in state_dict:
+        return {"clip_l": _matrix(state_dict["clip_l"], path), "clip_g": _matrix(state_dict["clip_g"], path)}
+    if "string_to_param" in state_dict:
+        params = state_dict["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise BatchgenError(f"{path}: string_to_param must hold exactly one tensor")
+        return {"clip_l": _matrix(next(iter(params.values())), path)}
+    if "emb_params" in state_dict:
+        return {"clip_l": _matrix(state_dict["emb_params"], path)}
+    tensors = [v for v in state_dict.values() if isinstance(v, torch.Tensor)]
+    if len(state_dict) == 1 and len(tensors) == 1:
+        return {"clip_l": _matrix(tensors[0], path)}
+    raise BatchgenError(
+        f"{path}: not a textual inversion (keys: {', '.join(list(map(str, state_dict))[:5])}); "
+        "expected string_to_param, emb_params, clip_l/clip_g or a single {token: tensor}"
+    )
+
+
+def _matrix(tensor: object, path: Path) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() not in (1, 2):
+        raise BatchgenError(f"{path}: embedding vectors must be a float tensor of shape [n, width]")
+    return tensor.reshape(-1, tensor.shape[-1]).float()
+
+
+def _short(e: BaseException) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__

@@ -1,0 +1,126 @@
+"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report` subcommand.
+
+Any first word other than a subcommand belongs to the render command, so `batchgen +sweep=styles` needs no verb.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from batchgen.errors import BatchgenError
+
+RENDER = "render"
+SUBCOMMANDS = ("report",)
+
+
+class DefaultGroup(TyperGroup):
+    """Routes any argument list that does not start with a subcommand word to `render`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in (*SUBCOMMANDS, RENDER, "--help", "-h"):
+            args = [RENDER, *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultGroup,
+    add_completion=False,
+    no_args_is_help=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Render Stable Diffusion TI/LoRA sweeps from Hydra configs: batchgen +sweep=NAME [key=value ...]",
+)
+
+
+@app.command(
+    RENDER,
+    context_settings={"allow_extra_args": False, "ignore_unknown_options": True},
+    help="Render a sweep (the default command): batchgen +sweep=styles sweep.stacks.ink.ink=0.4,0.8",
+)
+def render_command(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Hydra overrides, e.g. +sweep=styles sweep.seeds=1,2,3")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and count jobs; load no weights.")] = False,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed config and exit.")] = False,
+    config_dir: Annotated[
+        Path | None, typer.Option("--config-dir", help="Your config folder, searched ahead of conf/.")
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the embeddings and LoRAs found per model.")] = False,
+) -> None:
+    from omegaconf import OmegaConf
+
+    from batchgen.config import compose_config
+    from batchgen.runner import dry_run as print_dry_run
+    from batchgen.runner import list_assets, prepare, render
+
+    composed = compose_config(list(overrides or []), config_dir)
+    if cfg:
+        sys.stdout.write(OmegaConf.to_yaml(composed.container))
+        return
+    plan = prepare(composed)
+    if list_:
+        list_assets(plan, sys.stdout)
+        return
+    if dry_run:
+        print_dry_run(composed, plan, sys.stdout)
+        return
+    outcome = render(composed, plan)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command("report", help="Rebuild grids and index.html of RUN_DIR from its manifest, without rendering.")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory holding manifest.csv")],
+    x: Annotated[str, typer.Option(help="Grid x axis")] = "stack",
+    y: Annotated[str, typer.Option(help="Grid y axis")] = "prompt",
+) -> None:
+    from batchgen.manifest import read_manifest
+    from batchgen.report import build_grids, build_index
+
+    if not (run_dir / "manifest.csv").is_file():
+        raise BatchgenError(f"{run_dir}: no manifest.csv here; pass a run directory such as runs/styles")
+    table = read_manifest(run_dir)
+    slots = [c for c in table.columns if c not in _manifest_columns()]
+    try:
+        grids = build_grids(table, run_dir, x, y, slots)
+    except ValueError as e:
+        raise BatchgenError(str(e)) from None
+    index = build_index(table, run_dir, grids, {"rows": str(len(table))})
+    sys.stdout.write(f"{len(grids)} grids, {index}\n")
+
+
+def _manifest_columns() -> tuple[str, ...]:
+    from batchgen.spec import MANIFEST_COLUMNS
+
+    return MANIFEST_COLUMNS
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors with exit code 2 instead of tracebacks."""
+    try:
+        app(args=argv, prog_name="batchgen", standalone_mode=False)
+    except BatchgenError as e:
+        sys.stderr.write(f"batchgen: error: {e}\n")
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except click.exceptions.Abort:
+        sys.stderr.write("batchgen: interrupted\n")
+        return 130
+    except KeyboardInterrupt:
+        sys.stderr.write("batchgen: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Structured configs, Hydra composition and override parsing.
+
+Sweep values on `sweep.*` keys (`a=1,2`, `range(...)`, `choice(...)`) become list-valued axes of
+this one run instead of a Hydra multirun, so they are taken out of the override list before
+composition and written back into the composed config as lists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from batchgen.errors import BatchgenError
+
+SWEEP_PREFIX = "sweep."
+
+
+@dataclass
+class ModelConfig:
+    base: str = MISSING  # sd-1 | sd-2 | sdxl
+    checkpoint: str = MISSING  # diffusers folder or single file; relative to <root>/main when root is set
+    root: str | None = None  # InvokeAI per-base layout: <root>/main, <root>/embedding, <root>/lora
+    embeddings: list[str] = field(default_factory=list)
+    loras: list[str] = field(default_factory=list)
+    builtin: str | None = None  # an embedded tiny model, built on first use when root is not given
+
+
+@dataclass
+class GridConfig:
+    x: str = "stack"
+    y: str = "prompt"
+
+
+@dataclass
+class SweepConfig:
+    name: str = MISSING
+    models: list[str] = field(default_factory=list)  # empty: every model the sweep selected
+    prompts: list[str] = MISSING
+    slots: dict[str, list[str]] = field(default_factory=dict)
+    negative_prompt: str = ""
+    # Empty means a single stack with no LoRA; a default `none` here would be merged into every sweep's stacks.
+    stacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Scalars or lists (a list is an axis); checked by the planner, which gives better messages than OmegaConf.
+    seeds: Any = field(default_factory=lambda: [1])
+    steps: Any = 20
+    guidance_scale: Any = 7.5
+    width: Any = 512
+    height: Any = 512
+    scheduler: Any = None
+    batch_size: Any = "auto"
+    grid: GridConfig = field(default_factory=GridConfig)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/${sweep.name}"
+    dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "local"
+    devices: Any = "auto"  # auto | N | [0, 2]
+
+
+@dataclass
+class Config:
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    sweep: SweepConfig = MISSING
+    run: RunConfig = field(default_factory=RunConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+@dataclass(frozen=True)
+class Composed:
+    """The result of composition: the typed config and what produced it."""
+
+    config: Config
+    container: dict[str, Any]  # resolved plain-dict form, for --cfg and the run record
+    overrides: list[str]
+
+
+def packaged_conf_dir() -> Path:
+    """conf/ inside an installed wheel, else the repository's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise BatchgenError(f"batchgen's conf/ folder is missing next to {here}; reinstall batchgen")
+
+
+def register_schemas() -> None:
+    # Hydra's ConfigStore is process-wide by design; storing the same node again is harmless.
+    ConfigStore.instance().store(name="batchgen_schema", node=Config)
+
+
+def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """Separate `sweep.*` sweep values (which become axes) from overrides Hydra composes."""
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([line]))
+        except OverrideParseException as e:
+            raise BatchgenError(
+                f"bad override '{line}': {_first_line(e)}; write key=value (Hydra's override grammar)"
+            ) from None
+    plain: list[str] = []
+    axes: dict[str, list[Any]] = {}
+    for override in parsed:
+        if not override.is_sweep_override():
+            plain.append(override.input_line)
+            continue
+        key = override.get_key_element().lstrip("+~")
+        if not key.startswith(SWEEP_PREFIX):
+            raise BatchgenError(
+                f"override '{override.input_line}': a list of values is an axis only on sweep.* keys; "
+                "run one invocation per value of other keys"
+            )
+        try:
+            values = list(override.sweep_iterator())
+        except HydraException as e:
+            raise BatchgenError(
+                f"override '{override.input_line}': {e}; use a,b,c or range(start,stop,step)"
+            ) from None
+        axes[key] = values
+    return plain, axes
+
+
+def compose_config(overrides: list[str], config_dir: Path | None = None) -> Composed:
+    """Compose conf/config.yaml with the user's overrides into a typed Config."""
+    register_schemas()
+    plain, axes = split_sweep_overrides(overrides)
+    packaged = packaged_conf_dir()
+    if config_dir is not None and not config_dir.is_dir():
+        raise BatchgenError(f"--config-dir {config_dir}: not a directory")
+    GlobalHydra.instance().clear()
+    try:
+        _init_hydra(packaged, config_dir)
+        cfg = compose(config_name="config", overrides=plain)
+    except MissingConfigException as e:
+        raise BatchgenError(_missing_config_message(e, packaged, config_dir)) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise BatchgenError(f"config: {_first_line(e)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    if OmegaConf.is_missing(cfg, "sweep"):
+        available = ", ".join(_options("sweep", packaged, config_dir))
+        raise BatchgenError(f"no sweep selected: add +sweep=NAME (available: {available})")
+    for key, values in axes.items():
+        _set_axis(cfg, key, values)
+    _drop_hydra_node(cfg)
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise BatchgenError(f"config key {_full_key(e)}: {_first_line(e)}") from None
+    assert isinstance(typed, Config) and isinstance(container, dict)
+    return Composed(config=typed, container=container, overrides=list(overrides))
+
+
+def _init_hydra(packaged: Path, config_dir: Path | None) -> None:
+    """A Hydra whose search path has the user's folder ahead of the packaged conf/.
+
+    Hydra's public `hydra.searchpath` only appends after the primary folder, which would let the packaged files
+    win on a name clash, so the search path is built here the way initialize_config_dir builds it.
+    """
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+
+    search_path = create_config_search_path(f"file://{packaged}")
+    if config_dir is not None:
+        search_path.prepend("batchgen-user", f"file://{config_dir.resolve()}", anchor="main")
+    Hydra.create_main_hydra2(task_name="batchgen", config_search_path=search_path)  # registers itself globally
+
+
+def _set_axis(cfg: DictConfig, key: str, values: list[Any]) -> None:
+    if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+        raise BatchgenError(f"override '{key}': unknown config key; check the spelling against --cfg")
+    try:
+        OmegaConf.update(cfg, key, values, merge=False)
+    except OmegaConfBaseException as e:
+        raise BatchgenError(f"override '{key}': {_first_line(e)}") from None
+
+
+def _drop_hydra_node(cfg: DictConfig) -> None:
+    # compose() leaves the hydra node out unless asked, but keep the printed config free of it either way.
+    if "hydra" in cfg:
+        with _open_struct(cfg):
+            del cfg["hydra"]
+
+
+class _open_struct:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self) -> None:
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc: object) -> None:
+        OmegaConf.set_struct(self.cfg, True)
+
+
+_ABSENT = object()
+
+
+def _options(group: str, packaged: Path, config_dir: Path | None) -> list[str]:
+    names: set[str] = set()
+    for root in (config_dir, packaged):
+        if root is not None and (root / group).is_dir():
+            names.update(p.stem for p in (root / group).glob("*.yaml"))
+    return sorted(names)
+
+
+def _missing_config_message(e: MissingConfigException, packaged: Path, config_dir: Path | None) -> str:
+    match = re.search(r"Could not find '(\w+)/([^']+)'", str(e))
+    if not match:
+        return f"config: {_first_line(e)}"
+    group, name = match.groups()
+    options = ", ".join(_options(group, packaged, config_dir)) or "none"
+    return f"{group} config '{name}' not found; available: {options} (add your own folder with --config-dir)"
+
+
+def _first_line(e: BaseException) -> str:
+    """Hydra puts the what on the first line and the why on the second; keep both, on one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("    ")]
+    return " ".join(lines[:2]) if lines else type(e).__name__
+
+
+def _full_key(e: OmegaConfBaseException) -> str:
+    return str(getattr(e, "full_key", "") or "?")

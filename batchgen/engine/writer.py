@@ -1,0 +1,83 @@
+"""PNG encoding, hashing, disk writes and manifest rows, off the render thread.
+
+A bounded queue keeps memory flat: the render loop only waits when the writer is that far behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchgen.engine.png import a1111_parameters, encode_png
+from batchgen.manifest import Manifest, atomic_write
+from batchgen.spec import ModelSpec, RenderResult
+
+_STOP = object()
+_VOLATILE = frozenset({"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at"})
+
+
+class ImageWriter:
+    def __init__(
+        self,
+        run_dir: Path,
+        manifest: Manifest,
+        models: dict[str, ModelSpec],
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+        maxsize: int = 16,
+    ) -> None:
+        self.run_dir = run_dir
+        self.manifest = manifest
+        self.models = models
+        self.on_row = on_row
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="batchgen-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: dict[str, Any], result: RenderResult) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((row, result))
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is not None:
+                continue  # drain without writing: the run is already failing
+            try:
+                self._write(*item)
+            except BaseException as e:  # surfaced to the render thread on its next submit or at close
+                self._error = e
+
+    def _write(self, row: dict[str, Any], result: RenderResult) -> None:
+        # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
+        job = {k: v for k, v in row.items() if k not in _VOLATILE}
+        row = dict(row)
+        row["worker"] = result.worker
+        if result.image is None:
+            row["status"] = "failed"
+            row["error"] = result.error
+        else:
+            mark = time.perf_counter()
+            row["status"] = "ok"
+            row["error"] = ""
+            row["image"] = f"images/{row['job_id']}.png"
+            data = encode_png(result.image, a1111_parameters(row, self.models[row["model"]]), job)
+            atomic_write(self.run_dir / row["image"], data)
+            row["image_sha256"] = hashlib.sha256(data).hexdigest()
+            result.timings["write"] = time.perf_counter() - mark
+        row["seconds"] = round(result.seconds, 4)
+        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.manifest.append(row)
+        if self.on_row is not None:
+            self.on_row(row)

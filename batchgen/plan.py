@@ -1,0 +1,352 @@
+"""Config -> validated job table. Pure: no torch, no file reads beyond what ModelSpecs already hold.
+
+Every list in the sweep is an axis. Jobs are expanded model -> LoRA state -> prompt -> seed -> the rest, which
+is also the cheapest render order: the most expensive state changes are outermost.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from batchgen.assets.embeddings import TRIGGER_PATTERN
+from batchgen.config import SweepConfig
+from batchgen.errors import BatchgenError
+from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec
+
+SLOT_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+SCALAR_AXES = ("seed", "steps", "guidance_scale", "width", "height", "scheduler")
+GRID_AXES = ("model", "stack", "prompt") + SCALAR_AXES
+
+
+@dataclass(frozen=True)
+class StackState:
+    """One point on the LoRA axis: a named stack at one combination of its weights."""
+
+    stack: str
+    loras: tuple[LoraWeight, ...]  # sorted by name
+
+    @property
+    def label(self) -> str:
+        """`none`, or `ink 0.5 + grain 0.6` (split weights as `unet/te`): grid labels."""
+        if not self.loras:
+            return "none"
+        return " + ".join(lw.label.replace(":", " ", 1) for lw in self.loras)
+
+    @property
+    def manifest(self) -> str:
+        return ";".join(lw.label for lw in self.loras)
+
+
+@dataclass(frozen=True)
+class PromptVariant:
+    template: str
+    text: str
+    slots: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: pd.DataFrame  # one row per combination, skipped ones included, in render order
+    jobs: list[Job]  # the rows to render: not skipped, one per job_id, in render order
+    slots: list[str]
+    models: dict[str, ModelSpec]
+
+    def axis_counts(self) -> dict[str, int]:
+        columns = ["model", "stack", "prompt", *self.slots, *SCALAR_AXES]
+        return {c: int(self.table[c].nunique()) for c in columns}
+
+
+def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
+    """Validate the sweep against the models' assets and expand it into the job table."""
+    selected = select_models(sweep, list(models))
+    specs = {name: models[name] for name in selected}
+    prompts = expand_prompts(sweep)
+    stacks = expand_stacks(sweep.stacks)
+    scalars = {
+        "seed": _ints(sweep.seeds, "sweep.seeds", minimum=0),
+        "steps": _ints(sweep.steps, "sweep.steps", minimum=1),
+        "guidance_scale": _floats(sweep.guidance_scale, "sweep.guidance_scale"),
+        "width": _sizes(sweep.width, "sweep.width"),
+        "height": _sizes(sweep.height, "sweep.height"),
+        "scheduler": _schedulers(sweep.scheduler),
+    }
+    _check_batch_size(sweep.batch_size)
+    slots = sorted({name for p in prompts for name, _ in p.slots})
+    _check_grid(sweep, slots)
+    _check_names_exist(specs, prompts, sweep.negative_prompt, stacks)
+
+    rows: list[dict[str, Any]] = []
+    for spec, stack, prompt in itertools.product(specs.values(), stacks, prompts):
+        missing = _missing_assets(spec, stack, prompt, sweep.negative_prompt)
+        triggers = _triggers(prompt.text, sweep.negative_prompt)
+        for values in itertools.product(*scalars.values()):
+            scalar = dict(zip(scalars, values, strict=True))
+            rows.append(_row(spec, stack, prompt, sweep.negative_prompt, triggers, scalar, missing))
+    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
+    jobs = list({job.job_id: job for job in table["_job"] if job is not None}.values())
+    return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs)
+
+
+def select_models(sweep: SweepConfig, available: list[str]) -> list[str]:
+    if not available:
+        raise BatchgenError("no models: the sweep's defaults must select at least one (- /model@models.NAME: NAME)")
+    names = list(sweep.models) or available
+    for name in names:
+        if name not in available:
+            raise BatchgenError(
+                f"sweep.models: unknown model '{name}'{_did_you_mean(name, available)}; "
+                f"the sweep selects {', '.join(available)} (add - /model@models.{name}: {name} to its defaults)"
+            )
+    if len(set(names)) != len(names):
+        raise BatchgenError("sweep.models: a model is listed twice; list each once")
+    return names
+
+
+def expand_prompts(sweep: SweepConfig) -> list[PromptVariant]:
+    """Fill each prompt's slots with the product of their values; a slot multiplies only prompts using it."""
+    prompts = list(sweep.prompts)
+    if not prompts:
+        raise BatchgenError("sweep.prompts is empty; give at least one prompt")
+    for name, values in sweep.slots.items():
+        if not values:
+            raise BatchgenError(f"sweep.slots.{name} is empty; give at least one value or remove the slot")
+    variants: list[PromptVariant] = []
+    for i, template in enumerate(prompts):
+        if not isinstance(template, str) or not template.strip():
+            raise BatchgenError(f"sweep.prompts[{i}] is empty; write a prompt or remove the entry")
+        names = list(dict.fromkeys(SLOT_PATTERN.findall(template)))
+        for name in names:
+            if name not in sweep.slots:
+                raise BatchgenError(
+                    f"sweep.prompts[{i}]: slot {{{name}}} is not defined in sweep.slots"
+                    f"{_did_you_mean(name, list(sweep.slots))}"
+                )
+        for combo in itertools.product(*(sweep.slots[n] for n in names)):
+            filled = dict(zip(names, combo, strict=True))
+            text = SLOT_PATTERN.sub(lambda m, f=filled: f.get(m.group(1), m.group(0)), template)
+            variants.append(PromptVariant(template=template, text=text, slots=tuple(filled.items())))
+    return variants
+
+
+def expand_stacks(stacks: dict[str, dict[str, Any]]) -> list[StackState]:
+    """Each stack times the product of its weight lists; no stacks at all means one empty stack."""
+    if not stacks:
+        return [StackState(stack="none", loras=())]
+    states: list[StackState] = []
+    for stack_name, loras in stacks.items():
+        loras = loras or {}
+        names = sorted(loras)
+        options = [_weights(loras[name], f"sweep.stacks.{stack_name}.{name}") for name in names]
+        for combo in itertools.product(*options):
+            weights = tuple(LoraWeight(name, unet, te) for name, (unet, te) in zip(names, combo, strict=True))
+            states.append(StackState(stack=stack_name, loras=weights))
+    return states
+
+
+def job_id(payload: dict[str, Any]) -> str:
+    """16 hex digits over what changes the pixels: content hashes, never names or order."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _row(
+    spec: ModelSpec,
+    stack: StackState,
+    prompt: PromptVariant,
+    negative: str,
+    triggers: list[str],
+    scalar: dict[str, Any],
+    missing: list[str],
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "checkpoint": spec.checkpoint_sha256,
+        "prompt": prompt.text,
+        "negative_prompt": negative,
+        **{k: scalar[k] for k in ("seed", "steps", "width", "height", "scheduler")},
+        "guidance_scale": float(scalar["guidance_scale"]),
+    }
+    job: Job | None = None
+    if missing:
+        # Skipped jobs still need a stable id; the names stand in for the files that do not exist.
+        payload["missing"] = sorted(missing)
+        payload["loras"] = sorted([lw.name, lw.unet, lw.text_encoder] for lw in stack.loras)
+        payload["embeddings"] = sorted(triggers)
+    else:
+        payload["embeddings"] = sorted(spec.embedding(t).sha256 for t in triggers)
+        payload["loras"] = sorted([spec.lora(lw.name).sha256, lw.unet, lw.text_encoder] for lw in stack.loras)
+    jid = job_id(payload)
+    if not missing:
+        job = Job(
+            job_id=jid,
+            model=spec.name,
+            prompt=prompt.text,
+            negative_prompt=negative,
+            loras=stack.loras,
+            **scalar,
+        )
+    return {
+        "job_id": jid,
+        "status": "skipped" if missing else "",
+        "model": spec.name,
+        "base": spec.base,
+        "prompt": prompt.text,
+        "negative_prompt": negative,
+        "embeddings": ";".join(triggers),
+        "loras": stack.manifest,
+        **scalar,
+        "image": "",
+        "image_sha256": "",
+        "seconds": None,
+        "worker": "",
+        "finished_at": "",
+        "error": "; ".join(missing),
+        "stack": stack.label,
+        "prompt_template": prompt.template,
+        **dict(prompt.slots),
+        "_job": job,
+    }
+
+
+def _triggers(*texts: str) -> list[str]:
+    found: dict[str, None] = {}
+    for text in texts:
+        for trigger in TRIGGER_PATTERN.findall(text):
+            found.setdefault(trigger)
+    return list(found)
+
+
+def _missing_assets(spec: ModelSpec, stack: StackState, prompt: PromptVariant, negative: str) -> list[str]:
+    missing = [f"LoRA '{lw.name}' not found for model {spec.name}" for lw in stack.loras if not spec.lora(lw.name)]
+    for trigger in _triggers(prompt.text, negative):
+        if not spec.embedding(trigger):
+            missing.append(f"embedding <{trigger}> not found for model {spec.name}")
+    return missing
+
+
+def _check_names_exist(
+    specs: dict[str, ModelSpec], prompts: list[PromptVariant], negative: str, stacks: list[StackState]
+) -> None:
+    """A name found for no selected model is a typo, not a skip."""
+    loras = sorted({f.name for s in specs.values() for f in s.loras})
+    for state in stacks:
+        for lw in state.loras:
+            if lw.name not in loras:
+                raise BatchgenError(
+                    f"sweep.stacks.{state.stack}: LoRA '{lw.name}' is not found for any model"
+                    f"{_did_you_mean(lw.name, loras)}; LoRAs found: {', '.join(loras) or 'none'}"
+                )
+    triggers = sorted({f.trigger for s in specs.values() for f in s.embeddings})
+    for i, prompt in enumerate(prompts):
+        for trigger in _triggers(prompt.text):
+            if trigger not in triggers:
+                raise BatchgenError(
+                    f"sweep.prompts[{i}]: embedding <{trigger}> is not found for any model"
+                    f"{_did_you_mean(trigger, triggers, '<{}>')}; triggers found: "
+                    f"{', '.join(f'<{t}>' for t in triggers) or 'none'}"
+                )
+    for trigger in _triggers(negative):
+        if trigger not in triggers:
+            raise BatchgenError(
+                f"sweep.negative_prompt: embedding <{trigger}> is not found for any model"
+                f"{_did_you_mean(trigger, triggers, '<{}>')}"
+            )
+
+
+def _check_grid(sweep: SweepConfig, slots: list[str]) -> None:
+    axes = [*GRID_AXES, *slots]
+    for key in ("x", "y"):
+        value = getattr(sweep.grid, key)
+        if value not in axes:
+            raise BatchgenError(
+                f"sweep.grid.{key}: unknown axis '{value}'{_did_you_mean(value, axes)}; "
+                f"choose one of: {', '.join(axes)}"
+            )
+    if sweep.grid.x == sweep.grid.y:
+        raise BatchgenError(f"sweep.grid: x and y are both '{sweep.grid.x}'; choose two different axes")
+
+
+def _check_batch_size(value: Any) -> None:
+    if value == "auto" or (_is_int(value) and value >= 1):
+        return
+    raise BatchgenError(f"sweep.batch_size: '{value}' is neither 'auto' nor a positive integer")
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise BatchgenError(f"{key} is empty; give at least one value")
+    return values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _ints(value: Any, key: str, minimum: int) -> list[int]:
+    values = _as_list(value, key)
+    for v in values:
+        if not _is_int(v) or v < minimum:
+            raise BatchgenError(f"{key}: '{v}' is not an integer >= {minimum}")
+    return [int(v) for v in values]
+
+
+def _floats(value: Any, key: str) -> list[float]:
+    values = _as_list(value, key)
+    for v in values:
+        if not _is_number(v):
+            raise BatchgenError(f"{key}: '{v}' is not a number")
+    return [float(v) for v in values]
+
+
+def _sizes(value: Any, key: str) -> list[int]:
+    values = _ints(value, key, minimum=8)
+    for v in values:
+        if v % 8:
+            raise BatchgenError(f"{key}: {v} is not a multiple of 8; use {v - v % 8} or {v - v % 8 + 8}")
+    return values
+
+
+def _schedulers(value: Any) -> list[str]:
+    values = _as_list(DEFAULT_SCHEDULER if value is None else value, "sweep.scheduler")
+    for v in values:
+        if v != DEFAULT_SCHEDULER and v not in SCHEDULERS:
+            raise BatchgenError(
+                f"sweep.scheduler: unknown scheduler '{v}'{_did_you_mean(str(v), list(SCHEDULERS))}; "
+                f"choose one of: {', '.join(SCHEDULERS)}"
+            )
+    return [str(v) for v in values]
+
+
+def _weights(value: Any, key: str) -> list[tuple[float, float]]:
+    """A weight is a number or {unet: w, text_encoder: w}; a list of them is an axis."""
+    out: list[tuple[float, float]] = []
+    for v in _as_list(value, key):
+        if _is_number(v):
+            out.append((float(v), float(v)))
+        elif isinstance(v, dict) and set(v) == {"unet", "text_encoder"} and all(_is_number(x) for x in v.values()):
+            out.append((float(v["unet"]), float(v["text_encoder"])))
+        else:
+            raise BatchgenError(
+                f"{key}: weight '{v}' is not a number; write a number, a list of numbers, "
+                "or {unet: w, text_encoder: w}"
+            )
+    return out
+
+
+def _did_you_mean(name: str, options: list[str], fmt: str = "'{}'") -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {fmt.format(close[0])}?)" if close else ""

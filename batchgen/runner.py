@@ -1,0 +1,152 @@
+"""One render invocation: resolve models, plan, skip what is done, execute, record, report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from batchgen.assets.hashing import HashCache
+from batchgen.assets.models import resolve_model
+from batchgen.config import Composed
+from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation
+from batchgen.plan import Plan, build_plan, select_models
+from batchgen.progress import Progress
+from batchgen.tiny import cache_root
+
+
+@dataclass(frozen=True)
+class Outcome:
+    rendered: int
+    failed: int
+    skipped: int
+    already_done: int
+    run_dir: Path
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def prepare(composed: Composed) -> Plan:
+    """Everything that can fail on bad input, before any model weights load."""
+    cfg = composed.config
+    hashes = HashCache(cache_root() / "hashes.json")
+    names = select_models(cfg.sweep, list(cfg.models))
+    models = {name: resolve_model(name, cfg.models[name], hashes, _builtin_root) for name in names}
+    hashes.save()
+    return build_plan(cfg.sweep, models)
+
+
+def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
+    run_dir = Path(composed.config.run.out_dir)
+    done = completed_jobs(run_dir)
+    todo = [j for j in plan.jobs if j.job_id not in done]
+    skipped = int((plan.table["status"] == "skipped").sum())
+    out.write(f"sweep {composed.config.sweep.name}: {len(plan.table)} combinations -> {run_dir}\n")
+    for axis, count in plan.axis_counts().items():
+        out.write(f"  {axis:<16}{count}\n")
+    out.write(
+        f"jobs: {len(plan.jobs)} to render in total, {len(todo)} new, {len(plan.jobs) - len(todo)} already done, "
+        f"{skipped} skipped\n"
+    )
+    for reason, count in plan.table.loc[plan.table["status"] == "skipped", "error"].value_counts().items():
+        out.write(f"  skipped {count}: {reason}\n")
+
+
+def list_assets(plan: Plan, out: TextIO) -> None:
+    for spec in plan.models.values():
+        out.write(f"{spec.name} ({spec.base}) {spec.checkpoint}\n")
+        for ti in spec.embeddings:
+            out.write(f"  embedding <{ti.trigger}>  {ti.path}\n")
+        for lora in spec.loras:
+            out.write(f"  lora {lora.name}  {lora.path}\n")
+
+
+def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextIO | None = None) -> Outcome:
+    from batchgen.executors.local import ExecutorRequest, run_local
+    from batchgen.report import build_grids, build_index
+
+    out, err = out or sys.stdout, err or sys.stderr
+    cfg = composed.config
+    run_dir = Path(cfg.run.out_dir)
+    started = time.monotonic()
+    manifest = Manifest(run_dir, plan.slots)
+    if manifest.dropped_torn_line:
+        err.write(f"manifest: dropped a torn last line in {manifest.path} (a previous run was killed mid-write)\n")
+    record_invocation(run_dir, composed.container, composed.overrides)
+    done = completed_jobs(run_dir)
+    rows = {r["job_id"]: r for r in plan.table.to_dict("records")}
+    skipped = _record_skipped(plan, manifest)
+    todo = [j for j in plan.jobs if j.job_id not in done]
+    progress = Progress(len(todo), stream=err)
+    failures: list[str] = []
+
+    def on_row(row: dict[str, Any]) -> None:
+        progress.update(row["status"] == "ok")
+        if row["status"] == "failed":
+            failures.append(f"{row['job_id']}: {row['error']}")
+
+    err.write(
+        f"{cfg.sweep.name}: {len(todo)} to render, {len(plan.jobs) - len(todo)} already done, "
+        f"{skipped} skipped -> {run_dir}\n"
+    )
+    try:
+        if todo:
+            request = ExecutorRequest(todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.executor.devices)
+            run_local(request, manifest, on_row)
+    finally:
+        manifest.close()
+    table = merged_table(plan.table, run_dir)
+    grids = build_grids(table, run_dir, cfg.sweep.grid.x, cfg.sweep.grid.y, plan.slots)
+    elapsed = time.monotonic() - started
+    summary = {
+        "sweep": cfg.sweep.name,
+        "overrides": " ".join(composed.overrides),
+        "jobs": str(len(plan.table)),
+        "rendered now": str(len(todo) - len(failures)),
+        "failed": str(len(failures)),
+        "skipped": str(skipped),
+        "seconds": f"{elapsed:.1f}",
+    }
+    build_index(table, run_dir, grids, summary)
+    for line in failures[:10]:
+        err.write(f"failed {line}\n")
+    out.write(
+        f"{cfg.sweep.name}: rendered {len(todo) - len(failures)}, failed {len(failures)}, skipped {skipped}, "
+        f"already done {len(plan.jobs) - len(todo)} in {elapsed:.1f}s -> {run_dir}/manifest.csv, "
+        f"{len(grids)} grids, {run_dir}/index.html\n"
+    )
+    return Outcome(len(todo) - len(failures), len(failures), skipped, len(plan.jobs) - len(todo), run_dir)
+
+
+def merged_table(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """The plan's rows with each job's latest recorded status, image and error: what grids and reports show."""
+    recorded = read_manifest(run_dir)
+    latest = recorded.drop_duplicates("job_id", keep="last").set_index("job_id")
+    merged = table.copy()
+    for column in ("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at"):
+        if column in latest.columns:
+            values = merged["job_id"].map(latest[column])
+            merged[column] = values.where(values.notna(), merged[column])
+    return merged
+
+
+def _record_skipped(plan: Plan, manifest: Manifest) -> int:
+    """Skipped jobs get one row each, once: re-running must not grow the manifest."""
+    skipped = plan.table[plan.table["status"] == "skipped"].drop_duplicates("job_id")
+    already = manifest.recorded("skipped")
+    for row in skipped.to_dict("records"):
+        if row["job_id"] not in already:
+            manifest.append(row)
+    return len(skipped)
+
+
+def _builtin_root(name: str) -> Path:
+    from batchgen.tiny import ensure_tiny
+
+    return ensure_tiny(name)

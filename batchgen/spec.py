@@ -1,0 +1,117 @@
+"""Typed records that cross module boundaries: plan -> executor -> engine -> manifest.
+
+Nothing here imports torch or Hydra, so every layer can share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The manifest's fixed columns, in order; one column per prompt slot follows (other tools read these names).
+MANIFEST_COLUMNS = (
+    "job_id",
+    "status",
+    "model",
+    "base",
+    "prompt",
+    "negative_prompt",
+    "embeddings",
+    "loras",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+    "image",
+    "image_sha256",
+    "seconds",
+    "worker",
+    "finished_at",
+    "error",
+    "stack",
+    "prompt_template",
+)
+
+
+@dataclass(frozen=True)
+class EmbeddingFile:
+    trigger: str  # without the angle brackets
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One SD version as the engine needs it: resolved paths, no config objects."""
+
+    name: str
+    base: str
+    checkpoint: Path
+    checkpoint_sha256: str
+    embeddings: tuple[EmbeddingFile, ...] = ()
+    loras: tuple[LoraFile, ...] = ()
+
+    def lora(self, name: str) -> LoraFile | None:
+        return next((f for f in self.loras if f.name == name), None)
+
+    def embedding(self, trigger: str) -> EmbeddingFile | None:
+        return next((f for f in self.embeddings if f.trigger == trigger), None)
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """A LoRA in a stack; a plain weight w is unet=w, text_encoder=w."""
+
+    name: str
+    unet: float
+    text_encoder: float
+
+    @property
+    def label(self) -> str:
+        """`name:w`, or `name:unet_w/te_w` for a split weight (the manifest's notation)."""
+        if self.unet == self.text_encoder:
+            return f"{self.name}:{format_number(self.unet)}"
+        return f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that determines one image's pixels, plus the model it runs on."""
+
+    job_id: str
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str = "default"
+    loras: tuple[LoraWeight, ...] = ()
+
+
+@dataclass
+class RenderResult:
+    job_id: str
+    image: object | None  # a PIL image; typed loosely so this module stays free of heavy imports
+    seconds: float
+    worker: str
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def format_number(value: float) -> str:
+    """Shortest text that reads back as the same float (0.5, 1, 0.75), for labels and the manifest."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))

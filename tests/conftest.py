@@ -1,0 +1,40 @@
+"""Shared fixtures: one build of the embedded tiny models per test session, in a temporary cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from batchgen.tiny import ensure_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BATCHGEN_CACHE for the whole session, with both tiny models built."""
+    cache = tmp_path_factory.mktemp("batchgen-cache")
+    previous = os.environ.get("BATCHGEN_CACHE")
+    os.environ["BATCHGEN_CACHE"] = str(cache)
+    for name in ("tiny_sd1", "tiny_sdxl"):
+        ensure_tiny(name, cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("BATCHGEN_CACHE", None)
+    else:
+        os.environ["BATCHGEN_CACHE"] = previous
+
+
+@pytest.fixture
+def run_cli(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Call batchgen's entry point in-process from a fresh working folder; returns (exit code, stdout, stderr)."""
+    from batchgen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call

@@ -1,0 +1,202 @@
+"""The command line end to end on the embedded tiny models: compose, dry-run, render, resume, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from batchgen.config import compose_config, packaged_conf_dir
+
+CONF = packaged_conf_dir()
+# One seed keeps the end-to-end renders small; the axis itself is tested by the dry-run counts.
+SMALL = ("+sweep=styles", "sweep.seeds=[1]")
+# Hydra merges a dict given on the command line into the composed one, so stacks are removed with ~.
+NO_LORAS = ("~sweep.stacks.ink", "~sweep.stacks.ink_grain")
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_every_sweep_composes(sweep: str) -> None:
+    composed = compose_config([f"+sweep={sweep}"])
+    assert composed.config.sweep.name == sweep
+    assert set(composed.config.sweep.models) <= set(composed.config.models)
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_composes(model: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BATCHGEN_SD15", str(tmp_path / "sd15"))
+    monkeypatch.setenv("BATCHGEN_SDXL", str(tmp_path / "sdxl"))
+    composed = compose_config(["+sweep=styles", f"+model@models.extra={model}"])
+    extra = composed.config.models["extra"]
+    assert extra.base in ("sd-1", "sdxl")
+    assert extra.checkpoint in (model, str(tmp_path / model.replace("15", "15")))
+
+
+def test_every_executor_composes() -> None:
+    for executor in sorted(p.stem for p in (CONF / "executor").glob("*.yaml")):
+        assert compose_config(["+sweep=styles", f"executor={executor}"]).config.executor.name == executor
+
+
+def test_cfg_prints_composed_config_with_axis(run_cli) -> None:
+    code, out, _ = run_cli("+sweep=styles", "sweep.stacks.ink.ink=0.4,0.6,0.8", "--cfg")
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["sweep"]["stacks"]["ink"] == {"ink": [0.4, 0.6, 0.8]}
+    assert printed["run"]["out_dir"] == "runs/styles"
+    assert printed["executor"] == {"name": "local", "devices": "auto"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "combinations", "skipped"),
+    [
+        ((), 48, 0),
+        (("sweep.stacks.ink.ink=0.4,0.6,0.8",), 60, 0),
+        (("sweep.seeds=range(1,4)",), 72, 0),
+        (("sweep.models=[tiny_sd1]", "sweep.width=64,128"), 48, 0),
+    ],
+)
+def test_dry_run_counts(run_cli, overrides: tuple[str, ...], combinations: int, skipped: int) -> None:
+    code, out, _ = run_cli("+sweep=styles", *overrides, "--dry-run")
+    assert code == 0
+    assert out.startswith(f"sweep styles: {combinations} combinations -> runs/styles\n")
+    assert f"jobs: {combinations - skipped} to render in total, {combinations - skipped} new" in out
+    assert not Path("runs").exists()
+
+
+def test_render_resume_and_new_weight(run_cli) -> None:
+    code, out, err = run_cli(*SMALL)
+    assert code == 0, err
+    run = Path("runs/styles")
+    table = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 24 and set(table["status"]) == {"ok"}
+    assert table["job_id"].is_unique
+    for row in table.itertuples():
+        with Image.open(run / row.image) as image:
+            image.load()
+            assert image.size == (64, 64)
+            assert image.text["parameters"].startswith(row.prompt)
+    assert "render: 24/24 images" in err  # plain progress lines when not on a terminal
+    assert sorted(p.name for p in (run / "grids").iterdir()) == ["tiny_sd1.png", "tiny_sdxl.png"]
+    assert (run / "index.html").is_file()
+    invocations = list((run / ".batchgen").iterdir())
+    assert len(invocations) == 1
+    assert yaml.safe_load((invocations[0] / "overrides.yaml").read_text()) == list(SMALL)
+
+    before = (run / "manifest.csv").read_bytes()
+    code, out, _ = run_cli(*SMALL)
+    assert code == 0
+    assert "rendered 0, failed 0, skipped 0, already done 24" in out
+    assert (run / "manifest.csv").read_bytes() == before
+
+    code, out, _ = run_cli(*SMALL, "sweep.stacks.ink.ink=0.5,0.75,1.0")
+    assert code == 0
+    assert "rendered 6, failed 0, skipped 0, already done 24" in out  # 2 models x 3 prompts at ink 0.75
+    table = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 30
+    assert set(table["loras"].iloc[24:]) == {"ink:0.75"}
+
+
+def test_missing_image_is_rendered_again(run_cli) -> None:
+    args = (*SMALL, *NO_LORAS, "sweep.models=[tiny_sd1]", "sweep.prompts=[a castle]")
+    assert run_cli(*args)[0] == 0
+    run = Path("runs/styles")
+    first = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    assert len(first) == 1
+    (run / first["image"][0]).unlink()
+    code, out, _ = run_cli(*args)
+    assert code == 0 and "rendered 1," in out
+    second = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    assert len(second) == 2 and second["image_sha256"][1] == first["image_sha256"][0]
+
+
+def test_png_parameters_follow_a1111(run_cli) -> None:
+    args = (*SMALL, *NO_LORAS, "~sweep.stacks.none", "+sweep.stacks.s={ink: 0.5}", "sweep.models=[tiny_sd1]")
+    args = (*args, "sweep.prompts=['<alf> at night']")
+    assert run_cli(*args)[0] == 0
+    run = Path("runs/styles")
+    row = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False).iloc[0]
+    with Image.open(run / row["image"]) as image:
+        text = image.text["parameters"]
+        job = image.text["batchgen"]
+    prompt, negative, fields = text.split("\n")
+    assert prompt == "<alf> at night <lora:ink:0.5>"
+    assert negative == "Negative prompt: blurry"
+    # A1111's own key/value pattern for the last line
+    pairs = dict(re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', fields))
+    assert pairs["Steps"] == "8" and pairs["CFG scale"] == "7.5" and pairs["Seed"] == "1"
+    assert pairs["Size"] == "64x64" and pairs["Model"] == "tiny_sd1" and len(pairs["Model hash"]) == 10
+    assert re.fullmatch(r'"ink: [0-9a-f]{12}"', pairs["Lora hashes"])
+    assert re.fullmatch(r'"alf: [0-9a-f]{12}"', pairs["TI hashes"])
+    assert f'"job_id": "{row["job_id"]}"' in job
+
+
+def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
+    user = tmp_path / "myconf"
+    (user / "sweep").mkdir(parents=True)
+    (user / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - /model@models.tiny_sd1: tiny_sd1\n"
+        "sweep:\n  name: mine\n  prompts: ['a cat']\n  stacks: {none: {}, g: {grain: [0.5, 1.0]}}\n"
+        "  seeds: [1, 2, 3]\n  width: 64\n  height: 64\n  steps: 4\n"
+    )
+    (user / "sweep" / "styles.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /model@models.tiny_sd1: tiny_sd1\n"
+        "sweep:\n  name: shadowed\n  prompts: ['a dog']\n"
+    )
+    code, out, _ = run_cli("--config-dir", str(user), "+sweep=mine", "--dry-run")
+    assert code == 0 and out.startswith("sweep mine: 9 combinations -> runs/mine\n")
+    code, out, _ = run_cli("--config-dir", str(user), "+sweep=styles", "--dry-run")
+    assert code == 0 and out.startswith("sweep shadowed: 1 combinations")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("+sweep=nope",),
+            "sweep config 'nope' not found; available: styles (add your own folder with --config-dir)",
+        ),
+        (("+sweep=styles", "sweep.models=[sd3]"), "sweep.models: unknown model 'sd3'"),
+        (
+            ("+sweep=styles", "models.tiny_sd1.checkpoint=/nowhere/model"),
+            "models.tiny_sd1.checkpoint: /nowhere/model does not exist; fix the path in model/tiny_sd1.yaml",
+        ),
+        (
+            ("+sweep=styles", "+sweep.stacks.s={inky: 1.0}"),
+            "sweep.stacks.s: LoRA 'inky' is not found for any model (did you mean 'ink'?)",
+        ),
+        (
+            ("+sweep=styles", "sweep.prompts=['<alfa> cat']"),
+            "sweep.prompts[0]: embedding <alfa> is not found for any model (did you mean <alf>?)",
+        ),
+        (("+sweep=styles", "sweep.stacks.ink.ink=heavy"), "sweep.stacks.ink.ink: weight 'heavy' is not a number"),
+        (("+sweep=styles", "sweep.seeds=[]"), "sweep.seeds is empty; give at least one value"),
+        (("+sweep=styles", "sweep.colour=red"), "config: Could not override 'sweep.colour'."),
+        (("+sweep=styles", "sweep.colour=red,blue"), "override 'sweep.colour': unknown config key"),
+        (("+sweep=styles", "run.out_dir=a,b"), "override 'run.out_dir=a,b': a list of values is an axis only on"),
+        (("+sweep=styles", "sweep.steps=[1"), "bad override 'sweep.steps=[1':"),
+        (("+sweep=styles", "sweep.steps=0"), "sweep.steps: '0' is not an integer >= 1"),
+        ((), "no sweep selected: add +sweep=NAME (available: styles)"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(run_cli, args: tuple[str, ...], message: str) -> None:
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert err.startswith(f"batchgen: error: {message}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not Path("runs").exists()
+
+
+def test_models_missing_a_trigger_get_skipped_rows(run_cli) -> None:
+    args = (*SMALL, *NO_LORAS, "sweep.prompts=['<grainy> cat']")
+    code, out, _ = run_cli(*args)
+    assert code == 0
+    table = pd.read_csv("runs/styles/manifest.csv", dtype=str, keep_default_na=False)
+    assert list(table["status"]) == ["skipped", "ok"]  # skipped rows are recorded before rendering starts
+    assert table["error"][0] == "embedding <grainy> not found for model tiny_sdxl"
+    assert run_cli(*args)[0] == 0
+    assert len(pd.read_csv("runs/styles/manifest.csv", dtype=str)) == 2  # not recorded twice
