@@ -1,0 +1,43 @@
+"""Engine guarantees: each model loaded once, TIs registered once, each LoRA file read once per process."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from batchgen.config import compose_config
+from batchgen.engine import pipeline, worker
+from batchgen.runner import prepare
+
+
+@pytest.mark.slow
+def test_models_tis_and_loras_load_once(tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    composed = compose_config(["+sweep=styles", "sweep.steps=2"])
+    plan = prepare(composed)
+    loads: Counter[str] = Counter()
+    reads: Counter[str] = Counter()
+    real_load, real_read = pipeline.load_pipeline, pipeline.read_state_dict
+
+    def counting_load(spec, device, dtype):
+        loads[spec.name] += 1
+        return real_load(spec, device, dtype)
+
+    def counting_read(path):
+        reads[Path(path).name if "lora" not in Path(path).parts else f"lora/{Path(path).name}"] += 1
+        return real_read(path)
+
+    monkeypatch.setattr(worker, "load_pipeline", counting_load)
+    monkeypatch.setattr(pipeline, "read_state_dict", counting_read)
+    renderer = worker.Renderer(plan.models)
+    # Interleave models on purpose: the renderer still sees them grouped because the plan orders jobs by model.
+    results = list(renderer.render(plan.jobs))
+    assert len(results) == 48 and all(r.error == "" for r in results)
+    assert loads == {"tiny_sd1": 1, "tiny_sdxl": 1}
+    lora_reads = {k: v for k, v in reads.items() if k.startswith("lora/")}
+    # ink and grain are used by both models: one read per model root
+    assert lora_reads == {"lora/ink.safetensors": 2, "lora/grain.safetensors": 2}
+    ti_reads = {k: v for k, v in reads.items() if not k.startswith("lora/")}
+    assert sum(ti_reads.values()) == len(plan.models["tiny_sd1"].embeddings) + len(plan.models["tiny_sdxl"].embeddings)
+    assert all(v == 1 for v in ti_reads.values())

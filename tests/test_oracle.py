@@ -1,0 +1,102 @@
+"""Oracle: every image batchgen renders equals what a plain diffusers pipeline renders for the same job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from batchgen.tiny import tiny_root
+
+MAX_PIXEL_DIFF = 2  # out of 255: float tolerance between two correct implementations
+
+ORACLE_SWEEP = (
+    "+sweep=styles",
+    "sweep.prompts=['a portrait of <alf> in <cartoona> style']",
+    "~sweep.stacks.ink",
+    "+sweep.stacks.split={pastel: {unet: 1.0, text_encoder: 0.3}}",
+    "+sweep.stacks.trio={ink: [0.5, 1.0], grain: 0.6, pastel: 0.4}",
+    "sweep.seeds=[3]",
+    "sweep.steps=4",
+)
+
+
+def _reference_pipeline(model: str, cache: Path):
+    from diffusers import DiffusionPipeline
+
+    root = tiny_root(model, cache)
+    pipe = DiffusionPipeline.from_pretrained(str(root / "main" / model), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for path in sorted((root / "embedding").iterdir()):
+        token = f"<{path.stem}>"
+        if model == "tiny_sdxl":
+            sd = load_file(path)
+            pipe.load_textual_inversion(
+                sd["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+            )
+            pipe.load_textual_inversion(
+                sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+            )
+        else:
+            pipe.load_textual_inversion(str(path), token=token)
+    return pipe, root
+
+
+def _reference_image(pipe, root: Path, row: pd.Series) -> np.ndarray:
+    names, weights = [], []
+    for entry in filter(None, row["loras"].split(";")):
+        name, weight = entry.split(":")
+        unet, _, te = weight.partition("/")
+        names.append(name)
+        weights.append({"unet": float(unet), "text_encoder": float(te or unet), "text_encoder_2": float(te or unet)})
+        pipe.load_lora_weights(str(root / "lora" / f"{name}.safetensors"), adapter_name=name)
+    if names:
+        parts = pipe.get_list_adapters()
+        weights = [{k: v for k, v in w.items() if n in parts.get(k, [])} for n, w in zip(names, weights, strict=True)]
+        pipe.set_adapters(names, adapter_weights=weights)
+    image = pipe(
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        num_inference_steps=int(row["steps"]),
+        guidance_scale=float(row["guidance_scale"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
+    ).images[0]
+    if names:
+        pipe.unload_lora_weights()
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_images_equal_plain_diffusers(run_cli, tiny_cache: Path) -> None:
+    code, out, err = run_cli(*ORACLE_SWEEP)
+    assert code == 0, err
+    run = Path("runs/styles")
+    table = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    # 2 models x (none, split, trio at 2 ink weights, ink_grain) x 1 prompt x 1 seed
+    assert len(table) == 10 and set(table["status"]) == {"ok"}
+    assert {"", "pastel:1/0.3", "grain:0.6;ink:0.5;pastel:0.4", "grain:0.6;ink:1;pastel:0.4"} <= set(table["loras"])
+    diffs = {}
+    for model, rows in table.groupby("model"):
+        pipe, root = _reference_pipeline(model, tiny_cache)
+        for _, row in rows.iterrows():
+            ours = np.asarray(Image.open(run / row["image"]).convert("RGB"), dtype=np.int16)
+            theirs = _reference_image(pipe, root, row)
+            diffs[(model, row["loras"])] = int(np.abs(ours - theirs).max())
+    assert max(diffs.values()) <= MAX_PIXEL_DIFF, diffs
+    # The oracle is only meaningful if LoRAs and weights change pixels.
+    images = {
+        tuple(table.loc[i, ["model", "loras"]]): np.asarray(Image.open(run / table.loc[i, "image"]))
+        for i in table.index
+    }
+    for model in ("tiny_sd1", "tiny_sdxl"):
+        assert not np.array_equal(images[(model, "")], images[(model, "pastel:1/0.3")])
+        assert not np.array_equal(
+            images[(model, "grain:0.6;ink:0.5;pastel:0.4")], images[(model, "grain:0.6;ink:1;pastel:0.4")]
+        )
