@@ -82,6 +82,11 @@ def test_render_resume_and_new_weight(run_cli) -> None:
     assert "render: 24/24 images" in err  # plain progress lines when not on a terminal
     assert sorted(p.name for p in (run / "grids").iterdir()) == ["tiny_sd1.png", "tiny_sdxl.png"]
     assert (run / "index.html").is_file()
+    (run / "index.html").unlink()
+    # x=seed, y=stack leaves model (2) x prompt (3) as the grids
+    code, out, _ = run_cli("report", str(run), "--x", "seed", "--y", "stack")
+    assert code == 0 and out == f"6 grids, {run / 'index.html'}\n"
+    assert 'src="images/' in (run / "index.html").read_text()
     invocations = list((run / ".batchgen").iterdir())
     assert len(invocations) == 1
     assert yaml.safe_load((invocations[0] / "overrides.yaml").read_text()) == list(SMALL)
@@ -181,6 +186,8 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
         (("+sweep=styles", "sweep.steps=[1"), "bad override 'sweep.steps=[1':"),
         (("+sweep=styles", "sweep.steps=0"), "sweep.steps: '0' is not an integer >= 1"),
         ((), "no sweep selected: add +sweep=NAME (available: styles)"),
+        (("+sweep=styles", "sweep.negative_prompt=[a, b]"), "config: Error merging override sweep.negative_prompt=[a, b]"),
+        (("+sweep=styles", "models.tiny_sd1.base=sd-9"), "models.tiny_sd1.base: 'sd-9' is not one of sd-1, sd-2, sdxl"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(run_cli, args: tuple[str, ...], message: str) -> None:
