@@ -186,8 +186,14 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
         (("+sweep=styles", "sweep.steps=[1"), "bad override 'sweep.steps=[1':"),
         (("+sweep=styles", "sweep.steps=0"), "sweep.steps: '0' is not an integer >= 1"),
         ((), "no sweep selected: add +sweep=NAME (available: styles)"),
-        (("+sweep=styles", "sweep.negative_prompt=[a, b]"), "config: Error merging override sweep.negative_prompt=[a, b]"),
-        (("+sweep=styles", "models.tiny_sd1.base=sd-9"), "models.tiny_sd1.base: 'sd-9' is not one of sd-1, sd-2, sdxl"),
+        (
+            ("+sweep=styles", "sweep.negative_prompt=[a, b]"),
+            "config: Error merging override sweep.negative_prompt=[a, b]",
+        ),
+        (
+            ("+sweep=styles", "models.tiny_sd1.base=sd-9"),
+            "models.tiny_sd1.base: 'sd-9' is not one of sd-1, sd-2, sdxl",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(run_cli, args: tuple[str, ...], message: str) -> None:
