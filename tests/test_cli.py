@@ -213,3 +213,27 @@ def test_models_missing_a_trigger_get_skipped_rows(run_cli) -> None:
     assert table["error"][0] == "embedding <grainy> not found for model tiny_sdxl"
     assert run_cli(*args)[0] == 0
     assert len(pd.read_csv("runs/styles/manifest.csv", dtype=str)) == 2  # not recorded twice
+
+
+def test_failed_job_is_recorded_and_exit_code_is_1(run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchgen.engine import worker
+
+    real = worker.Renderer._generate
+
+    def flaky(self, pipe, job):
+        if job.seed == 2:
+            raise RuntimeError("simulated fault")
+        return real(self, pipe, job)
+
+    monkeypatch.setattr(worker.Renderer, "_generate", flaky)
+    args = ("+sweep=styles", *NO_LORAS, "sweep.models=[tiny_sd1]", "sweep.prompts=[a castle]", "sweep.seeds=[1,2]")
+    code, out, err = run_cli(*args)
+    assert code == 1
+    assert "rendered 1, failed 1" in out
+    assert "RuntimeError: simulated fault" in err
+    table = pd.read_csv("runs/styles/manifest.csv", dtype=str, keep_default_na=False)
+    assert list(table["status"]) == ["ok", "failed"]
+    assert table["error"][1] == "RuntimeError: simulated fault" and table["image"][1] == ""
+    monkeypatch.setattr(worker.Renderer, "_generate", real)
+    code, out, _ = run_cli(*args)  # failed jobs have no ok row, so the next run renders them
+    assert code == 0 and "rendered 1, failed 0, skipped 0, already done 1" in out
