@@ -104,7 +104,8 @@ def _manifest_columns() -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors with exit code 2 instead of tracebacks."""
     try:
-        app(args=argv, prog_name="batchgen", standalone_mode=False)
+        # Outside standalone mode click returns the code of a typer.Exit instead of raising it.
+        code = app(args=argv, prog_name="batchgen", standalone_mode=False)
     except BatchgenError as e:
         sys.stderr.write(f"batchgen: error: {e}\n")
         return e.exit_code
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("batchgen: interrupted\n")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
