@@ -63,7 +63,7 @@ def render_command(
     if cfg:
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
-    plan = prepare(composed)
+    plan = prepare(composed, all_assets=list_)
     if list_:
         list_assets(plan, sys.stdout)
         return

@@ -33,6 +33,7 @@ class ModelConfig:
     embeddings: list[str] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)
     builtin: str | None = None  # an embedded tiny model, built on first use when root is not given
+    triggers: dict[str, str] = field(default_factory=dict)  # TI file name -> trigger, where the stem will not do
 
 
 @dataclass

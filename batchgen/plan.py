@@ -217,6 +217,13 @@ def _row(
     }
 
 
+def used_assets(sweep: SweepConfig) -> tuple[set[str], set[str]]:
+    """(LoRA names, triggers) the sweep mentions, so only those files are hashed and read before planning."""
+    loras = {name for stack in (sweep.stacks or {}).values() for name in (stack or {})}
+    texts = [*sweep.prompts, sweep.negative_prompt, *(v for values in sweep.slots.values() for v in values)]
+    return loras, set(_triggers(*(t for t in texts if isinstance(t, str))))
+
+
 def _triggers(*texts: str) -> list[str]:
     found: dict[str, None] = {}
     for text in texts:
@@ -226,10 +233,16 @@ def _triggers(*texts: str) -> list[str]:
 
 
 def _missing_assets(spec: ModelSpec, stack: StackState, prompt: PromptVariant, negative: str) -> list[str]:
-    missing = [f"LoRA '{lw.name}' not found for model {spec.name}" for lw in stack.loras if not spec.lora(lw.name)]
+    """Why this model cannot render this combination: a LoRA or TI it lacks, or has only for another base."""
+    missing = []
+    for lw in stack.loras:
+        if not spec.lora(lw.name):
+            refusal = spec.refusal("lora", lw.name)
+            missing.append(refusal.reason if refusal else f"LoRA '{lw.name}' not found for model {spec.name}")
     for trigger in _triggers(prompt.text, negative):
         if not spec.embedding(trigger):
-            missing.append(f"embedding <{trigger}> not found for model {spec.name}")
+            refusal = spec.refusal("embedding", trigger)
+            missing.append(refusal.reason if refusal else f"embedding <{trigger}> not found for model {spec.name}")
     return missing
 
 
@@ -237,7 +250,7 @@ def _check_names_exist(
     specs: dict[str, ModelSpec], prompts: list[PromptVariant], negative: str, stacks: list[StackState]
 ) -> None:
     """A name found for no selected model is a typo, not a skip."""
-    loras = sorted({f.name for s in specs.values() for f in s.loras})
+    loras = _known(specs, "lora")
     for state in stacks:
         for lw in state.loras:
             if lw.name not in loras:
@@ -245,7 +258,7 @@ def _check_names_exist(
                     f"sweep.stacks.{state.stack}: LoRA '{lw.name}' is not found for any model"
                     f"{_did_you_mean(lw.name, loras)}; LoRAs found: {', '.join(loras) or 'none'}"
                 )
-    triggers = sorted({f.trigger for s in specs.values() for f in s.embeddings})
+    triggers = _known(specs, "embedding")
     for i, prompt in enumerate(prompts):
         for trigger in _triggers(prompt.text):
             if trigger not in triggers:
@@ -260,6 +273,14 @@ def _check_names_exist(
                 f"sweep.negative_prompt: embedding <{trigger}> is not found for any model"
                 f"{_did_you_mean(trigger, triggers, '<{}>')}"
             )
+
+
+def _known(specs: dict[str, ModelSpec], kind: str) -> list[str]:
+    """Names on disk for any model, usable or refused for another base: those give skipped jobs, not errors."""
+    names = {n for s in specs.values() for k, n in s.discovered if k == kind}
+    names |= {f.name for s in specs.values() for f in s.loras} if kind == "lora" else set()
+    names |= {f.trigger for s in specs.values() for f in s.embeddings} if kind == "embedding" else set()
+    return sorted(names)
 
 
 def _check_grid(sweep: SweepConfig, slots: list[str]) -> None:

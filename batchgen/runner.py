@@ -11,10 +11,10 @@ from typing import Any, TextIO
 import pandas as pd
 
 from batchgen.assets.hashing import HashCache
-from batchgen.assets.models import resolve_model
+from batchgen.assets.models import inspect_assets, resolve_model
 from batchgen.config import Composed
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation
-from batchgen.plan import Plan, build_plan, select_models
+from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
 from batchgen.tiny import cache_root
 
@@ -32,12 +32,19 @@ class Outcome:
         return 1 if self.failed else 0
 
 
-def prepare(composed: Composed) -> Plan:
-    """Everything that can fail on bad input, before any model weights load."""
+def prepare(composed: Composed, all_assets: bool = False) -> Plan:
+    """Everything that can fail on bad input, before any model weights load.
+
+    Only the LoRAs and TIs the sweep mentions are hashed and read, unless `all_assets` (for --list).
+    """
     cfg = composed.config
     hashes = HashCache(cache_root() / "hashes.json")
     names = select_models(cfg.sweep, list(cfg.models))
-    models = {name: resolve_model(name, cfg.models[name], hashes, _builtin_root) for name in names}
+    loras, triggers = (None, None) if all_assets else used_assets(cfg.sweep)
+    models = {}
+    for name in names:
+        spec = resolve_model(name, cfg.models[name], hashes, _builtin_root)
+        models[name], _ = inspect_assets(spec, loras, triggers, hashes)
     hashes.save()
     return build_plan(cfg.sweep, models)
 
@@ -59,12 +66,20 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
 
 
 def list_assets(plan: Plan, out: TextIO) -> None:
+    """One line per asset, per model: what it is, what it fits, where it lives; then what was refused and why."""
     for spec in plan.models.values():
-        out.write(f"{spec.name} ({spec.base}) {spec.checkpoint}\n")
+        out.write(f"{spec.name} ({spec.base})  {spec.checkpoint}\n")
         for ti in spec.embeddings:
-            out.write(f"  embedding <{ti.trigger}>  {ti.path}\n")
+            vectors = f"{ti.vectors} vector{'s' if ti.vectors != 1 else ''}"
+            out.write(f"  embedding  <{ti.trigger}>  {ti.format}, {vectors}, {ti.base}  {ti.path}\n")
         for lora in spec.loras:
-            out.write(f"  lora {lora.name}  {lora.path}\n")
+            hits = ", ".join(f"{component} {n}" for component, n in lora.modules)
+            tags = f"  tags: {lora.tags}" if lora.tags else ""
+            summary = f"{lora.format}, rank {lora.rank}, {lora.base or 'base unknown'}, {hits}"
+            out.write(f"  lora  {lora.name}  {summary}  {lora.path}{tags}\n")
+        for refused in spec.refused:
+            label = f"<{refused.name}>" if refused.kind == "embedding" else refused.name
+            out.write(f"  refused {refused.kind}  {label}  {refused.path}: {refused.reason}\n")
 
 
 def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextIO | None = None) -> Outcome:

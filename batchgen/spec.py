@@ -39,14 +39,33 @@ MANIFEST_COLUMNS = (
 class EmbeddingFile:
     trigger: str  # without the angle brackets
     path: Path
-    sha256: str
+    sha256: str = ""  # filled when the file is inspected (only files a sweep uses, or all for --list)
+    format: str = ""  # a1111 | diffusers | emb_params | sdxl
+    vectors: int = 0
+    base: str | None = None
 
 
 @dataclass(frozen=True)
 class LoraFile:
     name: str
     path: Path
-    sha256: str
+    sha256: str = ""
+    format: str = ""  # kohya | peft, plus the layer types found: lora, loha, lokr, dora, full
+    base: str | None = None
+    rank: int | None = None
+    modules: tuple[tuple[str, int], ...] = ()  # (component, modules hit)
+    tags: str = ""  # most frequent kohya training tags
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An asset file not offered to a model, and why. `fatal`: the file is broken, not just for another base."""
+
+    kind: str  # embedding | lora
+    name: str
+    path: Path
+    reason: str
+    fatal: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,12 +78,18 @@ class ModelSpec:
     checkpoint_sha256: str
     embeddings: tuple[EmbeddingFile, ...] = ()
     loras: tuple[LoraFile, ...] = ()
+    refused: tuple[Refused, ...] = ()
+    # Every (kind, name) found on disk, inspected or not: typo checks and "did you mean" look here.
+    discovered: tuple[tuple[str, str], ...] = ()
 
     def lora(self, name: str) -> LoraFile | None:
         return next((f for f in self.loras if f.name == name), None)
 
     def embedding(self, trigger: str) -> EmbeddingFile | None:
         return next((f for f in self.embeddings if f.trigger == trigger), None)
+
+    def refusal(self, kind: str, name: str) -> Refused | None:
+        return next((r for r in self.refused if r.kind == kind and r.name == name), None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchgen.config import compose_config
-from batchgen.engine import pipeline, worker
+from batchgen.engine import patcher, pipeline, worker
 from batchgen.runner import prepare
 
 
@@ -29,7 +29,8 @@ def test_models_tis_and_loras_load_once(tiny_cache: Path, monkeypatch: pytest.Mo
         return real_read(path)
 
     monkeypatch.setattr(worker, "load_pipeline", counting_load)
-    monkeypatch.setattr(pipeline, "read_state_dict", counting_read)
+    monkeypatch.setattr(pipeline, "read_state_dict", counting_read)  # TIs
+    monkeypatch.setattr(patcher, "read_state_dict", counting_read)  # LoRAs
     renderer = worker.Renderer(plan.models)
     # Interleave models on purpose: the renderer still sees them grouped because the plan orders jobs by model.
     results = list(renderer.render(plan.jobs))

@@ -1,14 +1,16 @@
-"""Find textual-inversion files and name their triggers."""
+"""Find textual-inversion files, name their triggers, and read their format, vector count and base."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
+from batchgen.assets.safetensors_header import read_header
 from batchgen.errors import BatchgenError
-from batchgen.spec import EmbeddingFile
+from batchgen.spec import EmbeddingFile, Refused
 
 TI_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 # InvokeAI's trigger grammar; the planner finds triggers in prompts with the same pattern.
@@ -16,26 +18,88 @@ TRIGGER_PATTERN = re.compile(r"<([a-zA-Z0-9., _-]+)>")
 _TRIGGER_NAME = re.compile(r"[a-zA-Z0-9., _-]+")
 # Trainers write these names for every embedding, so the folder is the only thing that tells them apart.
 GENERIC_STEMS = frozenset({"learned_embeds", "embedding", "embeddings"})
+WIDTH_BASES = {768: "sd-1", 1024: "sd-2"}
+SDXL_WIDTHS = (768, 1280)
 
 
-def trigger_for(path: Path) -> str:
+def trigger_for(path: Path, named: dict[str, str] | None = None) -> str:
+    """The config may name a file's trigger; otherwise its stem, or its folder for generic stems."""
+    if named and path.name in named:
+        return named[path.name].strip("<>")
     stem = path.stem
     return path.parent.name if stem in GENERIC_STEMS else stem
 
 
-def find_embeddings(sources: list[Path], hashes: HashCache, where: str) -> tuple[EmbeddingFile, ...]:
+def find_embeddings(
+    sources: list[Path], where: str, named: dict[str, str] | None = None
+) -> tuple[tuple[EmbeddingFile, ...], tuple[Refused, ...]]:
     """Every TI file in `sources` (files or folders, searched recursively), keyed by a unique trigger."""
     found: dict[str, EmbeddingFile] = {}
+    refused: list[Refused] = []
     for file in asset_files(sources, TI_SUFFIXES, where):
-        trigger = trigger_for(file)
+        trigger = trigger_for(file, named)
         if not _TRIGGER_NAME.fullmatch(trigger):
-            raise BatchgenError(
-                f"{file}: trigger '<{trigger}>' has characters outside [a-zA-Z0-9., _-]; rename the file"
-            )
+            reason = f"trigger <{trigger}> has characters outside [a-zA-Z0-9., _-]; rename the file"
+            refused.append(Refused("embedding", trigger, file, reason))
+            continue
         if trigger in found:
             raise BatchgenError(
                 f"{where}: two embeddings claim the trigger <{trigger}>: {found[trigger].path} and {file}; "
-                "rename one of them"
+                "rename one of them or name its trigger in the model config"
             )
-        found[trigger] = EmbeddingFile(trigger=trigger, path=file, sha256=hashes.file_sha256(file))
-    return tuple(found.values())
+        found[trigger] = EmbeddingFile(trigger=trigger, path=file)
+    return tuple(found.values()), tuple(refused)
+
+
+def inspect_embedding(ti: EmbeddingFile, hashes: HashCache) -> EmbeddingFile:
+    """Hash the file and read its format, vector count and base from the vector widths."""
+    shapes = _shapes(ti.path)
+    fmt, widths, vectors = _layout(shapes, ti.path)
+    if len(widths) == 2:
+        if tuple(widths) != SDXL_WIDTHS:
+            raise BatchgenError(f"{ti.path}: clip_l/clip_g widths {widths} are not SDXL's 768 and 1280")
+        base = "sdxl"
+    elif widths[0] in WIDTH_BASES:
+        base = WIDTH_BASES[widths[0]]
+    else:
+        raise BatchgenError(f"{ti.path}: vector width {widths[0]} matches no SD version (768 sd-1, 1024 sd-2)")
+    return replace(ti, sha256=hashes.file_sha256(ti.path), format=fmt, vectors=vectors, base=base)
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix.lower() == ".safetensors":
+        return {k: v.shape for k, v in read_header(path).tensors.items()}
+    from batchgen.assets.tensors import read_state_dict  # torch, only for pickled files
+
+    state = read_state_dict(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in state.items():
+        if key == "string_to_param" and isinstance(value, dict):
+            shapes.update({f"string_to_param.{k}": tuple(v.shape) for k, v in value.items() if hasattr(v, "shape")})
+        elif hasattr(value, "shape"):
+            shapes[key] = tuple(value.shape)
+    return shapes
+
+
+def _layout(shapes: dict[str, tuple[int, ...]], path: Path) -> tuple[str, list[int], int]:
+    """(format, vector widths per encoder, vector count) for every TI layout in use."""
+
+    def rows(shape: tuple[int, ...]) -> int:
+        return shape[0] if len(shape) == 2 else 1
+
+    if "clip_l" in shapes and "clip_g" in shapes:
+        return "sdxl", [shapes["clip_l"][-1], shapes["clip_g"][-1]], rows(shapes["clip_l"])
+    params = [k for k in shapes if k.startswith("string_to_param.")]
+    if len(params) == 1:
+        return "a1111", [shapes[params[0]][-1]], rows(shapes[params[0]])
+    if "emb_params" in shapes:
+        return "emb_params", [shapes["emb_params"][-1]], rows(shapes["emb_params"])
+    if len(shapes) == 1:
+        (shape,) = shapes.values()
+        if len(shape) in (1, 2):
+            return "diffusers", [shape[-1]], rows(shape)
+    keys = ", ".join(list(shapes)[:5]) or "none"
+    raise BatchgenError(
+        f"{path}: not a textual inversion (tensors: {keys}); "
+        "expected string_to_param, emb_params, clip_l/clip_g or a single {token: tensor}"
+    )

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from batchgen.assets.embeddings import find_embeddings
+from batchgen.assets.embeddings import find_embeddings, inspect_embedding
 from batchgen.assets.hashing import HashCache
-from batchgen.assets.loras import find_loras
+from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.config import ModelConfig
 from batchgen.errors import BatchgenError
-from batchgen.spec import ModelSpec
+from batchgen.spec import ModelSpec, Refused
 
 BASES = ("sd-1", "sd-2", "sdxl")
+CROSS_ATTENTION_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
 
 
 def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: Callable[[str], Path]) -> ModelSpec:
@@ -28,16 +31,87 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is a folder without model_index.json, not a diffusers pipeline"
         )
+    _check_base(checkpoint, cfg.base, where)
     embedding_dirs = [_path(p, root) for p in cfg.embeddings] or _default_dir(root, "embedding")
     lora_dirs = [_path(p, root) for p in cfg.loras] or _default_dir(root, "lora")
+    embeddings, refused = find_embeddings(embedding_dirs, f"{where}.embeddings", dict(cfg.triggers))
+    loras = find_loras(lora_dirs, f"{where}.loras")
     return ModelSpec(
         name=name,
         base=cfg.base,
         checkpoint=checkpoint,
         checkpoint_sha256=hashes.sha256(checkpoint),
-        embeddings=find_embeddings(embedding_dirs, hashes, f"{where}.embeddings"),
-        loras=find_loras(lora_dirs, hashes, f"{where}.loras"),
+        embeddings=embeddings,
+        loras=loras,
+        refused=refused,
+        discovered=tuple([("embedding", e.trigger) for e in embeddings] + [("lora", f.name) for f in loras]),
     )
+
+
+def inspect_assets(
+    spec: ModelSpec, loras: set[str] | None, triggers: set[str] | None, hashes: HashCache
+) -> tuple[ModelSpec, dict[str, dict]]:
+    """Hash and read the assets a sweep uses (None: all of them, for --list); drop the ones this model cannot use.
+
+    Returns the spec holding only usable, inspected assets, plus each usable LoRA's module map. A broken file the
+    sweep uses is an error; a broken file it does not use, or one of another base, is listed as refused.
+    """
+    refused = list(spec.refused)
+    embeddings = []
+    for ti in spec.embeddings:
+        if triggers is not None and ti.trigger not in triggers:
+            continue
+        try:
+            ti = inspect_embedding(ti, hashes)
+        except BatchgenError as e:
+            if triggers is not None:
+                raise
+            refused.append(Refused("embedding", ti.trigger, ti.path, str(e), fatal=True))
+            continue
+        if ti.base != spec.base:
+            reason = f"embedding <{ti.trigger}> is {ti.base}, model {spec.name} is {spec.base}"
+            refused.append(Refused("embedding", ti.trigger, ti.path, reason))
+            continue
+        embeddings.append(ti)
+    usable, maps, arch = [], {}, None
+    for lora in spec.loras:
+        if loras is not None and lora.name not in loras:
+            continue
+        arch = arch or model_architecture(spec.checkpoint, spec.base)
+        try:
+            info, mapped, reason = inspect_lora(lora, arch, hashes)
+        except BatchgenError as e:
+            if loras is not None:
+                raise
+            refused.append(Refused("lora", lora.name, lora.path, str(e), fatal=True))
+            continue
+        if reason:
+            refused.append(Refused("lora", lora.name, lora.path, f"{reason} ({spec.name})"))
+            continue
+        usable.append(info)
+        maps[lora.name] = mapped
+    inspected = replace(spec, embeddings=tuple(embeddings), loras=tuple(usable), refused=tuple(refused))
+    return inspected, maps
+
+
+def _check_base(checkpoint: Path, base: str, where: str) -> None:
+    """The UNet's cross-attention width tells the SD version; a mismatch would give skipped or broken jobs."""
+    config = checkpoint / "unet" / "config.json"
+    if not checkpoint.is_dir() or not config.is_file():
+        return
+    try:
+        width = json.loads(config.read_text()).get("cross_attention_dim")
+    except ValueError:
+        raise BatchgenError(f"{config}: not valid JSON; re-download the checkpoint") from None
+    found = CROSS_ATTENTION_BASES.get(width if isinstance(width, int) else -1)
+    if found and found != base:
+        raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
+
+
+def model_architecture(checkpoint: Path, base: str):
+    from batchgen.assets.architecture import model_architecture as build  # torch and diffusers, only when needed
+
+    return build(checkpoint, base)
 
 
 def _root(cfg: ModelConfig, builtin_root: Callable[[str], Path], where: str) -> Path | None:

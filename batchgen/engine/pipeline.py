@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
+from batchgen.assets.lora_keys import COMPONENTS
 from batchgen.assets.tensors import embedding_vectors, read_state_dict
+from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import LoraWeight, ModelSpec
 
@@ -84,45 +85,24 @@ class SchedulerSwitch:
         self.current = name
 
 
-class DiffusersLoras:
-    """LoRA stacks through diffusers' PEFT adapters: each file loaded once, stacks switched by set_adapters."""
+class LoraStacks:
+    """Switches LoRA stacks by patching weights; each LoRA file is read once, on first use."""
 
     def __init__(self, pipe, spec: ModelSpec) -> None:
-        self.pipe = pipe
         self.spec = spec
-        self.loaded: set[str] = set()
+        self.device = pipe.device
+        self.components = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+        self.unet_config = dict(pipe.unet.config)
+        self.patcher = WeightPatcher(self.components)
         self.current: tuple[LoraWeight, ...] | None = None
 
     def use(self, stack: tuple[LoraWeight, ...]) -> None:
         if stack == self.current:
             return
         for lw in stack:
-            self._load(lw.name)
-        if not stack:
-            if self.loaded:
-                self.pipe.disable_lora()
-        else:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([lw.name for lw in stack], adapter_weights=[self._weights(lw) for lw in stack])
+            if lw.name not in self.patcher.loras:
+                lora = self.spec.lora(lw.name)
+                assert lora is not None, f"planner let an unknown LoRA through: {lw.name}"
+                self.patcher.add(lw.name, load_lora_layers(lora.path, self.components, self.unet_config, self.device))
+        self.patcher.apply(stack)
         self.current = stack
-
-    def _load(self, name: str) -> None:
-        if name in self.loaded:
-            return
-        lora = self.spec.lora(name)
-        assert lora is not None, f"planner let an unknown LoRA through: {name}"
-        # Read here rather than by diffusers so pickles go through weights_only loading.
-        state_dict = read_state_dict(lora.path)
-        with warnings.catch_warnings():
-            # PEFT warns on every adapter after the first; several adapters per model is the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self.pipe.load_lora_weights(state_dict, adapter_name=name)
-        self.loaded.add(name)
-
-    def _weights(self, lw: LoraWeight) -> dict[str, float]:
-        parts = self.pipe.get_list_adapters()
-        weights = {}
-        for component, adapters in parts.items():
-            if lw.name in adapters:
-                weights[component] = lw.unet if component in ("unet", "transformer") else lw.text_encoder
-        return weights

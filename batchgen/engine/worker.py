@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchgen.engine.pipeline import DiffusersLoras, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
+from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.spec import Job, ModelSpec, RenderResult
 
 
@@ -17,7 +17,7 @@ from batchgen.spec import Job, ModelSpec, RenderResult
 class _Loaded:
     name: str
     pipe: object
-    loras: DiffusersLoras
+    loras: LoraStacks
     scheduler: SchedulerSwitch
 
 
@@ -59,7 +59,7 @@ class Renderer:
         spec = self.models[name]
         pipe = load_pipeline(spec, self.device, self.dtype)
         register_embeddings(pipe, spec)
-        self._loaded = _Loaded(name, pipe, DiffusersLoras(pipe, spec), SchedulerSwitch(pipe))
+        self._loaded = _Loaded(name, pipe, LoraStacks(pipe, spec), SchedulerSwitch(pipe))
         self.load_count[name] = self.load_count.get(name, 0) + 1
         timings["load"] = time.perf_counter() - mark
         return self._loaded

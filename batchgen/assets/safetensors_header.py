@@ -1,0 +1,50 @@
+"""Read a safetensors header (tensor names, dtypes, shapes, metadata) without torch and without the data."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchgen.errors import BatchgenError
+
+# Real headers are kilobytes to a few megabytes; anything larger is corrupt or hostile.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> Header:
+    try:
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"header claims {length} bytes")
+            raw = f.read(length)
+        if len(raw) < length:
+            raise ValueError("header is truncated")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if end > path.stat().st_size:
+            raise ValueError("tensor data extends past the end of the file")
+        tensors = {k: TensorInfo(str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise BatchgenError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
+    return Header(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})

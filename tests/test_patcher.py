@@ -1,0 +1,132 @@
+"""The fused weight patcher: exact restore, A -> B -> A, minimal touching, text encoders, low-rank memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchgen.config import compose_config
+from batchgen.engine.pipeline import LoraStacks, load_pipeline
+from batchgen.runner import prepare
+from batchgen.spec import LoraWeight
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_cache: Path):
+    """The tiny SDXL pipeline (two text encoders) with every tiny LoRA registered in a LoraStacks."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    plan = prepare(compose_config(["+sweep=styles"]), all_assets=True)
+    spec = plan.models["tiny_sdxl"]
+    pipe = load_pipeline(spec, "cpu", torch.float32)
+    yield pipe, LoraStacks(pipe, spec), spec
+    torch.set_num_threads(previous)
+
+
+def _snapshot(stacks: LoraStacks) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name, module in stacks.components.items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def _stack(*weights: tuple[str, float] | tuple[str, float, float]) -> tuple[LoraWeight, ...]:
+    return tuple(LoraWeight(w[0], w[1], w[-1]) for w in sorted(weights))
+
+
+def test_every_tiny_lora_format_is_usable(loaded) -> None:
+    _, _, spec = loaded
+    formats = {lora.name: lora.format for lora in spec.loras}
+    assert formats["ink"] == "kohya+lora" and formats["peft_sketch"] == "peft+lora"
+    assert formats["hatch"] == "kohya+loha" and formats["kron"] == "kohya+lokr"
+
+
+def test_removing_all_loras_restores_bitwise_after_any_sequence(loaded) -> None:
+    _, stacks, _ = loaded
+    original = _snapshot(stacks)
+    for stack in (
+        _stack(("ink", 1.0)),
+        _stack(("ink", 0.5), ("grain", 0.6)),
+        _stack(("hatch", 0.7), ("kron", -0.4, 1.3)),
+        _stack(("peft_sketch", 1.0), ("pastel", 0.3)),
+        _stack(("grain", 2.0, 0.0)),
+    ):
+        stacks.use(stack)
+        assert _snapshot(stacks).keys() == original.keys()
+    stacks.use(())
+    _assert_bitwise_equal(_snapshot(stacks), original)
+
+
+def test_a_b_a_is_bitwise_a(loaded) -> None:
+    _, stacks, _ = loaded
+    a = _stack(("ink", 0.8), ("grain", 0.6), ("kron", 0.5))
+    b = _stack(("ink", 0.3), ("hatch", 1.0))
+    stacks.use(a)
+    weights_a = _snapshot(stacks)
+    stacks.use(b)
+    assert any(not torch.equal(v, weights_a[k]) for k, v in _snapshot(stacks).items())
+    stacks.use(a)
+    _assert_bitwise_equal(_snapshot(stacks), weights_a)
+    stacks.use(())
+
+
+def test_only_modules_whose_deltas_change_are_touched(loaded) -> None:
+    _, stacks, _ = loaded
+    patcher = stacks.patcher
+    stacks.use(_stack(("ink", 0.5)))
+    stacks.use(_stack(("ink", 0.5), ("grain", 0.6)))
+    assert patcher.touched_last == len(patcher.loras["grain"])  # ink's modules outside grain's stay as they are
+    stacks.use(_stack(("ink", 0.7), ("grain", 0.6)))
+    assert patcher.touched_last == len(patcher.loras["ink"])
+    stacks.use(_stack(("ink", 0.7, 0.0), ("grain", 0.6)))  # only ink's text-encoder weight changed
+    assert patcher.touched_last == sum(1 for ref in patcher.loras["ink"] if ref.component != "unet")
+    stacks.use(())
+
+
+def test_text_encoders_are_patched_and_split_weights_respected(loaded) -> None:
+    _, stacks, _ = loaded
+    original = _snapshot(stacks)
+    stacks.use(_stack(("ink", 1.0)))
+    patched = _snapshot(stacks)
+    changed = {k.split(".")[0] for k in original if not torch.equal(original[k], patched[k])}
+    assert changed == {"unet", "text_encoder", "text_encoder_2"}
+    stacks.use(_stack(("ink", 1.0, 0.0)))
+    unet_only = _snapshot(stacks)
+    changed = {k.split(".")[0] for k in original if not torch.equal(original[k], unet_only[k])}
+    assert changed == {"unet"}
+    stacks.use(())
+
+
+def test_patched_weight_follows_the_sum_formula(loaded) -> None:
+    _, stacks, _ = loaded
+    patcher = stacks.patcher
+    stacks.use(_stack(("ink", 0.5), ("grain", -0.25)))
+    shared = next(ref for ref in patcher.loras["ink"] if ref in patcher.loras["grain"])
+    module = stacks.components[shared.component].get_submodule(shared.path)
+    w0 = patcher._pristine[shared].weight.float()
+    expected = w0 + 0.5 * patcher.loras["ink"][shared].delta(w0) - 0.25 * patcher.loras["grain"][shared].delta(w0)
+    torch.testing.assert_close(module.weight, expected, rtol=0, atol=1e-6)
+    stacks.use(())
+
+
+def test_loras_are_kept_low_rank(loaded) -> None:
+    _, stacks, spec = loaded
+    stacks.use(_stack(("ink", 1.0), ("grain", 1.0)))
+    for name in ("ink", "grain"):
+        held = sum(layer.nbytes() for layer in stacks.patcher.loras[name].values())
+        full = sum(
+            stacks.components[ref.component].get_submodule(ref.path).weight.numel() * 4
+            for ref in stacks.patcher.loras[name]
+        )
+        assert held <= spec.lora(name).path.stat().st_size  # the factors, not full-size deltas
+        assert held < full / 4
+    stacks.use(())
