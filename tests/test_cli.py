@@ -16,7 +16,7 @@ CONF = packaged_conf_dir()
 # One seed keeps the end-to-end renders small; the axis itself is tested by the dry-run counts.
 SMALL = ("+sweep=styles", "sweep.seeds=[1]")
 # Hydra merges a dict given on the command line into the composed one, so stacks are removed with ~.
-NO_LORAS = ("~sweep.stacks.ink", "~sweep.stacks.ink_grain")
+NO_LORAS = ("~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.peft", "~sweep.stacks.lycoris")
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
@@ -53,10 +53,10 @@ def test_cfg_prints_composed_config_with_axis(run_cli) -> None:
 @pytest.mark.parametrize(
     ("overrides", "combinations", "skipped"),
     [
-        ((), 48, 0),
-        (("sweep.stacks.ink.ink=0.4,0.6,0.8",), 60, 0),
-        (("sweep.seeds=range(1,4)",), 72, 0),
-        (("sweep.models=[tiny_sd1]", "sweep.width=64,128"), 48, 0),
+        ((), 72, 0),  # 2 models x 6 stack states x 3 prompts x 2 seeds
+        (("sweep.stacks.ink.ink=0.4,0.6,0.8",), 84, 0),
+        (("sweep.seeds=range(1,4)",), 108, 0),
+        (("sweep.models=[tiny_sd1]", "sweep.width=64,128"), 72, 0),
     ],
 )
 def test_dry_run_counts(run_cli, overrides: tuple[str, ...], combinations: int, skipped: int) -> None:
@@ -72,14 +72,14 @@ def test_render_resume_and_new_weight(run_cli) -> None:
     assert code == 0, err
     run = Path("runs/styles")
     table = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
-    assert len(table) == 24 and set(table["status"]) == {"ok"}
+    assert len(table) == 36 and set(table["status"]) == {"ok"}
     assert table["job_id"].is_unique
     for row in table.itertuples():
         with Image.open(run / row.image) as image:
             image.load()
             assert image.size == (64, 64)
             assert image.text["parameters"].startswith(row.prompt)
-    assert "render: 24/24 images" in err  # plain progress lines when not on a terminal
+    assert "render: 36/36 images" in err  # plain progress lines when not on a terminal
     assert sorted(p.name for p in (run / "grids").iterdir()) == ["tiny_sd1.png", "tiny_sdxl.png"]
     assert (run / "index.html").is_file()
     (run / "index.html").unlink()
@@ -94,15 +94,15 @@ def test_render_resume_and_new_weight(run_cli) -> None:
     before = (run / "manifest.csv").read_bytes()
     code, out, _ = run_cli(*SMALL)
     assert code == 0
-    assert "rendered 0, failed 0, skipped 0, already done 24" in out
+    assert "rendered 0, failed 0, skipped 0, already done 36" in out
     assert (run / "manifest.csv").read_bytes() == before
 
     code, out, _ = run_cli(*SMALL, "sweep.stacks.ink.ink=0.5,0.75,1.0")
     assert code == 0
-    assert "rendered 6, failed 0, skipped 0, already done 24" in out  # 2 models x 3 prompts at ink 0.75
+    assert "rendered 6, failed 0, skipped 0, already done 36" in out  # 2 models x 3 prompts at ink 0.75
     table = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
-    assert len(table) == 30
-    assert set(table["loras"].iloc[24:]) == {"ink:0.75"}
+    assert len(table) == 42
+    assert set(table["loras"].iloc[36:]) == {"ink:0.75"}
 
 
 def test_missing_image_is_rendered_again(run_cli) -> None:

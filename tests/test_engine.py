@@ -34,11 +34,12 @@ def test_models_tis_and_loras_load_once(tiny_cache: Path, monkeypatch: pytest.Mo
     renderer = worker.Renderer(plan.models)
     # Interleave models on purpose: the renderer still sees them grouped because the plan orders jobs by model.
     results = list(renderer.render(plan.jobs))
-    assert len(results) == 48 and all(r.error == "" for r in results)
+    assert len(results) == 72 and all(r.error == "" for r in results)
     assert loads == {"tiny_sd1": 1, "tiny_sdxl": 1}
     lora_reads = {k: v for k, v in reads.items() if k.startswith("lora/")}
-    # ink and grain are used by both models: one read per model root
-    assert lora_reads == {"lora/ink.safetensors": 2, "lora/grain.safetensors": 2}
+    # every LoRA of the sweep is used by both models: one read per model root
+    names = ("ink", "grain", "peft_sketch", "hatch", "kron")
+    assert lora_reads == {f"lora/{name}.safetensors": 2 for name in names}
     ti_reads = {k: v for k, v in reads.items() if not k.startswith("lora/")}
     assert sum(ti_reads.values()) == len(plan.models["tiny_sd1"].embeddings) + len(plan.models["tiny_sdxl"].embeddings)
     assert all(v == 1 for v in ti_reads.values())
