@@ -86,7 +86,8 @@ def inspect_assets(
             refused.append(Refused("lora", lora.name, lora.path, str(e), fatal=True))
             continue
         if reason:
-            refused.append(Refused("lora", lora.name, lora.path, f"{reason} ({spec.name})"))
+            reason = f"LoRA '{lora.name}' is {info.base}, model {spec.name} is {spec.base}"
+            refused.append(Refused("lora", lora.name, lora.path, reason))
             continue
         usable.append(info)
         maps[lora.name] = mapped

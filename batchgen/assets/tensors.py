@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,10 @@ def read_state_dict(path: Path) -> dict:
             raise BatchgenError(f"{path}: not a readable safetensors file ({_short(e)}); re-download it") from None
     if path.suffix.lower() in PICKLE_SUFFIXES:
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # Newer pickle protocols load fine; torch's notice about them would only confuse users.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise BatchgenError(
                 f"{path}: refused, the pickle would run code or load non-tensor objects ({_short(e)}); "

@@ -1,0 +1,198 @@
+"""Asset discovery and inspection: trigger naming, collisions, formats and bases, refusals, pickles, --list."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from batchgen.assets.embeddings import find_embeddings, inspect_embedding
+from batchgen.assets.hashing import HashCache
+from batchgen.errors import BatchgenError
+from batchgen.tiny import tiny_root
+
+
+def _ti_files(folder: Path) -> dict[str, Path]:
+    """One TI in every layout, with known widths and vector counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "a1111": folder / "oldschool.pt",
+        "diffusers": folder / "sketchy" / "learned_embeds.bin",
+        "emb_params": folder / "twovec.safetensors",
+        "sdxl": folder / "xl_style.safetensors",
+        "sd2": folder / "wide.safetensors",
+    }
+    files["diffusers"].parent.mkdir()
+    torch.save({"string_to_param": {"*": torch.ones(3, 768)}, "name": "oldschool", "step": 1}, files["a1111"])
+    torch.save({"<sketchy>": torch.ones(768)}, files["diffusers"])
+    save_file({"emb_params": torch.ones(2, 768)}, files["emb_params"])
+    save_file({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, files["sdxl"])
+    save_file({"emb_params": torch.ones(1, 1024)}, files["sd2"])
+    return files
+
+
+def test_trigger_names_formats_vectors_and_bases(tmp_path: Path) -> None:
+    _ti_files(tmp_path / "ti")
+    found, refused = find_embeddings([tmp_path / "ti"], "models.m.embeddings")
+    assert refused == ()
+    inspected = {ti.trigger: inspect_embedding(ti, HashCache(None)) for ti in found}
+    summary = {t: (ti.format, ti.vectors, ti.base) for t, ti in inspected.items()}
+    assert summary == {
+        "oldschool": ("a1111", 3, "sd-1"),
+        "sketchy": ("diffusers", 1, "sd-1"),  # learned_embeds.bin takes its folder's name
+        "twovec": ("emb_params", 2, "sd-1"),
+        "xl_style": ("sdxl", 1, "sdxl"),
+        "wide": ("emb_params", 1, "sd-2"),
+    }
+    assert all(len(ti.sha256) == 64 for ti in inspected.values())
+
+
+def test_two_files_claiming_one_trigger_is_an_error_naming_both(tmp_path: Path) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        save_file({"emb_params": torch.ones(1, 768)}, tmp_path / sub / "dup.safetensors")
+    with pytest.raises(BatchgenError) as caught:
+        find_embeddings([tmp_path], "models.m.embeddings")
+    assert str(caught.value) == (
+        f"models.m.embeddings: two embeddings claim the trigger <dup>: {tmp_path / 'a' / 'dup.safetensors'} and "
+        f"{tmp_path / 'b' / 'dup.safetensors'}; rename one of them or name its trigger in the model config"
+    )
+
+
+def test_config_can_name_a_trigger_and_bad_names_are_refused(tmp_path: Path) -> None:
+    save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "my style!.safetensors")
+    save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "odd+name.safetensors")
+    found, refused = find_embeddings([tmp_path], "w", named={"my style!.safetensors": "<mystyle>"})
+    assert [ti.trigger for ti in found] == ["mystyle"]
+    assert [(r.name, r.reason) for r in refused] == [
+        ("odd+name", "trigger <odd+name> has characters outside [a-zA-Z0-9., _-]; rename the file")
+    ]
+
+
+def test_not_an_embedding_is_a_clear_error(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2), "b": torch.ones(2)}, tmp_path / "x.safetensors")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(BatchgenError, match=r"x.safetensors: not a textual inversion \(tensors: a, b\)"):
+        inspect_embedding(find_embeddings([tmp_path / "x.safetensors"], "w")[0][0], HashCache(None))
+    with pytest.raises(BatchgenError, match=r"empty.safetensors: not a readable safetensors file"):
+        inspect_embedding(find_embeddings([tmp_path / "empty.safetensors"], "w")[0][0], HashCache(None))
+
+
+class _Payload:
+    """Unpickling this would create a file: the marker proves whether foreign code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "lora"])
+def test_pickle_that_would_run_code_is_refused(run_cli, tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "evil.pt").write_bytes(pickle.dumps({"string_to_param": {"*": _Payload(marker)}}))
+    if kind == "embedding":
+        args = ("+sweep=styles", f"models.tiny_sd1.embeddings=[{folder}]", "sweep.prompts=['<evil> cat']")
+    else:
+        args = ("+sweep=styles", f"models.tiny_sd1.loras=[{folder}]", "+sweep.stacks.bad={evil: 1.0}")
+    code, _, err = run_cli(*args, "sweep.models=[tiny_sd1]")
+    assert code == 2
+    assert err.startswith(f"batchgen: error: {folder / 'evil.pt'}: refused, the pickle would run code")
+    assert err.rstrip().endswith("use a .safetensors version of this file")
+    assert not marker.exists()
+    assert not Path("runs").exists()
+
+
+def test_ti_of_another_base_is_refused_listed_and_skipped(run_cli, tmp_path: Path, tiny_cache: Path) -> None:
+    folder = tmp_path / "ti"
+    _ti_files(folder)
+    sdxl_ti = tiny_root("tiny_sdxl", tiny_cache) / "embedding"
+    args = (
+        "+sweep=styles",
+        f"models.tiny_sd1.embeddings=[{folder}]",
+        f"models.tiny_sdxl.embeddings=[{folder},{sdxl_ti}]",
+    )
+    code, out, _ = run_cli(*args, "--list")
+    assert code == 0
+    lines = out.splitlines()
+    assert f"  embedding  <oldschool>  a1111, 3 vectors, sd-1  {folder / 'oldschool.pt'}" in lines
+    assert f"  embedding  <twovec>  emb_params, 2 vectors, sd-1  {folder / 'twovec.safetensors'}" in lines
+    assert (
+        f"  refused embedding  <oldschool>  {folder / 'oldschool.pt'}: "
+        "embedding <oldschool> is sd-1, model tiny_sdxl is sdxl"
+    ) in lines
+    assert (
+        f"  refused embedding  <wide>  {folder / 'wide.safetensors'}: embedding <wide> is sd-2, model tiny_sd1 is sd-1"
+        in lines
+    )
+    lora_lines = [line for line in lines if line.startswith("  lora  ")]
+    assert len(lora_lines) == 12  # six LoRAs for each tiny model
+    assert any(line.startswith("  lora  hatch  kohya+loha, rank 4, sdxl, text_encoder ") for line in lora_lines)
+    assert any(line.startswith("  lora  peft_sketch  peft+lora, rank 4, sd-1, ") for line in lora_lines)
+
+    code, _, _ = run_cli(*args, "sweep.prompts=['<oldschool> cat']", "sweep.seeds=[1]", "sweep.stacks={}")
+    assert code == 0
+    table = pd.read_csv("runs/styles/manifest.csv", dtype=str, keep_default_na=False)
+    skipped = table[table["status"] == "skipped"]
+    assert set(skipped["model"]) == {"tiny_sdxl"}
+    assert set(skipped["error"]) == {"embedding <oldschool> is sd-1, model tiny_sdxl is sdxl"}
+    assert set(table.loc[table["status"] == "ok", "model"]) == {"tiny_sd1"}
+
+
+def test_lora_of_another_base_skips_the_stack(run_cli, tiny_cache: Path) -> None:
+    sd1_loras = tiny_root("tiny_sd1", tiny_cache) / "lora"
+    code, out, _ = run_cli(
+        "+sweep=styles", f"models.tiny_sdxl.loras=[{sd1_loras}]", "sweep.prompts=[a castle]", "--dry-run"
+    )
+    assert code == 0
+    # every stack with a LoRA is skipped on SDXL (the files are SD1 there): 5 states x 2 seeds
+    assert "  skipped 4: LoRA 'ink' is sd-1, model tiny_sdxl is sdxl\n" in out
+    assert "  skipped 2: LoRA 'peft_sketch' is sd-1, model tiny_sdxl is sdxl\n" in out
+    assert "jobs: 14 to render in total, 14 new, 0 already done, 10 skipped" in out
+
+
+def _kohya_pair(name: str, out_features: int, in_features: int, rank: int = 2) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.lora_down.weight": torch.ones(rank, in_features),
+        f"{name}.lora_up.weight": torch.ones(out_features, rank),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        (
+            _kohya_pair("lora_unet_down_blocks_9_attentions_0_proj_in", 32, 32),
+            "1 of 1 layers map to no module of this sd-1 model, e.g. lora_unet_down_blocks_9_attentions_0_proj_in",
+        ),
+        (
+            _kohya_pair("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32, 33),
+            "1 of 1 layers map to no module of this sd-1 model, e.g. lora_unet_down_blocks_0_attentions_0_transformer_",
+        ),
+        ({"lora_unet_x.lora_down.weight": torch.ones(1, 1), "something_else": torch.ones(1)}, "something_else"),
+    ],
+)
+def test_lora_keys_that_fit_no_module_are_an_error(run_cli, tmp_path: Path, tensors: dict, message: str) -> None:
+    save_file(tensors, tmp_path / "wrong.safetensors")
+    code, _, err = run_cli(
+        "+sweep=styles", f"models.tiny_sd1.loras=[{tmp_path}]", "sweep.models=[tiny_sd1]", "+sweep.stacks.w={wrong: 1}"
+    )
+    assert code == 2
+    assert err.startswith(f"batchgen: error: {tmp_path / 'wrong.safetensors'}: ")
+    assert message in err and err.count("\n") == 1
+
+
+def test_kohya_training_tags_are_summarised() -> None:
+    from batchgen.assets.loras import _top_tags
+
+    metadata = {"ss_tag_frequency": '{"set1": {"ink": 5, " cat": 2}, "set2": {"ink": 1, "dog": 4}}'}
+    assert _top_tags(metadata, count=2) == "ink, dog"
+    assert _top_tags({"ss_tag_frequency": "not json"}) == ""
