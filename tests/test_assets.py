@@ -25,6 +25,7 @@ def _ti_files(folder: Path) -> dict[str, Path]:
         "emb_params": folder / "twovec.safetensors",
         "sdxl": folder / "xl_style.safetensors",
         "sd2": folder / "wide.safetensors",
+        "nested": folder / "wrapped.ckpt",
     }
     files["diffusers"].parent.mkdir()
     torch.save({"string_to_param": {"*": torch.ones(3, 768)}, "name": "oldschool", "step": 1}, files["a1111"])
@@ -32,6 +33,7 @@ def _ti_files(folder: Path) -> dict[str, Path]:
     save_file({"emb_params": torch.ones(2, 768)}, files["emb_params"])
     save_file({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, files["sdxl"])
     save_file({"emb_params": torch.ones(1, 1024)}, files["sd2"])
+    torch.save({"state_dict": {"string_to_param": {"*": torch.ones(4, 768)}}}, files["nested"])
     return files
 
 
@@ -47,6 +49,7 @@ def test_trigger_names_formats_vectors_and_bases(tmp_path: Path) -> None:
         "twovec": ("emb_params", 2, "sd-1"),
         "xl_style": ("sdxl", 1, "sdxl"),
         "wide": ("emb_params", 1, "sd-2"),
+        "wrapped": ("a1111", 4, "sd-1"),  # .ckpt-style {"state_dict": ...} nesting
     }
     assert all(len(ti.sha256) == 64 for ti in inspected.values())
 
@@ -175,7 +178,7 @@ def _kohya_pair(name: str, out_features: int, in_features: int, rank: int = 2) -
         ),
         (
             _kohya_pair("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32, 33),
-            "1 of 1 layers map to no module of this sd-1 model, e.g. lora_unet_down_blocks_0_attentions_0_transformer_",
+            "1 of 1 layers map to no module of this sd-1 model, e.g. lora_unet_down_blocks_0_attentions_0_transf",
         ),
         ({"lora_unet_x.lora_down.weight": torch.ones(1, 1), "something_else": torch.ones(1)}, "something_else"),
     ],

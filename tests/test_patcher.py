@@ -130,3 +130,19 @@ def test_loras_are_kept_low_rank(loaded) -> None:
         assert held <= spec.lora(name).path.stat().st_size  # the factors, not full-size deltas
         assert held < full / 4
     stacks.use(())
+
+
+def test_bias_deltas_never_accumulate_into_the_pristine_copy() -> None:
+    from batchgen.assets.lora_keys import ModuleRef
+    from batchgen.engine.layers import FullLayer
+    from batchgen.engine.patcher import WeightPatcher
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    b0 = model[0].bias.detach().clone()
+    patcher = WeightPatcher({"unet": model})
+    patcher.add("full", {ModuleRef("unet", "0"): FullLayer({"diff": torch.zeros(2, 2), "diff_b": torch.ones(2)})})
+    for weight in (1.0, 0.6, -2.0):
+        patcher.apply((LoraWeight("full", weight, weight),))
+        assert torch.equal(model[0].bias, b0 + weight)
+    patcher.restore()
+    assert torch.equal(model[0].bias, b0)

@@ -69,9 +69,9 @@ def inspect_embedding(ti: EmbeddingFile, hashes: HashCache) -> EmbeddingFile:
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.suffix.lower() == ".safetensors":
         return {k: v.shape for k, v in read_header(path).tensors.items()}
-    from batchgen.assets.tensors import read_state_dict  # torch, only for pickled files
+    from batchgen.assets.tensors import read_state_dict, unwrap_state_dict  # torch, only for pickled files
 
-    state = read_state_dict(path)
+    state = unwrap_state_dict(read_state_dict(path))
     shapes: dict[str, tuple[int, ...]] = {}
     for key, value in state.items():
         if key == "string_to_param" and isinstance(value, dict):

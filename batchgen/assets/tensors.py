@@ -43,6 +43,7 @@ def embedding_vectors(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
     A1111 .pt keeps vectors under string_to_param['*']; kohya/A1111 safetensors under emb_params; diffusers
     writes {token: tensor}; SDXL TIs carry clip_l (768) and clip_g (1280) for the two text encoders.
     """
+    state_dict = unwrap_state_dict(state_dict)
     if "clip_l" in state_dict and "clip_g" in state_dict:
         return {"clip_l": _matrix(state_dict["clip_l"], path), "clip_g": _matrix(state_dict["clip_g"], path)}
     if "string_to_param" in state_dict:
@@ -59,6 +60,12 @@ def embedding_vectors(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
         f"{path}: not a textual inversion (keys: {', '.join(list(map(str, state_dict))[:5])}); "
         "expected string_to_param, emb_params, clip_l/clip_g or a single {token: tensor}"
     )
+
+
+def unwrap_state_dict(state_dict: dict) -> dict:
+    """Some trainers save the embedding inside a checkpoint-style {"state_dict": {...}} wrapper."""
+    inner = state_dict.get("state_dict")
+    return inner if len(state_dict) == 1 and isinstance(inner, dict) else state_dict
 
 
 def _matrix(tensor: object, path: Path) -> torch.Tensor:

@@ -95,7 +95,8 @@ class WeightPatcher:
         device = module.weight.device
         w0 = pristine.weight.to(device, torch.float32)
         target = w0.clone()
-        bias_target = pristine.bias.to(device, torch.float32) if pristine.bias is not None else None
+        # copy=True: on an fp32 CPU model .to() would hand back the pristine tensor itself, and add_ would corrupt it.
+        bias_target = pristine.bias.to(device, torch.float32, copy=True) if pristine.bias is not None else None
         for name, weight in contributions:
             layer = self.loras[name][ref]
             target.add_(layer.delta(w0), alpha=weight)
