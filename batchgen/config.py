@@ -66,6 +66,7 @@ class SweepConfig:
 class RunConfig:
     out_dir: str = "runs/${sweep.name}"
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the UNet: slower start, faster steps on long GPU sweeps
 
 
 @dataclass

@@ -93,8 +93,37 @@ def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
             scalar = dict(zip(scalars, values, strict=True))
             rows.append(_row(spec, stack, prompt, sweep.negative_prompt, triggers, scalar, missing))
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
-    jobs = list({job.job_id: job for job in table["_job"] if job is not None}.values())
+    jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs)
+
+
+def render_order(jobs: list[Job]) -> list[Job]:
+    """Per model, LoRA states chained so that each differs from the previous in as few LoRAs as possible.
+
+    A model starts with no LoRA applied, so the chain starts from the empty state; within a state, jobs that can
+    share a pipeline call (same steps, guidance, size, scheduler) are made adjacent.
+    """
+    by_model: dict[str, dict[tuple[LoraWeight, ...], list[Job]]] = {}
+    for job in jobs:
+        by_model.setdefault(job.model, {}).setdefault(job.loras, []).append(job)
+    ordered: list[Job] = []
+    for states in by_model.values():
+        current: tuple[LoraWeight, ...] = ()
+        remaining = list(states)
+        while remaining:
+            nearest = min(remaining, key=lambda state, c=current: _state_distance(c, state))
+            remaining.remove(nearest)
+            group = states[nearest]
+            ordered.extend(sorted(group, key=lambda j: (j.steps, j.guidance_scale, j.width, j.height, j.scheduler)))
+            current = nearest
+    return ordered
+
+
+def _state_distance(a: tuple[LoraWeight, ...], b: tuple[LoraWeight, ...]) -> int:
+    """LoRAs whose weights differ between two states: each one rewrites all the modules it touches."""
+    left = {lw.name: lw for lw in a}
+    right = {lw.name: lw for lw in b}
+    return sum(1 for name in left.keys() | right.keys() if left.get(name) != right.get(name))
 
 
 def select_models(sweep: SweepConfig, available: list[str]) -> list[str]:

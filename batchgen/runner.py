@@ -16,6 +16,7 @@ from batchgen.config import Composed
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation
 from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
+from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
 
 
@@ -101,8 +102,13 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
     progress = Progress(len(todo), stream=err)
     failures: list[str] = []
 
+    stage_totals: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
     def on_row(row: dict[str, Any]) -> None:
         progress.update(row["status"] == "ok")
+        for part in filter(None, (row.get("timings") or "").split(";")):
+            stage, seconds = part.split("=")
+            stage_totals[stage] += float(seconds)
         if row["status"] == "failed":
             failures.append(f"{row['job_id']}: {row['error']}")
 
@@ -112,7 +118,10 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
     )
     try:
         if todo:
-            request = ExecutorRequest(todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.executor.devices)
+            request = ExecutorRequest(
+                todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.executor.devices, cfg.sweep.batch_size,
+                cfg.run.compile,
+            )
             run_local(request, manifest, on_row)
     finally:
         manifest.close()
@@ -131,6 +140,8 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
     build_index(table, run_dir, grids, summary)
     for line in failures[:10]:
         err.write(f"failed {line}\n")
+    if todo:
+        out.write("stages: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in stage_totals.items()) + "\n")
     out.write(
         f"{cfg.sweep.name}: rendered {len(todo) - len(failures)}, failed {len(failures)}, skipped {skipped}, "
         f"already done {len(plan.jobs) - len(todo)} in {elapsed:.1f}s -> {run_dir}/manifest.csv, "

@@ -32,7 +32,9 @@ MANIFEST_COLUMNS = (
     "error",
     "stack",
     "prompt_template",
+    "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
 )
+STAGES = ("load", "patch", "encode", "denoise", "decode", "write")
 
 
 @dataclass(frozen=True)

@@ -220,13 +220,14 @@ def test_failed_job_is_recorded_and_exit_code_is_1(run_cli, monkeypatch: pytest.
 
     real = worker.Renderer._generate
 
-    def flaky(self, pipe, job):
-        if job.seed == 2:
+    def flaky(self, pipe, batch, embeds):
+        if batch[0].seed == 2:
             raise RuntimeError("simulated fault")
-        return real(self, pipe, job)
+        return real(self, pipe, batch, embeds)
 
     monkeypatch.setattr(worker.Renderer, "_generate", flaky)
     args = ("+sweep=styles", *NO_LORAS, "sweep.models=[tiny_sd1]", "sweep.prompts=[a castle]", "sweep.seeds=[1,2]")
+    args = (*args, "sweep.batch_size=1")
     code, out, err = run_cli(*args)
     assert code == 1
     assert "rendered 1, failed 1" in out

@@ -210,3 +210,21 @@ def test_planner_imports_no_torch() -> None:
     code = "import sys, batchgen.plan, batchgen.assets.models, batchgen.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_render_order_chains_lora_states_by_fewest_changes() -> None:
+    stacks = {
+        "a": {"ink": [0.5, 1.0]},
+        "b": {"grain": 0.6},
+        "none": {},
+        "c": {"ink": 0.5, "grain": 0.6},
+        "d": {"ink": 1.0, "grain": 0.6},
+    }
+    plan = build_plan(_sweep(models=["sd1"], prompts=["x"], slots={}, stacks=stacks, seeds=[1, 2]), MODELS)
+    order = list(dict.fromkeys(";".join(lw.label for lw in j.loras) for j in plan.jobs))
+    # starts from no LoRA, then every step changes exactly one LoRA's weight
+    assert order == ["", "ink:0.5", "ink:1", "grain:0.6;ink:1", "grain:0.6", "grain:0.6;ink:0.5"]
+    assert len(plan.jobs) == 12
+    # jobs of one state stay together so they can share pipeline calls
+    states = [j.loras for j in plan.jobs]
+    assert sum(1 for i in range(1, len(states)) if states[i] != states[i - 1]) == 5

@@ -15,10 +15,10 @@ from typing import Any
 
 from batchgen.engine.png import a1111_parameters, encode_png
 from batchgen.manifest import Manifest, atomic_write
-from batchgen.spec import ModelSpec, RenderResult
+from batchgen.spec import STAGES, ModelSpec, RenderResult
 
 _STOP = object()
-_VOLATILE = frozenset({"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at"})
+_VOLATILE = frozenset({"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"})
 
 
 class ImageWriter:
@@ -76,7 +76,9 @@ class ImageWriter:
             atomic_write(self.run_dir / row["image"], data)
             row["image_sha256"] = hashlib.sha256(data).hexdigest()
             result.timings["write"] = time.perf_counter() - mark
-        row["seconds"] = round(result.seconds, 4)
+        row["seconds"] = round(sum(result.timings.values()) or result.seconds, 4)
+        stages = [stage for stage in STAGES if stage in result.timings]
+        row["timings"] = ";".join(f"{stage}={result.timings[stage]:.4f}" for stage in stages)
         row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.manifest.append(row)
         if self.on_row is not None:

@@ -18,6 +18,8 @@ class ExecutorRequest:
     run_dir: Path
     dtype: str
     devices: Any
+    batch_size: int | str = "auto"
+    compile_unet: bool = False
 
 
 def pick_device(devices: Any) -> str:
@@ -35,7 +37,13 @@ def run_local(request: ExecutorRequest, manifest, on_row: Callable[[dict[str, An
     from batchgen.engine.worker import Renderer
     from batchgen.engine.writer import ImageWriter
 
-    renderer = Renderer(request.models, device=pick_device(request.devices), dtype=request.dtype)
+    renderer = Renderer(
+        request.models,
+        device=pick_device(request.devices),
+        dtype=request.dtype,
+        batch_size=request.batch_size,
+        compile_unet=request.compile_unet,
+    )
     writer = ImageWriter(request.run_dir, manifest, request.models, on_row=on_row)
     try:
         for result in renderer.render(request.jobs):

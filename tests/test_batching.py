@@ -1,0 +1,91 @@
+"""Performance features never change an image: batching, ordering, subsets; plus the prompt cache and timings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from batchgen.config import compose_config
+from batchgen.engine.worker import Renderer, batches
+from batchgen.runner import prepare
+from batchgen.spec import STAGES
+
+SWEEP = ("+sweep=styles", "~sweep.stacks.lycoris", "sweep.steps=3")
+
+
+def _hashes(run: str) -> dict[str, str]:
+    table = pd.read_csv(Path(run) / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(table["status"]) == {"ok"}
+    return dict(zip(table["job_id"], table["image_sha256"], strict=True))
+
+
+def _pixels(run: str, job_id: str) -> np.ndarray:
+    return np.asarray(Image.open(Path(run) / "images" / f"{job_id}.png").convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_same_job_same_pixels_whatever_the_batch_or_the_neighbours(run_cli) -> None:
+    assert run_cli(*SWEEP, "run.out_dir=auto")[0] == 0  # batch_size auto: 1 on CPU
+    # a subset rendered alone, in another order (seed axis reversed, one model), gives the same bytes
+    assert run_cli(*SWEEP, "sweep.models=[tiny_sdxl]", "sweep.seeds=[2,1]", "run.out_dir=sub")[0] == 0
+    single, alone = _hashes("auto"), _hashes("sub")
+    assert len(single) == 60 and len(alone) == 30
+    assert all(single[job] == sha for job, sha in alone.items())  # PNG bytes: a function of pixels and job
+    # Batched calls round differently in the last bits; the image stays within the oracle's tolerance.
+    assert run_cli(*SWEEP, "sweep.batch_size=5", "run.out_dir=b5")[0] == 0
+    batched = _hashes("b5")
+    assert batched.keys() == single.keys()
+    worst = max(int(np.abs(_pixels("auto", job) - _pixels("b5", job)).max()) for job in single)
+    assert worst <= 2
+
+
+def test_batches_group_only_compatible_neighbours(tiny_cache: Path) -> None:
+    plan = prepare(compose_config([*SWEEP, "sweep.steps=[3,4]"]))
+    groups = list(batches(plan.jobs, 4))
+    assert sum(len(g) for g in groups) == len(plan.jobs) == 120
+    for group in groups:
+        assert len(group) <= 4
+        assert len({(j.model, j.loras, j.steps, j.guidance_scale, j.width, j.height, j.scheduler) for j in group}) == 1
+    # 2 models x 5 LoRA states x 2 step counts, each 6 jobs -> batches of 4 + 2
+    assert len(groups) == 2 * 5 * 2 * 2
+
+
+@pytest.mark.slow
+def test_prompts_encode_once_per_text_encoder_state(tiny_cache: Path) -> None:
+    composed = compose_config(
+        [
+            "+sweep=styles",
+            "~sweep.stacks.lycoris",
+            "~sweep.stacks.peft",
+            "~sweep.stacks.ink_grain",
+            "sweep.stacks.ink.ink=[{unet: 0.5, text_encoder: 1.0},{unet: 1.0, text_encoder: 1.0}]",
+            "sweep.models=[tiny_sd1]",
+            "sweep.seeds=[1,2,3]",
+            "sweep.steps=2",
+        ]
+    )
+    plan = prepare(composed)
+    renderer = Renderer(plan.models)
+    results = list(renderer.render(plan.jobs))
+    assert len(results) == 3 * 3 * 3 and all(not r.error for r in results)
+    # 3 prompts x 2 text-encoder states (none, ink te=1.0): UNet-only changes and seeds reuse the encoding
+    assert renderer._loaded.prompts.misses == 6
+
+
+def test_manifest_records_stage_timings(run_cli) -> None:
+    args = ("+sweep=styles", "~sweep.stacks.lycoris", "~sweep.stacks.peft", "~sweep.stacks.ink_grain")
+    code, out, _ = run_cli(*args, "~sweep.stacks.ink", "sweep.models=[tiny_sd1]", "sweep.prompts=[a castle]")
+    assert code == 0
+    stages_line = next(line for line in out.splitlines() if line.startswith("stages: "))
+    assert [part.split()[0] for part in stages_line[len("stages: ") :].split(", ")] == list(STAGES)
+    table = pd.read_csv("runs/styles/manifest.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 2
+    for i, row in enumerate(table.itertuples()):
+        timings = dict(part.split("=") for part in row.timings.split(";"))
+        # only the first image pays for loading the model
+        assert list(timings) == [stage for stage in STAGES if i == 0 or stage != "load"]
+        assert abs(sum(map(float, timings.values())) - float(row.seconds)) < 1e-3
