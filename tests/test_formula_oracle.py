@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from batchgen.config import compose_config
 from batchgen.tiny import LYCORIS_KINDS, tiny_root, write_lycoris
+from tests.reference import render_row
 
 MAX_PIXEL_DIFF = 2  # out of 255: float tolerance between two correct implementations
 MIN_LORA_EFFECT = 0.5  # out of 255, mean over pixels: below this a wrong formula could pass unnoticed
@@ -189,15 +190,7 @@ def _reference_image(pipe, folder: Path, targets: dict, row: pd.Series) -> np.nd
                     # write_lycoris writes diff_b for bias-free modules too (to_q, to_v): nothing to add it to.
                     if "diff_b" in layer and module.bias is not None:
                         module.bias.copy_(module.bias.to(torch.float64) + w * layer["diff_b"])
-        image = pipe(
-            prompt=row["prompt"],
-            negative_prompt=row["negative_prompt"],
-            num_inference_steps=int(row["steps"]),
-            guidance_scale=float(row["guidance_scale"]),
-            width=int(row["width"]),
-            height=int(row["height"]),
-            generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
-        ).images[0]
+        image = render_row(pipe, row)
         # Backwards, so a module patched by two LoRAs of one stack ends at its own pristine weight.
         for module, weight, bias in reversed(saved):
             module.weight.copy_(weight)

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from batchgen.tiny import tiny_root
+from tests.reference import load_embedding, render_row
 
 MAX_PIXEL_DIFF = 2  # out of 255: float tolerance between two correct implementations
 
@@ -34,17 +33,7 @@ def _reference_pipeline(model: str, cache: Path):
     pipe = DiffusionPipeline.from_pretrained(str(root / "main" / model), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     for path in sorted((root / "embedding").iterdir()):
-        token = f"<{path.stem}>"
-        if model == "tiny_sdxl":
-            sd = load_file(path)
-            pipe.load_textual_inversion(
-                sd["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-            )
-            pipe.load_textual_inversion(
-                sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-            )
-        else:
-            pipe.load_textual_inversion(str(path), token=token)
+        load_embedding(pipe, path, f"<{path.stem}>")
     return pipe, root
 
 
@@ -60,15 +49,7 @@ def _reference_image(pipe, root: Path, row: pd.Series) -> np.ndarray:
         parts = pipe.get_list_adapters()
         weights = [{k: v for k, v in w.items() if n in parts.get(k, [])} for n, w in zip(names, weights, strict=True)]
         pipe.set_adapters(names, adapter_weights=weights)
-    image = pipe(
-        prompt=row["prompt"],
-        negative_prompt=row["negative_prompt"],
-        num_inference_steps=int(row["steps"]),
-        guidance_scale=float(row["guidance_scale"]),
-        width=int(row["width"]),
-        height=int(row["height"]),
-        generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
-    ).images[0]
+    image = render_row(pipe, row)
     if names:
         pipe.unload_lora_weights()
     return np.asarray(image, dtype=np.int16)

@@ -31,6 +31,7 @@ from batchgen.tiny import (
     tiny_root,
     write_lycoris,
 )
+from tests.reference import load_embedding
 
 PROMPT = "a portrait of a cat"
 # Mean absolute pixel change (0..1 scale) that counts as "visibly different"; measured changes are 0.03-0.1.
@@ -474,24 +475,13 @@ def test_textual_inversion_norms_match_token_embeddings(name: str, root: Path) -
 
 
 def test_textual_inversions_load_and_change_the_image(name: str, root: Path) -> None:
-    from safetensors.torch import load_file
 
     for file in EXPECTED_TIS[name]:
         trigger = f"<{Path(file).stem}>"
         prompt = f"a portrait of {trigger} cat"
         pipe = load_pipe(root, name)
         before = render(pipe, prompt)
-        path = root / "embedding" / file
-        if name == "tiny_sdxl":
-            tensors = load_file(path)
-            pipe.load_textual_inversion(
-                tensors["clip_l"], token=trigger, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-            )
-            pipe.load_textual_inversion(
-                tensors["clip_g"], token=trigger, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-            )
-        else:
-            pipe.load_textual_inversion(str(path), token=trigger)
+        load_embedding(pipe, root / "embedding" / file, trigger)
         assert trigger in pipe.tokenizer.get_vocab()
         assert_pooled_at_first_eos(pipe, prompt)
         after = render(pipe, prompt)
