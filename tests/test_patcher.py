@@ -112,7 +112,7 @@ def test_patched_weight_follows_the_sum_formula(loaded) -> None:
     stacks.use(_stack(("ink", 0.5), ("grain", -0.25)))
     shared = next(ref for ref in patcher.loras["ink"] if ref in patcher.loras["grain"])
     module = stacks.components[shared.component].get_submodule(shared.path)
-    w0 = patcher._pristine[shared].weight.float()
+    w0 = patcher.pristine.get(shared, "weight").float()
     expected = w0 + 0.5 * patcher.loras["ink"][shared].delta(w0) - 0.25 * patcher.loras["grain"][shared].delta(w0)
     torch.testing.assert_close(module.weight, expected, rtol=0, atol=1e-6)
     stacks.use(())
@@ -146,3 +146,34 @@ def test_bias_deltas_never_accumulate_into_the_pristine_copy() -> None:
         assert torch.equal(model[0].bias, b0 + weight)
     patcher.restore()
     assert torch.equal(model[0].bias, b0)
+
+
+def test_cpu_pristine_weights_come_from_the_checkpoint_not_ram(loaded) -> None:
+    _, stacks, _ = loaded
+    stacks.use(_stack(("ink", 1.0), ("hatch", 0.5), ("kron", 0.5), ("peft_sketch", 1.0)))
+    store = stacks.patcher.pristine
+    touched = {ref for name in ("ink", "hatch", "kron", "peft_sketch") for ref in stacks.patcher.loras[name]}
+    assert touched and all(ref in store for ref in touched)
+    assert store.held_bytes() == 0  # every original found bit-exact in the safetensors files (all 3 components)
+    stacks.use(())
+
+
+def test_pristine_falls_back_to_a_copy_when_the_file_differs(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from batchgen.assets.lora_keys import ModuleRef
+    from batchgen.engine.pristine import PristineStore
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    (tmp_path / "unet").mkdir()
+    save_file(
+        {"0.weight": model[0].weight.detach() + 1, "0.bias": model[0].bias.detach()},
+        tmp_path / "unet" / "m.safetensors",
+    )
+    store = PristineStore(tmp_path, {"unet": model})
+    ref = ModuleRef("unet", "0")
+    store.keep(ref, model[0])
+    assert store.held_bytes() == 3 * 2 * 4  # the weight differs from the file: kept in RAM; the bias did not
+    assert torch.equal(store.get(ref, "weight"), model[0].weight) and torch.equal(
+        store.get(ref, "bias"), model[0].bias
+    )

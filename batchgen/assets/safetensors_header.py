@@ -17,6 +17,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    start: int = 0  # absolute byte offsets of the tensor's data in the file
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,15 @@ def read_header(path: Path) -> Header:
         end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
         if end > path.stat().st_size:
             raise ValueError("tensor data extends past the end of the file")
-        tensors = {k: TensorInfo(str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in header.items()}
+        tensors = {
+            k: TensorInfo(
+                str(v["dtype"]),
+                tuple(int(d) for d in v["shape"]),
+                8 + length + int(v["data_offsets"][0]),
+                8 + length + int(v["data_offsets"][1]),
+            )
+            for k, v in header.items()
+        }
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BatchgenError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
     return Header(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})

@@ -7,7 +7,6 @@ Only modules whose contributions change are touched when the stack or a weight c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,15 +15,10 @@ from batchgen.assets.lora_keys import ModuleRef, group_by_module, map_to_modules
 from batchgen.assets.safetensors_header import read_header
 from batchgen.assets.tensors import read_state_dict
 from batchgen.engine.layers import LayerPatch, layer_from_tensors
+from batchgen.engine.pristine import PristineStore
 from batchgen.spec import LoraWeight
 
 Contribution = tuple[str, float]  # (LoRA name, weight)
-
-
-@dataclass
-class _Pristine:
-    weight: torch.Tensor  # CPU copy of the original weight, in the model's dtype
-    bias: torch.Tensor | None
 
 
 def load_lora_layers(
@@ -51,10 +45,10 @@ def load_lora_layers(
 class WeightPatcher:
     """Owns the LoRA state of one loaded model: which contributions are in which module's weight."""
 
-    def __init__(self, components: dict[str, torch.nn.Module]) -> None:
+    def __init__(self, components: dict[str, torch.nn.Module], checkpoint: Path | None = None) -> None:
         self.components = components
         self.loras: dict[str, dict[ModuleRef, LayerPatch]] = {}
-        self._pristine: dict[ModuleRef, _Pristine] = {}
+        self.pristine = PristineStore(checkpoint, components)
         self._applied: dict[ModuleRef, tuple[Contribution, ...]] = {}
         self.touched_last = 0  # modules rewritten by the last apply(): what a stack switch cost
 
@@ -82,21 +76,20 @@ class WeightPatcher:
     @torch.no_grad()
     def _write(self, ref: ModuleRef, contributions: tuple[Contribution, ...]) -> None:
         module = self.components[ref.component].get_submodule(ref.path)
-        pristine = self._pristine.get(ref)
-        if pristine is None:
-            bias = module.bias.detach().to("cpu", copy=True) if getattr(module, "bias", None) is not None else None
-            pristine = self._pristine[ref] = _Pristine(module.weight.detach().to("cpu", copy=True), bias)
+        if ref not in self.pristine:
+            self.pristine.keep(ref, module)
+        weight0, bias0 = self.pristine.get(ref, "weight"), self.pristine.get(ref, "bias")
         if not contributions:
-            module.weight.copy_(pristine.weight)
-            if pristine.bias is not None:
-                module.bias.copy_(pristine.bias)
+            module.weight.copy_(weight0)
+            if bias0 is not None:
+                module.bias.copy_(bias0)
             self._applied.pop(ref, None)
             return
         device = module.weight.device
-        w0 = pristine.weight.to(device, torch.float32)
+        w0 = weight0.to(device, torch.float32)
+        # copy=True: on an fp32 CPU model .to() may hand back the pristine tensor itself, and add_ would corrupt it.
         target = w0.clone()
-        # copy=True: on an fp32 CPU model .to() would hand back the pristine tensor itself, and add_ would corrupt it.
-        bias_target = pristine.bias.to(device, torch.float32, copy=True) if pristine.bias is not None else None
+        bias_target = bias0.to(device, torch.float32, copy=True) if bias0 is not None else None
         for name, weight in contributions:
             layer = self.loras[name][ref]
             target.add_(layer.delta(w0), alpha=weight)

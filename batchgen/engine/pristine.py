@@ -1,0 +1,98 @@
+"""Where the original bits of every patched weight come from, so they can be restored exactly.
+
+On CPU the checkpoint file already holds them: a weight is read back with plain file reads (not mmap, which
+would keep the pages in this process) and checked bit for bit against the module the first time, so a CPU model
+does not carry a second copy of every LoRA-touched weight. Anything the file cannot give exactly (another dtype,
+renamed keys, a converted layout) and every weight on an accelerator is kept as a CPU copy instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from batchgen.assets.lora_keys import ModuleRef
+from batchgen.assets.safetensors_header import TensorInfo, read_header
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class PristineStore:
+    def __init__(self, checkpoint: Path | None, components: dict[str, torch.nn.Module]) -> None:
+        self.checkpoint = checkpoint
+        self.components = components
+        self._copies: dict[tuple[ModuleRef, str], torch.Tensor] = {}
+        self._on_disk: dict[tuple[ModuleRef, str], tuple[Path, TensorInfo]] = {}
+        self._indexes: dict[str, dict[str, tuple[Path, TensorInfo]]] = {}
+
+    def __contains__(self, ref: ModuleRef) -> bool:
+        return (ref, "weight") in self._copies or (ref, "weight") in self._on_disk
+
+    def keep(self, ref: ModuleRef, module: torch.nn.Module) -> None:
+        """Remember the module's current (original) weight and bias, before the first patch."""
+        for name in ("weight", "bias"):
+            tensor = getattr(module, name, None)
+            if tensor is None:
+                continue
+            found = self._find_on_disk(ref, name, tensor) if tensor.device.type == "cpu" else None
+            if found is not None:
+                self._on_disk[(ref, name)] = found
+            else:
+                self._copies[(ref, name)] = tensor.detach().to("cpu", copy=True)
+
+    def get(self, ref: ModuleRef, name: str) -> torch.Tensor | None:
+        """The original tensor on the CPU in the module's dtype, or None if the module has no such parameter."""
+        if (ref, name) in self._copies:
+            return self._copies[(ref, name)]
+        if (ref, name) in self._on_disk:
+            return _read(*self._on_disk[(ref, name)])
+        return None
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
+
+    def _find_on_disk(self, ref: ModuleRef, name: str, tensor: torch.Tensor) -> tuple[Path, TensorInfo] | None:
+        index = self._index(ref.component)
+        for key in _candidate_keys(ref.path, name):
+            if key in index:
+                path, info = index[key]
+                if _DTYPES.get(info.dtype) == tensor.dtype and torch.equal(_read(path, info), tensor.detach()):
+                    return path, info
+        return None
+
+    def _index(self, component: str) -> dict[str, tuple[Path, TensorInfo]]:
+        if component not in self._indexes:
+            index: dict[str, tuple[Path, TensorInfo]] = {}
+            folder = self.checkpoint / component if self.checkpoint else None
+            if folder is not None and folder.is_dir():
+                for file in sorted(folder.glob("*.safetensors")):
+                    index.update({k: (file, info) for k, info in read_header(file).tensors.items()})
+            self._indexes[component] = index
+        return self._indexes[component]
+
+
+def _candidate_keys(path: str, name: str) -> list[str]:
+    # transformers may save a text encoder with or without its text_model. level, whatever its modules say.
+    keys = [f"{path}.{name}"]
+    if path.startswith("text_model."):
+        keys.append(f"{path.removeprefix('text_model.')}.{name}")
+    else:
+        keys.append(f"text_model.{path}.{name}")
+    return keys
+
+
+def _read(path: Path, info: TensorInfo) -> torch.Tensor:
+    buffer = bytearray(info.end - info.start)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            read = os.preadv(fd, [view[done:]], info.start + done)
+            if read <= 0:
+                raise OSError(f"{path}: unexpected end of file reading a weight")
+            done += read
+    finally:
+        os.close(fd)
+    return torch.frombuffer(buffer, dtype=_DTYPES[info.dtype]).reshape(info.shape)
