@@ -26,6 +26,13 @@ class LayerPatch(ABC):
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """fp32 ΔW shaped like `weight`, the pristine module weight (fp32, on the factors' device)."""
 
+    # True when ΔW depends on the pristine weight (DoRA), which in-place patching no longer has at hand.
+    needs_pristine: ClassVar[bool] = False
+
+    def add_to(self, target: torch.Tensor, alpha: float) -> None:
+        """target += alpha · ΔW in place; target is fp32 and shaped like the module's weight."""
+        target.add_(self.delta(target), alpha=alpha)
+
     def bias_delta(self) -> torch.Tensor | None:
         return None
 
@@ -89,6 +96,15 @@ class LoRALayer(_FactoredLayer):
 
     def rank(self) -> int:
         return self._tensors["lora_down.weight"].shape[0]
+
+    def add_to(self, target: torch.Tensor, alpha: float) -> None:
+        # One fused multiply-add into the weight's own storage: no full-size ΔW is ever allocated.
+        if "lora_mid.weight" in self._tensors or not target.is_contiguous():
+            super().add_to(target, alpha)
+            return
+        self._check_shape(target)
+        up, down = self._tensors["lora_up.weight"].flatten(1), self._tensors["lora_down.weight"].flatten(1)
+        target.view(up.shape[0], -1).addmm_(up, down, alpha=alpha * self._scale)
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         # up may be [out, r] or [out, r, 1, 1] and a Tucker down is [r, in, 1, 1]: flatten(1) reads all alike.
@@ -194,6 +210,8 @@ class DoRALayer(LayerPatch):
     the output (and kernel) dims; [out, 1(, 1, 1)] (LyCORIS wd_on_output) or a 1-D [out] (PEFT) one per output
     channel, the norm over the rest. The orientation is read against the weight's shape, never guessed alone.
     """
+
+    needs_pristine = True
 
     kind = "dora"
     required = frozenset({"dora_scale"})

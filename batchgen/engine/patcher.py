@@ -78,20 +78,41 @@ class WeightPatcher:
         module = self.components[ref.component].get_submodule(ref.path)
         if ref not in self.pristine:
             self.pristine.keep(ref, module)
-        weight0, bias0 = self.pristine.get(ref, "weight"), self.pristine.get(ref, "bias")
-        if not contributions:
-            module.weight.copy_(weight0)
-            if bias0 is not None:
-                module.bias.copy_(bias0)
+        layers = [(self.loras[name][ref], weight) for name, weight in contributions]
+        if module.weight.dtype == torch.float32 and not any(layer.needs_pristine for layer, _ in layers):
+            self._write_in_place(ref, module, layers)
+        else:
+            self._write_via_fp32(ref, module, layers)
+        if contributions:
+            self._applied[ref] = contributions
+        else:
             self._applied.pop(ref, None)
-            return
+
+    def _write_in_place(self, ref: ModuleRef, module: torch.nn.Module, layers: list) -> None:
+        """fp32 weights: restore the original bits into the weight itself, then add each delta there.
+
+        No full-size temporary is allocated, and the same sequence of operations from the same bits gives the
+        same result every time, which is what makes A -> B -> A exact.
+        """
+        self.pristine.restore_into(ref, "weight", module.weight)
+        has_bias = getattr(module, "bias", None) is not None
+        if has_bias:
+            self.pristine.restore_into(ref, "bias", module.bias)
+        for layer, weight in layers:
+            layer.add_to(module.weight, alpha=weight)
+            bias_delta = layer.bias_delta()
+            if bias_delta is not None and has_bias:
+                module.bias.add_(bias_delta.to(module.bias.device), alpha=weight)
+
+    def _write_via_fp32(self, ref: ModuleRef, module: torch.nn.Module, layers: list) -> None:
+        """Half-precision weights (and DoRA, whose delta needs W0): compute in fp32, then cast once."""
+        weight0, bias0 = self.pristine.get(ref, "weight"), self.pristine.get(ref, "bias")
         device = module.weight.device
         w0 = weight0.to(device, torch.float32)
         # copy=True: on an fp32 CPU model .to() may hand back the pristine tensor itself, and add_ would corrupt it.
         target = w0.clone()
         bias_target = bias0.to(device, torch.float32, copy=True) if bias0 is not None else None
-        for name, weight in contributions:
-            layer = self.loras[name][ref]
+        for layer, weight in layers:
             target.add_(layer.delta(w0), alpha=weight)
             bias_delta = layer.bias_delta()
             if bias_delta is not None and bias_target is not None:
@@ -99,4 +120,3 @@ class WeightPatcher:
         module.weight.copy_(target.to(module.weight.dtype))
         if bias_target is not None:
             module.bias.copy_(bias_target.to(module.bias.dtype))
-        self._applied[ref] = contributions

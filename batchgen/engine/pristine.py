@@ -50,6 +50,14 @@ class PristineStore:
             return _read(*self._on_disk[(ref, name)])
         return None
 
+    def restore_into(self, ref: ModuleRef, name: str, dest: torch.Tensor) -> None:
+        """Put the original bits back into `dest`; from disk they are read straight into its storage."""
+        if (ref, name) in self._on_disk and dest.device.type == "cpu" and dest.is_contiguous():
+            path, info = self._on_disk[(ref, name)]
+            _read_into(path, info, memoryview(dest.detach().numpy()).cast("B"))
+        else:
+            dest.copy_(self.get(ref, name))
+
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._copies.values())
 
@@ -84,15 +92,21 @@ def _candidate_keys(path: str, name: str) -> list[str]:
 
 
 def _read(path: Path, info: TensorInfo) -> torch.Tensor:
-    buffer = bytearray(info.end - info.start)
+    tensor = torch.empty(info.shape, dtype=_DTYPES[info.dtype])
+    _read_into(path, info, memoryview(tensor.numpy()).cast("B"))
+    return tensor
+
+
+def _read_into(path: Path, info: TensorInfo, view: memoryview) -> None:
+    if len(view) != info.end - info.start:
+        raise ValueError(f"{path}: stored weight has {info.end - info.start} bytes, the module {len(view)}")
     fd = os.open(path, os.O_RDONLY)
     try:
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
+        done = 0
+        while done < len(view):
             read = os.preadv(fd, [view[done:]], info.start + done)
             if read <= 0:
                 raise OSError(f"{path}: unexpected end of file reading a weight")
             done += read
     finally:
         os.close(fd)
-    return torch.frombuffer(buffer, dtype=_DTYPES[info.dtype]).reshape(info.shape)
