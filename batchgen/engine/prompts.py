@@ -57,7 +57,10 @@ class PromptCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    @torch.inference_mode()
     def _encode(self, job: Job, guidance: bool) -> Embeds:
+        # inference_mode also matters for memory: a cached tensor with autograd history would keep every
+        # text-encoder activation of its prompt alive.
         device = self.pipe._execution_device
         if hasattr(self.pipe, "text_encoder_2"):
             out = self.pipe.encode_prompt(
