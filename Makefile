@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast lint clean
+.PHONY: help install install-dev run test test-fast lint bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test-fast: install-dev ## Run the tests not marked slow
 
 lint: install-dev ## ruff check at 119 columns
 	$(BIN)/ruff check .
+
+bench: install ## Run the benchmark and append figures to BENCHMARKS.md
+	$(BIN)/python benchmarks/bench.py
 
 clean: ## Remove runs/ and caches (not .venv)
 	rm -rf runs .pytest_cache .ruff_cache
