@@ -13,7 +13,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from batchgen.errors import BatchgenError
+from batchgen.errors import BatchgenError, Stopped
 
 RENDER = "render"
 SUBCOMMANDS = ("report",)
@@ -52,6 +52,9 @@ def render_command(
         Path | None, typer.Option("--config-dir", help="Your config folder, searched ahead of conf/.")
     ] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the embeddings and LoRAs found per model.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Render only the jobs whose last row is failed.")
+    ] = False,
 ) -> None:
     from omegaconf import OmegaConf
 
@@ -70,7 +73,7 @@ def render_command(
     if dry_run:
         print_dry_run(composed, plan, sys.stdout)
         return
-    outcome = render(composed, plan)
+    outcome = render(composed, plan, retry_failed=retry_failed)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=argv, prog_name="batchgen", standalone_mode=False)
     except BatchgenError as e:
         sys.stderr.write(f"batchgen: error: {e}\n")
+        return e.exit_code
+    except Stopped as e:  # the runner already said what was kept
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code

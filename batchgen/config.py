@@ -67,6 +67,9 @@ class RunConfig:
     out_dir: str = "runs/${sweep.name}"
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the UNet: slower start, faster steps on long GPU sweeps
+    # Intra-op threads per CPU worker; null: the cores split between workers. CPU pixels depend on it (oneDNN
+    # picks convolution kernels by thread count), so fix it to compare runs with different worker counts.
+    threads: int | None = None
 
 
 @dataclass

@@ -33,6 +33,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Temp files of atomic_write left by a killed process; never a finished file."""
+    removed = 0
+    for tmp in run_dir.glob("**/.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +16,11 @@ import pandas as pd
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.models import inspect_assets, resolve_model
 from batchgen.config import Composed
-from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation
+from batchgen.errors import Stopped
+from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
 from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
+from batchgen.runlock import RunLock
 from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
 
@@ -83,15 +88,32 @@ def list_assets(plan: Plan, out: TextIO) -> None:
             out.write(f"  refused {refused.kind}  {label}  {refused.path}: {refused.reason}\n")
 
 
-def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextIO | None = None) -> Outcome:
+def render(
+    composed: Composed,
+    plan: Plan,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    retry_failed: bool = False,
+) -> Outcome:
+    from batchgen.executors.local import visible_slots
+
+    cfg = composed.config
+    # A bad device list is a config error: found before anything is written.
+    slots = visible_slots(cfg.executor.devices, cfg.run.threads)
+    run_dir = Path(cfg.run.out_dir)
+    with RunLock(run_dir), stop_signals():
+        return _render(composed, plan, slots, out or sys.stdout, err or sys.stderr, retry_failed)
+
+
+def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, retry_failed: bool) -> Outcome:
     from batchgen.executors.local import ExecutorRequest, run_local
     from batchgen.report import build_grids, build_index
 
-    out, err = out or sys.stdout, err or sys.stderr
     cfg = composed.config
     run_dir = Path(cfg.run.out_dir)
     started = time.monotonic()
     manifest = Manifest(run_dir, plan.slots)
+    remove_stale_temp_files(run_dir)  # a killed run's half-written PNGs; the lock says no one else is writing
     if manifest.dropped_torn_line:
         err.write(f"manifest: dropped a torn last line in {manifest.path} (a previous run was killed mid-write)\n")
     record_invocation(run_dir, composed.container, composed.overrides)
@@ -99,12 +121,20 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
     rows = {r["job_id"]: r for r in plan.table.to_dict("records")}
     skipped = _record_skipped(plan, manifest)
     todo = [j for j in plan.jobs if j.job_id not in done]
+    already = len(plan.jobs) - len(todo)
+    left = ""
+    if retry_failed:
+        failed_before = latest_failed(run_dir)
+        later = [j for j in todo if j.job_id not in failed_before]
+        todo = [j for j in todo if j.job_id in failed_before]
+        left = f", {len(later)} never rendered left for a run without --retry-failed" if later else ""
     progress = Progress(len(todo), stream=err)
     failures: list[str] = []
 
     stage_totals: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
     def on_row(row: dict[str, Any]) -> None:
+        manifest.append(row)
         progress.update(row["status"] == "ok")
         for part in filter(None, (row.get("timings") or "").split(";")):
             stage, seconds = part.split("=")
@@ -112,9 +142,10 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
         if row["status"] == "failed":
             failures.append(f"{row['job_id']}: {row['error']}")
 
+    workers = f", {len(slots)} workers" if len(slots) > 1 and len(todo) > 1 else ""
     err.write(
-        f"{cfg.sweep.name}: {len(todo)} to render, {len(plan.jobs) - len(todo)} already done, "
-        f"{skipped} skipped -> {run_dir}\n"
+        f"{cfg.sweep.name}: {len(todo)} to render, {already} already done, "
+        f"{skipped} skipped{left} -> {run_dir}{workers}\n"
     )
     try:
         if todo:
@@ -122,7 +153,13 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
                 todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.executor.devices, cfg.sweep.batch_size,
                 cfg.run.compile,
             )
-            run_local(request, manifest, on_row)
+            run_local(request, slots if len(todo) > 1 else slots[:1], on_row)
+    except Stopped as e:
+        err.write(
+            f"batchgen: stopped by {e.signal_name} after {progress.done} of {len(todo)} images; the manifest is "
+            f"intact, run the same command again to continue\n"
+        )
+        raise
     finally:
         manifest.close()
     table = merged_table(plan.table, run_dir)
@@ -144,10 +181,35 @@ def render(composed: Composed, plan: Plan, out: TextIO | None = None, err: TextI
         out.write("stages: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in stage_totals.items()) + "\n")
     out.write(
         f"{cfg.sweep.name}: rendered {len(todo) - len(failures)}, failed {len(failures)}, skipped {skipped}, "
-        f"already done {len(plan.jobs) - len(todo)} in {elapsed:.1f}s -> {run_dir}/manifest.csv, "
+        f"already done {already} in {elapsed:.1f}s -> {run_dir}/manifest.csv, "
         f"{len(grids)} grids, {run_dir}/index.html\n"
     )
-    return Outcome(len(todo) - len(failures), len(failures), skipped, len(plan.jobs) - len(todo), run_dir)
+    return Outcome(len(todo) - len(failures), len(failures), skipped, already, run_dir)
+
+
+def latest_failed(run_dir: Path) -> set[str]:
+    """Jobs whose latest row is `failed`: what --retry-failed renders."""
+    table = read_manifest(run_dir).drop_duplicates("job_id", keep="last")
+    return set(table.loc[table["status"] == "failed", "job_id"])
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Turn SIGINT and SIGTERM into `Stopped` in the main thread, so every `finally` runs (writer drained,
+    workers stopped, manifest closed) and the exit code says which signal it was (130, 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def merged_table(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import PromptCache, batch_kwargs
@@ -76,6 +78,7 @@ class Renderer:
         self.batch_size = batch_size
         self.compile_unet = compile_unet
         self._loaded: _Loaded | None = None
+        self._oom_cap: int | None = None  # the batch size that fitted after a CUDA out-of-memory error
         self.load_count: dict[str, int] = {}
 
     def render(self, jobs: Iterable[Job]) -> Iterator[RenderResult]:
@@ -100,16 +103,32 @@ class Renderer:
             images = self._generate(loaded.pipe, batch, batch_kwargs(embeds))
             stages["decode"] = loaded.decode_clock.seconds
             stages["denoise"] = time.perf_counter() - mark - stages["decode"]
+        except torch.cuda.OutOfMemoryError as e:
+            if len(batch) == 1:
+                yield RenderResult(batch[0].job_id, None, time.perf_counter() - started, self.name, _describe(e), {})
+                return
+            # Halve and retry; later batches stay at the size that fitted.
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            self._oom_cap = half
+            yield from self._render_batch(batch[:half])
+            yield from self._render_batch(batch[half:])
+            return
         except Exception as e:  # one bad batch must not end the sweep; the manifest records why
             share = (time.perf_counter() - started) / len(batch)
             for job in batch:
                 yield RenderResult(job.job_id, None, share, self.name, _describe(e), {})
             return
         share = {stage: seconds / len(batch) for stage, seconds in stages.items()}
-        for job, image in zip(batch, images, strict=True):
-            yield RenderResult(job.job_id, image, sum(share.values()), self.name, "", dict(share))
+        for job, pixels in zip(batch, images, strict=True):
+            fault = image_fault(pixels)
+            image = None if fault else to_pil(pixels)
+            yield RenderResult(job.job_id, image, sum(share.values()), self.name, fault, dict(share))
 
     def _batch_size(self) -> int:
+        return min(self._oom_cap or 2**31, self._wanted_batch_size())
+
+    def _wanted_batch_size(self) -> int:
         if isinstance(self.batch_size, int):
             return self.batch_size
         if not self.device.startswith("cuda"):
@@ -154,10 +173,25 @@ class Renderer:
             width=job.width,
             height=job.height,
             generator=generators,
-            output_type="pil",
+            output_type="np",
             **embeds,
         )
         return result.images
+
+
+def image_fault(pixels: np.ndarray) -> str:
+    """Why a decoded image is unusable, or "": NaN (an fp16 overflow, usually) or pure black (what NaN becomes
+    once clamped, or a model that produced nothing)."""
+    if np.isnan(pixels).any():
+        return "NaN in the decoded image (the model overflowed; try run.dtype=fp32)"
+    if not pixels.any():
+        return "image is all black (the model produced no signal; try run.dtype=fp32 or another scheduler)"
+    return ""
+
+
+def to_pil(pixels: np.ndarray) -> Image.Image:
+    # diffusers' own float-to-8-bit rule, so a PNG holds the pixels output_type="pil" would have given
+    return Image.fromarray((pixels * 255).round().astype("uint8"))
 
 
 def _time_decode(pipe, clock: _Clock) -> None:

@@ -1,6 +1,8 @@
-"""PNG encoding, hashing, disk writes and manifest rows, off the render thread.
+"""PNG encoding, hashing and disk writes off the render thread; finished rows go to a sink.
 
-A bounded queue keeps memory flat: the render loop only waits when the writer is that far behind.
+A bounded queue keeps memory flat: the render loop only waits when the writer is that far behind. The sink is the
+manifest in a single-process run, and the queue to the parent process in a worker: an image is on disk, fsynced,
+before its row is recorded anywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.engine.png import a1111_parameters, encode_png
-from batchgen.manifest import Manifest, atomic_write
+from batchgen.manifest import atomic_write
 from batchgen.spec import STAGES, ModelSpec, RenderResult
 
 _STOP = object()
@@ -25,15 +27,13 @@ class ImageWriter:
     def __init__(
         self,
         run_dir: Path,
-        manifest: Manifest,
         models: dict[str, ModelSpec],
-        on_row: Callable[[dict[str, Any]], None] | None = None,
+        sink: Callable[[dict[str, Any]], None],
         maxsize: int = 16,
     ) -> None:
         self.run_dir = run_dir
-        self.manifest = manifest
         self.models = models
-        self.on_row = on_row
+        self.sink = sink
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="batchgen-writer", daemon=True)
@@ -60,26 +60,29 @@ class ImageWriter:
                 self._error = e
 
     def _write(self, row: dict[str, Any], result: RenderResult) -> None:
-        # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
-        job = {k: v for k, v in row.items() if k not in _VOLATILE}
-        row = dict(row)
-        row["worker"] = result.worker
-        if result.image is None:
-            row["status"] = "failed"
-            row["error"] = result.error
-        else:
-            mark = time.perf_counter()
-            row["status"] = "ok"
-            row["error"] = ""
-            row["image"] = f"images/{row['job_id']}.png"
-            data = encode_png(result.image, a1111_parameters(row, self.models[row["model"]]), job)
-            atomic_write(self.run_dir / row["image"], data)
-            row["image_sha256"] = hashlib.sha256(data).hexdigest()
-            result.timings["write"] = time.perf_counter() - mark
-        row["seconds"] = round(sum(result.timings.values()) or result.seconds, 4)
-        stages = [stage for stage in STAGES if stage in result.timings]
-        row["timings"] = ";".join(f"{stage}={result.timings[stage]:.4f}" for stage in stages)
-        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.manifest.append(row)
-        if self.on_row is not None:
-            self.on_row(row)
+        self.sink(finish_row(self.run_dir, self.models, row, result))
+
+
+def finish_row(run_dir: Path, models: dict[str, ModelSpec], row: dict[str, Any], result: RenderResult) -> dict:
+    """Write the job's PNG (atomically) and return its completed manifest row."""
+    # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
+    job = {k: v for k, v in row.items() if k not in _VOLATILE}
+    row = dict(row)
+    row["worker"] = result.worker
+    if result.image is None:
+        row["status"] = "failed"
+        row["error"] = result.error
+    else:
+        mark = time.perf_counter()
+        row["status"] = "ok"
+        row["error"] = ""
+        row["image"] = f"images/{row['job_id']}.png"
+        data = encode_png(result.image, a1111_parameters(row, models[row["model"]]), job)
+        atomic_write(run_dir / row["image"], data)
+        row["image_sha256"] = hashlib.sha256(data).hexdigest()
+        result.timings["write"] = time.perf_counter() - mark
+    row["seconds"] = round(sum(result.timings.values()) or result.seconds, 4)
+    stages = [stage for stage in STAGES if stage in result.timings]
+    row["timings"] = ";".join(f"{stage}={result.timings[stage]:.4f}" for stage in stages)
+    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return row

@@ -1,0 +1,33 @@
+"""The body of a local worker process: render the units the parent sends, report each finished row."""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from typing import Any
+
+
+def worker_main(wid: int, slot, settings: tuple, inbox, outbox) -> None:
+    # Ctrl-C reaches the whole process group; only the parent decides what happens to the run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        from batchgen.engine.worker import Renderer
+        from batchgen.engine.writer import ImageWriter
+
+        models, run_dir, dtype, batch_size, compile_unet = settings
+        if slot.threads:
+            torch.set_num_threads(slot.threads)
+        renderer = Renderer(models, slot.device, dtype, slot.name, batch_size, compile_unet)
+        writer = ImageWriter(run_dir, models, lambda row: outbox.put(("row", wid, row)))
+        outbox.put(("ready", wid))
+        while (unit := inbox.get()) is not None:
+            rows: dict[str, dict[str, Any]] = {job.job_id: row for job, row in unit}
+            for result in renderer.render([job for job, _ in unit]):
+                writer.submit(rows[result.job_id], result)
+            outbox.put(("idle", wid))  # the writer may still be finishing this unit's PNGs
+        writer.close()
+    except Exception as e:  # reported as failed rows by the parent, which then replaces this worker
+        outbox.put(("crash", wid, f"worker {slot.name} crashed: {type(e).__name__}: {e}"))
+        traceback.print_exc()
