@@ -39,7 +39,7 @@ test-fast: install-dev ## Run the tests not marked slow
 lint: install-dev ## ruff check at 119 columns
 	$(BIN)/ruff check .
 
-bench: install ## Run the benchmark and append figures to BENCHMARKS.md
+bench: install-dev ## Run the benchmark (Ray included) and append figures to BENCHMARKS.md
 	$(BIN)/python benchmarks/bench.py
 
 clean: ## Remove runs/ and caches (not .venv)

@@ -74,8 +74,12 @@ class RunConfig:
 
 @dataclass
 class ExecutorConfig:
-    name: str = "local"
-    devices: Any = "auto"  # auto | N | [0, 2]
+    name: str = "local"  # local | ray
+    devices: Any = "auto"  # local: auto | N | [0, 2]
+    address: str | None = None  # ray: null starts a local Ray; auto (`ray start --head`); ray://host:10001
+    actors: Any = "auto"  # ray: auto (one per GPU, else one per cpus_per_actor CPUs) | N
+    cpus_per_actor: int = 1  # ray
+    shared_fs: bool = False  # ray: actors write PNGs into run.out_dir themselves (every node mounts it)
 
 
 @dataclass

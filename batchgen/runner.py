@@ -16,13 +16,15 @@ import pandas as pd
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.models import inspect_assets, resolve_model
 from batchgen.config import Composed
-from batchgen.errors import Stopped
+from batchgen.errors import BatchgenError, Stopped
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
 from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
 from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,13 @@ def render(
     from batchgen.executors.local import visible_slots
 
     cfg = composed.config
-    # A bad device list is a config error: found before anything is written.
+    # A bad executor setting is a config error: found before anything is written.
+    if cfg.executor.name not in EXECUTORS:
+        raise BatchgenError(f"executor={cfg.executor.name}: unknown executor; use one of {', '.join(EXECUTORS)}")
+    if cfg.executor.name == "ray":
+        from batchgen.executors.ray_executor import require_ray
+
+        require_ray()
     slots = visible_slots(cfg.executor.devices, cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
     with RunLock(run_dir), stop_signals():
@@ -142,7 +150,7 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
         if row["status"] == "failed":
             failures.append(f"{row['job_id']}: {row['error']}")
 
-    workers = f", {len(slots)} workers" if len(slots) > 1 and len(todo) > 1 else ""
+    workers = f", {len(slots)} workers" if len(slots) > 1 and len(todo) > 1 and cfg.executor.name == "local" else ""
     err.write(
         f"{cfg.sweep.name}: {len(todo)} to render, {already} already done, "
         f"{skipped} skipped{left} -> {run_dir}{workers}\n"
@@ -153,7 +161,14 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
                 todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.executor.devices, cfg.sweep.batch_size,
                 cfg.run.compile,
             )
-            run_local(request, slots if len(todo) > 1 else slots[:1], on_row)
+            if cfg.executor.name == "ray":
+                from batchgen.executors.ray_executor import RayOptions, run_ray
+
+                ex = cfg.executor
+                options = RayOptions(ex.address, ex.actors, ex.cpus_per_actor, ex.shared_fs, cfg.run.threads)
+                run_ray(request, options, on_row)
+            else:
+                run_local(request, slots if len(todo) > 1 else slots[:1], on_row)
     except Stopped as e:
         err.write(
             f"batchgen: stopped by {e.signal_name} after {progress.done} of {len(todo)} images; the manifest is "

@@ -79,6 +79,7 @@ W2_SEEDS = [1, 2]
 # Two seeds per state: a batch of 2 is the largest batch that never mixes two LoRA states.
 W2_BATCH = 2
 W2_SCALARS = {"steps": 20, "guidance_scale": 7.5, "width": 256, "height": 256}
+SCALE_SCALARS = dict(W2_SCALARS)  # the W2 workload as the issue asks; --quick cuts the steps
 MEMORY_LORAS = [f"mem_{i:02d}" for i in range(20)]
 MEMORY_SCALARS = {"steps": 1, "guidance_scale": 7.5, "width": 64, "height": 64, "batch_size": 1}
 
@@ -92,6 +93,8 @@ TARGETS = {  # key -> (comparison, bound)
     "w2.overhead": ("<=", 1.10),
     "w2.switch_share": ("<=", 0.05),
     "w2.lora_memory_ratio": ("<=", 1.10),
+    "scale.local_efficiency": (">=", 0.90),
+    "scale.ray_efficiency": (">=", 0.90),
 }
 
 
@@ -241,7 +244,7 @@ def render_bare(checkpoint: Path, jobs: list[Job], scalars: dict, batch: int, de
 # --- batchgen --------------------------------------------------------------------------------------------------------
 
 
-def run_batchgen(config_dir: Path, sweep: str, out_dir: Path) -> BatchgenRun:
+def run_batchgen(config_dir: Path, sweep: str, out_dir: Path, extra: tuple[str, ...] = ()) -> BatchgenRun:
     """One `batchgen --config-dir DIR +sweep=NAME run.out_dir=OUT` call in this process, timed around main()."""
     shutil.rmtree(out_dir, ignore_errors=True)
     # A fresh hash cache per call: a first run's hashing is part of the work, and a warm cache from an earlier bench
@@ -250,7 +253,7 @@ def run_batchgen(config_dir: Path, sweep: str, out_dir: Path) -> BatchgenRun:
     shutil.rmtree(cache, ignore_errors=True)
     previous = os.environ.get("BATCHGEN_CACHE")
     os.environ["BATCHGEN_CACHE"] = str(cache)
-    argv = ["--config-dir", str(config_dir), f"+sweep={sweep}", f"run.out_dir={out_dir}"]
+    argv = ["--config-dir", str(config_dir), f"+sweep={sweep}", f"run.out_dir={out_dir}", *extra]
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -506,7 +509,8 @@ def workload_w2(
     start = time.perf_counter()
     root = build_sd1_root(models / "w2", W2_MODEL, tokenizer_dir, W2_LORAS + MEMORY_LORAS, full_size=False)
     results["w2.build_seconds"] = time.perf_counter() - start
-    scalars = W2_SCALARS | ({"steps": 4} if quick else {})
+    quick_steps = {"steps": 4} if quick else {}
+    scalars = W2_SCALARS | quick_steps
     states = w2_states(W2_LORAS)
     jobs = expand_jobs(states, [PROMPT], W2_SEEDS)
     memory_states = [State(f"m{i:02d}", {name: 1.0}) for i, name in enumerate(MEMORY_LORAS)]
@@ -519,6 +523,9 @@ def workload_w2(
             "w2": sweep_body("w2", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **scalars),
             "w2_memory": sweep_body("w2_memory", memory_states, [PROMPT], [1], **MEMORY_SCALARS),
             "w2_memory_none": sweep_body("w2_memory_none", [State("none")], [PROMPT], [1], **MEMORY_SCALARS),
+            "w2_scale": sweep_body(
+                "w2_scale", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **(SCALE_SCALARS | quick_steps)
+            ),
         },
     )
     checkpoint = root / "main" / W2_MODEL
@@ -552,7 +559,41 @@ def workload_w2(
     }
     with watched(results, "w2.memory"):
         results |= lora_memory(config_dir, root, checkpoint)
+    workload_scaling(config_dir, len(jobs), (SCALE_SCALARS | quick_steps)["steps"], results, notes)
     return best
+
+
+def workload_scaling(config_dir: Path, images: int, steps: int, results: dict, notes: list[str]) -> None:
+    """The W2 images (at SCALE_SCALARS steps) with one worker, two local workers and two Ray actors, one thread
+    each: images/s of N workers over N times one worker's."""
+    one_thread = ("run.threads=1",)
+    contestants = {
+        "scale.local1": ("executor.devices=1", *one_thread),
+        "scale.local2": ("executor.devices=2", *one_thread),
+        "scale.ray2": ("executor=ray", "executor.actors=2", *one_thread),
+    }
+    runs = {}
+    for label, extra in contestants.items():
+        with watched(results, label):
+            runs[label] = run_batchgen(config_dir, "w2_scale", BENCH_DIR / "runs" / label, extra)
+        verify(runs[label], images, label)
+        if runs[label].table["image_sha256"].tolist() and label != "scale.local1":
+            same = dict(zip(runs[label].table["job_id"], runs[label].table["image_sha256"], strict=True))
+            base = dict(
+                zip(runs["scale.local1"].table["job_id"], runs["scale.local1"].table["image_sha256"], strict=True)
+            )
+            if same != base:
+                notes.append(f"{label}: images differ from one worker's at the same thread count")
+    one = runs["scale.local1"].seconds
+    results |= {
+        "scale.images": images,
+        "scale.steps": steps,
+        "scale.local1_seconds": one,
+        "scale.local2_seconds": runs["scale.local2"].seconds,
+        "scale.ray2_seconds": runs["scale.ray2"].seconds,
+        "scale.local_efficiency": one / runs["scale.local2"].seconds / 2,
+        "scale.ray_efficiency": one / runs["scale.ray2"].seconds / 2,
+    }
 
 
 def workload_gpu(tokenizer_dir: Path, results: dict) -> None:
@@ -674,6 +715,11 @@ def figure_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
             f" {r['w2.memory_batchgen_no_lora_peak_mib']:.0f} MiB, each LoRA adds {r['w2.memory_per_lora_mib']:.1f}"
             f" MiB for a {r['w2.memory_per_lora_file_mib']:.1f} MiB file"
         ),
+        "scale.local_efficiency": (
+            f"{r['scale.images']} W2 images at {r['scale.steps']} steps, 1 thread per worker: 1 worker "
+            f"{r['scale.local1_seconds']:.1f} s, 2 local workers {r['scale.local2_seconds']:.1f} s"
+        ),
+        "scale.ray_efficiency": f"2 Ray actors (local Ray started by the run) {r['scale.ray2_seconds']:.1f} s",
     }
     rows = []
     for key, (comparison, bound) in TARGETS.items():

@@ -164,3 +164,31 @@ def test_two_workers_render_the_same_images_and_survive_a_dead_worker(tmp_path: 
     # replacement is a new process, so it loads again)
     loads = table[table["timings"].str.contains("load=")]
     assert len(loads) == 3
+
+
+def _ray_actor_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "cmdline").read_bytes().startswith(b"ray::RenderActor"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_ray_actors_render_the_local_images_and_survive_a_dead_actor(tmp_path: Path, tiny_cache: Path) -> None:
+    code, log = _finish(tmp_path, "local", "run.threads=1")
+    assert code == 0, log
+    local = _ok_hashes(tmp_path, "local")
+    # a local Ray this run starts itself, with two single-thread actors on the 2 CPUs
+    process, log = _start(tmp_path, "ray", "executor=ray", "executor.actors=2", "run.threads=1")
+    _wait(process, lambda: _rows(tmp_path, "ray") >= 1)
+    actors = _ray_actor_pids()
+    assert len(actors) == 2
+    os.kill(actors[0], signal.SIGKILL)
+    assert process.wait(timeout=300) == 0, log.read_text()
+    assert _ok_hashes(tmp_path, "ray") == local
+    table = pd.read_csv(tmp_path / "ray" / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(table["worker"]) == {"ray0", "ray1"} and len(table) == JOBS

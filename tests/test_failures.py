@@ -114,3 +114,31 @@ def test_a_second_batchgen_on_the_same_run_dir_is_refused(run_cli) -> None:
     code, out, _ = run_cli(*SMALL)
     assert code == 0 and "rendered 4" in out
     assert not lock.exists()
+
+
+def test_ray_executor_without_ray_is_a_clear_error(run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the ray extra looks like
+    code, _, err = run_cli(*SMALL, "executor=ray")
+    assert code == 2
+    assert err == "batchgen: error: executor=ray needs Ray: pip install 'batchgen[ray]' (or use executor=local)\n"
+    assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("executor.name=dask", "executor=dask: unknown executor; use one of local, ray"),
+        (
+            "executor.devices=[0,1]",
+            "executor.devices=[0, 1] names CUDA devices but none is visible; use executor.devices=2 for 2 CPU workers",
+        ),
+        ("run.threads=0", "run.threads=0: give a thread count of at least 1, or null for automatic"),
+    ],
+)
+def test_bad_executor_settings_exit_2_before_anything_is_written(run_cli, override: str, message: str) -> None:
+    code, _, err = run_cli(*SMALL, override)
+    assert code == 2
+    assert err == f"batchgen: error: {message}\n"
+    assert not Path("runs").exists()

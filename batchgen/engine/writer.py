@@ -65,10 +65,17 @@ class ImageWriter:
 
 def finish_row(run_dir: Path, models: dict[str, ModelSpec], row: dict[str, Any], result: RenderResult) -> dict:
     """Write the job's PNG (atomically) and return its completed manifest row."""
+    row, data = encode_row(models, row, result)
+    return store_row(run_dir, row, data)
+
+
+def encode_row(models: dict[str, ModelSpec], row: dict[str, Any], result: RenderResult) -> tuple[dict, bytes | None]:
+    """The completed row (all but the write time) and the PNG bytes, or None for a failed job."""
     # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
     job = {k: v for k, v in row.items() if k not in _VOLATILE}
     row = dict(row)
     row["worker"] = result.worker
+    data = None
     if result.image is None:
         row["status"] = "failed"
         row["error"] = result.error
@@ -78,11 +85,23 @@ def finish_row(run_dir: Path, models: dict[str, ModelSpec], row: dict[str, Any],
         row["error"] = ""
         row["image"] = f"images/{row['job_id']}.png"
         data = encode_png(result.image, a1111_parameters(row, models[row["model"]]), job)
-        atomic_write(run_dir / row["image"], data)
         row["image_sha256"] = hashlib.sha256(data).hexdigest()
         result.timings["write"] = time.perf_counter() - mark
-    row["seconds"] = round(sum(result.timings.values()) or result.seconds, 4)
-    stages = [stage for stage in STAGES if stage in result.timings]
-    row["timings"] = ";".join(f"{stage}={result.timings[stage]:.4f}" for stage in stages)
+    row["timings"] = dict(result.timings)
+    row["seconds"] = result.seconds
+    return row, data
+
+
+def store_row(run_dir: Path, row: dict[str, Any], data: bytes | None) -> dict[str, Any]:
+    """Write the PNG where the row says, fsynced, then seal the row's timing fields."""
+    row = dict(row)
+    timings: dict[str, float] = row.pop("timings")
+    if data is not None:
+        mark = time.perf_counter()
+        atomic_write(run_dir / row["image"], data)
+        timings["write"] = timings.get("write", 0.0) + time.perf_counter() - mark
+    row["seconds"] = round(sum(timings.values()) or row["seconds"], 4)
+    stages = [stage for stage in STAGES if stage in timings]
+    row["timings"] = ";".join(f"{stage}={timings[stage]:.4f}" for stage in stages)
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return row
