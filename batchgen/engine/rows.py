@@ -44,6 +44,12 @@ def _per_image(forward, shape: BatchShape):
         if n <= 1 or x.dim() < 2 or x.shape[0] % n or extra_tensors:
             return forward(x, *args, **kwargs)
         # diffusers stacks guidance halves as [uncond x n, cond x n]: image i owns rows i, i+n, ...
+        blocks = x.view(-1, n, *x.shape[1:])
+        if bool((blocks == blocks[:, :1]).all()):
+            # The timestep layers see one timestep for the whole batch: every image's rows are the same, so one
+            # image's result, computed as a batch of one computes it, serves them all.
+            first = forward(blocks[:, 0].contiguous(), *args, **kwargs)
+            return first.unsqueeze(1).expand(first.shape[0], n, *first.shape[1:]).reshape(x.shape[0], *first.shape[1:])
         owned = torch.arange(x.shape[0], device=x.device).view(-1, n).t()
         parts = [forward(x[rows], *args, **kwargs) for rows in owned]
         out = torch.empty((x.shape[0], *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
