@@ -55,6 +55,7 @@ def render_command(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Render only the jobs whose last row is failed.")
     ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Render a sweep larger than run.max_jobs.")] = False,
 ) -> None:
     from omegaconf import OmegaConf
 
@@ -67,12 +68,20 @@ def render_command(
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
     plan = prepare(composed, all_assets=list_)
+    for warning in plan.warnings:
+        sys.stderr.write(f"batchgen: warning: {warning}\n")
     if list_:
         list_assets(plan, sys.stdout)
         return
     if dry_run:
         print_dry_run(composed, plan, sys.stdout)
         return
+    limit = composed.config.run.max_jobs
+    if len(plan.jobs) > limit and not yes:
+        raise BatchgenError(
+            f"the sweep has {len(plan.jobs)} jobs to render, more than run.max_jobs={limit}; pass --yes to render "
+            "them all, or raise run.max_jobs"
+        )
     outcome = render(composed, plan, retry_failed=retry_failed)
     raise typer.Exit(outcome.exit_code)
 

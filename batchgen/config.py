@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -67,6 +68,7 @@ class RunConfig:
     out_dir: str = "runs/${sweep.name}"
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the UNet: slower start, faster steps on long GPU sweeps
+    max_jobs: int = 10000  # a bigger sweep needs --yes: a typo in an axis should not start a week of rendering
     # Intra-op threads per CPU worker; null: the cores split between workers. CPU pixels depend on it (oneDNN
     # picks convolution kernels by thread count), so fix it to compare runs with different worker counts.
     threads: int | None = None
@@ -160,7 +162,9 @@ def compose_config(overrides: list[str], config_dir: Path | None = None) -> Comp
     except MissingConfigException as e:
         raise BatchgenError(_missing_config_message(e, packaged, config_dir)) from None
     except (HydraException, OmegaConfBaseException) as e:
-        raise BatchgenError(f"config: {_first_line(e)}") from None
+        raise BatchgenError(_override_message(e, plain) or f"config: {_first_line(e)}") from None
+    except yaml.YAMLError as e:
+        raise BatchgenError(_yaml_message(e)) from None
     finally:
         GlobalHydra.instance().clear()
     if OmegaConf.is_missing(cfg, "sweep"):
@@ -238,6 +242,30 @@ def _missing_config_message(e: MissingConfigException, packaged: Path, config_di
     group, name = match.groups()
     options = ", ".join(_options(group, packaged, config_dir)) or "none"
     return f"{group} config '{name}' not found; available: {options} (add your own folder with --config-dir)"
+
+
+def _override_message(e: BaseException, overrides: list[str]) -> str | None:
+    """Hydra's messages for + on a key that exists and ~ on one that does not, said with the override."""
+    text = str(e)
+    exists = re.search(r"An item is already at '([^']+)'", text)
+    missing = re.search(r"Could not delete from config\. '([^']+)' does not exist", text)
+    for match, prefix in ((exists, "+"), (missing, "~")):
+        if match is None:
+            continue
+        key = match.group(1)
+        line = next((o for o in overrides if o.startswith(prefix) and o[1:].split("=", 1)[0] == key), prefix + key)
+        if prefix == "+":
+            return f"override '{line}': {key} already exists; drop the '+' to change it ({line[1:]})"
+        return f"override '{line}': there is no {key} to remove"
+    return None
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}" if mark is not None else "a config file"
+    problem = getattr(e, "problem", None) or _first_line(e)
+    line = f", line {mark.line + 1}" if mark is not None else ""
+    return f"{where}: not valid YAML ({problem}{line}); fix the file"
 
 
 def _first_line(e: BaseException) -> str:

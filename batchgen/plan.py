@@ -12,7 +12,7 @@ import itertools
 import json
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -21,8 +21,10 @@ from batchgen.assets.embeddings import TRIGGER_PATTERN
 from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec
+from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec, format_number
 
+MAX_WEIGHT = 10.0
+UNUSUAL_WEIGHT = 2.0
 SLOT_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SCALAR_AXES = ("seed", "steps", "guidance_scale", "width", "height", "scheduler")
 GRID_AXES = ("model", "stack", "prompt") + SCALAR_AXES
@@ -60,6 +62,7 @@ class Plan:
     jobs: list[Job]  # the rows to render: not skipped, one per job_id, in render order
     slots: list[str]
     models: dict[str, ModelSpec]
+    warnings: list[str] = field(default_factory=list)  # unusual but valid input, said before rendering
 
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", "prompt", *self.slots, *SCALAR_AXES]
@@ -94,7 +97,8 @@ def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
             rows.append(_row(spec, stack, prompt, sweep.negative_prompt, triggers, scalar, missing))
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
-    return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs)
+    warnings = weight_warnings(stacks)
+    return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs, warnings=warnings)
 
 
 def render_order(jobs: list[Job]) -> list[Job]:
@@ -278,10 +282,18 @@ def _missing_assets(spec: ModelSpec, stack: StackState, prompt: PromptVariant, n
 def _check_names_exist(
     specs: dict[str, ModelSpec], prompts: list[PromptVariant], negative: str, stacks: list[StackState]
 ) -> None:
-    """A name found for no selected model is a typo, not a skip."""
+    """A name found for no selected model is a typo, not a skip; one usable by no selected model (a broken file,
+    or one of another base everywhere) would only give skipped rows: both are errors."""
     loras = _known(specs, "lora")
     for state in stacks:
         for lw in state.loras:
+            where = f"sweep.stacks.{state.stack}"
+            if "/" in lw.name or "\\" in lw.name or lw.name.startswith(".."):
+                raise BatchgenError(
+                    f"{where}: LoRA name '{lw.name}' is a path; name LoRAs by file stem (such as 'ink') and list "
+                    "their folders in models.NAME.loras"
+                )
+            _check_usable(specs, "lora", lw.name, where, "stack")
             if lw.name not in loras:
                 raise BatchgenError(
                     f"sweep.stacks.{state.stack}: LoRA '{lw.name}' is not found for any model"
@@ -290,6 +302,7 @@ def _check_names_exist(
     triggers = _known(specs, "embedding")
     for i, prompt in enumerate(prompts):
         for trigger in _triggers(prompt.text):
+            _check_usable(specs, "embedding", trigger, f"sweep.prompts[{i}]", "prompt")
             if trigger not in triggers:
                 raise BatchgenError(
                     f"sweep.prompts[{i}]: embedding <{trigger}> is not found for any model"
@@ -297,11 +310,31 @@ def _check_names_exist(
                     f"{', '.join(f'<{t}>' for t in triggers) or 'none'}"
                 )
     for trigger in _triggers(negative):
+        _check_usable(specs, "embedding", trigger, "sweep.negative_prompt", "prompt")
         if trigger not in triggers:
             raise BatchgenError(
                 f"sweep.negative_prompt: embedding <{trigger}> is not found for any model"
                 f"{_did_you_mean(trigger, triggers, '<{}>')}"
             )
+
+
+def _check_usable(specs: dict[str, ModelSpec], kind: str, name: str, where: str, place: str) -> None:
+    usable = any((s.lora(name) if kind == "lora" else s.embedding(name)) for s in specs.values())
+    if usable:
+        return
+    refusals = [r for s in specs.values() if (r := s.refusal(kind, name)) is not None]
+    broken = next((r for r in refusals if r.fatal), None)
+    if broken is not None:
+        raise BatchgenError(broken.reason)
+    bases = {r.base for r in refusals if r.base}
+    if refusals and len(bases) == 1:
+        base = bases.pop()
+        label = f"LoRA '{name}'" if kind == "lora" else f"embedding <{name}>"
+        models = ", ".join(f"{s.name} is {s.base}" for s in specs.values())
+        raise BatchgenError(
+            f"{where}: {label} is {base}, and no model of this sweep is ({models}); remove it from the {place} "
+            f"or render an {base} model"
+        )
 
 
 def _known(specs: dict[str, ModelSpec], kind: str) -> list[str]:
@@ -394,7 +427,29 @@ def _weights(value: Any, key: str) -> list[tuple[float, float]]:
                 f"{key}: weight '{v}' is not a number; write a number, a list of numbers, "
                 "or {unet: w, text_encoder: w}"
             )
+    for pair in out:
+        for w in pair:
+            if not -MAX_WEIGHT <= w <= MAX_WEIGHT:  # also refuses nan and inf
+                raise BatchgenError(
+                    f"{key}: weight {format_number(w)} is outside [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]; LoRA weights are "
+                    "usually between -2 and 2"
+                )
     return out
+
+
+def weight_warnings(stacks: list[StackState]) -> list[str]:
+    """Valid but unusual: weights past 2 mostly give noise; said once per LoRA and weight."""
+    seen: dict[tuple[str, str, float], None] = {}
+    for state in stacks:
+        for lw in state.loras:
+            for w in {lw.unet, lw.text_encoder}:
+                if abs(w) > UNUSUAL_WEIGHT:
+                    seen.setdefault((state.stack, lw.name, w))
+    return [
+        f"sweep.stacks.{stack}.{name}: weight {format_number(w)} is beyond ±{UNUSUAL_WEIGHT:g}; most LoRAs give "
+        "noise there"
+        for stack, name, w in seen
+    ]
 
 
 def _did_you_mean(name: str, options: list[str], fmt: str = "'{}'") -> str:

@@ -68,6 +68,7 @@ class Refused:
     path: Path
     reason: str
     fatal: bool = False
+    base: str | None = None  # set when the file is fine but for another SD version
 
 
 @dataclass(frozen=True)

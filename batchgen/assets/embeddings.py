@@ -20,6 +20,7 @@ _TRIGGER_NAME = re.compile(r"[a-zA-Z0-9., _-]+")
 GENERIC_STEMS = frozenset({"learned_embeds", "embedding", "embeddings"})
 WIDTH_BASES = {768: "sd-1", 1024: "sd-2"}
 SDXL_WIDTHS = (768, 1280)
+VECTOR_KEYS = frozenset({"clip_l", "clip_g", "emb_params"})
 
 
 def trigger_for(path: Path, named: dict[str, str] | None = None) -> str:
@@ -35,8 +36,9 @@ def find_embeddings(
 ) -> tuple[tuple[EmbeddingFile, ...], tuple[Refused, ...]]:
     """Every TI file in `sources` (files or folders, searched recursively), keyed by a unique trigger."""
     found: dict[str, EmbeddingFile] = {}
-    refused: list[Refused] = []
-    for file in asset_files(sources, TI_SUFFIXES, where):
+    files, unreadable = asset_files(sources, TI_SUFFIXES, where)
+    refused = [Refused("embedding", trigger_for(p, named), p, reason, fatal=True) for p, reason in unreadable]
+    for file in files:
         trigger = trigger_for(file, named)
         if not _TRIGGER_NAME.fullmatch(trigger):
             reason = f"trigger <{trigger}> has characters outside [a-zA-Z0-9., _-]; rename the file"
@@ -63,6 +65,12 @@ def inspect_embedding(ti: EmbeddingFile, hashes: HashCache) -> EmbeddingFile:
         base = WIDTH_BASES[widths[0]]
     else:
         raise BatchgenError(f"{ti.path}: vector width {widths[0]} matches no SD version (768 sd-1, 1024 sd-2)")
+    from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
+
+    def vectors_only(key: str) -> bool:
+        return key in VECTOR_KEYS or key.startswith("string_to_param.") or len(shapes) == 1
+
+    hashes.checked(ti.path, "values", lambda path: check_values(path, "embedding vectors", vectors_only))
     return replace(ti, sha256=hashes.file_sha256(ti.path), format=fmt, vectors=vectors, base=base)
 
 

@@ -35,6 +35,18 @@ class HashCache:
         self._dirty = True
         return digest
 
+    def checked(self, path: Path, label: str, check) -> None:
+        """Run `check(path)` (which raises on a bad file) unless it passed for this exact file before."""
+        path = path.resolve()
+        stat = path.stat()
+        key = f"{label}:{path}"
+        cached = self._entries.get(key)
+        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+            return
+        check(path)
+        self._entries[key] = [stat.st_size, stat.st_mtime_ns, "ok"]
+        self._dirty = True
+
     def tree_sha256(self, folder: Path) -> str:
         """Hash of every file's relative path and content, so renaming the folder keeps the hash."""
         outer = hashlib.sha256()

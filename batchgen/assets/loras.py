@@ -11,9 +11,9 @@ from typing import Any
 
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
-from batchgen.assets.safetensors_header import read_header
+from batchgen.assets.safetensors_header import check_float_dtypes, read_header
 from batchgen.errors import BatchgenError
-from batchgen.spec import LoraFile
+from batchgen.spec import LoraFile, Refused
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 _LAYER_KINDS = (  # the suffix that identifies each layer type, in the order they are reported
@@ -42,21 +42,24 @@ class Architecture:
     unet_config: dict[str, Any]
 
 
-def find_loras(sources: list[Path], where: str) -> tuple[LoraFile, ...]:
+def find_loras(sources: list[Path], where: str) -> tuple[tuple[LoraFile, ...], tuple[Refused, ...]]:
     found: dict[str, LoraFile] = {}
-    for file in asset_files(sources, LORA_SUFFIXES, where):
+    files, unreadable = asset_files(sources, LORA_SUFFIXES, where)
+    refused = tuple(Refused("lora", path.stem, path, reason, fatal=True) for path, reason in unreadable)
+    for file in files:
         if file.stem in found:
             raise BatchgenError(
                 f"{where}: two LoRAs are named '{file.stem}': {found[file.stem].path} and {file}; rename one of them"
             )
         found[file.stem] = LoraFile(name=file.stem, path=file)
-    return tuple(found.values())
+    return tuple(found.values()), refused
 
 
 def lora_shapes(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """({key: Shape}, metadata) from a safetensors header, or from a weights-only unpickled file."""
     if path.suffix.lower() == ".safetensors":
         header = read_header(path)
+        check_float_dtypes(header, path, "LoRA weights")
         return {k: Shape(v.shape) for k, v in header.tensors.items()}, header.metadata
     from batchgen.assets.tensors import read_state_dict  # torch, only for pickled files
 
@@ -94,6 +97,9 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
             f"{lora.path}: {len(unmapped)} of {len(groups)} layers map to no module of this {arch.base} model, "
             f"e.g. {', '.join(sorted(unmapped)[:3])}; is it for another model?"
         )
+    from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
+
+    hashes.checked(lora.path, "values", lambda path: check_values(path, "LoRA weights"))
     counts = Counter(ref.component for ref in mapped)
     return replace(info, modules=tuple(sorted(counts.items()))), mapped, ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
+from batchgen.assets.safetensors_header import read_header
 from batchgen.config import ModelConfig
 from batchgen.errors import BatchgenError
 from batchgen.spec import ModelSpec, Refused
@@ -24,18 +26,22 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
     if cfg.base not in BASES:
         raise BatchgenError(f"{where}.base: '{cfg.base}' is not one of {', '.join(BASES)}")
     root = _root(cfg, builtin_root, where)
-    checkpoint = _path(cfg.checkpoint, root / "main" if root else None)
+    checkpoint = _inside(cfg.checkpoint, root / "main" if root else None, root, f"{where}.checkpoint")
     if not checkpoint.exists():
         raise BatchgenError(f"{where}.checkpoint: {checkpoint} does not exist; fix the path in model/{name}.yaml")
     if checkpoint.is_dir() and not (checkpoint / "model_index.json").is_file():
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is a folder without model_index.json, not a diffusers pipeline"
         )
+    if checkpoint.is_file():
+        _check_single_file(checkpoint, where)
     _check_base(checkpoint, cfg.base, where)
-    embedding_dirs = [_path(p, root) for p in cfg.embeddings] or _default_dir(root, "embedding")
-    lora_dirs = [_path(p, root) for p in cfg.loras] or _default_dir(root, "lora")
+    embedding_dirs = [_inside(p, root, root, f"{where}.embeddings") for p in cfg.embeddings]
+    embedding_dirs = embedding_dirs or _default_dir(root, "embedding")
+    lora_dirs = [_inside(p, root, root, f"{where}.loras") for p in cfg.loras] or _default_dir(root, "lora")
     embeddings, refused = find_embeddings(embedding_dirs, f"{where}.embeddings", dict(cfg.triggers))
-    loras = find_loras(lora_dirs, f"{where}.loras")
+    loras, unreadable = find_loras(lora_dirs, f"{where}.loras")
+    refused = (*refused, *unreadable)
     return ModelSpec(
         name=name,
         base=cfg.base,
@@ -70,7 +76,7 @@ def inspect_assets(
             continue
         if ti.base != spec.base:
             reason = f"embedding <{ti.trigger}> is {ti.base}, model {spec.name} is {spec.base}"
-            refused.append(Refused("embedding", ti.trigger, ti.path, reason))
+            refused.append(Refused("embedding", ti.trigger, ti.path, reason, base=ti.base))
             continue
         embeddings.append(ti)
     usable, maps, arch = [], {}, None
@@ -87,7 +93,7 @@ def inspect_assets(
             continue
         if reason:
             reason = f"LoRA '{lora.name}' is {info.base}, model {spec.name} is {spec.base}"
-            refused.append(Refused("lora", lora.name, lora.path, reason))
+            refused.append(Refused("lora", lora.name, lora.path, reason, base=info.base))
             continue
         usable.append(info)
         maps[lora.name] = mapped
@@ -126,9 +132,43 @@ def _root(cfg: ModelConfig, builtin_root: Callable[[str], Path], where: str) -> 
     return None
 
 
-def _path(text: str, base: Path | None) -> Path:
+def _inside(text: str, base: Path | None, root: Path | None, where: str) -> Path:
+    """`text` relative to `base`; a relative path must not climb out of the model root (absolute paths may
+    point anywhere: the user wrote them out)."""
     path = Path(text).expanduser()
-    return path if path.is_absolute() or base is None else base / path
+    if path.is_absolute() or base is None:
+        return path
+    resolved = Path(os.path.normpath(base / path))
+    if root is not None and not resolved.is_relative_to(Path(os.path.normpath(root))):
+        raise BatchgenError(
+            f"{where}: {text} escapes the model root {root}; name a checkpoint under {base}, or give an absolute path"
+            if where.endswith(".checkpoint")
+            else f"{where}: {text} escapes the model root {root}; name a folder under it, or give an absolute path"
+        )
+    return base / path
+
+
+# Prefixes of the UNet in the original (CompVis / SGM) single-file layout, and in diffusers' own.
+_UNET_PREFIXES = ("model.diffusion_model.", "unet.")
+
+
+def _check_single_file(checkpoint: Path, where: str) -> None:
+    """A single file must at least hold a Stable Diffusion UNet; anything else is a wrong path."""
+    if checkpoint.suffix.lower() != ".safetensors":
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} is a pickled single file; give a diffusers folder or a .safetensors "
+            "checkpoint"
+        )
+    header = read_header(checkpoint)
+    if not any(key.startswith(_UNET_PREFIXES) for key in header.tensors):
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
+            "keys of SD1, SD2 or SDXL); give a diffusers folder"
+        )
+    raise BatchgenError(
+        f"{where}.checkpoint: {checkpoint} is a single-file checkpoint; batchgen loads diffusers folders (convert "
+        "it with diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py)"
+    )
 
 
 def _default_dir(root: Path | None, kind: str) -> list[Path]:

@@ -27,6 +27,22 @@ class Header:
     metadata: dict[str, str]
 
 
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+
+
+def unreadable(path: Path, e: OSError) -> BatchgenError:
+    """The file exists but the OS will not give its bytes: permissions, I/O errors, a vanished mount."""
+    fix = "fix its permissions" if isinstance(e, PermissionError) else "check the disk or copy the file again"
+    return BatchgenError(f"{path}: cannot read it ({e.strerror or e}); {fix}")
+
+
+def check_float_dtypes(header: Header, path: Path, what: str) -> None:
+    """Integer or boolean tensors in a LoRA or TI are corrupt or not what they claim (alphas may be any number)."""
+    for key, info in header.tensors.items():
+        if info.dtype not in FLOAT_DTYPES and not key.endswith("alpha"):
+            raise BatchgenError(f"{path}: tensor {key} is {info.dtype}; {what} must be floating point")
+
+
 def read_header(path: Path) -> Header:
     try:
         with path.open("rb") as f:
@@ -55,6 +71,8 @@ def read_header(path: Path) -> Header:
             )
             for k, v in header.items()
         }
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise unreadable(path, e) from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BatchgenError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
     return Header(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})

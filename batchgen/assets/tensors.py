@@ -37,6 +37,50 @@ def read_state_dict(path: Path) -> dict:
     raise BatchgenError(f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .pt, .bin or .ckpt")
 
 
+_INT_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"
+}
+
+
+def check_values(path: Path, what: str, wanted=lambda key: not key.endswith("alpha")) -> None:
+    """Every tensor `wanted(key)` picks is floating point and finite: a NaN in a LoRA or TI turns every image it
+    touches black, and an integer one is corrupt. Reads the whole file, so callers cache the verdict."""
+    for key, tensor in _tensors(path):
+        if not wanted(key):
+            continue
+        if not tensor.is_floating_point():
+            name = _INT_NAMES.get(tensor.dtype, str(tensor.dtype))
+            raise BatchgenError(f"{path}: tensor {key} is {name}; {what} must be floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise BatchgenError(f"{path}: tensor {key} holds NaN or Inf values; re-download or re-train it")
+
+
+def _tensors(path: Path):
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except OSError as e:
+            raise BatchgenError(f"{path}: cannot read it ({e.strerror or e}); check the disk") from None
+        except BatchgenError:
+            raise
+        except Exception as e:  # safetensors' own error types for corruption the header check did not see
+            raise BatchgenError(f"{path}: not a readable safetensors file ({_short(e)}); re-download it") from None
+        return
+    yield from _flatten(unwrap_state_dict(read_state_dict(path)))
+
+
+def _flatten(state: dict, prefix: str = ""):
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            yield f"{prefix}{key}", value
+
+
 def embedding_vectors(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
     """Normalise every TI format to {encoder: [n_vectors, width]}; encoder is `clip_l` or `clip_g`.
 

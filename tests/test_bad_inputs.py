@@ -1,0 +1,434 @@
+"""A corpus of bad inputs: each exits 2 with one line naming the file or key and the fix, before any model loads,
+with no traceback, no manifest row, and an existing run directory left byte for byte as it was.
+
+Every case builds its own files under tmp_path; the sweep (`+sweep=bad` from a --config-dir) renders one prompt on
+the tiny SD1 model, and each case points the model's LoRA or embedding folder at its bad file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from batchgen.tiny import tiny_root
+
+SWEEP = """# @package _global_
+defaults:
+  - /model@models.tiny_sd1: tiny_sd1
+sweep:
+  name: bad
+  prompts: ["a castle"]
+  stacks: {none: {}}
+  steps: 2
+  width: 64
+  height: 64
+"""
+
+
+class Case:
+    """What a case sets up: extra CLI args, and the message the single error line must hold."""
+
+    def __init__(self, tmp: Path, cache: Path) -> None:
+        self.tmp = tmp
+        self.sd1 = tiny_root("tiny_sd1", cache)
+        self.sdxl = tiny_root("tiny_sdxl", cache)
+        self.loras = tmp / "loras"
+        self.tis = tmp / "tis"
+        self.loras.mkdir()
+        self.tis.mkdir()
+
+    def lora_args(self, name: str = "bad") -> list[str]:
+        return [f"models.tiny_sd1.loras=[{self.loras}]", f"+sweep.stacks.s={{{name}: 1.0}}"]
+
+    def ti_args(self, trigger: str = "bad") -> list[str]:
+        return [f"models.tiny_sd1.embeddings=[{self.tis}]", f"sweep.prompts=['a <{trigger}> castle']"]
+
+    def kohya(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.sd1 / "lora" / "ink.safetensors"))
+
+
+def _layers(tensors: dict) -> int:
+    return len({key.split(".", 1)[0] for key in tensors})
+
+
+def _raw_safetensors(header: dict, data: bytes = b"", claimed: int | None = None) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if claimed is None else claimed) + raw + data
+
+
+def _payload_pickle(path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with path.open("wb") as f:
+        pickle.dump({"string_to_param": {"*": Payload()}}, f)
+
+
+# --- asset cases: each returns (args, message) ------------------------------------------------------------------
+
+
+def zero_byte(c: Case):
+    (c.loras / "bad.safetensors").write_bytes(b"")
+    return c.lora_args(), (
+        f"{c.loras}/bad.safetensors: not a readable safetensors file (file is shorter than a safetensors header); "
+        "re-download it"
+    )
+
+
+def truncated(c: Case):
+    good = (c.sd1 / "lora" / "ink.safetensors").read_bytes()
+    (c.loras / "bad.safetensors").write_bytes(good[: len(good) // 2])
+    return c.lora_args(), f"{c.loras}/bad.safetensors: not a readable safetensors file (tensor data extends past"
+
+
+def garbage(c: Case):
+    (c.loras / "bad.safetensors").write_bytes(b"PK\x03\x04 this is a zip file, not safetensors" * 8)
+    return c.lora_args(), f"{c.loras}/bad.safetensors: not a readable safetensors file (header claims"
+
+
+def header_longer_than_file(c: Case):
+    (c.loras / "bad.safetensors").write_bytes(_raw_safetensors({}, claimed=4096))
+    return c.lora_args(), f"{c.loras}/bad.safetensors: not a readable safetensors file (header is truncated)"
+
+
+def huge_header(c: Case):
+    (c.loras / "bad.safetensors").write_bytes(_raw_safetensors({}, claimed=1 << 40))
+    return c.lora_args(), (
+        f"{c.loras}/bad.safetensors: not a readable safetensors file (header claims 1099511627776 bytes)"
+    )
+
+
+def header_not_json(c: Case):
+    (c.loras / "bad.safetensors").write_bytes(struct.pack("<Q", 9) + b"{not json")
+    return c.lora_args(), f"{c.loras}/bad.safetensors: not a readable safetensors file ("
+
+
+def int_dtype_lora(c: Case):
+    tensors = c.kohya()
+    key = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, str(c.loras / "bad.safetensors"))
+    return c.lora_args(), f"{c.loras}/bad.safetensors: tensor {key} is I32; LoRA weights must be floating point"
+
+
+def bool_dtype_ti(c: Case):
+    save_file({"emb_params": torch.ones(2, 768, dtype=torch.bool)}, str(c.tis / "bad.safetensors"))
+    return c.ti_args(), f"{c.tis}/bad.safetensors: tensor emb_params is BOOL; embedding vectors must be floating point"
+
+
+def nan_lora(c: Case):
+    tensors = c.kohya()
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(c.loras / "bad.safetensors"))
+    return c.lora_args(), f"{c.loras}/bad.safetensors: tensor {key} holds NaN or Inf values; re-download"
+
+
+def inf_ti(c: Case):
+    vectors = torch.zeros(2, 768)
+    vectors[1, 3] = float("inf")
+    save_file({"emb_params": vectors}, str(c.tis / "bad.safetensors"))
+    return c.ti_args(), f"{c.tis}/bad.safetensors: tensor emb_params holds NaN or Inf values; re-download or re-train"
+
+
+def nan_pickled_ti(c: Case):
+    torch.save({"string_to_param": {"*": torch.full((1, 768), float("nan"))}}, c.tis / "bad.pt")
+    return c.ti_args(), f"{c.tis}/bad.pt: tensor string_to_param.* holds NaN or Inf values"
+
+
+def unknown_keys(c: Case):
+    tensors = c.kohya()
+    tensors["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(4, 32)
+    tensors["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(32, 4)
+    save_file(tensors, str(c.loras / "bad.safetensors"))
+    return c.lora_args(), (
+        f"{c.loras}/bad.safetensors: 1 of {_layers(tensors)} layers map to no module of this sd-1 model, e.g. "
+        "lora_unet_no_such_block; is it for another model?"
+    )
+
+
+def lora_of_another_base(c: Case):
+    shutil.copy(c.sdxl / "lora" / "ink.safetensors", c.loras / "bad.safetensors")
+    return c.lora_args(), (
+        "sweep.stacks.s: LoRA 'bad' is sdxl, and no model of this sweep is (tiny_sd1 is sd-1); "
+        "remove it from the stack or render an sdxl model"
+    )
+
+
+def ti_of_another_base(c: Case):
+    save_file({"emb_params": torch.zeros(2, 1024)}, str(c.tis / "bad.safetensors"))
+    return c.ti_args(), (
+        "sweep.prompts[0]: embedding <bad> is sd-2, and no model of this sweep is (tiny_sd1 is sd-1); "
+        "remove it from the prompt or render an sd-2 model"
+    )
+
+
+def shapes_do_not_match(c: Case):
+    tensors = c.kohya()
+    key = next(k for k in tensors if k.endswith("lora_down.weight") and "lora_unet" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    save_file(tensors, str(c.loras / "bad.safetensors"))
+    layer = key.split(".", 1)[0]
+    return c.lora_args(), (
+        f"{c.loras}/bad.safetensors: 1 of {_layers(tensors)} layers map to no module of this sd-1 model, e.g. {layer};"
+    )
+
+
+def directory_named_like_a_file(c: Case):
+    (c.loras / "bad.safetensors").mkdir()
+    return c.lora_args(), f"{c.loras}/bad.safetensors: is a directory, not a LoRA file; move or rename it"
+
+
+def unreadable(c: Case):
+    path = c.loras / "bad.safetensors"
+    shutil.copy(c.sd1 / "lora" / "ink.safetensors", path)
+    path.chmod(0)
+    c.unreadable = path  # root reads anything: the test also refuses the open itself
+    return c.lora_args(), f"{path}: cannot read it (Permission denied); fix its permissions"
+
+
+def symlink_loop(c: Case):
+    (c.loras / "bad.safetensors").symlink_to(c.loras / "other.safetensors")
+    (c.loras / "other.safetensors").symlink_to(c.loras / "bad.safetensors")
+    return c.lora_args(), f"{c.loras}/bad.safetensors: a broken symlink or a symlink loop; fix the link or remove it"
+
+
+def dangling_symlink(c: Case):
+    (c.tis / "bad.pt").symlink_to(c.tmp / "gone.pt")
+    return c.ti_args(), f"{c.tis}/bad.pt: a broken symlink or a symlink loop; fix the link or remove it"
+
+
+def lora_name_is_a_relative_path(c: Case):
+    shutil.copy(c.sd1 / "lora" / "ink.safetensors", c.loras / "ink.safetensors")
+    return c.lora_args("../loras/ink"), (
+        "sweep.stacks.s: LoRA name '../loras/ink' is a path; name LoRAs by file stem (such as 'ink') and list "
+        "their folders in models.NAME.loras"
+    )
+
+
+def lora_name_is_an_absolute_path(c: Case):
+    return c.lora_args("/etc/passwd"), "sweep.stacks.s: LoRA name '/etc/passwd' is a path; name LoRAs by file stem"
+
+
+def checkpoint_escapes_the_root(c: Case):
+    root = c.tmp / "root"
+    (root / "main").mkdir(parents=True)
+    return [f"models.tiny_sd1.root={root}", "models.tiny_sd1.checkpoint=../../outside"], (
+        f"models.tiny_sd1.checkpoint: ../../outside escapes the model root {root}; name a checkpoint under "
+        f"{root}/main, or give an absolute path"
+    )
+
+
+def non_utf8_name(c: Case):
+    shutil.copy(c.sd1 / "lora" / "ink.safetensors", c.loras / "bad.safetensors")
+    with open(os.fsencode(c.loras) + b"/caf\xe9.safetensors", "wb") as f:
+        f.write(b"")
+    return c.lora_args(), f"{c.loras}/caf\\xe9.safetensors: the file name is not valid UTF-8; rename it"
+
+
+def pickle_payload(suffix: str, kind: str) -> Callable[[Case], tuple]:
+    def case(c: Case):
+        folder = c.tis if kind == "embedding" else c.loras
+        c.marker = c.tmp / "pwned"
+        _payload_pickle(folder / f"bad{suffix}", c.marker)
+        args = c.ti_args() if kind == "embedding" else c.lora_args()
+        return args, f"{folder}/bad{suffix}: refused, the pickle would run code or load non-tensor objects"
+
+    case.__name__ = f"pickle_payload_{kind}{suffix.replace('.', '_')}"
+    return case
+
+
+# --- config cases ----------------------------------------------------------------------------------------------
+
+
+def invalid_yaml(c: Case):
+    (c.tmp / "conf" / "sweep" / "broken.yaml").write_text("sweep:\n  name: broken\n  prompts: [unclosed\n")
+    return ["+sweep=broken"], f"{c.tmp}/conf/sweep/broken.yaml: not valid YAML"
+
+
+def unknown_key(c: Case):
+    return ["sweep.colour=red"], "config: Could not override 'sweep.colour'."
+
+
+def wrong_type(c: Case):
+    return ["run.compile=maybe"], "config: Error merging override run.compile=maybe"
+
+
+def negative_steps(c: Case):
+    return ["sweep.steps=-3"], "sweep.steps: '-3' is not an integer >= 1"
+
+
+def zero_steps(c: Case):
+    return ["sweep.steps=0"], "sweep.steps: '0' is not an integer >= 1"
+
+
+def width_not_multiple_of_8(c: Case):
+    return ["sweep.width=100"], "sweep.width: 100 is not a multiple of 8; use 96 or 104"
+
+
+def height_not_multiple_of_8(c: Case):
+    return ["sweep.height=[64,70]"], "sweep.height: 70 is not a multiple of 8; use 64 or 72"
+
+
+def guidance_not_a_number(c: Case):
+    return ["sweep.guidance_scale=strong"], "sweep.guidance_scale: 'strong' is not a number"
+
+
+def empty_prompts(c: Case):
+    return ["sweep.prompts=[]"], "sweep.prompts is empty; give at least one prompt"
+
+
+def weight_out_of_range(c: Case):
+    shutil.copy(c.sd1 / "lora" / "ink.safetensors", c.loras / "ink.safetensors")
+    return [f"models.tiny_sd1.loras=[{c.loras}]", "+sweep.stacks.s={ink: 12}"], (
+        "sweep.stacks.s.ink: weight 12 is outside [-10, 10]; LoRA weights are usually between -2 and 2"
+    )
+
+
+def too_many_jobs(c: Case):
+    return ["sweep.seeds=range(0,50)", "run.max_jobs=20"], (
+        "the sweep has 50 jobs to render, more than run.max_jobs=20; pass --yes to render them all, "
+        "or raise run.max_jobs"
+    )
+
+
+def bad_override_syntax(c: Case):
+    return ["sweep.steps=[1"], "bad override 'sweep.steps=[1':"
+
+
+def plus_on_existing_key(c: Case):
+    return ["+sweep.steps=3"], (
+        "override '+sweep.steps=3': sweep.steps already exists; drop the '+' to change it (sweep.steps=3)"
+    )
+
+
+def tilde_on_missing_key(c: Case):
+    return ["~sweep.stacks.nothing"], "override '~sweep.stacks.nothing': there is no sweep.stacks.nothing to remove"
+
+
+def checkpoint_not_a_pipeline(c: Case):
+    (c.tmp / "notapipe").mkdir()
+    (c.tmp / "notapipe" / "readme.txt").write_text("hi")
+    return [f"models.tiny_sd1.checkpoint={c.tmp}/notapipe", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.checkpoint: {c.tmp}/notapipe is a folder without model_index.json, not a diffusers "
+        "pipeline"
+    )
+
+
+def single_file_without_config(c: Case):
+    save_file({"some.weight": torch.zeros(2, 2)}, str(c.tmp / "model.safetensors"))
+    return [f"models.tiny_sd1.checkpoint={c.tmp}/model.safetensors", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.checkpoint: {c.tmp}/model.safetensors is not a Stable Diffusion checkpoint this "
+        "batchgen can read (no UNet keys of SD1, SD2 or SDXL); give a diffusers folder"
+    )
+
+
+CASES = [
+    zero_byte,
+    truncated,
+    garbage,
+    header_longer_than_file,
+    huge_header,
+    header_not_json,
+    int_dtype_lora,
+    bool_dtype_ti,
+    nan_lora,
+    inf_ti,
+    nan_pickled_ti,
+    unknown_keys,
+    lora_of_another_base,
+    ti_of_another_base,
+    shapes_do_not_match,
+    directory_named_like_a_file,
+    unreadable,
+    symlink_loop,
+    dangling_symlink,
+    lora_name_is_a_relative_path,
+    lora_name_is_an_absolute_path,
+    checkpoint_escapes_the_root,
+    non_utf8_name,
+    *(pickle_payload(s, k) for s in (".pt", ".bin", ".ckpt") for k in ("embedding", "lora")),
+    invalid_yaml,
+    unknown_key,
+    wrong_type,
+    negative_steps,
+    zero_steps,
+    width_not_multiple_of_8,
+    height_not_multiple_of_8,
+    guidance_not_a_number,
+    empty_prompts,
+    weight_out_of_range,
+    too_many_jobs,
+    bad_override_syntax,
+    plus_on_existing_key,
+    tilde_on_missing_key,
+    checkpoint_not_a_pipeline,
+    single_file_without_config,
+]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def previous_run(tmp_path: Path) -> Path:
+    """A run directory from an earlier invocation, which no bad input may touch."""
+    run = tmp_path / "runs" / "bad"
+    (run / "images").mkdir(parents=True)
+    (run / ".batchgen" / "20260101-000000").mkdir(parents=True)
+    (run / "manifest.csv").write_text("job_id,status\n0123456789abcdef,ok\n")
+    (run / "images" / "0123456789abcdef.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (run / "index.html").write_text("<html></html>")
+    (run / ".batchgen" / "20260101-000000" / "overrides.yaml").write_text("[]\n")
+    return run
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_exits_2_with_one_line_before_any_model_loads(
+    case, run_cli, tiny_cache: Path, tmp_path: Path, previous_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffusers
+
+    from batchgen.engine import worker
+
+    loads: list[str] = []
+
+    def spy(*args, **kwargs):
+        loads.append("loaded")
+        raise AssertionError("a model was loaded for a bad input")
+
+    monkeypatch.setattr(worker, "load_pipeline", spy)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", spy)
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    (tmp_path / "conf" / "sweep" / "bad.yaml").write_text(SWEEP)
+    c = Case(tmp_path, tiny_cache)
+    args, message = case(c)
+    if hasattr(c, "unreadable"):
+        real_open = Path.open
+
+        def refuse(self, *a, **k):
+            if self == c.unreadable:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *a, **k)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    before = _snapshot(previous_run)
+    sweep = [] if any(a.startswith("+sweep=") for a in args) else ["+sweep=bad"]
+    code, out, err = run_cli("--config-dir", str(tmp_path / "conf"), *sweep, *args)
+    assert (code, loads) == (2, []), err
+    assert err.startswith(f"batchgen: error: {message}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+    assert _snapshot(previous_run) == before
+    if hasattr(c, "marker"):
+        assert not c.marker.exists(), "the pickle's payload ran"
