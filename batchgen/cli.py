@@ -1,4 +1,4 @@
-"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report` subcommand.
+"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report` and `diff` subcommands.
 
 Any first word other than a subcommand belongs to the render command, so `batchgen +sweep=styles` needs no verb.
 """
@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 from batchgen.errors import BatchgenError, Stopped
 
 RENDER = "render"
-SUBCOMMANDS = ("report",)
+SUBCOMMANDS = ("report", "diff")
 
 
 class DefaultGroup(TyperGroup):
@@ -89,28 +89,46 @@ def render_command(
 @app.command("report", help="Rebuild grids and index.html of RUN_DIR from its manifest, without rendering.")
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory holding manifest.csv")],
-    x: Annotated[str, typer.Option(help="Grid x axis")] = "stack",
-    y: Annotated[str, typer.Option(help="Grid y axis")] = "prompt",
+    x: Annotated[str | None, typer.Option(help="Grid x axis (default: the run's sweep.grid.x)")] = None,
+    y: Annotated[str | None, typer.Option(help="Grid y axis (default: the run's sweep.grid.y)")] = None,
+    z: Annotated[str | None, typer.Option(help="Grid z axis, sub-grids side by side; 'none' for none")] = None,
+    max_megapixels: Annotated[
+        float | None, typer.Option("--max-megapixels", help="Split larger grids into pages")
+    ] = None,
+    from_pngs: Annotated[
+        bool, typer.Option("--from-pngs", help="Rebuild a missing manifest.csv from the PNGs' batchgen metadata")
+    ] = False,
 ) -> None:
-    from batchgen.manifest import read_manifest
-    from batchgen.report import build_grids, build_index
+    from batchgen.report.rebuild import ReportRequest, rebuild_report
 
-    if not (run_dir / "manifest.csv").is_file():
-        raise BatchgenError(f"{run_dir}: no manifest.csv here; pass a run directory such as runs/styles")
-    table = read_manifest(run_dir)
-    slots = [c for c in table.columns if c not in _manifest_columns()]
-    try:
-        grids = build_grids(table, run_dir, x, y, slots)
-    except ValueError as e:
-        raise BatchgenError(str(e)) from None
-    index = build_index(table, run_dir, grids, {"rows": str(len(table))})
-    sys.stdout.write(f"{len(grids)} grids, {index}\n")
+    result = rebuild_report(ReportRequest(run_dir, x, y, z, max_megapixels, from_pngs))
+    if result.recovered is not None:
+        for path, why in result.recovered.ignored:
+            sys.stderr.write(f"batchgen: ignored {path}: {why}\n")
+        sys.stderr.write(f"rebuilt {run_dir / 'manifest.csv'}: {len(result.recovered.rows)} jobs from their PNGs\n")
+    sys.stdout.write(f"{len(result.grids)} grids, {result.index}\n")
 
 
-def _manifest_columns() -> tuple[str, ...]:
-    from batchgen.spec import MANIFEST_COLUMNS
+@app.command("diff", help="Compare two runs job by job; exit 1 when an image differs by more than --tolerance.")
+def diff_command(
+    run_a: Annotated[Path, typer.Argument(help="The reference run directory")],
+    run_b: Annotated[Path, typer.Argument(help="The run to check against it")],
+    tolerance: Annotated[
+        int, typer.Option(help="Largest per-channel pixel difference (0-255) that still counts as equal")
+    ] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the diff grid and diff.csv (default RUN_B/diff)")
+    ] = None,
+    by: Annotated[
+        str, typer.Option(help="job_id, or settings: match by model, prompt, LoRA names+weights, seed, ...")
+    ] = "job_id",
+) -> None:
+    from batchgen.diff import compare_runs, format_report, write_outputs
 
-    return MANIFEST_COLUMNS
+    result = compare_runs(run_a, run_b, tolerance=tolerance, by=by)
+    written = write_outputs(result, out if out is not None else run_b / "diff")
+    sys.stdout.write(format_report(result, written))
+    raise typer.Exit(result.exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:

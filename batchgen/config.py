@@ -39,8 +39,15 @@ class ModelConfig:
 
 @dataclass
 class GridConfig:
+    # Axes: model, stack, prompt, a prompt slot, seed, steps, guidance_scale, width, height, scheduler, weight:LORA
     x: str = "stack"
     y: str = "prompt"
+    z: str | None = None  # sub-grids side by side, one per value
+
+
+@dataclass
+class ReportConfig:
+    max_grid_megapixels: float = 64.0  # a larger grid is split into pages
 
 
 @dataclass
@@ -90,6 +97,7 @@ class Config:
     sweep: SweepConfig = MISSING
     run: RunConfig = field(default_factory=RunConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from batchgen.assets.embeddings import TRIGGER_PATTERN
+from batchgen.axes import check_grid
 from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -346,16 +347,9 @@ def _known(specs: dict[str, ModelSpec], kind: str) -> list[str]:
 
 
 def _check_grid(sweep: SweepConfig, slots: list[str]) -> None:
-    axes = [*GRID_AXES, *slots]
-    for key in ("x", "y"):
-        value = getattr(sweep.grid, key)
-        if value not in axes:
-            raise BatchgenError(
-                f"sweep.grid.{key}: unknown axis '{value}'{_did_you_mean(value, axes)}; "
-                f"choose one of: {', '.join(axes)}"
-            )
-    if sweep.grid.x == sweep.grid.y:
-        raise BatchgenError(f"sweep.grid: x and y are both '{sweep.grid.x}'; choose two different axes")
+    # The report draws the grids; batchgen.axes holds the one list of axis names both check against.
+    loras = sorted({name for stack in (sweep.stacks or {}).values() for name in (stack or {})})
+    check_grid(sweep.grid.x, sweep.grid.y, sweep.grid.z, slots, loras)
 
 
 def _check_batch_size(value: Any) -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.models import inspect_assets, resolve_model
+from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import BatchgenError, Stopped
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
@@ -47,6 +48,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
     """
     cfg = composed.config
     hashes = HashCache(cache_root() / "hashes.json")
+    check_max_megapixels(cfg.report.max_grid_megapixels)  # the grids come last; a bad guard must fail first
     names = select_models(cfg.sweep, list(cfg.models))
     loras, triggers = (None, None) if all_assets else used_assets(cfg.sweep)
     models = {}
@@ -115,7 +117,8 @@ def render(
 
 def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, retry_failed: bool) -> Outcome:
     from batchgen.executors.local import ExecutorRequest, run_local
-    from batchgen.report import build_grids, build_index
+    from batchgen.report.grids import build_grids
+    from batchgen.report.index import build_index
 
     cfg = composed.config
     run_dir = Path(cfg.run.out_dir)
@@ -178,7 +181,9 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
     finally:
         manifest.close()
     table = merged_table(plan.table, run_dir)
-    grids = build_grids(table, run_dir, cfg.sweep.grid.x, cfg.sweep.grid.y, plan.slots)
+    grid = cfg.sweep.grid
+    limit = cfg.report.max_grid_megapixels
+    grids = build_grids(table, run_dir, grid.x, grid.y, plan.slots, z=grid.z, max_megapixels=limit)
     elapsed = time.monotonic() - started
     summary = {
         "sweep": cfg.sweep.name,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import re
 from pathlib import Path
@@ -11,58 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFont
 
-from batchgen import report
-
-MODELS = ["tiny_sd1", "tiny_sdxl"]
-STACKS = ["none", "ink 0.8 + grain 0.6", "ink 0.5"]  # deliberately not sorted
-TEMPLATE = "a portrait of <alf> in {style}"
-STYLES = ["ink drawing", "<cartoona> style"]
-CELL = 64
-
-
-def colour(index: int) -> tuple[int, int, int]:
-    """Distinct, saturated colours, far from the white background and the grey placeholder."""
-    digest = hashlib.sha256(str(index).encode()).digest()
-    return (digest[0] // 2, 128 + digest[1] // 2, digest[2] // 2)
-
-
-def make_run(
-    run_dir: Path,
-    models: list[str] = MODELS,
-    stacks: list[str] = STACKS,
-    styles: list[str] = STYLES,
-    seeds: list[int] = (1,),
-    skip: set[int] = frozenset(),
-    size: tuple[int, int] = (CELL, CELL),
-) -> pd.DataFrame:
-    """Planner order: model, then stack, then prompt, then seed; job i gets colour(i) unless skipped."""
-    (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (model, stack, style, seed) in enumerate(itertools.product(models, stacks, styles, seeds)):
-        job_id = f"{i:016x}"
-        row = {
-            "job_id": job_id,
-            "status": "ok",
-            "model": model,
-            "stack": stack,
-            "prompt": TEMPLATE.replace("{style}", style),
-            "prompt_template": TEMPLATE,
-            "style": style,
-            "seed": seed,
-            "steps": 20,
-            "guidance_scale": 7.5,
-            "width": size[0],
-            "height": size[1],
-            "scheduler": "ddim",
-            "image": f"images/{job_id}.png",
-            "error": "",
-        }
-        if i in skip:
-            row.update(status="skipped", image="", error=f"LoRA 'ink' has no file for {model}")
-        else:
-            Image.new("RGB", size, colour(i)).save(run_dir / row["image"])
-        rows.append(row)
-    return pd.DataFrame(rows)
+from batchgen.errors import BatchgenError
+from batchgen.report import grids as report
+from batchgen.report.index import build_index
+from batchgen.report.text import wrap_label
+from tests.synthetic import CELL, MODELS, STACKS, STYLES, colour, make_run
 
 
 def job_index(table: pd.DataFrame, **match: object) -> int:
@@ -103,21 +55,25 @@ def test_unknown_x_axis_raises_with_choices(tmp_path):
     table = make_run(tmp_path)
     expected = (
         "sweep.grid.x: unknown axis 'foo'; choose one of: "
-        "model, stack, prompt, seed, steps, guidance_scale, width, height, scheduler, style"
+        "model, stack, prompt, seed, steps, guidance_scale, width, height, scheduler, style, weight:grain, weight:ink"
     )
-    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+    with pytest.raises(BatchgenError, match=f"^{re.escape(expected)}$"):
         report.build_grids(table, tmp_path, "foo", "prompt", ["style"])
 
 
 def test_unknown_y_axis_raises(tmp_path):
     table = make_run(tmp_path)
-    with pytest.raises(ValueError, match=r"^sweep\.grid\.y: unknown axis 'style'; choose one of: model, stack,"):
+    expected = (
+        "sweep.grid.y: unknown axis 'style' (did you mean 'steps'?); choose one of: "
+        "model, stack, prompt, seed, steps, guidance_scale, width, height, scheduler, weight:grain, weight:ink"
+    )
+    with pytest.raises(BatchgenError, match=f"^{re.escape(expected)}$"):
         report.build_grids(table, tmp_path, "stack", "style", [])
 
 
 def test_same_x_and_y_raises(tmp_path):
     table = make_run(tmp_path)
-    with pytest.raises(ValueError, match="x and y are both 'stack'"):
+    with pytest.raises(BatchgenError, match="x and y are both 'stack'"):
         report.build_grids(table, tmp_path, "stack", "stack", ["style"])
 
 
@@ -289,7 +245,7 @@ def test_labels_scale_with_cell_size(tmp_path):
 def test_wrap_fits_width_and_keeps_triggers_whole():
     font = ImageFont.load_default(size=12)
     text = "a portrait of <alf> in <cartoona> style with <verylongtriggername_v2> and more words"
-    lines = report.wrap_label(text, font, 60, 20)
+    lines = wrap_label(text, font, 60, 20)
     assert len(lines) > 2
     joined = " ".join(lines)
     for trigger in ("<alf>", "<cartoona>", "<verylongtriggername_v2>"):
@@ -300,7 +256,7 @@ def test_wrap_fits_width_and_keeps_triggers_whole():
 
 def test_wrap_caps_lines_with_ellipsis():
     font = ImageFont.load_default(size=12)
-    lines = report.wrap_label("one two three four five six seven eight nine ten", font, 40, 2)
+    lines = wrap_label("one two three four five six seven eight nine ten", font, 40, 2)
     assert len(lines) == 2
     assert lines[-1].endswith("...")
     assert font.getlength(lines[-1]) <= 40
@@ -308,7 +264,7 @@ def test_wrap_caps_lines_with_ellipsis():
 
 def test_wrap_breaks_long_word_but_not_inside_trigger():
     font = ImageFont.load_default(size=12)
-    lines = report.wrap_label("abcdefghijklmnop<alf>qrstuvwxyz", font, 50, 10)
+    lines = wrap_label("abcdefghijklmnop<alf>qrstuvwxyz", font, 50, 10)
     assert len(lines) > 1
     assert "".join(lines) == "abcdefghijklmnop<alf>qrstuvwxyz"
     assert any("<alf>" in line for line in lines)
@@ -320,7 +276,7 @@ def test_wrap_breaks_long_word_but_not_inside_trigger():
 def test_index_links_images_grids_and_escapes_text(tmp_path):
     table = make_run(tmp_path, skip={1})
     grids = report.build_grids(table, tmp_path, "stack", "prompt", ["style"])
-    path = report.build_index(table, tmp_path, grids, {"sweep": "styles", "jobs": "12 <ok>"})
+    path = build_index(table, tmp_path, grids, {"sweep": "styles", "jobs": "12 <ok>"})
     assert path == tmp_path / "index.html"
     page = path.read_text(encoding="utf-8")
     for image in table["image"]:
@@ -343,7 +299,184 @@ def test_index_marks_failed_and_pending_rows(tmp_path):
     table = make_run(tmp_path, models=["m"], stacks=["none"])
     table.loc[0, ["status", "error"]] = ["failed", "boom & bust"]
     table.loc[1, "status"] = float("nan")
-    page = report.build_index(table, tmp_path, [], {}).read_text(encoding="utf-8")
+    page = build_index(table, tmp_path, [], {}).read_text(encoding="utf-8")
     rows = [line for line in page.splitlines() if line.startswith("<tr ")]
     assert rows[0].startswith('<tr class="failed"') and "boom &amp; bust" in rows[0]
     assert rows[1].startswith('<tr class="pending"') and ">pending<" in rows[1]
+
+
+# ---------------------------------------------------------------- weight axes, z sub-grids, pages
+
+WEIGHTS = ["none", "ink 1", "ink 0.5", "ink 0.8 + grain 0.6"]  # 1 before 0.5: columns must come out sorted
+
+
+def colours_in(image: Image.Image) -> set[tuple[int, int, int]]:
+    return {rgb for _, rgb in image.getcolors(image.width * image.height)}
+
+
+def test_weight_axis_sorts_weights_and_groups_by_the_rest_of_the_stack(tmp_path):
+    table = make_run(tmp_path, models=["m"], stacks=WEIGHTS)
+    paths = report.build_grids(table, tmp_path, "weight:ink", "style", ["style"])
+    assert [p.name for p in paths] == ["m__others-none.png", "m__others-grain_0.6.png"]
+    grid = grid_for(paths, "m__others-none.png")
+    assert grid.width == report.MIN_LABEL_W + 3 * CELL  # no ink, ink 0.5, ink 1
+    for col, stack in enumerate(["none", "ink 0.5", "ink 1"]):
+        for row, style in enumerate(STYLES):
+            i = job_index(table, stack=stack, style=style)
+            assert grid.getpixel(cell_centre(grid, col, row, 3, 2)) == colour(i), (stack, style)
+    grain = grid_for(paths, "m__others-grain_0.6.png")
+    assert grain.width == report.MIN_LABEL_W + CELL
+    i = job_index(table, stack=WEIGHTS[3], style=STYLES[1])
+    assert grain.getpixel(cell_centre(grain, 0, 1, 1, 2)) == colour(i)
+
+
+def test_weight_labels_and_order():
+    from batchgen import axes
+
+    assert axes.weight_label("grain:0.6;ink:0.8", "ink") == "ink 0.8"
+    assert axes.weight_label("ink:0.5/0.25", "ink") == "ink 0.5/0.25"
+    assert axes.weight_label("grain:0.6", "ink") == "no ink"
+    labels = ["ink 1", "ink 0.25/1", "no ink", "ink 0.5", "ink -0.5"]
+    assert sorted(labels, key=axes.weight_sort_key) == ["no ink", "ink -0.5", "ink 0.25/1", "ink 0.5", "ink 1"]
+    assert axes.stack_label("grain:0.6;ink:0.8", ["ink"]) == "grain 0.6"
+    assert axes.stack_label("ink:0.8", ["ink"]) == "none"
+    assert axes.stack_label("grain:0.6;ink:0.8/0.4") == "grain 0.6 + ink 0.8/0.4"
+
+
+def test_weight_axis_of_a_lora_no_stack_uses_raises(tmp_path):
+    table = make_run(tmp_path, models=["m"], stacks=WEIGHTS)
+    expected = (
+        "sweep.grid.x: unknown axis 'weight:inq' (did you mean 'weight:ink'?); choose one of: model, stack, prompt, "
+        "seed, steps, guidance_scale, width, height, scheduler, style, weight:grain, weight:ink"
+    )
+    with pytest.raises(BatchgenError, match=f"^{re.escape(expected)}$"):
+        report.build_grids(table, tmp_path, "weight:inq", "style", ["style"])
+
+
+def test_z_axis_equal_to_x_raises(tmp_path):
+    table = make_run(tmp_path, seeds=[1, 2])
+    with pytest.raises(BatchgenError, match=r"^sweep\.grid: x and z are both 'seed'; choose three different axes$"):
+        report.build_grids(table, tmp_path, "seed", "style", ["style"], z="seed")
+
+
+def test_z_subgrids_sit_side_by_side_in_one_image(tmp_path):
+    table = make_run(tmp_path, models=["m"], seeds=[1, 2])
+    paths = report.build_grids(table, tmp_path, "stack", "style", ["style"], z="seed")
+    assert [p.name for p in paths] == ["m.png"]  # seed is on the grid, so it does not split grids
+    grid = grid_for(paths, "m.png")
+    gap = CELL // 8  # the gap between sub-grids at 64 px cells
+    assert grid.width == report.MIN_LABEL_W + 2 * 3 * CELL + gap
+    top = grid.height - 2 * CELL
+    for layer, seed in enumerate([1, 2]):
+        for col, stack in enumerate(STACKS):
+            for row, style in enumerate(STYLES):
+                x = report.MIN_LABEL_W + layer * (3 * CELL + gap) + col * CELL + CELL // 2
+                i = job_index(table, stack=stack, style=style, seed=seed)
+                assert grid.getpixel((x, top + row * CELL + CELL // 2)) == colour(i), (seed, stack, style)
+    between = grid.crop((report.MIN_LABEL_W + 3 * CELL, top, report.MIN_LABEL_W + 3 * CELL + gap, grid.height))
+    assert colours_in(between) == {report.BACKGROUND}
+
+
+def test_z_cells_missing_from_one_layer_are_placeholders(tmp_path):
+    table = make_run(tmp_path, models=["m"], stacks=["none"], seeds=[1, 2])
+    table = table[~((table["seed"] == 2) & (table["style"] == STYLES[1]))]  # that job was never planned
+    (path,) = report.build_grids(table, tmp_path, "style", "stack", ["style"], z="seed")
+    with Image.open(path) as img:
+        grid = img.convert("RGB")
+    gap, top = CELL // 8, grid.height - CELL
+    second_layer_second_col = (report.MIN_LABEL_W + 2 * CELL + gap + CELL + CELL // 2, top + CELL // 2)
+    assert grid.getpixel(second_layer_second_col) == report.PLACEHOLDER_FILL
+    assert report._cell_source(tmp_path, None) == "no job"
+
+
+def test_corner_names_the_axes(tmp_path):
+    from batchgen.report.text import font, line_height
+
+    table = make_run(tmp_path, models=["m"])
+    grid = grid_for(report.build_grids(table, tmp_path, "stack", "style", ["style"]), "m.png")
+    title_h = line_height(font(report.MIN_FONT)) + 2 * 3  # one title line, padding 3 at the smallest font
+    corner = grid.crop((0, title_h, report.MIN_LABEL_W, grid.height - 2 * CELL)).convert("L")
+    assert min(level for _, level in corner.getcolors(256)) < 64  # "x: stack" / "y: style" drawn there
+
+
+def test_grid_over_the_size_guard_is_split_into_pages_by_rows(tmp_path):
+    styles = [f"style {i}" for i in range(6)]
+    table = make_run(tmp_path, models=["m"], stacks=STACKS, styles=styles)
+    (whole,) = report.build_grids(table, tmp_path, "stack", "style", ["style"])
+    with Image.open(whole) as img:
+        full_w, full_h = img.size
+    limit = full_w * (full_h - 3 * CELL) / 1e6  # room for about half the rows per page
+    paths = report.build_grids(table, tmp_path, "stack", "style", ["style"], max_megapixels=limit)
+    assert [p.name for p in paths] == ["m-p1.png", "m-p2.png", "m-p3.png"]
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["m-p1.png", "m-p2.png", "m-p3.png"]
+    seen: list[tuple[int, int, int]] = []
+    for path in paths:
+        with Image.open(path) as img:
+            page = img.convert("RGB")
+        assert page.width == full_w and page.width * page.height <= limit * 1e6
+        seen += [c for c in (colour(i) for i in range(len(table))) if c in colours_in(page)]
+    assert sorted(seen) == sorted(colour(i) for i in range(len(table)))  # every job on exactly one page
+
+
+def page_height(rows: int, z_band: bool = False) -> int:
+    """Height of one page of a split grid at 64 px cells: a title band sized for the longest title, a z band
+    of one line, one header line (plus the corner's two axis lines), then the rows."""
+    from batchgen.report.text import font, line_height
+
+    line_h, pad = line_height(font(report.MIN_FONT)), 3
+    title = (report.TITLE_LINES + 1) * line_h + 2 * pad
+    return title + (line_h + 2 * pad if z_band else 0) + 2 * line_h + 2 * pad + rows * CELL
+
+
+def test_a_single_row_too_wide_is_split_by_columns(tmp_path):
+    stacks = [f"ink {w}" for w in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+    table = make_run(tmp_path, models=["m"], stacks=stacks, styles=["a"])
+    limit = (report.MIN_LABEL_W + 2 * CELL) * page_height(1) / 1e6  # two columns and their labels, not three
+    paths = report.build_grids(table, tmp_path, "stack", "style", ["style"], max_megapixels=limit)
+    assert [p.name for p in paths] == ["m-p1.png", "m-p2.png", "m-p3.png"]
+    for n, path in enumerate(paths):
+        with Image.open(path) as img:
+            page = img.convert("RGB")
+        assert page.size == (report.MIN_LABEL_W + 2 * CELL, page_height(1))
+        assert colour(2 * n) in colours_in(page) and colour(2 * n + 1) in colours_in(page)
+
+
+def test_z_layers_are_the_first_thing_pages_split(tmp_path):
+    table = make_run(tmp_path, models=["m"], seeds=[1, 2, 3])
+    one_layer_w = report.MIN_LABEL_W + 3 * CELL
+    limit = one_layer_w * page_height(2, z_band=True) / 1e6
+    paths = report.build_grids(table, tmp_path, "stack", "style", ["style"], z="seed", max_megapixels=limit)
+    assert len(paths) == 3
+    for seed, path in zip([1, 2, 3], paths, strict=True):
+        with Image.open(path) as img:
+            page = img.convert("RGB")
+        assert page.size == (one_layer_w, page_height(2, z_band=True))
+        expected = {colour(job_index(table, stack=s, style=st, seed=seed)) for s in STACKS for st in STYLES}
+        assert expected <= colours_in(page)
+        assert not {colour(i) for i in range(len(table))} - expected & colours_in(page)
+
+
+def test_size_guard_must_be_positive(tmp_path):
+    table = make_run(tmp_path, models=["m"])
+    expected = r"^report\.max_grid_megapixels: 0 is not a positive number of megapixels; try 64$"
+    with pytest.raises(BatchgenError, match=expected):
+        report.build_grids(table, tmp_path, "stack", "style", ["style"], max_megapixels=0)
+
+
+def test_rebuilding_with_other_axes_removes_the_old_grids(tmp_path):
+    table = make_run(tmp_path, seeds=[1, 2])
+    report.build_grids(table, tmp_path, "stack", "style", ["style"])
+    assert len(list((tmp_path / "grids").iterdir())) == 4
+    paths = report.build_grids(table, tmp_path, "stack", "style", ["style"], z="seed")
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == sorted(p.name for p in paths)
+    assert [p.name for p in paths] == ["tiny_sd1.png", "tiny_sdxl.png"]
+
+
+def test_report_modules_import_no_torch():
+    import subprocess
+    import sys
+
+    modules = "batchgen.report.grids, batchgen.report.index, batchgen.report.rebuild, batchgen.diff, batchgen.axes"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

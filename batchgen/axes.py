@@ -1,0 +1,107 @@
+"""Grid axis names (`sweep.grid.x/y/z`): which exist, how they are checked, and how a weight axis reads a row.
+
+Shared by the planner, which rejects a bad axis before anything renders, and the report, which draws the grids
+from a manifest; no pandas, PIL or torch here so both can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+
+from batchgen.errors import BatchgenError
+
+BASE_AXES = ("model", "stack", "prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
+WEIGHT_PREFIX = "weight:"  # `weight:ink`: the weight of LoRA `ink` across every stack that has it
+_COUNT = {2: "two", 3: "three"}
+
+
+def weight_lora(axis: str | None) -> str | None:
+    """`ink` for the axis `weight:ink`, else None."""
+    if axis and axis.startswith(WEIGHT_PREFIX):
+        return axis[len(WEIGHT_PREFIX) :]
+    return None
+
+
+def lora_names(loras_cells: Iterable[str]) -> list[str]:
+    """Sorted LoRA names in manifest `loras` cells (`ink:0.5;grain:0.6`)."""
+    names = set()
+    for cell in loras_cells:
+        for entry in (cell or "").split(";"):
+            if entry:
+                names.add(entry.split(":", 1)[0])
+    return sorted(names)
+
+
+def choices(slots: Sequence[str], loras: Sequence[str]) -> list[str]:
+    return [
+        *BASE_AXES,
+        *(s for s in slots if s not in BASE_AXES),
+        *(f"{WEIGHT_PREFIX}{name}" for name in sorted(loras)),
+    ]
+
+
+def check_grid(x: str, y: str, z: str | None, slots: Sequence[str], loras: Sequence[str]) -> None:
+    """Raise a one-line BatchgenError naming the key when an axis is unknown or two axes are the same."""
+    axes = choices(slots, loras)
+    given = {"x": x, "y": y, "z": z or None}
+    for key, value in given.items():
+        if value is None and key == "z":
+            continue
+        if value not in axes:
+            close = difflib.get_close_matches(str(value), axes, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BatchgenError(f"sweep.grid.{key}: unknown axis '{value}'{hint}; choose one of: {', '.join(axes)}")
+    named = [(key, value) for key, value in given.items() if value]
+    for i, (key, value) in enumerate(named):
+        for other, other_value in named[i + 1 :]:
+            if value == other_value:
+                raise BatchgenError(
+                    f"sweep.grid: {key} and {other} are both '{value}'; choose {_COUNT[len(named)]} different axes"
+                )
+
+
+def title(axis: str) -> str:
+    """How an axis is named on a grid: `ink weight` for `weight:ink`, else the axis itself."""
+    name = weight_lora(axis)
+    return f"{name} weight" if name is not None else axis
+
+
+def _pairs(loras_cell: str) -> list[tuple[str, str]]:
+    return [tuple(entry.split(":", 1)) for entry in (loras_cell or "").split(";") if ":" in entry]  # type: ignore[misc]
+
+
+def weight_label(loras_cell: str, name: str) -> str:
+    """`ink 0.5` when the row's stack has LoRA `ink`, `no ink` when it does not."""
+    for lora, weight in _pairs(loras_cell):
+        if lora == name:
+            return f"{name} {weight}"
+    return f"no {name}"
+
+
+def weight_sort_key(label: str) -> tuple[int, float, str]:
+    """`no ink` first, then by weight (the unet weight of a split `unet/te` weight), then as text."""
+    if label.startswith("no "):
+        return (0, 0.0, label)
+    value = label.rsplit(" ", 1)[-1]
+    try:
+        return (1, float(value.split("/", 1)[0]), label)
+    except ValueError:
+        return (2, 0.0, label)
+
+
+def stack_label(loras_cell: str, without: Iterable[str] = ()) -> str:
+    """The planner's stack label (`ink 0.5 + grain 0.6`, `none`) from a `loras` cell, leaving out some LoRAs."""
+    skip = set(without)
+    parts = [f"{lora} {weight}" for lora, weight in _pairs(loras_cell) if lora not in skip]
+    return " + ".join(parts) if parts else "none"
+
+
+def check_max_megapixels(value: object) -> float:
+    """The grid size guard as a float; a one-line BatchgenError when it is not a positive number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise BatchgenError(
+            f"report.max_grid_megapixels: {value!r} is not a positive number of megapixels; try 64"
+        )
+    return float(value)

@@ -1,0 +1,6 @@
+"""What a person reviews after a run: labelled grids (grids.py), index.html (index.py), both rebuilt from a
+manifest or from the PNGs alone (rebuild.py, pngs.py).
+
+Pure PIL + pandas, never torch, so `batchgen report` runs on machines without a GPU stack. Nothing is
+imported here: the planner imports batchgen.axes, and a package import must not pull PIL in with it.
+"""

@@ -1,0 +1,84 @@
+"""`batchgen report RUN_DIR`: grids and index.html again from the manifest (or the PNGs), without rendering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from batchgen.errors import BatchgenError
+from batchgen.manifest import MANIFEST, read_manifest
+from batchgen.report.grids import DEFAULT_MAX_MEGAPIXELS, build_grids
+from batchgen.report.index import build_index
+from batchgen.report.pngs import Recovered, write_manifest_from_pngs
+from batchgen.report.summary import latest_invocation
+from batchgen.spec import MANIFEST_COLUMNS
+
+NO_Z = ("", "none", "null")  # what `--z` accepts to drop a z axis the run recorded
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    run_dir: Path
+    x: str | None = None  # None: the axes the run was rendered with (its recorded sweep.grid), else stack/prompt
+    y: str | None = None
+    z: str | None = None
+    max_megapixels: float | None = None
+    from_pngs: bool = False
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    grids: list[Path]
+    index: Path
+    rows: int
+    recovered: Recovered | None
+
+
+def latest_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per job: its last ok row, else its last row; jobs keep the order they first appeared in."""
+    if manifest.empty:
+        return manifest
+    positions = pd.Series(range(len(manifest)), index=manifest.index)
+    first = positions.groupby(manifest["job_id"].values).min()
+    ok = manifest["status"] == "ok"
+    chosen = pd.concat([manifest[~ok], manifest[ok]]).drop_duplicates("job_id", keep="last")
+    order = chosen["job_id"].map(first).sort_values(kind="stable")
+    return chosen.loc[order.index].reset_index(drop=True)
+
+
+def _recorded_axes(run_dir: Path) -> tuple[dict, float | None]:
+    latest = latest_invocation(run_dir)
+    if latest is None:
+        return {}, None
+    grid = ((latest.config.get("sweep") or {}).get("grid")) or {}
+    limit = (latest.config.get("report") or {}).get("max_grid_megapixels")
+    return (grid if isinstance(grid, dict) else {}), limit
+
+
+def _check_run_dir(run_dir: Path, from_pngs: bool) -> None:
+    if not run_dir.is_dir():
+        raise BatchgenError(f"{run_dir}: no such run directory; pass one such as runs/styles")
+    if not from_pngs and not (run_dir / MANIFEST).is_file():
+        raise BatchgenError(
+            f"{run_dir}: no {MANIFEST} here; pass a run directory such as runs/styles, "
+            "or rebuild the manifest from the PNGs' metadata with --from-pngs"
+        )
+
+
+def rebuild_report(request: ReportRequest) -> ReportResult:
+    run_dir = Path(request.run_dir)
+    _check_run_dir(run_dir, request.from_pngs)
+    recovered = write_manifest_from_pngs(run_dir) if request.from_pngs else None
+    grid, recorded_limit = _recorded_axes(run_dir)
+    x = request.x or grid.get("x") or "stack"
+    y = request.y or grid.get("y") or "prompt"
+    z = request.z if request.z is not None else grid.get("z")
+    z = None if z is None or str(z).lower() in NO_Z else str(z)
+    limit = request.max_megapixels or recorded_limit or DEFAULT_MAX_MEGAPIXELS
+    table = latest_rows(read_manifest(run_dir))
+    slots = [c for c in table.columns if c not in MANIFEST_COLUMNS]
+    grids = build_grids(table, run_dir, str(x), str(y), slots, z=z, max_megapixels=float(limit))
+    index = build_index(table, run_dir, grids)
+    return ReportResult(grids, index, len(table), recovered)

@@ -1,0 +1,125 @@
+"""The facts at the top of index.html, computed from the run directory alone so `batchgen report` shows them too."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from batchgen.manifest import read_manifest
+from batchgen.report.text import text
+from batchgen.spec import STAGES
+
+STATUSES = ("ok", "failed", "skipped", "pending")
+_STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What one `batchgen` invocation recorded under .batchgen/<time>/."""
+
+    folder: Path
+    config: dict
+    overrides: list[str]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    facts: list[tuple[str, str]]
+    config_yaml: str  # the latest invocation's composed config; "" when none was recorded
+    invocations: int
+
+
+def invocations(run_dir: Path) -> list[Path]:
+    """Invocation folders, oldest first (`<time>` then `<time>-2`, `-3`, ... within one second)."""
+    root = Path(run_dir) / ".batchgen"
+    found = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        match = _STAMP.match(folder.name)
+        if match and folder.is_dir():
+            found.append(((match.group(1), int(match.group(2) or 1)), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def latest_invocation(run_dir: Path) -> Invocation | None:
+    """The newest invocation whose config.yaml reads as a mapping, or None."""
+    for folder in reversed(invocations(run_dir)):
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+            overrides = yaml.safe_load((folder / "overrides.yaml").read_text(encoding="utf-8")) or []
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and isinstance(overrides, list):
+            return Invocation(folder, config, [str(o) for o in overrides])
+    return None
+
+
+def status_counts(table: pd.DataFrame) -> dict[str, int]:
+    """Jobs per status; a job with no recorded status is pending."""
+    statuses = table["status"].map(text).replace("", "pending") if "status" in table.columns else pd.Series()
+    counts = {status: int((statuses == status).sum()) for status in STATUSES}
+    for other, count in statuses[~statuses.isin(STATUSES)].value_counts().items():
+        counts[str(other)] = int(count)
+    return counts
+
+
+def _stage_totals(run_dir: Path, job_ids: set[str]) -> dict[str, float]:
+    """Seconds per stage over the latest ok row of each shown job (manifest `timings`: load=..;encode=..)."""
+    rows = read_manifest(run_dir)
+    if "timings" not in rows.columns or rows.empty:
+        return {}
+    rows = rows[(rows["status"] == "ok") & rows["job_id"].isin(job_ids)].drop_duplicates("job_id", keep="last")
+    totals: dict[str, float] = {}
+    for cell in rows["timings"]:
+        for part in filter(None, str(cell).split(";")):
+            stage, _, seconds = part.partition("=")
+            try:
+                totals[stage] = totals.get(stage, 0.0) + float(seconds)
+            except ValueError:
+                continue
+    return {stage: totals[stage] for stage in (*STAGES, *sorted(set(totals) - set(STAGES))) if stage in totals}
+
+
+def _render_time(table: pd.DataFrame) -> str:
+    if "seconds" not in table.columns or "status" not in table.columns:
+        return ""
+    ok = table[table["status"].map(text) == "ok"]
+    seconds = pd.to_numeric(ok["seconds"], errors="coerce").dropna()
+    if seconds.empty:
+        return ""
+    return f"{seconds.sum():.1f} s for {len(seconds)} images ({seconds.mean():.2f} s per image)"
+
+
+def _finished(table: pd.DataFrame) -> str:
+    if "finished_at" not in table.columns:
+        return ""
+    stamps = sorted(v for v in table["finished_at"].map(text) if v)
+    if not stamps:
+        return ""
+    return stamps[0] if stamps[0] == stamps[-1] else f"{stamps[0]} .. {stamps[-1]}"
+
+
+def summarise(table: pd.DataFrame, run_dir: Path) -> RunSummary:
+    """Sweep, overrides, job counts per status and timings of the run as the table shows it."""
+    latest = latest_invocation(run_dir)
+    sweep = (latest.config.get("sweep") or {}).get("name", "") if latest else ""
+    counts = status_counts(table)
+    facts = [
+        ("sweep", text(sweep) or Path(run_dir).resolve().name),
+        ("run directory", str(run_dir)),
+        ("invocations", str(len(invocations(run_dir)))),
+        ("latest overrides", " ".join(latest.overrides) if latest else "(not recorded)"),
+        ("jobs", f"{len(table)}: " + ", ".join(f"{n} {status}" for status, n in counts.items())),
+        ("render time", _render_time(table)),
+        ("stages", ", ".join(f"{s} {v:.2f} s" for s, v in _stage_totals(run_dir, set(_ids(table))).items())),
+        ("finished", _finished(table)),
+    ]
+    config_yaml = yaml.safe_dump(latest.config, sort_keys=False, allow_unicode=True) if latest else ""
+    return RunSummary([(k, v) for k, v in facts if v], config_yaml, len(invocations(run_dir)))
+
+
+def _ids(table: pd.DataFrame) -> list[str]:
+    return [text(v) for v in table["job_id"]] if "job_id" in table.columns else []
