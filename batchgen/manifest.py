@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -114,7 +115,8 @@ class Manifest:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
+    # A slot that a prompt does not use is NaN in the plan's table; written as "nan" it became a slot value.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
         return repr(value) if not value.is_integer() else str(value)

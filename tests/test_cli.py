@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from batchgen.config import compose_config, packaged_conf_dir
+from batchgen.tiny import ensure_tiny
 
 CONF = packaged_conf_dir()
 # One seed keeps the end-to-end renders small; the axis itself is tested by the dry-run counts.
@@ -135,6 +137,9 @@ def test_png_parameters_follow_a1111(run_cli) -> None:
     assert pairs["Steps"] == "8" and pairs["CFG scale"] == "7.5" and pairs["Seed"] == "1"
     assert pairs["Size"] == "64x64" and pairs["Model"] == "tiny_sd1" and len(pairs["Model hash"]) == 10
     assert re.fullmatch(r'"ink: [0-9a-f]{12}"', pairs["Lora hashes"])
+    ink = (ensure_tiny("tiny_sd1") / "lora" / "ink.safetensors").read_bytes()
+    addnet = hashlib.sha256(ink[8 + int.from_bytes(ink[:8], "little") :]).hexdigest()[:12]
+    assert pairs["Lora hashes"] == f'"ink: {addnet}"'  # what A1111 writes for a safetensors LoRA: tensor data only
     assert re.fullmatch(r'"alf: [0-9a-f]{12}"', pairs["TI hashes"])
     assert f'"job_id": "{row["job_id"]}"' in job
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 from PIL.PngImagePlugin import PngInfo
 
+from batchgen.assets.safetensors_header import read_header
+from batchgen.errors import BatchgenError
 from batchgen.schedulers import SCHEDULERS
-from batchgen.spec import ModelSpec
+from batchgen.spec import LoraFile, ModelSpec
 
 JSON_CHUNK = "batchgen"
+_CHUNK = 1 << 20
 
 
 def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
@@ -30,18 +36,59 @@ def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
         ("Model", spec.name),
     ]
     if loras:
-        hashes = ", ".join(f"{name}: {spec.lora(name).sha256[:12]}" for name, _ in loras)
-        fields.append(("Lora hashes", f'"{hashes}"'))
+        hashes = ", ".join(f"{_alias(name)}: {a1111_lora_hash(spec.lora(name))}" for name, _ in loras)
+        fields.append(("Lora hashes", hashes))
     triggers = [t for t in row["embeddings"].split(";") if t]
     if triggers:
-        hashes = ", ".join(f"{t}: {spec.embedding(t).sha256[:12]}" for t in triggers)
-        fields.append(("TI hashes", f'"{hashes}"'))
+        hashes = ", ".join(f"{_alias(t)}: {spec.embedding(t).sha256[:12]}" for t in triggers)
+        fields.append(("TI hashes", hashes))
     fields.append(("Version", "batchgen"))
     lines = [row["prompt"] + tags]
     if row["negative_prompt"]:
         lines.append(f"Negative prompt: {row['negative_prompt']}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def _quote(value: object) -> object:
+    """A1111's infotext quoting: a value with a comma, colon or newline is written as a JSON string."""
+    value = str(value)
+    if "," not in value and ":" not in value and "\n" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _alias(name: str) -> str:
+    # A1111 drops these from names in "Lora hashes" and "TI hashes" so the "name: hash, ..." list stays parseable.
+    return name.replace(":", "").replace(",", "")
+
+
+def a1111_lora_hash(lora: LoraFile) -> str:
+    """The 12 hex digits A1111 writes for a LoRA (what Civitai calls AutoV3): the file's `sshs_model_hash`
+    metadata, else for safetensors the sha256 of the tensor data after the header (kohya's "addnet" hash),
+    else the sha256 of the whole file."""
+    path = Path(lora.path)
+    if path.suffix.lower() != ".safetensors":
+        return lora.sha256[:12]
+    stat = path.stat()
+    return _safetensors_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)[:12]
+
+
+@functools.lru_cache(maxsize=256)  # keyed by size and mtime: a replaced file is hashed again
+def _safetensors_hash(path: str, size: int, mtime_ns: int) -> str:
+    try:
+        stored = read_header(Path(path)).metadata.get("sshs_model_hash", "")
+    except BatchgenError:
+        stored = ""
+    if stored:
+        return stored
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def encode_png(image, parameters: str, job: dict[str, Any]) -> bytes:
