@@ -128,17 +128,17 @@ def test_links_to_odd_file_names_are_url_quoted(tmp_path):
 # ---------------------------------------------------------------- batchgen report RUN_DIR
 
 
-def test_latest_rows_keeps_the_last_ok_row_in_first_appearance_order():
+def test_latest_rows_keeps_the_last_ok_row_in_first_render_order():
     manifest = pd.DataFrame(
         {
-            "job_id": ["a", "b", "a", "c", "b", "c"],
-            "status": ["failed", "ok", "ok", "ok", "failed", "failed"],
-            "error": ["x", "", "", "", "late", "later"],
+            "job_id": ["s", "t", "a", "b", "a", "c", "b", "c"],
+            "status": ["skipped", "skipped", "failed", "ok", "ok", "ok", "failed", "failed"],
+            "error": ["no ink", "no ink", "x", "", "", "", "late", "later"],
         }
     )
     rows = latest_rows(manifest)
-    assert list(rows["job_id"]) == ["a", "b", "c"]
-    assert list(rows["status"]) == ["ok", "ok", "ok"]  # an ok row beats a later failure of the same job
+    assert list(rows["job_id"]) == ["a", "b", "c", "s", "t"]  # skipped rows come first in a manifest, not here
+    assert list(rows["status"]) == ["ok", "ok", "ok", "skipped", "skipped"]  # ok beats a later failure
 
 
 def test_report_rebuilds_from_the_manifest_with_the_recorded_axes(cli, tmp_path):

@@ -37,10 +37,15 @@ class ReportResult:
 
 
 def latest_rows(manifest: pd.DataFrame) -> pd.DataFrame:
-    """One row per job: its last ok row, else its last row; jobs keep the order they first appeared in."""
+    """One row per job: its last ok row, else its last row, in the order jobs were first rendered.
+
+    Skipped rows are all recorded before rendering starts, so ordering by them would put the models with skipped
+    jobs first; jobs that were only ever skipped follow the rendered ones, in their own order.
+    """
     if manifest.empty:
         return manifest
     positions = pd.Series(range(len(manifest)), index=manifest.index)
+    positions = positions.where(manifest["status"] != "skipped", positions + len(manifest))
     first = positions.groupby(manifest["job_id"].values).min()
     ok = manifest["status"] == "ok"
     chosen = pd.concat([manifest[~ok], manifest[ok]]).drop_duplicates("job_id", keep="last")
