@@ -6,7 +6,10 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast lint bench clean
+# apt-get needs root; as another user it goes through sudo.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help install install-dev run test test-fast test-browser lint bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,7 +37,11 @@ test: install-dev ## Run the test suite
 	$(BIN)/pytest
 
 test-fast: install-dev ## Run the tests not marked slow
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not browser"
+
+test-browser: install-dev ## Check index.html in headless Chromium (apt-get installs chromium if missing)
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	$(BIN)/pytest -m browser
 
 lint: install-dev ## ruff check at 119 columns
 	$(BIN)/ruff check .
