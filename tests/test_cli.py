@@ -135,6 +135,7 @@ def test_png_parameters_follow_a1111(run_cli) -> None:
     # A1111's own key/value pattern for the last line
     pairs = dict(re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', fields))
     assert pairs["Steps"] == "8" and pairs["CFG scale"] == "7.5" and pairs["Seed"] == "1"
+    assert pairs["Sampler"] == "DDIM"  # the tiny checkpoint's own scheduler, by its A1111 name
     assert pairs["Size"] == "64x64" and pairs["Model"] == "tiny_sd1" and len(pairs["Model hash"]) == 10
     assert re.fullmatch(r'"ink: [0-9a-f]{12}"', pairs["Lora hashes"])
     ink = (ensure_tiny("tiny_sd1") / "lora" / "ink.safetensors").read_bytes()

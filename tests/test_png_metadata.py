@@ -158,3 +158,21 @@ def test_hash_lists_drop_commas_from_names(tmp_path):
     spec = ModelSpec(**{**spec.__dict__, "loras": (*spec.loras, odd)})
     text = a1111_parameters(row(loras="a,b:1", embeddings=""), spec)
     assert a1111_parse(text)["Lora hashes"] == f"ab: {spec.lora('old').sha256[:12]}"
+
+
+def test_default_scheduler_is_named_after_the_checkpoints_own(tmp_path):
+    def sampler(folder: str, config: dict | None) -> str:
+        ckpt = tmp_path / folder
+        if config is not None:
+            (ckpt / "scheduler").mkdir(parents=True)
+            (ckpt / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+        spec = ModelSpec(name="m", base="sd-1", checkpoint=ckpt, checkpoint_sha256="0" * 64)
+        text = a1111_parameters(row(loras="", embeddings="", scheduler="default"), spec)
+        return a1111_parse(text)["Sampler"]
+
+    assert sampler("ddim", {"_class_name": "DDIMScheduler"}) == "DDIM"
+    karras = {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    assert sampler("karras", karras) == "DPM++ 2M Karras"
+    assert sampler("dpm", {"_class_name": "DPMSolverMultistepScheduler"}) == "DPM++ 2M"
+    assert sampler("lcm", {"_class_name": "LCMScheduler"}) == "default"  # no A1111 name we know of
+    assert sampler("none", None) == "default"

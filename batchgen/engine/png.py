@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from batchgen.assets.safetensors_header import read_header
 from batchgen.errors import BatchgenError
-from batchgen.schedulers import SCHEDULERS
+from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import LoraFile, ModelSpec
 
 JSON_CHUNK = "batchgen"
@@ -24,8 +24,7 @@ def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
     """Prompt line (LoRAs as <lora:...> tags, as A1111 writes them), negative line, then key: value pairs."""
     loras = [entry.split(":", 1) for entry in row["loras"].split(";") if entry]
     tags = "".join(f" <lora:{name}:{_a1111_weight(weight)}>" for name, weight in loras)
-    scheduler = row["scheduler"]
-    sampler = SCHEDULERS[scheduler].a1111 if scheduler in SCHEDULERS else scheduler
+    sampler = _sampler(row["scheduler"], spec)
     fields = [
         ("Steps", row["steps"]),
         ("Sampler", sampler),
@@ -48,6 +47,28 @@ def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
         lines.append(f"Negative prompt: {row['negative_prompt']}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def _sampler(scheduler: str, spec: ModelSpec) -> str:
+    if scheduler in SCHEDULERS:
+        return SCHEDULERS[scheduler].a1111
+    if scheduler == DEFAULT_SCHEDULER:
+        # "default" means nothing to A1111; name the checkpoint's own scheduler instead when we know it.
+        return _checkpoint_sampler(str(spec.checkpoint)) or scheduler
+    return scheduler
+
+
+@functools.lru_cache(maxsize=32)
+def _checkpoint_sampler(checkpoint: str) -> str | None:
+    try:
+        config = json.loads((Path(checkpoint) / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    karras = bool(config.get("use_karras_sigmas"))
+    for choice in SCHEDULERS.values():
+        if choice.cls == config.get("_class_name") and bool(choice.kwargs.get("use_karras_sigmas")) == karras:
+            return choice.a1111
+    return None
 
 
 def _quote(value: object) -> object:
