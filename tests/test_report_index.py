@@ -174,6 +174,7 @@ def test_report_rebuilds_from_the_manifest_with_the_recorded_axes(cli, tmp_path)
         (("report", "runs/empty", "--from-pngs"), "runs/empty/images: no batchgen PNGs to rebuild a manifest from"),
         (("report", "runs/ok", "--x", "sed"), "sweep.grid.x: unknown axis 'sed' (did you mean 'seed'?); choose"),
         (("report", "runs/ok", "--from-pngs"), "runs/ok/manifest.csv exists; --from-pngs only rebuilds a missing"),
+        (("report", "runs/ok", "--max-megapixels", "0"), "report.max_grid_megapixels: 0.0 is not a positive number"),
     ],
 )
 def test_report_errors_are_one_line_with_the_fix(cli, tmp_path, args, message):

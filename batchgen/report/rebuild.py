@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from batchgen.axes import check_max_megapixels
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, read_manifest
 from batchgen.report.grids import DEFAULT_MAX_MEGAPIXELS, build_grids
@@ -81,9 +82,9 @@ def rebuild_report(request: ReportRequest) -> ReportResult:
     y = request.y or grid.get("y") or "prompt"
     z = request.z if request.z is not None else grid.get("z")
     z = None if z is None or str(z).lower() in NO_Z else str(z)
-    limit = request.max_megapixels or recorded_limit or DEFAULT_MAX_MEGAPIXELS
+    limit = next(v for v in (request.max_megapixels, recorded_limit, DEFAULT_MAX_MEGAPIXELS) if v is not None)
     table = latest_rows(read_manifest(run_dir))
     slots = [c for c in table.columns if c not in MANIFEST_COLUMNS]
-    grids = build_grids(table, run_dir, str(x), str(y), slots, z=z, max_megapixels=float(limit))
+    grids = build_grids(table, run_dir, str(x), str(y), slots, z=z, max_megapixels=check_max_megapixels(limit))
     index = build_index(table, run_dir, grids)
     return ReportResult(grids, index, len(table), recovered)
