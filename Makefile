@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # apt-get needs root; as another user it goes through sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install install-dev run test test-fast test-browser lint bench clean
+.PHONY: help install install-dev run test test-fast test-browser fuzz lint bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ test-fast: install-dev ## Run the tests not marked slow
 test-browser: install-dev ## Check index.html in headless Chromium (apt-get installs chromium if missing)
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	$(BIN)/pytest -m browser
+
+fuzz: install-dev ## The property tests with 3000 cases each (make test runs 60)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_fuzz.py
 
 lint: install-dev ## ruff check at 119 columns
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ Any first word other than a subcommand belongs to the render command, so `batchg
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -133,6 +134,9 @@ def diff_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors with exit code 2 instead of tracebacks."""
+    # Models, tokenizers and configs come from local folders only; this also stops libraries phoning home.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         # Outside standalone mode click returns the code of a typer.Exit instead of raising it.
         code = app(args=argv, prog_name="batchgen", standalone_mode=False)
@@ -152,7 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("batchgen: interrupted\n")
         return 130
+    except Exception as e:  # a bug, not bad input: one line for the user, the traceback kept for the report
+        report = _save_traceback()
+        text = " ".join(str(e).split())[:200]
+        name = type(e).__name__
+        sys.stderr.write(f"batchgen: internal error: {name}: {text} (traceback in {report}; please report it)\n")
+        return 1
     return code if isinstance(code, int) else 0
+
+
+def _save_traceback() -> str:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="batchgen-crash-", suffix=".txt", delete=False) as f:
+        traceback.print_exc(file=f)
+        return f.name
 
 
 if __name__ == "__main__":

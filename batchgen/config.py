@@ -7,6 +7,7 @@ composition and written back into the composed config as lists.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +83,22 @@ class RunConfig:
 
 
 @dataclass
-class ExecutorConfig:
-    name: str = "local"  # local | ray
-    devices: Any = "auto"  # local: auto | N | [0, 2]
-    address: str | None = None  # ray: null starts a local Ray; auto (`ray start --head`); ray://host:10001
-    actors: Any = "auto"  # ray: auto (one per GPU, else one per cpus_per_actor CPUs) | N
-    cpus_per_actor: int = 1  # ray
-    shared_fs: bool = False  # ray: actors write PNGs into run.out_dir themselves (every node mounts it)
+class LocalExecutorConfig:
+    name: str = "local"
+    devices: Any = "auto"  # auto | N | [0, 2]
+
+
+@dataclass
+class RayExecutorConfig:
+    name: str = "ray"
+    address: str | None = None  # null starts a local Ray; auto (`ray start --head`); ray://host:10001
+    actors: Any = "auto"  # auto (one per GPU, else one per cpus_per_actor CPUs) | N
+    cpus_per_actor: int = 1
+    shared_fs: bool = False  # actors write PNGs into run.out_dir themselves (every node mounts it)
+
+
+# Each executor has its own fields, so `executor` is typed here rather than by one schema for all of them.
+EXECUTOR_SCHEMAS = {"local": LocalExecutorConfig, "ray": RayExecutorConfig}
 
 
 @dataclass
@@ -96,7 +106,8 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     sweep: SweepConfig = MISSING
     run: RunConfig = field(default_factory=RunConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    # Filled from the executor group (conf/executor/*.yaml); typed by executor_config() once composed.
+    executor: Any = field(default_factory=dict)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -137,6 +148,8 @@ def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
     plain: list[str] = []
     axes: dict[str, list[Any]] = {}
     for override in parsed:
+        if not override.key_or_group.strip("+~"):
+            raise BatchgenError(f"override '{override.input_line}': no key before '='; write key=value")
         if not override.is_sweep_override():
             plain.append(override.input_line)
             continue
@@ -173,6 +186,8 @@ def compose_config(overrides: list[str], config_dir: Path | None = None) -> Comp
         raise BatchgenError(_override_message(e, plain) or f"config: {_first_line(e)}") from None
     except yaml.YAMLError as e:
         raise BatchgenError(_yaml_message(e)) from None
+    except (ValueError, TypeError, AssertionError) as e:  # Hydra checks some override shapes with bare asserts
+        raise BatchgenError(f"overrides {' '.join(plain)}: {_first_line(e)}; write key=value") from None
     finally:
         GlobalHydra.instance().clear()
     if OmegaConf.is_missing(cfg, "sweep"):
@@ -187,7 +202,23 @@ def compose_config(overrides: list[str], config_dir: Path | None = None) -> Comp
     except OmegaConfBaseException as e:
         raise BatchgenError(f"config key {_full_key(e)}: {_first_line(e)}") from None
     assert isinstance(typed, Config) and isinstance(container, dict)
+    typed.executor = executor_config(container["executor"])
     return Composed(config=typed, container=container, overrides=list(overrides))
+
+
+def executor_config(raw: Any) -> LocalExecutorConfig | RayExecutorConfig:
+    """The executor section typed by its name; an unknown name or key is a config error naming the choices."""
+    if not isinstance(raw, dict):
+        raise BatchgenError(f"executor: {raw!r} is not a section; choose executor=local or executor=ray")
+    name = raw.get("name", "local")
+    schema = EXECUTOR_SCHEMAS.get(name)
+    if schema is None:
+        raise BatchgenError(f"executor={name}: unknown executor; use one of {', '.join(EXECUTOR_SCHEMAS)}")
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in raw:
+        if key not in known:
+            raise BatchgenError(f"executor.{key}: not a setting of executor={name}; it takes {', '.join(known)}")
+    return schema(**raw)
 
 
 def _init_hydra(packaged: Path, config_dir: Path | None) -> None:

@@ -17,3 +17,22 @@ class Stopped(BaseException):  # like KeyboardInterrupt: no "except Exception" m
         super().__init__(name)
         self.signal_name = name
         self.exit_code = 128 + signum
+
+
+class OutputError(BatchgenError):
+    """The run directory stopped taking writes (disk full, read-only, quota): the run stops, what is recorded stays
+    valid, and the same command resumes once the disk is fixed. Exit code 1: the config was fine."""
+
+    exit_code = 1
+
+
+# errno values that mean "the output folder cannot take this write", not a bug.
+OUTPUT_ERRNOS = frozenset({28, 30, 13, 122, 5, 27})  # ENOSPC, EROFS, EACCES, EDQUOT, EIO, EFBIG
+
+
+def output_error(e: OSError, done: int) -> OutputError:
+    where = e.filename or "the run directory"
+    return OutputError(
+        f"cannot write {where} ({e.strerror or e}); free space or fix the output folder, then run the same command "
+        f"again ({done} images recorded so far are kept)"
+    )

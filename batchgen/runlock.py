@@ -15,6 +15,16 @@ class RunLock:
         self.path = run_dir / LOCK
 
     def __enter__(self) -> RunLock:
+        try:
+            return self._take()
+        except OSError as e:  # the first write into the run directory: a read-only or full disk shows here
+            run_dir = self.path.parent.parent
+            raise BatchgenError(
+                f"run.out_dir {run_dir} is not writable ({e.strerror or e}); fix its permissions or disk, or choose "
+                "another run.out_dir"
+            ) from None
+
+    def _take(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:

@@ -17,15 +17,13 @@ from batchgen.assets.hashing import HashCache
 from batchgen.assets.models import inspect_assets, resolve_model
 from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
-from batchgen.errors import BatchgenError, Stopped
+from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
 from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
 from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
-
-EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -52,11 +50,20 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
     names = select_models(cfg.sweep, list(cfg.models))
     loras, triggers = (None, None) if all_assets else used_assets(cfg.sweep)
     models = {}
+    unused = []
     for name in names:
         spec = resolve_model(name, cfg.models[name], hashes, _builtin_root)
         models[name], _ = inspect_assets(spec, loras, triggers, hashes)
+        if triggers is not None:
+            unused += [
+                f"models.{name}.embeddings: <{t}> is never used by a prompt of this sweep"
+                for t in spec.listed_triggers
+                if t not in triggers
+            ]
     hashes.save()
-    return build_plan(cfg.sweep, models)
+    plan = build_plan(cfg.sweep, models)
+    plan.warnings.extend(unused)
+    return plan
 
 
 def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
@@ -103,13 +110,13 @@ def render(
 
     cfg = composed.config
     # A bad executor setting is a config error: found before anything is written.
-    if cfg.executor.name not in EXECUTORS:
-        raise BatchgenError(f"executor={cfg.executor.name}: unknown executor; use one of {', '.join(EXECUTORS)}")
     if cfg.executor.name == "ray":
         from batchgen.executors.ray_executor import require_ray
 
         require_ray()
-    slots = visible_slots(cfg.executor.devices, cfg.run.threads)
+        slots = visible_slots(1, cfg.run.threads)  # the driver's own view; actors are placed by Ray
+    else:
+        slots = visible_slots(cfg.executor.devices, cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
     with RunLock(run_dir), stop_signals():
         return _render(composed, plan, slots, out or sys.stdout, err or sys.stderr, retry_failed)
@@ -161,8 +168,8 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
     try:
         if todo:
             request = ExecutorRequest(
-                todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.executor.devices, cfg.sweep.batch_size,
-                cfg.run.compile,
+                todo, rows, plan.models, run_dir, cfg.run.dtype, getattr(cfg.executor, "devices", 1),
+                cfg.sweep.batch_size, cfg.run.compile,
             )
             if cfg.executor.name == "ray":
                 from batchgen.executors.ray_executor import RayOptions, run_ray
@@ -172,6 +179,10 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
                 run_ray(request, options, on_row)
             else:
                 run_local(request, slots if len(todo) > 1 else slots[:1], on_row)
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        raise output_error(e, progress.done - progress.failed) from None
     except Stopped as e:
         err.write(
             f"batchgen: stopped by {e.signal_name} after {progress.done} of {len(todo)} images; the manifest is "

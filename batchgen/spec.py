@@ -84,6 +84,7 @@ class ModelSpec:
     refused: tuple[Refused, ...] = ()
     # Every (kind, name) found on disk, inspected or not: typo checks and "did you mean" look here.
     discovered: tuple[tuple[str, str], ...] = ()
+    listed_triggers: tuple[str, ...] = ()  # TIs the config names file by file (not found in a folder)
 
     def lora(self, name: str) -> LoraFile | None:
         return next((f for f in self.loras if f.name == name), None)

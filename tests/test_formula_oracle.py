@@ -3,7 +3,7 @@
 test_oracle.py checks kohya LoRAs against diffusers' own loader, which knows no LoHa, LoKr, DoRA, Tucker cores or
 full diffs. Here every LyCORIS layer type is written with write_lycoris, rendered by batchgen, and compared with
 a plain diffusers pipeline whose weights this file patches itself, from the formulas in LyCORIS
-(lycoris/functional/*.py) and not through batchgen.engine.layers, so that a shared mistake cannot cancel out.
+(lycoris/functional/*.py) and not through batchgen.assets.lora_layers, so that a shared mistake cannot cancel out.
 """
 
 from __future__ import annotations

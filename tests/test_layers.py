@@ -1,4 +1,4 @@
-"""Each layer's ΔW against the published formula, written out here independently of batchgen/engine/layers.py."""
+"""Each layer's ΔW against the published formula, written out here independently of batchgen/assets/lora_layers.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from batchgen.engine.layers import (
+from batchgen.assets.lora_layers import (
     LAYER_SUFFIXES,
     DoRALayer,
     FullLayer,

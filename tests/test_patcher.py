@@ -134,7 +134,7 @@ def test_loras_are_kept_low_rank(loaded) -> None:
 
 def test_bias_deltas_never_accumulate_into_the_pristine_copy() -> None:
     from batchgen.assets.lora_keys import ModuleRef
-    from batchgen.engine.layers import FullLayer
+    from batchgen.assets.lora_layers import FullLayer
     from batchgen.engine.patcher import WeightPatcher
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))

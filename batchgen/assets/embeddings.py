@@ -91,21 +91,27 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _layout(shapes: dict[str, tuple[int, ...]], path: Path) -> tuple[str, list[int], int]:
     """(format, vector widths per encoder, vector count) for every TI layout in use."""
+    fmt, keys = _layout_keys(shapes, path)
+    for key in keys:
+        shape = shapes[key]
+        if len(shape) not in (1, 2) or 0 in shape:
+            raise BatchgenError(f"{path}: tensor {key} has shape {list(shape)}; embedding vectors are [n, width]")
+    if fmt == "sdxl" and shapes[keys[0]][:-1] != shapes[keys[1]][:-1]:
+        raise BatchgenError(f"{path}: clip_l and clip_g hold different numbers of vectors")
+    shape = shapes[keys[0]]
+    return fmt, [shapes[key][-1] for key in keys], shape[0] if len(shape) == 2 else 1
 
-    def rows(shape: tuple[int, ...]) -> int:
-        return shape[0] if len(shape) == 2 else 1
 
+def _layout_keys(shapes: dict[str, tuple[int, ...]], path: Path) -> tuple[str, list[str]]:
     if "clip_l" in shapes and "clip_g" in shapes:
-        return "sdxl", [shapes["clip_l"][-1], shapes["clip_g"][-1]], rows(shapes["clip_l"])
+        return "sdxl", ["clip_l", "clip_g"]
     params = [k for k in shapes if k.startswith("string_to_param.")]
     if len(params) == 1:
-        return "a1111", [shapes[params[0]][-1]], rows(shapes[params[0]])
+        return "a1111", params
     if "emb_params" in shapes:
-        return "emb_params", [shapes["emb_params"][-1]], rows(shapes["emb_params"])
+        return "emb_params", ["emb_params"]
     if len(shapes) == 1:
-        (shape,) = shapes.values()
-        if len(shape) in (1, 2):
-            return "diffusers", [shape[-1]], rows(shape)
+        return "diffusers", list(shapes)
     keys = ", ".join(list(shapes)[:5]) or "none"
     raise BatchgenError(
         f"{path}: not a textual inversion (tensors: {keys}); "

@@ -4,6 +4,7 @@ format, layer types, rank, base, and whether every key maps to a module of the m
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +81,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         fmt, groups = group_by_module(shapes, metadata)
     except ValueError as e:
         raise BatchgenError(f"{lora.path}: {e}") from None
+    _check_ranks(groups, lora.path)
     base = detect_base(groups, fmt)
     info = replace(
         lora,
@@ -97,11 +99,76 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
             f"{lora.path}: {len(unmapped)} of {len(groups)} layers map to no module of this {arch.base} model, "
             f"e.g. {', '.join(sorted(unmapped)[:3])}; is it for another model?"
         )
-    from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
 
-    hashes.checked(lora.path, "values", lambda path: check_values(path, "LoRA weights"))
+    def check_content(path: Path) -> None:
+        from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
+
+        check_values(path, "LoRA weights")
+        read_lora_layers(path, arch.modules, arch.unet_config)
+
+    hashes.checked(lora.path, "content", check_content)
     counts = Counter(ref.component for ref in mapped)
     return replace(info, modules=tuple(sorted(counts.items()))), mapped, ""
+
+
+# The fewest dimensions each layer tensor can have (conv factors have 4); alpha is one number.
+_MIN_DIMS = {
+    "lora_down.weight": 2,
+    "lora_up.weight": 2,
+    "lora_mid.weight": 4,
+    "hada_t1": 4,
+    "hada_t2": 4,
+    "lokr_t2": 4,
+    "diff": 2,
+    "diff_b": 1,
+    "dora_scale": 1,
+}
+
+
+def _check_ranks(groups: dict[str, dict[str, Any]], path: Path) -> None:
+    """Shapes that cannot be a layer at all, before anything computes dimensions from them."""
+    for prefix, tensors in groups.items():
+        for suffix, value in tensors.items():
+            shape = tuple(value.shape)
+            if suffix == "alpha":
+                if math.prod(shape) != 1:
+                    raise BatchgenError(f"{path}: {prefix}.alpha has shape {list(shape)}; alpha must be one number")
+                continue
+            need = _MIN_DIMS.get(suffix, 2)
+            if len(shape) < need or 0 in shape:
+                raise BatchgenError(
+                    f"{path}: {prefix}.{suffix} has shape {list(shape)}; a layer needs at least {need} non-empty "
+                    "dimensions there (the file is damaged or not a LoRA)"
+                )
+
+
+def read_lora_layers(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]], unet_config: dict) -> dict:
+    """{ModuleRef: layer} for a LoRA file against a model's module shapes (real or from meta modules); every
+    problem is a BatchgenError naming the file and the module, so inspection catches what rendering would hit."""
+    from batchgen.assets.lora_keys import group_by_module, map_to_modules
+    from batchgen.assets.lora_layers import layer_from_tensors
+    from batchgen.assets.tensors import read_state_dict
+
+    state = read_state_dict(path)
+    metadata = read_header(path).metadata if path.suffix.lower() == ".safetensors" else {}
+    try:
+        fmt, groups = group_by_module(state, metadata)
+    except ValueError as e:
+        raise BatchgenError(f"{path}: {e}") from None
+    mapped, unmapped = map_to_modules(groups, fmt, shapes, unet_config)
+    if unmapped:
+        raise BatchgenError(f"{path}: layers map to no module of this model, e.g. {', '.join(sorted(unmapped)[:3])}")
+    layers = {}
+    for ref, tensors in mapped.items():
+        try:
+            layer = layer_from_tensors(dict(tensors))
+            problem = layer.shape_error(shapes[ref.component][ref.path])
+        except (ValueError, IndexError, RuntimeError, TypeError) as e:  # factors that do not form a layer
+            problem = " ".join(str(e).split()) or type(e).__name__
+        if problem:
+            raise BatchgenError(f"{path}: {ref.component}.{ref.path}: {problem}; the file is damaged or not a LoRA")
+        layers[ref] = layer
+    return layers
 
 
 def _layer_kinds(groups: dict[str, dict[str, Any]]) -> list[str]:
@@ -115,9 +182,9 @@ def _layer_kinds(groups: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _rank(groups: dict[str, dict[str, Any]]) -> int | None:
-    ranks = [
-        g[key].shape[0] for g in groups.values() for key in ("lora_down.weight", "hada_w1_b") if key in g
-    ] + [g["lokr_w2_b"].shape[0] for g in groups.values() if "lokr_w2_b" in g]
+    ranks = [g[key].shape[0] for g in groups.values() for key in ("lora_down.weight", "hada_w1_b") if key in g] + [
+        g["lokr_w2_b"].shape[0] for g in groups.values() if "lokr_w2_b" in g
+    ]
     return max(ranks) if ranks else None
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from batchgen.assets.embeddings import find_embeddings, inspect_embedding
+from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import read_header
@@ -51,6 +51,7 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         loras=loras,
         refused=refused,
         discovered=tuple([("embedding", e.trigger) for e in embeddings] + [("lora", f.name) for f in loras]),
+        listed_triggers=tuple(trigger_for(p, dict(cfg.triggers)) for p in embedding_dirs if p.is_file()),
     )
 
 

@@ -43,6 +43,23 @@ def check_float_dtypes(header: Header, path: Path, what: str) -> None:
             raise BatchgenError(f"{path}: tensor {key} is {info.dtype}; {what} must be floating point")
 
 
+def _tensor_info(key: str, entry: object, base: int) -> TensorInfo:
+    """One header entry, checked: a dtype name, non-negative dimensions, and offsets in order."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ValueError(f"entry {key!r} is not a tensor description")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {key!r} has shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"tensor {key!r} has data offsets {offsets!r}")
+    return TensorInfo(str(entry["dtype"]), tuple(shape), base + offsets[0], base + offsets[1])
+
+
 def read_header(path: Path) -> Header:
     try:
         with path.open("rb") as f:
@@ -59,20 +76,15 @@ def read_header(path: Path) -> Header:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        end = 8 + length + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not a JSON object")
+        base = 8 + length
+        tensors = {str(k): _tensor_info(k, v, base) for k, v in header.items()}
+        end = max((t.end for t in tensors.values()), default=base)
         if end > path.stat().st_size:
             raise ValueError("tensor data extends past the end of the file")
-        tensors = {
-            k: TensorInfo(
-                str(v["dtype"]),
-                tuple(int(d) for d in v["shape"]),
-                8 + length + int(v["data_offsets"][0]),
-                8 + length + int(v["data_offsets"][1]),
-            )
-            for k, v in header.items()
-        }
     except OSError as e:
         raise unreadable(path, e) from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise BatchgenError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
     return Header(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})

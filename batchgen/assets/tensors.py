@@ -90,7 +90,7 @@ def embedding_vectors(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
     state_dict = unwrap_state_dict(state_dict)
     if "clip_l" in state_dict and "clip_g" in state_dict:
         return {"clip_l": _matrix(state_dict["clip_l"], path), "clip_g": _matrix(state_dict["clip_g"], path)}
-    if "string_to_param" in state_dict:
+    if isinstance(state_dict.get("string_to_param"), dict):
         params = state_dict["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
             raise BatchgenError(f"{path}: string_to_param must hold exactly one tensor")

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from batchgen.assets.lora_keys import ModuleRef, group_by_module, map_to_modules, module_shapes
-from batchgen.assets.safetensors_header import read_header
-from batchgen.assets.tensors import read_state_dict
-from batchgen.engine.layers import LayerPatch, layer_from_tensors
+from batchgen.assets.lora_keys import ModuleRef, module_shapes
+from batchgen.assets.lora_layers import LayerPatch
+from batchgen.assets.loras import read_lora_layers
 from batchgen.engine.pristine import PristineStore
 from batchgen.spec import LoraWeight
 
@@ -25,21 +24,8 @@ def load_lora_layers(
     path: Path, components: dict[str, torch.nn.Module], unet_config: dict, device: torch.device | str
 ) -> dict[ModuleRef, LayerPatch]:
     """Read a LoRA file once and keep it as low-rank factors on the device, keyed by the module it patches."""
-    state = read_state_dict(path)
-    metadata = read_header(path).metadata if path.suffix.lower() == ".safetensors" else {}
-    fmt, groups = group_by_module(state, metadata)
     shapes = {name: module_shapes(module) for name, module in components.items()}
-    mapped, unmapped = map_to_modules(groups, fmt, shapes, unet_config)
-    if unmapped:
-        raise ValueError(f"{path}: layers map to no module: {', '.join(sorted(unmapped)[:3])}")
-    layers: dict[ModuleRef, LayerPatch] = {}
-    for ref, tensors in mapped.items():
-        layer = layer_from_tensors(dict(tensors))
-        problem = layer.shape_error(shapes[ref.component][ref.path])
-        if problem:
-            raise ValueError(f"{path}: {ref.component}.{ref.path}: {problem}")
-        layers[ref] = layer.to(device)
-    return layers
+    return {ref: layer.to(device) for ref, layer in read_lora_layers(path, shapes, unet_config).items()}
 
 
 class WeightPatcher:

@@ -168,6 +168,8 @@ def _run_processes(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> N
             sink(row)
         elif kind in ("ready", "idle"):
             assign(wid)
+        elif kind == "output":  # a worker could not write into the run directory: stop the whole run
+            raise OSError(message[2], message[3], message[4])
         elif kind == "crash":  # the worker could not start (or its loop raised): fail what it held
             for job in workers[wid].outstanding.values():
                 sink(_failed_row(request.rows[job.job_id], workers[wid].slot.name, message[2]))

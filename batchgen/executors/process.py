@@ -28,6 +28,13 @@ def worker_main(wid: int, slot, settings: tuple, inbox, outbox) -> None:
                 writer.submit(rows[result.job_id], result)
             outbox.put(("idle", wid))  # the writer may still be finishing this unit's PNGs
         writer.close()
+    except OSError as e:
+        from batchgen.errors import OUTPUT_ERRNOS
+
+        if e.errno not in OUTPUT_ERRNOS:
+            outbox.put(("crash", wid, f"worker {slot.name} crashed: {type(e).__name__}: {e}"))
+            raise
+        outbox.put(("output", wid, e.errno, e.strerror, e.filename))  # the parent stops the run
     except Exception as e:  # reported as failed rows by the parent, which then replaces this worker
         outbox.put(("crash", wid, f"worker {slot.name} crashed: {type(e).__name__}: {e}"))
         traceback.print_exc()

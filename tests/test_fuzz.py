@@ -1,0 +1,222 @@
+"""Property tests: random LoRA and TI files and random overrides get an answer or a clean BatchgenError, never a
+traceback. A file that passes inspection must also load in the engine: validation may not let a bad file through
+to fail later at render time. `make fuzz` runs many more examples (HYPOTHESIS_PROFILE=fuzz)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from batchgen.assets.embeddings import inspect_embedding
+from batchgen.assets.hashing import HashCache
+from batchgen.assets.loras import inspect_lora
+from batchgen.assets.models import model_architecture
+from batchgen.config import compose_config
+from batchgen.errors import BatchgenError
+from batchgen.spec import EmbeddingFile, LoraFile
+from batchgen.tiny import tiny_root
+
+# tiny SD1 modules a kohya LoRA can name, with their weight shapes
+UNET_MODULE = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+TE_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+CONV_MODULE = "lora_unet_down_blocks_0_resnets_0_conv1"
+MODULES = [UNET_MODULE, TE_MODULE, CONV_MODULE, "lora_unet_no_such_module", "not_a_prefix_at_all"]
+SUFFIXES = [
+    "lora_down.weight",
+    "lora_up.weight",
+    "alpha",
+    "lora_mid.weight",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+    "dora_scale",
+    "diff",
+    "diff_b",
+    "weight",
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.bool]
+DIMS = st.sampled_from([1, 2, 3, 4, 8, 32, 64, 320, 768])
+SAFETENSORS_DTYPES = ["F32", "F16", "BF16", "I64", "BOOL", "F8_E4M3", "X99", 7]
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_cache: Path):
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint = tiny_root("tiny_sd1", tiny_cache) / "main" / "tiny_sd1"
+    pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), local_files_only=True, safety_checker=None)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    return model_architecture(checkpoint, "sd-1"), components, dict(pipe.unet.config)
+
+
+def _tensor(shape: tuple[int, ...], dtype: torch.dtype, special: str) -> torch.Tensor:
+    t = torch.randn(shape) if shape else torch.tensor(4.0)
+    if special == "nan" and t.numel():
+        t.view(-1)[0] = float("nan")
+    if special == "inf" and t.numel():
+        t.view(-1)[-1] = float("inf")
+    return t.to(dtype)
+
+
+lora_tensors = st.dictionaries(
+    st.tuples(st.sampled_from(MODULES), st.sampled_from(SUFFIXES)).map(lambda ms: f"{ms[0]}.{ms[1]}"),
+    st.tuples(
+        st.lists(DIMS, min_size=0, max_size=4).map(tuple).filter(lambda shape: math.prod(shape) <= 300_000),
+        st.sampled_from(DTYPES),
+        st.sampled_from(["", "", "", "nan", "inf"]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(spec=lora_tensors)
+def test_random_lora_tensors_are_accepted_and_load_or_are_refused(sd1, spec: dict) -> None:
+    from batchgen.engine.patcher import load_lora_layers
+
+    arch, components, unet_config = sd1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.safetensors"
+        save_file({key: _tensor(*value) for key, value in spec.items()}, str(path))
+        try:
+            inspect_lora(LoraFile("fuzz", path), arch, HashCache(None))
+        except BatchgenError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            return
+        layers = load_lora_layers(path, components, unet_config, "cpu")  # accepted files must load
+        assert layers
+
+
+header_values = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(SAFETENSORS_DTYPES),
+        "shape": st.lists(st.integers(-2, 1 << 40), max_size=4),
+        "data_offsets": st.lists(st.integers(-5, 1 << 41), min_size=0, max_size=3),
+    }
+)
+raw_headers = st.one_of(
+    st.binary(max_size=256),
+    st.tuples(
+        st.dictionaries(
+            st.sampled_from([f"{UNET_MODULE}.lora_down.weight", "emb_params", "clip_l", "x"]),
+            st.one_of(header_values, st.integers(), st.text(max_size=5)),
+            max_size=4,
+        ),
+        st.binary(max_size=64),
+        st.one_of(st.none(), st.integers(0, 1 << 62)),
+    ).map(lambda t: _raw(*t)),
+)
+
+
+def _raw(header: dict, data: bytes, claimed: int | None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if claimed is None else claimed) + text + data
+
+
+@FUZZ
+@given(raw=raw_headers, kind=st.sampled_from(["lora", "embedding"]))
+def test_random_safetensors_bytes_are_refused_cleanly(sd1, raw: bytes, kind: str) -> None:
+    arch = sd1[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.safetensors"
+        path.write_bytes(raw)
+        try:
+            if kind == "lora":
+                inspect_lora(LoraFile("fuzz", path), arch, HashCache(None))
+            else:
+                inspect_embedding(EmbeddingFile("fuzz", path), HashCache(None))
+        except BatchgenError as e:
+            assert "\n" not in str(e)
+
+
+ti_tensors = st.dictionaries(
+    st.sampled_from(["emb_params", "clip_l", "clip_g", "<tok>", "string_to_param", "other"]),
+    st.tuples(
+        st.lists(st.sampled_from([0, 1, 2, 768, 1024, 1280, 5]), min_size=0, max_size=3)
+        .map(tuple)
+        .filter(lambda shape: math.prod(shape) <= 300_000),
+        st.sampled_from(DTYPES),
+        st.sampled_from(["", "", "nan"]),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@FUZZ
+@given(spec=ti_tensors)
+def test_random_embeddings_are_read_or_refused(tiny_cache: Path, spec: dict) -> None:
+    from batchgen.assets.tensors import embedding_vectors, read_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzz.safetensors"
+        save_file({key: _tensor(*value) for key, value in spec.items()}, str(path))
+        try:
+            ti = inspect_embedding(EmbeddingFile("fuzz", path), HashCache(None))
+        except BatchgenError as e:
+            assert "\n" not in str(e)
+            return
+        vectors = embedding_vectors(read_state_dict(path), path)  # what the engine registers
+        assert sum(v.shape[0] for v in vectors.values()) >= ti.vectors
+
+
+override_keys = st.sampled_from(
+    [
+        "sweep.steps",
+        "sweep.seeds",
+        "sweep.stacks.ink.ink",
+        "sweep.width",
+        "run.out_dir",
+        "sweep.grid.x",
+        "sweep",
+        "models.tiny_sd1.base",
+        "sweep.prompts",
+        "executor.devices",
+        "nothing.here",
+        "",
+        "sweep.stacks",
+    ]
+)
+override_values = st.one_of(
+    st.sampled_from(["1", "1,2", "range(0,3)", "[1,2", "{a: 1}", "null", "'x'", "choice(1,2)", "-1", "${oops}", ""]),
+    st.text(alphabet="abc019.,=[]{}()'\"+~:$ -_/\\", max_size=12),
+)
+
+
+@FUZZ
+@given(
+    prefix=st.sampled_from(["", "+", "~", "++"]),
+    key=override_keys,
+    op=st.sampled_from(["=", "", "=="]),
+    value=override_values,
+)
+def test_random_overrides_compose_or_fail_cleanly(
+    tiny_cache: Path, prefix: str, key: str, op: str, value: str
+) -> None:
+    override = f"{prefix}{key}{op}{value}"
+    try:
+        compose_config(["+sweep=styles", override])
+    except BatchgenError as e:
+        assert "\n" not in str(e)
