@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.errors import BatchgenError
-from batchgen.executors.units import StateKey, UnitQueue, make_units, state_key
+from batchgen.executors.units import StateKey, UnitQueue, group_by_state, make_units
 from batchgen.spec import Job, ModelSpec
 
 RESTARTS = 2
@@ -199,7 +199,7 @@ def _run_processes(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> N
                     for job in lost:
                         sink(_failed_row(request.rows[job.job_id], worker.slot.name, reason))
                     continue
-                for group in reversed(_by_state(lost)):
+                for group in reversed(group_by_state(lost)):
                     pending.put_back(group)
                 start(wid, worker.slot, worker.restarts + 1)
         for unit in pending.drain():  # every slot gave up: nothing may be left unrecorded
@@ -213,16 +213,6 @@ def _run_processes(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> N
         for worker in workers.values():
             worker.process.join(timeout=10)
         _drain(outbox, lambda m: sink(m[2]) if m[0] == "row" else None)
-
-
-def _by_state(jobs: list[Job]) -> list[list[Job]]:
-    groups: list[list[Job]] = []
-    for job in jobs:
-        if groups and state_key(groups[-1][0]) == state_key(job):
-            groups[-1].append(job)
-        else:
-            groups.append([job])
-    return groups
 
 
 def _drain(outbox, handle) -> None:

@@ -30,12 +30,7 @@ def state_key(job: Job) -> StateKey:
 def make_units(jobs: list[Job], workers: int, batch: int) -> list[Unit]:
     """Jobs (in render order) cut into units: one per state group, or, for groups larger than an even share of
     the sweep, pieces of about that share rounded up to whole batches."""
-    groups: list[list[Job]] = []
-    for job in jobs:
-        if groups and state_key(groups[-1][0]) == state_key(job):
-            groups[-1].append(job)
-        else:
-            groups.append([job])
+    groups = group_by_state(jobs)
     if workers <= 1:
         return [Unit(state_key(g[0]), tuple(g)) for g in groups]
     # Pieces no larger than a quarter of a worker's share keep the tail of the sweep balanced.
@@ -46,6 +41,17 @@ def make_units(jobs: list[Job], workers: int, batch: int) -> list[Unit]:
         for start in range(0, len(group), size):
             units.append(Unit(state_key(group[0]), tuple(group[start : start + size])))
     return units
+
+
+def group_by_state(jobs: list[Job]) -> list[list[Job]]:
+    """Runs of consecutive jobs with one (model, LoRA state), in order."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        if groups and state_key(groups[-1][0]) == state_key(job):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
 class UnitQueue:
