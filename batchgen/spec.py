@@ -72,6 +72,15 @@ class Refused:
 
 
 @dataclass(frozen=True)
+class SingleFile:
+    """What a single-file checkpoint needs beside its weights to become a diffusers pipeline."""
+
+    config_dir: Path  # diffusers layout: model_index.json and each component's config (batchgen's, or the user's)
+    tokenizers: tuple[tuple[str, Path], ...]  # (tokenizer component, folder)
+    prediction_type: str | None = None  # overrides the scheduler config's (SD 2.x 768 is v_prediction)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One SD version as the engine needs it: resolved paths, no config objects."""
 
@@ -85,6 +94,12 @@ class ModelSpec:
     # Every (kind, name) found on disk, inspected or not: typo checks and "did you mean" look here.
     discovered: tuple[tuple[str, str], ...] = ()
     listed_triggers: tuple[str, ...] = ()  # TIs the config names file by file (not found in a folder)
+    single_file: SingleFile | None = None  # set for an A1111/ComfyUI single file, None for a diffusers folder
+
+    @property
+    def config_dir(self) -> Path:
+        """The folder holding the component configs: the checkpoint itself, or a single file's config folder."""
+        return self.single_file.config_dir if self.single_file else self.checkpoint
 
     def lora(self, name: str) -> LoraFile | None:
         return next((f for f in self.loras if f.name == name), None)

@@ -12,9 +12,10 @@ from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigg
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import read_header
+from batchgen.assets.single_file import check_single_file
 from batchgen.config import ModelConfig
 from batchgen.errors import BatchgenError
-from batchgen.spec import ModelSpec, Refused
+from batchgen.spec import ModelSpec, Refused, SingleFile
 
 BASES = ("sd-1", "sd-2", "sdxl")
 CROSS_ATTENTION_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
@@ -33,8 +34,10 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is a folder without model_index.json, not a diffusers pipeline"
         )
-    if checkpoint.is_file():
-        _check_single_file(checkpoint, where)
+    single = _check_single_file(checkpoint, cfg, where) if checkpoint.is_file() else None
+    if single is None and (cfg.config or cfg.tokenizer or cfg.prediction_type):
+        key = "config" if cfg.config else "tokenizer" if cfg.tokenizer else "prediction_type"
+        raise BatchgenError(f"{where}.{key}: only single-file checkpoints take it; a diffusers folder has its own")
     _check_base(checkpoint, cfg.base, where)
     embedding_dirs = [_inside(p, root, root, f"{where}.embeddings") for p in cfg.embeddings]
     embedding_dirs = embedding_dirs or _default_dir(root, "embedding")
@@ -52,6 +55,7 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         refused=refused,
         discovered=tuple([("embedding", e.trigger) for e in embeddings] + [("lora", f.name) for f in loras]),
         listed_triggers=tuple(trigger_for(p, dict(cfg.triggers)) for p in embedding_dirs if p.is_file()),
+        single_file=single,
     )
 
 
@@ -84,7 +88,7 @@ def inspect_assets(
     for lora in spec.loras:
         if loras is not None and lora.name not in loras:
             continue
-        arch = arch or model_architecture(spec.checkpoint, spec.base)
+        arch = arch or model_architecture(spec.config_dir, spec.base)
         try:
             info, mapped, reason = inspect_lora(lora, arch, hashes)
         except BatchgenError as e:
@@ -149,27 +153,15 @@ def _inside(text: str, base: Path | None, root: Path | None, where: str) -> Path
     return base / path
 
 
-# Prefixes of the UNet in the original (CompVis / SGM) single-file layout, and in diffusers' own.
-_UNET_PREFIXES = ("model.diffusion_model.", "unet.")
-
-
-def _check_single_file(checkpoint: Path, where: str) -> None:
-    """A single file must at least hold a Stable Diffusion UNet; anything else is a wrong path."""
+def _check_single_file(checkpoint: Path, cfg: ModelConfig, where: str) -> SingleFile:
+    """A single file must hold a Stable Diffusion model of the configured base, and its tokenizers must be here."""
     if checkpoint.suffix.lower() != ".safetensors":
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is a pickled single file; give a diffusers folder or a .safetensors "
             "checkpoint"
         )
     header = read_header(checkpoint)
-    if not any(key.startswith(_UNET_PREFIXES) for key in header.tensors):
-        raise BatchgenError(
-            f"{where}.checkpoint: {checkpoint} is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
-            "keys of SD1, SD2 or SDXL); give a diffusers folder"
-        )
-    raise BatchgenError(
-        f"{where}.checkpoint: {checkpoint} is a single-file checkpoint; batchgen loads diffusers folders (convert "
-        "it with diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py)"
-    )
+    return check_single_file(checkpoint, header, cfg.base, cfg.config, cfg.tokenizer, cfg.prediction_type, where)
 
 
 def _default_dir(root: Path | None, kind: str) -> list[Path]:

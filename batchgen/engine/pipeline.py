@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,10 +36,14 @@ def quiet_libraries() -> None:
 
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
-    """A diffusers pipeline from a local folder; never touches the network."""
+    """A diffusers pipeline from a local folder or single file; never touches the network."""
     from diffusers import DiffusionPipeline
 
     quiet_libraries()
+    if spec.single_file is not None:
+        pipe = load_single_file(spec, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
     index = json.loads((Path(spec.checkpoint) / "model_index.json").read_text())
     extra = {}
     if "safety_checker" in index:
@@ -46,6 +52,36 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     pipe = DiffusionPipeline.from_pretrained(str(spec.checkpoint), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_single_file(spec: ModelSpec, dtype: torch.dtype):
+    """An A1111/ComfyUI file through diffusers' converters, around a folder of configs and tokenizers put together
+    here: diffusers reads every component's config and tokenizer from one diffusers-layout folder."""
+    import diffusers
+
+    single = spec.single_file
+    assert single is not None
+    index = json.loads((single.config_dir / "model_index.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="batchgen-single-file-") as tmp:
+        folder = Path(tmp)
+        shutil.copy(single.config_dir / "model_index.json", folder / "model_index.json")
+        for component, entry in index.items():
+            source = single.config_dir / component
+            if isinstance(entry, list) and "tokenizer" not in component and source.is_dir():
+                (folder / component).mkdir()
+                for config in source.glob("*.json"):
+                    shutil.copy(config, folder / component / config.name)
+        for component, tokenizer in single.tokenizers:
+            (folder / component).symlink_to(tokenizer.resolve(), target_is_directory=True)
+        if single.prediction_type is not None:
+            scheduler = folder / "scheduler" / "scheduler_config.json"
+            config = json.loads(scheduler.read_text())
+            scheduler.write_text(json.dumps({**config, "prediction_type": single.prediction_type}))
+        cls = getattr(diffusers, index["_class_name"])
+        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        return cls.from_single_file(
+            str(spec.checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **extra
+        )
 
 
 def register_embeddings(pipe, spec: ModelSpec) -> None:

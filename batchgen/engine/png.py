@@ -54,7 +54,7 @@ def _sampler(scheduler: str, spec: ModelSpec) -> str:
         return SCHEDULERS[scheduler].a1111
     if scheduler == DEFAULT_SCHEDULER:
         # "default" means nothing to A1111; name the checkpoint's own scheduler instead when we know it.
-        return _checkpoint_sampler(str(spec.checkpoint)) or scheduler
+        return _checkpoint_sampler(str(spec.config_dir)) or scheduler
     return scheduler
 
 

@@ -1,0 +1,181 @@
+"""Single-file checkpoints (A1111 / ComfyUI `.safetensors`): base from the tensor names and shapes, component
+configs shipped with batchgen, tokenizers from a local folder or the Hugging Face cache. No torch, no weights read.
+
+A single file holds only weights in the original (CompVis / SGM) layout; diffusers needs a config per component and
+the tokenizer files to build a pipeline around them. The configs are facts about each base and ship in
+`batchgen/model_configs/<base>/`; the tokenizers (a few MB of vocabulary) do not, and are looked up locally.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from batchgen.assets.safetensors_header import Header
+from batchgen.errors import BatchgenError
+from batchgen.spec import SingleFile
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+
+UNET_PREFIX = "model.diffusion_model."
+_CROSS_ATTENTION_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
+_CONTEXT_WIDTH_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
+# A text encoder in the file confirms the base the UNet says; its absence is fine (some files ship UNet + VAE only).
+_TEXT_ENCODER_PREFIXES = {
+    "sd-1": "cond_stage_model.transformer.",
+    "sd-2": "cond_stage_model.model.",
+    "sdxl": "conditioner.embedders.1.model.",
+}
+_SDXL_REFINER_KEY = "conditioner.embedders.0.model.text_projection"
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Where each base's tokenizers live in the Hugging Face cache, most common first: repo id and subfolder.
+_TOKENIZER_REPOS: dict[str, dict[str, list[tuple[str, str]]]] = {
+    "sd-1": {
+        "tokenizer": [
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+            ("runwayml/stable-diffusion-v1-5", "tokenizer"),
+            ("CompVis/stable-diffusion-v1-4", "tokenizer"),
+            ("openai/clip-vit-large-patch14", ""),
+        ]
+    },
+    "sd-2": {
+        "tokenizer": [
+            ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+            ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+            ("stabilityai/stable-diffusion-2", "tokenizer"),
+        ]
+    },
+    "sdxl": {
+        "tokenizer": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer")],
+        "tokenizer_2": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")],
+    },
+}
+
+
+def detect_base(header: Header) -> tuple[str | None, int | None]:
+    """(base, cross-attention width) from the UNet's cross-attention key width; (None, width) when unknown."""
+    for key, info in header.tensors.items():
+        if _CROSS_ATTENTION_KEY.fullmatch(key) and len(info.shape) == 2:
+            width = info.shape[1]
+            return _CONTEXT_WIDTH_BASES.get(width), width
+    return None, None
+
+
+def check_single_file(
+    checkpoint: Path,
+    header: Header,
+    base: str,
+    config: str | None,
+    tokenizer: str | None,
+    prediction_type: str | None,
+    where: str,
+) -> SingleFile:
+    """What the engine needs to build a pipeline around the file; every problem is an error here, before a load."""
+    if not any(key.startswith(UNET_PREFIX) for key in header.tensors):
+        if any(key.startswith("unet.") for key in header.tensors):
+            raise BatchgenError(
+                f"{where}.checkpoint: {checkpoint} holds diffusers-layout keys (unet.*), not an A1111/ComfyUI "
+                "checkpoint; save it as a diffusers folder (pipe.save_pretrained) and point at the folder"
+            )
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
+            "keys of SD1, SD2 or SDXL); give a diffusers folder"
+        )
+    if _SDXL_REFINER_KEY in header.tensors:
+        raise BatchgenError(f"{where}.checkpoint: {checkpoint} is an SDXL refiner; batchgen renders base models only")
+    conv_in = header.tensors.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
+            "other special model); batchgen renders text-to-image models with 4"
+        )
+    found, width = detect_base(header)
+    if found is None:
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} has a UNet with cross-attention width {width}, not one of SD1 (768), "
+            "SD2 (1024) or SDXL (2048); give a diffusers folder"
+        )
+    if found != base:
+        raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
+    text_prefix = _TEXT_ENCODER_PREFIXES[base]
+    if not any(key.startswith(text_prefix) for key in header.tensors):
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} holds no {base} text encoder ({text_prefix}*); use a full checkpoint "
+            "(UNet, VAE and text encoders in one file)"
+        )
+    config_dir = _config_dir(config, base, where)
+    if prediction_type is not None and prediction_type not in _PREDICTION_TYPES:
+        raise BatchgenError(
+            f"{where}.prediction_type: '{prediction_type}' is not one of {', '.join(_PREDICTION_TYPES)}"
+        )
+    if prediction_type is None and "v_pred" in header.tensors:
+        prediction_type = "v_prediction"  # the marker key some trainers and A1111 conversions write
+    tokenizers = _tokenizers(base, tokenizer, config_dir, where)
+    return SingleFile(config_dir=config_dir, tokenizers=tuple(tokenizers.items()), prediction_type=prediction_type)
+
+
+def _config_dir(config: str | None, base: str, where: str) -> Path:
+    """A folder in diffusers' layout holding model_index.json and each component's config.json."""
+    folder = Path(config).expanduser() if config else SHIPPED_CONFIGS / base
+    if not (folder / "model_index.json").is_file():
+        raise BatchgenError(
+            f"{where}.config: {folder} has no model_index.json; name a diffusers folder (configs are enough) or "
+            "drop config: to use batchgen's own for the base"
+        )
+    for component, entry in json.loads((folder / "model_index.json").read_text()).items():
+        if isinstance(entry, list) and entry[0] in ("diffusers", "transformers") and "tokenizer" not in component:
+            name = "scheduler_config.json" if component == "scheduler" else "config.json"
+            if not (folder / component / name).is_file():
+                raise BatchgenError(f"{where}.config: {folder / component / name} is missing; add it")
+    return folder
+
+
+def _tokenizers(base: str, tokenizer: str | None, config_dir: Path, where: str) -> dict[str, Path]:
+    """{tokenizer component: folder}, from `tokenizer:`, the config folder, or the Hugging Face cache."""
+    names = list(_TOKENIZER_REPOS[base])
+    if tokenizer:
+        folder = Path(tokenizer).expanduser()
+        if _is_tokenizer(folder) and names == ["tokenizer"]:
+            return {"tokenizer": folder}
+        found = {name: folder / name for name in names}
+        missing = [str(path) for path in found.values() if not _is_tokenizer(path)]
+        if missing:
+            layout = " and ".join(f"{name}/" for name in names)
+            raise BatchgenError(
+                f"{where}.tokenizer: {missing[0]} holds no tokenizer (vocab.json and merges.txt, or tokenizer.json); "
+                f"give a folder with {layout} copied from {_TOKENIZER_REPOS[base][names[0]][0][0]}"
+            )
+        return found
+    if all(_is_tokenizer(config_dir / name) for name in names):
+        return {name: config_dir / name for name in names}
+    found = {}
+    for name in names:
+        folder = _cached_tokenizer(_TOKENIZER_REPOS[base][name])
+        if folder is None:
+            repo = _TOKENIZER_REPOS[base][name][0][0]
+            layout = " and ".join(f"{n}/" for n in names)
+            raise BatchgenError(
+                f"{where}.tokenizer: no {base} tokenizer found offline; copy {layout} of {repo} into a folder and set "
+                f"tokenizer: FOLDER in the model's yaml, or fetch it once with "
+                f"`hf download {repo} --include '{'tokenizer*' if len(names) > 1 else 'tokenizer'}/*'`"
+            )
+        found[name] = folder
+    return found
+
+
+def _is_tokenizer(folder: Path) -> bool:
+    bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    return folder.is_dir() and (bpe or (folder / "tokenizer.json").is_file())
+
+
+def _cached_tokenizer(candidates: list[tuple[str, str]]) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo, subfolder in candidates:
+        for name in ("vocab.json", "tokenizer.json"):
+            filename = f"{subfolder}/{name}" if subfolder else name
+            hit = try_to_load_from_cache(repo, filename)
+            if isinstance(hit, str) and _is_tokenizer(Path(hit).parent):
+                return Path(hit).parent
+    return None
