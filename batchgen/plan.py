@@ -27,6 +27,8 @@ from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec, format_n
 MAX_WEIGHT = 10.0
 UNUSUAL_WEIGHT = 2.0
 SLOT_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A1111's extra-network tag: <lora:name>, <lora:name:w>, <lora:name:te_w:unet_w>, <lora:name:te=w:unet=w>.
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>")
 SCALAR_AXES = ("seed", "steps", "guidance_scale", "width", "height", "scheduler")
 GRID_AXES = ("model", "stack", "prompt") + SCALAR_AXES
 
@@ -53,8 +55,9 @@ class StackState:
 @dataclass(frozen=True)
 class PromptVariant:
     template: str
-    text: str
+    text: str  # what the text encoder reads: slots filled, <lora:...> tags taken out
     slots: tuple[tuple[str, str], ...]
+    loras: tuple[LoraWeight, ...] = ()  # from <lora:...> tags, sorted by name
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,17 @@ def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
     }
     _check_batch_size(sweep.batch_size)
     slots = sorted({name for p in prompts for name, _ in p.slots})
-    _check_grid(sweep, slots)
+    if LORA_TAG.search(sweep.negative_prompt or ""):
+        raise BatchgenError(
+            "sweep.negative_prompt: <lora:...> tags work in prompts only (a negative prompt does not choose weights); "
+            "move the tag to the prompt or a stack"
+        )
+    _check_grid(sweep, slots, sorted({lw.name for p in prompts for lw in p.loras}))
     _check_names_exist(specs, prompts, sweep.negative_prompt, stacks)
 
     rows: list[dict[str, Any]] = []
-    for spec, stack, prompt in itertools.product(specs.values(), stacks, prompts):
+    for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
+        stack = _with_inline(configured, prompt.loras)
         missing = _missing_assets(spec, stack, prompt, sweep.negative_prompt)
         triggers = _triggers(prompt.text, sweep.negative_prompt)
         for values in itertools.product(*scalars.values()):
@@ -98,7 +107,7 @@ def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
             rows.append(_row(spec, stack, prompt, sweep.negative_prompt, triggers, scalar, missing))
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
-    warnings = weight_warnings(stacks)
+    warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)])
     return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs, warnings=warnings)
 
 
@@ -168,8 +177,54 @@ def expand_prompts(sweep: SweepConfig) -> list[PromptVariant]:
         for combo in itertools.product(*(sweep.slots[n] for n in names)):
             filled = dict(zip(names, combo, strict=True))
             text = SLOT_PATTERN.sub(lambda m, f=filled: f.get(m.group(1), m.group(0)), template)
-            variants.append(PromptVariant(template=template, text=text, slots=tuple(filled.items())))
+            text, loras = split_lora_tags(text, f"sweep.prompts[{i}]")
+            variants.append(PromptVariant(template=template, text=text, slots=tuple(filled.items()), loras=loras))
     return variants
+
+
+def split_lora_tags(text: str, where: str) -> tuple[str, tuple[LoraWeight, ...]]:
+    """The prompt without its <lora:...> tags, and the LoRAs they name (A1111's reading: the first number is the
+    text encoder's weight and the unet's too unless a second follows; te= and unet= name them)."""
+    found: dict[str, LoraWeight] = {}
+    for match in LORA_TAG.finditer(text):
+        name, params = match.group(1).strip(), match.group(2).split(":")[1:]
+        positional = [p for p in params if "=" not in p]
+        named = dict(p.split("=", 1) for p in params if "=" in p)
+        if len(positional) > 2 or set(named) - {"te", "unet"}:
+            raise BatchgenError(
+                f"{where}: {match.group(0)} has parameters batchgen does not read; write <lora:{name}:w> or "
+                f"<lora:{name}:te=w:unet=w>"
+            )
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise BatchgenError(
+                f"{where}: {match.group(0)} has a weight that is not a number; write <lora:{name}:0.8>"
+            ) from None
+        for w in (unet, te):
+            _weights(w, f"{where}: {match.group(0)}")
+        if name in found:
+            raise BatchgenError(f"{where}: LoRA '{name}' is tagged twice; keep one <lora:{name}:...> tag")
+        found[name] = LoraWeight(name, unet, te)
+    if not found:
+        return text, ()
+    cleaned = re.sub(r"\s+([,.;])", r"\1", re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text))).strip()
+    return cleaned, tuple(found[n] for n in sorted(found))
+
+
+def _with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState:
+    """A stack plus a prompt's tagged LoRAs; a LoRA in both gets the sum, as applying it twice would."""
+    if not inline:
+        return stack
+    merged = {lw.name: lw for lw in stack.loras}
+    for lw in inline:
+        if lw.name in merged:
+            old = merged[lw.name]
+            # Rounded so that 0.6 + 0.2 is the same job as a stack of 0.8.
+            lw = LoraWeight(lw.name, round(old.unet + lw.unet, 6), round(old.text_encoder + lw.text_encoder, 6))
+        merged[lw.name] = lw
+    return StackState(stack=stack.stack, loras=tuple(merged[n] for n in sorted(merged)))
 
 
 def expand_stacks(stacks: dict[str, dict[str, Any]]) -> list[StackState]:
@@ -255,7 +310,9 @@ def used_assets(sweep: SweepConfig) -> tuple[set[str], set[str]]:
     """(LoRA names, triggers) the sweep mentions, so only those files are hashed and read before planning."""
     loras = {name for stack in (sweep.stacks or {}).values() for name in (stack or {})}
     texts = [*sweep.prompts, sweep.negative_prompt, *(v for values in sweep.slots.values() for v in values)]
-    return loras, set(_triggers(*(t for t in texts if isinstance(t, str))))
+    texts = [t for t in texts if isinstance(t, str)]
+    loras |= {m.group(1).strip() for t in texts for m in LORA_TAG.finditer(t)}
+    return loras, set(_triggers(*(LORA_TAG.sub("", t) for t in texts)))
 
 
 def _triggers(*texts: str) -> list[str]:
@@ -301,6 +358,17 @@ def _check_names_exist(
                     f"{_did_you_mean(lw.name, loras)}; LoRAs found: {', '.join(loras) or 'none'}"
                 )
     triggers = _known(specs, "embedding")
+    for prompt in prompts:
+        where = f"sweep.prompts[{_template_index(prompts, prompt)}]"
+        for lw in prompt.loras:
+            if "/" in lw.name or "\\" in lw.name or lw.name.startswith(".."):
+                raise BatchgenError(f"{where}: LoRA name '{lw.name}' is a path; name LoRAs by file stem")
+            _check_usable(specs, "lora", lw.name, where, "prompt")
+            if lw.name not in loras:
+                raise BatchgenError(
+                    f"{where}: <lora:{lw.name}> is not found for any model{_did_you_mean(lw.name, loras)}; "
+                    f"LoRAs found: {', '.join(loras) or 'none'}"
+                )
     for i, prompt in enumerate(prompts):
         for trigger in _triggers(prompt.text):
             _check_usable(specs, "embedding", trigger, f"sweep.prompts[{i}]", "prompt")
@@ -317,6 +385,10 @@ def _check_names_exist(
                 f"sweep.negative_prompt: embedding <{trigger}> is not found for any model"
                 f"{_did_you_mean(trigger, triggers, '<{}>')}"
             )
+
+
+def _template_index(prompts: list[PromptVariant], prompt: PromptVariant) -> int:
+    return list(dict.fromkeys(p.template for p in prompts)).index(prompt.template)
 
 
 def _check_usable(specs: dict[str, ModelSpec], kind: str, name: str, where: str, place: str) -> None:
@@ -346,9 +418,9 @@ def _known(specs: dict[str, ModelSpec], kind: str) -> list[str]:
     return sorted(names)
 
 
-def _check_grid(sweep: SweepConfig, slots: list[str]) -> None:
+def _check_grid(sweep: SweepConfig, slots: list[str], inline: list[str]) -> None:
     # The report draws the grids; batchgen.axes holds the one list of axis names both check against.
-    loras = sorted({name for stack in (sweep.stacks or {}).values() for name in (stack or {})})
+    loras = sorted({name for stack in (sweep.stacks or {}).values() for name in (stack or {})} | set(inline))
     check_grid(sweep.grid.x, sweep.grid.y, sweep.grid.z, slots, loras)
 
 
