@@ -61,7 +61,8 @@ class ReportConfig:
 class SweepConfig:
     name: str = MISSING
     models: list[str] = field(default_factory=list)  # empty: every model the sweep selected
-    prompts: list[str] = MISSING
+    prompts: list[str] = field(default_factory=list)  # and/or prompts_file; at least one prompt in all
+    prompts_file: str | None = None  # .txt, one per line, or .csv: prompt[, negative_prompt][, seed], zipped
     slots: dict[str, list[str]] = field(default_factory=dict)
     negative_prompt: str = ""
     # Empty means a single stack with no LoRA; a default `none` here would be merged into every sweep's stacks.

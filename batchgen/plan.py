@@ -12,6 +12,7 @@ import itertools
 import json
 import numbers
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from batchgen.assets.embeddings import TRIGGER_PATTERN
 from batchgen.axes import check_grid
 from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
+from batchgen.prompts_file import PromptRow
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec, format_number
 
@@ -58,6 +60,8 @@ class PromptVariant:
     text: str  # what the text encoder reads: slots filled, <lora:...> tags taken out
     slots: tuple[tuple[str, str], ...]
     loras: tuple[LoraWeight, ...] = ()  # from <lora:...> tags, sorted by name
+    negative_prompt: str | None = None  # a prompts_file row's own; None: the sweep's
+    seed: int | None = None  # a prompts_file row's own; None: the sweep's seeds
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,11 @@ class Plan:
         return {c: int(self.table[c].nunique()) for c in columns}
 
 
-def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
+def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec], file_rows: Sequence[PromptRow] = ()) -> Plan:
     """Validate the sweep against the models' assets and expand it into the job table."""
     selected = select_models(sweep, list(models))
     specs = {name: models[name] for name in selected}
-    prompts = expand_prompts(sweep)
+    prompts = expand_prompts(sweep, file_rows)
     stacks = expand_stacks(sweep.stacks)
     scalars = {
         "seed": _ints(sweep.seeds, "sweep.seeds", minimum=0),
@@ -89,22 +93,26 @@ def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec]) -> Plan:
     }
     _check_batch_size(sweep.batch_size)
     slots = sorted({name for p in prompts for name, _ in p.slots})
-    if LORA_TAG.search(sweep.negative_prompt or ""):
+    if any(LORA_TAG.search(n or "") for n in (sweep.negative_prompt, *(r.negative_prompt for r in file_rows))):
         raise BatchgenError(
             "sweep.negative_prompt: <lora:...> tags work in prompts only (a negative prompt does not choose weights); "
             "move the tag to the prompt or a stack"
         )
     _check_grid(sweep, slots, sorted({lw.name for p in prompts for lw in p.loras}))
-    _check_names_exist(specs, prompts, sweep.negative_prompt, stacks)
+    negatives = sorted({p.negative_prompt for p in prompts if p.negative_prompt is not None})
+    _check_names_exist(specs, prompts, sweep.negative_prompt, stacks, negatives)
 
     rows: list[dict[str, Any]] = []
     for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
         stack = _with_inline(configured, prompt.loras)
-        missing = _missing_assets(spec, stack, prompt, sweep.negative_prompt)
-        triggers = _triggers(prompt.text, sweep.negative_prompt)
-        for values in itertools.product(*scalars.values()):
-            scalar = dict(zip(scalars, values, strict=True))
-            rows.append(_row(spec, stack, prompt, sweep.negative_prompt, triggers, scalar, missing))
+        negative = sweep.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt
+        missing = _missing_assets(spec, stack, prompt, negative)
+        triggers = _triggers(prompt.text, negative)
+        # A prompts_file row's seed goes with its prompt instead of multiplying it by the seeds axis.
+        axes = {**scalars, "seed": [prompt.seed]} if prompt.seed is not None else scalars
+        for values in itertools.product(*axes.values()):
+            scalar = dict(zip(axes, values, strict=True))
+            rows.append(_row(spec, stack, prompt, negative, triggers, scalar, missing))
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)])
@@ -155,9 +163,12 @@ def select_models(sweep: SweepConfig, available: list[str]) -> list[str]:
     return names
 
 
-def expand_prompts(sweep: SweepConfig) -> list[PromptVariant]:
-    """Fill each prompt's slots with the product of their values; a slot multiplies only prompts using it."""
-    prompts = list(sweep.prompts)
+def expand_prompts(sweep: SweepConfig, file_rows: Sequence[PromptRow] = ()) -> list[PromptVariant]:
+    """Fill each prompt's slots with the product of their values; a slot multiplies only prompts using it.
+
+    Prompts from sweep.prompts_file follow sweep.prompts, each with its row's negative prompt and seed."""
+    prompts = [*sweep.prompts, *(row.prompt for row in file_rows)]
+    own = {len(sweep.prompts) + i: row for i, row in enumerate(file_rows)}
     if not prompts:
         raise BatchgenError("sweep.prompts is empty; give at least one prompt")
     for name, values in sweep.slots.items():
@@ -178,7 +189,17 @@ def expand_prompts(sweep: SweepConfig) -> list[PromptVariant]:
             filled = dict(zip(names, combo, strict=True))
             text = SLOT_PATTERN.sub(lambda m, f=filled: f.get(m.group(1), m.group(0)), template)
             text, loras = split_lora_tags(text, f"sweep.prompts[{i}]")
-            variants.append(PromptVariant(template=template, text=text, slots=tuple(filled.items()), loras=loras))
+            row = own.get(i)
+            variants.append(
+                PromptVariant(
+                    template=template,
+                    text=text,
+                    slots=tuple(filled.items()),
+                    loras=loras,
+                    negative_prompt=row.negative_prompt if row else None,
+                    seed=row.seed if row else None,
+                )
+            )
     return variants
 
 
@@ -306,10 +327,11 @@ def _row(
     }
 
 
-def used_assets(sweep: SweepConfig) -> tuple[set[str], set[str]]:
+def used_assets(sweep: SweepConfig, file_rows: Sequence[PromptRow] = ()) -> tuple[set[str], set[str]]:
     """(LoRA names, triggers) the sweep mentions, so only those files are hashed and read before planning."""
     loras = {name for stack in (sweep.stacks or {}).values() for name in (stack or {})}
     texts = [*sweep.prompts, sweep.negative_prompt, *(v for values in sweep.slots.values() for v in values)]
+    texts += [t for row in file_rows for t in (row.prompt, row.negative_prompt) if t]
     texts = [t for t in texts if isinstance(t, str)]
     loras |= {m.group(1).strip() for t in texts for m in LORA_TAG.finditer(t)}
     return loras, set(_triggers(*(LORA_TAG.sub("", t) for t in texts)))
@@ -338,7 +360,11 @@ def _missing_assets(spec: ModelSpec, stack: StackState, prompt: PromptVariant, n
 
 
 def _check_names_exist(
-    specs: dict[str, ModelSpec], prompts: list[PromptVariant], negative: str, stacks: list[StackState]
+    specs: dict[str, ModelSpec],
+    prompts: list[PromptVariant],
+    negative: str,
+    stacks: list[StackState],
+    file_negatives: Sequence[str] = (),
 ) -> None:
     """A name found for no selected model is a typo, not a skip; one usable by no selected model (a broken file,
     or one of another base everywhere) would only give skipped rows: both are errors."""
@@ -378,7 +404,7 @@ def _check_names_exist(
                     f"{_did_you_mean(trigger, triggers, '<{}>')}; triggers found: "
                     f"{', '.join(f'<{t}>' for t in triggers) or 'none'}"
                 )
-    for trigger in _triggers(negative):
+    for trigger in _triggers(negative, *file_negatives):
         _check_usable(specs, "embedding", trigger, "sweep.negative_prompt", "prompt")
         if trigger not in triggers:
             raise BatchgenError(

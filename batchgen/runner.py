@@ -21,6 +21,7 @@ from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
 from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
+from batchgen.prompts_file import read_prompts_file
 from batchgen.runlock import RunLock
 from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
@@ -48,7 +49,8 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
     hashes = HashCache(cache_root() / "hashes.json")
     check_max_megapixels(cfg.report.max_grid_megapixels)  # the grids come last; a bad guard must fail first
     names = select_models(cfg.sweep, list(cfg.models))
-    loras, triggers = (None, None) if all_assets else used_assets(cfg.sweep)
+    rows = read_prompts_file(cfg.sweep.prompts_file) if cfg.sweep.prompts_file else []
+    loras, triggers = (None, None) if all_assets else used_assets(cfg.sweep, rows)
     models = {}
     unused = []
     for name in names:
@@ -61,7 +63,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
                 if t not in triggers
             ]
     hashes.save()
-    plan = build_plan(cfg.sweep, models)
+    plan = build_plan(cfg.sweep, models, rows)
     plan.warnings.extend(unused)
     return plan
 

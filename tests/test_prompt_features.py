@@ -1,4 +1,4 @@
-"""Prompt features: A1111 <lora:...> tags in prompts (planner and a render)."""
+"""Prompt features: A1111 <lora:...> tags in prompts (planner and a render), and sweep.prompts_file."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from PIL import Image
 
 from batchgen.errors import BatchgenError
 from batchgen.plan import build_plan, split_lora_tags, used_assets
+from batchgen.prompts_file import PromptRow, read_prompts_file
 from batchgen.spec import LoraWeight
 from tests.test_plan import MODELS, _sweep
 
@@ -129,3 +130,82 @@ def test_a_tagged_prompt_renders_the_stacked_image(run_cli, tmp_path: Path) -> N
         np.asarray(Image.open(tmp_path / "runs" / n / "images" / f"{tag['job_id'][0]}.png")) for n in ("tag", "stack")
     ]
     assert np.array_equal(*pixels)
+
+
+# --- sweep.prompts_file -------------------------------------------------------------------------------------------
+
+
+def test_prompts_from_a_txt_file_follow_the_sweep_prompts(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("a castle at night\n\n  a portrait of <alf> <lora:ink:0.5>  \n")
+    rows = read_prompts_file(str(tmp_path / "p.txt"))
+    assert rows == [PromptRow("a castle at night"), PromptRow("a portrait of <alf> <lora:ink:0.5>")]
+    sweep = _sweep(models=["sd1"], prompts=["a dog"], slots={}, stacks={}, seeds=[1, 2])
+    plan = build_plan(sweep, MODELS, rows)
+    assert list(plan.table["prompt"]) == ["a dog"] * 2 + ["a castle at night"] * 2 + ["a portrait of <alf>"] * 2
+    assert list(plan.table["loras"]) == [""] * 4 + ["ink:0.5"] * 2
+    assert used_assets(sweep, rows) == ({"ink"}, {"alf"})
+
+
+def test_csv_rows_are_zipped_not_multiplied(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text(
+        "prompt,negative_prompt,seed\n"
+        'a castle at night,blurry,7\n"a portrait of <alf>, smiling",,\na dog,"cartoon, <cartoona>",3\n'
+    )
+    rows = read_prompts_file(str(tmp_path / "p.csv"))
+    assert rows == [
+        PromptRow("a castle at night", "blurry", 7),
+        PromptRow("a portrait of <alf>, smiling", "", None),
+        PromptRow("a dog", "cartoon, <cartoona>", 3),
+    ]
+    plan = build_plan(_sweep(models=["sd1"], prompts=[], slots={}, stacks={}, seeds=[1, 2]), MODELS, rows)
+    got = list(zip(plan.table["prompt"], plan.table["negative_prompt"], plan.table["seed"], strict=True))
+    assert got == [
+        ("a castle at night", "blurry", 7),
+        ("a portrait of <alf>, smiling", "", 1),  # no seed in the row: the sweep's seeds
+        ("a portrait of <alf>, smiling", "", 2),
+        ("a dog", "cartoon, <cartoona>", 3),
+    ]
+    assert list(plan.table["embeddings"]) == ["", "alf", "alf", "cartoona"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("p.csv", "text\nx\n", "sweep.prompts_file: {f} has no 'prompt' column (columns: text)"),
+        (
+            "p.csv",
+            "prompt,cfg\nx,7\n",
+            "sweep.prompts_file: {f} has column 'cfg', which batchgen does not read; use "
+            "prompt, negative_prompt, seed",
+        ),
+        ("p.csv", "prompt,seed\nx,-1\n", "sweep.prompts_file: {f} line 2: seed '-1' is not an integer >= 0"),
+        ("p.csv", "prompt,seed\n,4\n", "sweep.prompts_file: {f} line 2 has no prompt; fill it in or delete the row"),
+        ("p.txt", "\n\n", "sweep.prompts_file: {f} holds no prompt; write one per line (or per CSV row)"),
+        ("p.json", "[]", "sweep.prompts_file: {f} is neither .txt nor .csv; rename it or convert it"),
+    ],
+)
+def test_bad_prompts_files(tmp_path: Path, name: str, content: str, message: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(BatchgenError) as e:
+        read_prompts_file(str(tmp_path / name))
+    assert str(e.value) == message.format(f=tmp_path / name)
+
+
+def test_prompts_file_in_a_dry_run(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("prompt,seed\na castle at night,5\na portrait of <alf>,6\n")
+    code, out, err = run_cli(
+        "+sweep=styles",
+        "sweep.models=[tiny_sd1]",
+        "sweep.prompts=[]",
+        f"+sweep.prompts_file={tmp_path}/p.csv",
+        "--dry-run",
+    )
+    assert code == 0, err
+    # 2 rows x 6 stack states, each row with its own seed (the sweep's two seeds do not multiply them)
+    assert "jobs: 12 to render in total" in out and "  seed            2\n" in out
+    code, _, err = run_cli("+sweep=styles", f"+sweep.prompts_file={tmp_path}/none.txt", "--dry-run")
+    assert (code, err.strip()) == (
+        2,
+        f"batchgen: error: sweep.prompts_file: {tmp_path}/none.txt is not a file; give a .txt (one prompt per "
+        "line) or a .csv",
+    )
