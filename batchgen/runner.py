@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import pandas as pd
 
 from batchgen.assets.hashing import HashCache
-from batchgen.assets.models import inspect_assets, resolve_model
+from batchgen.assets.models import inspect_assets, resolve_model, scan_checkpoints
 from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
@@ -88,6 +88,8 @@ def list_assets(plan: Plan, out: TextIO) -> None:
     """One line per asset, per model: what it is, what it fits, where it lives; then what was refused and why."""
     for spec in plan.models.values():
         out.write(f"{spec.name} ({spec.base})  {spec.checkpoint}\n")
+        for layout, base, path in scan_checkpoints(spec.models_root) if spec.models_root else []:
+            out.write(f"  checkpoint  {path.name}  {layout}, {base}  {path}\n")
         for ti in spec.embeddings:
             vectors = f"{ti.vectors} vector{'s' if ti.vectors != 1 else ''}"
             out.write(f"  embedding  <{ti.trigger}>  {ti.format}, {vectors}, {ti.base}  {ti.path}\n")

@@ -12,7 +12,7 @@ from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigg
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import read_header
-from batchgen.assets.single_file import check_single_file
+from batchgen.assets.single_file import check_single_file, detect_base
 from batchgen.config import ModelConfig
 from batchgen.errors import BatchgenError
 from batchgen.spec import ModelSpec, Refused, SingleFile
@@ -26,7 +26,7 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
     where = f"models.{name}"
     if cfg.base not in BASES:
         raise BatchgenError(f"{where}.base: '{cfg.base}' is not one of {', '.join(BASES)}")
-    root = _root(cfg, builtin_root, where)
+    root = _root(cfg, builtin_root, where, cfg.base)
     checkpoint = _inside(cfg.checkpoint, root / "main" if root else None, root, f"{where}.checkpoint")
     if not checkpoint.exists():
         raise BatchgenError(f"{where}.checkpoint: {checkpoint} does not exist; fix the path in model/{name}.yaml")
@@ -56,7 +56,38 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         discovered=tuple([("embedding", e.trigger) for e in embeddings] + [("lora", f.name) for f in loras]),
         listed_triggers=tuple(trigger_for(p, dict(cfg.triggers)) for p in embedding_dirs if p.is_file()),
         single_file=single,
+        models_root=Path(cfg.root).expanduser() if cfg.root else None,
     )
+
+
+def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
+    """(layout, base or '?', path) of every checkpoint in a root's main/ folder, or in each <base>/main/ of an
+    InvokeAI models folder; for --list, so nothing is loaded and unreadable entries say so."""
+    mains = [models_root / "main"] if (models_root / "main").is_dir() else [models_root / b / "main" for b in BASES]
+    found = []
+    for main in mains:
+        if not main.is_dir():
+            continue
+        for entry in sorted(main.iterdir()):
+            if entry.is_dir() and (entry / "model_index.json").is_file():
+                found.append(("diffusers", _folder_base(entry) or "?", entry))
+            elif entry.is_file() and entry.suffix.lower() == ".safetensors":
+                try:
+                    base = detect_base(read_header(entry))[0]
+                except BatchgenError:
+                    base = None
+                found.append(("single file", base or "?", entry))
+            elif entry.is_file() and entry.suffix.lower() == ".ckpt":
+                found.append(("pickled single file (convert it to .safetensors)", "?", entry))
+    return found
+
+
+def _folder_base(checkpoint: Path) -> str | None:
+    try:
+        width = json.loads((checkpoint / "unet" / "config.json").read_text()).get("cross_attention_dim")
+    except (OSError, ValueError):
+        return None
+    return CROSS_ATTENTION_BASES.get(width if isinstance(width, int) else -1)
 
 
 def inspect_assets(
@@ -126,11 +157,14 @@ def model_architecture(checkpoint: Path, base: str):
     return build(checkpoint, base)
 
 
-def _root(cfg: ModelConfig, builtin_root: Callable[[str], Path], where: str) -> Path | None:
+def _root(cfg: ModelConfig, builtin_root: Callable[[str], Path], where: str, base: str) -> Path | None:
     if cfg.root:
         root = Path(cfg.root).expanduser()
         if not root.is_dir():
             raise BatchgenError(f"{where}.root: {root} is not a directory")
+        # InvokeAI's models folder holds one such root per base: <root>/sd-1/main, <root>/sdxl/lora, ...
+        if not (root / "main").is_dir() and (root / base).is_dir():
+            return root / base
         return root
     if cfg.builtin:
         return builtin_root(cfg.builtin)

@@ -1,0 +1,43 @@
+"""InvokeAI's models folder (<root>/<base>/main|embedding|lora): a model names the root and a checkpoint, gets
+that base's TI and LoRA folders, and --list shows every checkpoint under the root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def test_invokeai_models_folder(run_cli, tiny_cache: Path, tmp_path: Path) -> None:
+    tiny = next(tiny_cache.glob("*/tiny_sd1"))
+    models = tmp_path / "models"
+    (models / "sd-1" / "main").mkdir(parents=True)
+    (models / "sd-1" / "main" / "tiny_sd1").symlink_to(tiny / "main" / "tiny_sd1")
+    (models / "sd-1" / "lora").symlink_to(tiny / "lora")
+    (models / "sd-1" / "embedding").symlink_to(tiny / "embedding")
+    (models / "sdxl" / "main").mkdir(parents=True)
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    save_file({key: torch.zeros(8, 2048)}, str(models / "sdxl" / "main" / "xl.safetensors"))
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "sweep").mkdir()
+    (conf / "model" / "invoke.yaml").write_text(f"base: sd-1\nroot: {models}\ncheckpoint: tiny_sd1\n")
+    (conf / "sweep" / "inv.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /model@models.invoke: invoke\n"
+        "sweep:\n  name: inv\n  prompts: ['a portrait of <alf>']\n  stacks: {ink: {ink: 0.5}}\n"
+        "  steps: 2\n  width: 64\n  height: 64\n"
+    )
+    code, out, err = run_cli("--config-dir", str(conf), "+sweep=inv", "--list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"invoke (sd-1)  {models}/sd-1/main/tiny_sd1"
+    assert lines[1:3] == [
+        f"  checkpoint  tiny_sd1  diffusers, sd-1  {models}/sd-1/main/tiny_sd1",
+        f"  checkpoint  xl.safetensors  single file, sdxl  {models}/sdxl/main/xl.safetensors",
+    ]
+    assert any(line.startswith("  lora  ink  kohya") for line in lines)
+    assert any(line.startswith("  embedding  <alf>  a1111") for line in lines)
+    code, out, err = run_cli("--config-dir", str(conf), "+sweep=inv", "--dry-run")
+    assert code == 0, err
+    assert "jobs: 1 to render in total, 1 new" in out
