@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from batchgen.assets import tensors
 from batchgen.config import compose_config
-from batchgen.engine import patcher, pipeline, worker
+from batchgen.engine import pipeline, worker
 from batchgen.runner import prepare
 
 
@@ -30,7 +31,7 @@ def test_models_tis_and_loras_load_once(tiny_cache: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(worker, "load_pipeline", counting_load)
     monkeypatch.setattr(pipeline, "read_state_dict", counting_read)  # TIs
-    monkeypatch.setattr(patcher, "read_state_dict", counting_read)  # LoRAs
+    monkeypatch.setattr(tensors, "read_state_dict", counting_read)  # LoRAs, read by assets.loras.read_lora_layers
     renderer = worker.Renderer(plan.models)
     # Interleave models on purpose: the renderer still sees them grouped because the plan orders jobs by model.
     results = list(renderer.render(plan.jobs))

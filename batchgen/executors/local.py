@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,7 @@ def _run_processes(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> N
     batch = request.batch_size if isinstance(request.batch_size, int) else 1
     pending = UnitQueue(make_units(request.jobs, len(slots), batch))
     workers: dict[int, _Worker] = {}
+    position = {job.job_id: i for i, job in enumerate(request.jobs)}
 
     def start(wid: int, slot: Slot, restarts: int = 0) -> None:
         inbox = ctx.Queue()
@@ -191,8 +193,12 @@ def _run_processes(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> N
                 if worker.stopping and not worker.outstanding:
                     del workers[wid]
                     continue
-                lost = sorted(worker.outstanding.values(), key=request.jobs.index)
+                lost = sorted(worker.outstanding.values(), key=lambda job: position[job.job_id])
                 del workers[wid]
+                sys.stderr.write(
+                    f"batchgen: worker {worker.slot.name} died (exit code {worker.process.exitcode}); "
+                    f"{len(lost)} unfinished jobs go back to the queue\n"
+                )
                 if worker.restarts >= RESTARTS:
                     code = worker.process.exitcode
                     reason = f"worker {worker.slot.name} died (exit code {code}) {RESTARTS + 1} times on these jobs"
