@@ -87,6 +87,8 @@ class RunConfig:
     # Intra-op threads per CPU worker; null: the cores split between workers. CPU pixels depend on it (oneDNN
     # picks convolution kernels by thread count), so fix it to compare runs with different worker counts.
     threads: int | None = None
+    # A prompt past the encoder's 77 tokens is chunked as A1111 does; true cuts it there instead, with a warning.
+    truncate_prompts: bool = False
 
 
 @dataclass

@@ -77,7 +77,12 @@ class Plan:
         return {c: int(self.table[c].nunique()) for c in columns}
 
 
-def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec], file_rows: Sequence[PromptRow] = ()) -> Plan:
+def build_plan(
+    sweep: SweepConfig,
+    models: dict[str, ModelSpec],
+    file_rows: Sequence[PromptRow] = (),
+    truncate_prompts: bool = False,
+) -> Plan:
     """Validate the sweep against the models' assets and expand it into the job table."""
     selected = select_models(sweep, list(models))
     specs = {name: models[name] for name in selected}
@@ -112,7 +117,7 @@ def build_plan(sweep: SweepConfig, models: dict[str, ModelSpec], file_rows: Sequ
         axes = {**scalars, "seed": [prompt.seed]} if prompt.seed is not None else scalars
         for values in itertools.product(*axes.values()):
             scalar = dict(zip(axes, values, strict=True))
-            rows.append(_row(spec, stack, prompt, negative, triggers, scalar, missing))
+            rows.append(_row(spec, stack, prompt, negative, triggers, scalar, missing, truncate_prompts))
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)])
@@ -277,6 +282,7 @@ def _row(
     triggers: list[str],
     scalar: dict[str, Any],
     missing: list[str],
+    truncate_prompts: bool = False,
 ) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "checkpoint": spec.checkpoint_sha256,
@@ -285,6 +291,8 @@ def _row(
         **{k: scalar[k] for k in ("seed", "steps", "width", "height", "scheduler")},
         "guidance_scale": float(scalar["guidance_scale"]),
     }
+    if truncate_prompts:
+        payload["truncate_prompts"] = True  # a long prompt cut, not chunked: other pixels (absent when off)
     job: Job | None = None
     if missing:
         # Skipped jobs still need a stable id; the names stand in for the files that do not exist.
@@ -302,6 +310,7 @@ def _row(
             prompt=prompt.text,
             negative_prompt=negative,
             loras=stack.loras,
+            truncate_prompts=truncate_prompts,
             **scalar,
         )
     return {

@@ -63,7 +63,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
                 if t not in triggers
             ]
     hashes.save()
-    plan = build_plan(cfg.sweep, models, rows)
+    plan = build_plan(cfg.sweep, models, rows, cfg.run.truncate_prompts)
     plan.warnings.extend(unused)
     return plan
 

@@ -143,6 +143,7 @@ class Job:
     height: int
     scheduler: str = "default"
     loras: tuple[LoraWeight, ...] = ()
+    truncate_prompts: bool = False  # cut a text at the encoder's 77 tokens instead of chunking it as A1111 does
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """Text-encoder outputs cached per (text, text-encoder LoRA state), encoded a batch at a time.
 
+A text longer than the encoder's 77 tokens is encoded as A1111 does: in chunks of 75 tokens, each wrapped in its
+own start and end tokens, the chunks' outputs concatenated (the pooled SDXL output is the first chunk's); a job's
+prompt and negative prompt are padded to the same number of chunks with the empty text's encoding. With
+run.truncate_prompts the text is cut at 77 tokens instead, with a warning.
+
 A sweep renders each prompt under many UNet-only changes (seeds, steps, UNet weights); encoding it once per
 text-encoder state removes that work from every image but the first. Prompts and negative prompts share one cache
 (diffusers encodes both the same way), and every text a batch still needs goes through the encoders in one call.
@@ -7,6 +12,7 @@ text-encoder state removes that work from every image but the first. Prompts and
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -61,24 +67,36 @@ class PromptCache:
                 isolate_image_rows(encoder, self._shape, suffixes=("text_projection",))
 
     def embeds(self, batch: list[Job]) -> list[Embeds]:
-        """Each job's conditioning; the batch must share one text-encoder state (it shares its LoRA stack)."""
+        """Each job's conditioning; the batch must share one text-encoder state (it shares its LoRA stack).
+
+        Jobs with a long prompt may come back longer than the others: a pipeline call takes one length only."""
         states = {text_encoder_state(job) for job in batch}
         assert len(states) == 1, "a batch spans text-encoder states"
         state = states.pop()
+        truncate = {job.truncate_prompts for job in batch}
+        assert len(truncate) == 1, "a batch mixes truncated and chunked prompts"
+        cut = truncate.pop()
         wanted = dict.fromkeys(text for job in batch for text in texts_of(self.pipe, job))
-        missing = [text for text in wanted if (text, state) not in self._entries]
+        missing = [text for text in wanted if (text, state, cut) not in self._entries]
         if missing:
-            for text, encoded in zip(missing, self._encode(missing), strict=True):
-                self._entries[(text, state)] = encoded
+            for text, encoded in zip(missing, self._encode(missing, cut), strict=True):
+                self._entries[(text, state, cut)] = encoded
             self.misses += len(missing)
             self.calls += 1
         out = []
         for job in batch:
             texts = texts_of(self.pipe, job)
             for text in texts:
-                self._entries.move_to_end((text, state))
-            cond = self._entries[(texts[0], state)]
-            uncond = self._entries[(texts[1], state)] if len(texts) > 1 else None
+                self._entries.move_to_end((text, state, cut))
+            cond = self._entries[(texts[0], state, cut)]
+            uncond = self._entries[(texts[1], state, cut)] if len(texts) > 1 else None
+            if uncond is not None and cond.hidden.shape[1] != uncond.hidden.shape[1]:
+                if ("", state, cut) not in self._entries:  # the padding chunk, needed by long prompts only
+                    self._entries[("", state, cut)] = self._encode([""], cut)[0]
+                    self.misses += 1
+                    self.calls += 1
+                empty = self._entries[("", state, cut)].hidden
+                cond, uncond = _pad_to(cond, uncond, empty), _pad_to(uncond, cond, empty)
             out.append(Embeds(cond.hidden, uncond and uncond.hidden, cond.pooled, uncond and uncond.pooled))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -90,8 +108,69 @@ class PromptCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def _encode(self, texts: list[str], truncate: bool) -> list[_Encoded]:
+        """Texts that fit in one chunk go through diffusers' encode_prompt together; longer ones chunk by chunk."""
+        chunks = {text: self._chunk_ids(text) for text in texts}
+        short = [t for t in texts if len(chunks[t][0]) == 1 or truncate]
+        for text in texts:
+            if truncate and len(chunks[text][0]) > 1:
+                tokens = sum(len(c) for c in chunks[text][0]) - 2 * (len(chunks[text][0]) - 1)
+                print(
+                    f"batchgen: warning: prompt '{text[:60]}...' is {tokens} tokens; the encoder reads the first "
+                    "77 (run.truncate_prompts=true)",
+                    file=sys.stderr,
+                )
+        encoded = dict(zip(short, self._encode_short(short), strict=True)) if short else {}
+        for text in texts:
+            if text not in encoded:
+                encoded[text] = self._encode_chunks(chunks[text])
+        return [encoded[text] for text in texts]
+
+    def _tokenizers(self) -> list[tuple[object, torch.nn.Module]]:
+        pairs = [(self.pipe.tokenizer, self.pipe.text_encoder)]
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            pairs.append((self.pipe.tokenizer_2, self.pipe.text_encoder_2))
+        return pairs
+
+    def _chunk_ids(self, text: str) -> list[list[list[int]]]:
+        """Per tokenizer, the text's 77-token chunks: start token, up to 75 tokens, end token, padding."""
+        out = []
+        for tokenizer, _ in self._tokenizers():
+            if hasattr(self.pipe, "maybe_convert_prompt"):
+                text_for = self.pipe.maybe_convert_prompt(text, tokenizer)  # a multi-vector TI's extra tokens
+            else:
+                text_for = text
+            ids = tokenizer(text_for, truncation=False, add_special_tokens=False).input_ids
+            size = tokenizer.model_max_length - 2
+            pieces = [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]
+            pad = tokenizer.pad_token_id
+            out.append(
+                [[tokenizer.bos_token_id, *c, tokenizer.eos_token_id] + [pad] * (size - len(c)) for c in pieces]
+            )
+        return out
+
     @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> list[_Encoded]:
+    def _encode_chunks(self, chunks: list[list[list[int]]]) -> _Encoded:
+        device = self.pipe._execution_device
+        sdxl = len(chunks) > 1
+        hidden, pooled = [], None
+        for (_, encoder), ids in zip(self._tokenizers(), chunks, strict=True):
+            tensor = torch.tensor(ids, device=device)
+            self._shape.images = len(ids)
+            try:
+                output = encoder(tensor, output_hidden_states=sdxl)
+            finally:
+                self._shape.images = 1
+            # diffusers' choice per pipeline: SD1/SD2 take the last layer, SDXL the penultimate of both encoders.
+            states = output.hidden_states[-2] if sdxl else output[0]
+            hidden.append(states.reshape(1, -1, states.shape[-1]))
+            if sdxl:
+                pooled = output[0][0:1]
+        dtype = self.pipe.text_encoder.dtype
+        return _Encoded(torch.cat(hidden, dim=-1).to(dtype), pooled)
+
+    @torch.inference_mode()
+    def _encode_short(self, texts: list[str]) -> list[_Encoded]:
         # inference_mode also matters for memory: a cached tensor with autograd history would keep every
         # text-encoder activation of its prompt alive.
         device = self.pipe._execution_device
@@ -109,6 +188,14 @@ class PromptCache:
         return [
             _Encoded(hidden[i : i + 1], None if pooled is None else pooled[i : i + 1]) for i in range(len(texts))
         ]
+
+
+def _pad_to(encoded: _Encoded, other: _Encoded, empty: torch.Tensor) -> _Encoded:
+    """A1111's padding of the shorter of prompt and negative prompt: empty-text chunks appended."""
+    missing = (other.hidden.shape[1] - encoded.hidden.shape[1]) // empty.shape[1]
+    if missing <= 0:
+        return encoded
+    return _Encoded(torch.cat([encoded.hidden, *([empty] * missing)], dim=1), encoded.pooled)
 
 
 def batch_kwargs(batch: list[Embeds]) -> dict[str, torch.Tensor]:

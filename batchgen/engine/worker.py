@@ -44,7 +44,9 @@ class _Clock:
 
 def batch_key(job: Job) -> tuple:
     """Jobs with equal keys can share one pipeline call."""
-    return (job.model, job.loras, job.steps, job.guidance_scale, job.width, job.height, job.scheduler)
+    return (
+        job.model, job.loras, job.steps, job.guidance_scale, job.width, job.height, job.scheduler, job.truncate_prompts
+    )
 
 
 def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
@@ -97,6 +99,12 @@ class Renderer:
             mark = time.perf_counter()
             embeds = loaded.prompts.embeds(batch)
             stages["encode"] = time.perf_counter() - mark
+            lengths = [e.prompt.shape[1] for e in embeds]
+            if len(set(lengths)) > 1:
+                # Long prompts come in 77-token chunks; one pipeline call takes embeddings of one length only.
+                for length in dict.fromkeys(lengths):
+                    yield from self._render_batch([j for j, n in zip(batch, lengths, strict=True) if n == length])
+                return
             mark = time.perf_counter()
             loaded.decode_clock.seconds = 0.0
             loaded.shape.images = len(batch)

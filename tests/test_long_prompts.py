@@ -1,0 +1,84 @@
+"""Prompts past the encoder's 77 tokens: chunked as A1111 does (never a silent cut), or truncated with a warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from batchgen.engine.pipeline import load_pipeline
+from batchgen.engine.prompts import PromptCache
+from batchgen.spec import Job, ModelSpec
+
+LONG = " ".join(["a castle at night with towers and a river and the moon over the hills"] * 8)
+
+
+def _job(prompt: str, negative: str = "", truncate: bool = False) -> Job:
+    return Job("0" * 16, "m", prompt, negative, 1, 2, 7.5, 64, 64, truncate_prompts=truncate)
+
+
+@pytest.fixture(scope="module", params=["tiny_sd1", "tiny_sdxl"])
+def pipe(request, tiny_cache: Path):
+    folder = next(tiny_cache.glob(f"*/{request.param}/main/{request.param}"))
+    spec = ModelSpec(request.param, "sdxl" if "xl" in request.param else "sd-1", folder, "")
+    return load_pipeline(spec, "cpu", torch.float32)
+
+
+def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
+    tokens = len(pipe.tokenizer(LONG, truncation=False).input_ids) - 2
+    assert tokens > 150  # three chunks of 75
+    cache = PromptCache(pipe)
+    (embeds,) = cache.embeds([_job(LONG, "blurry")])
+    assert embeds.prompt.shape[1] == 77 * 3
+    assert embeds.negative.shape == embeds.prompt.shape  # the short negative is padded with empty chunks
+    # The first chunk is what diffusers gives for the prompt cut at 75 tokens; the padding is the empty text's.
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        cut, _, pooled, _ = pipe.encode_prompt(prompt=[LONG], device="cpu", do_classifier_free_guidance=False)
+        empty, *_ = pipe.encode_prompt(prompt=[""], device="cpu", do_classifier_free_guidance=False)
+        torch.testing.assert_close(embeds.pooled, pooled, rtol=0, atol=1e-5)
+    else:
+        cut, _ = pipe.encode_prompt([LONG], "cpu", 1, False)
+        empty, _ = pipe.encode_prompt([""], "cpu", 1, False)
+    torch.testing.assert_close(embeds.prompt[:, :77], cut, rtol=0, atol=1e-5)
+    assert not torch.allclose(embeds.prompt[:, 77:154], cut, atol=1e-3)
+    torch.testing.assert_close(embeds.negative[:, 77:154], empty, rtol=0, atol=1e-5)
+    (short,) = cache.embeds([_job("a castle", "blurry")])
+    assert short.prompt.shape[1] == 77 and short.negative.shape[1] == 77
+
+
+def test_truncation_cuts_at_77_tokens_with_a_warning(pipe, capsys) -> None:
+    (embeds,) = PromptCache(pipe).embeds([_job(LONG, "", truncate=True)])
+    assert embeds.prompt.shape[1] == 77
+    assert "the encoder reads the first 77 (run.truncate_prompts=true)" in capsys.readouterr().err
+
+
+def _sweep(conf: Path, name: str, model: str, batch: int, truncate: bool = False) -> None:
+    (conf / "sweep").mkdir(parents=True, exist_ok=True)
+    (conf / "sweep" / f"{name}.yaml").write_text(
+        f"# @package _global_\ndefaults:\n  - /model@models.{model}: {model}\n"
+        f"sweep:\n  name: {name}\n  prompts: ['{LONG}', 'a castle at night']\n  negative_prompt: blurry\n"
+        f"  seeds: [1]\n  steps: 2\n  width: 64\n  height: 64\n  batch_size: {batch}\n"
+        f"run:\n  truncate_prompts: {str(truncate).lower()}\n"
+    )
+
+
+@pytest.mark.parametrize("model", ["tiny_sd1", "tiny_sdxl"])
+def test_long_and_short_prompts_in_one_batch_give_their_own_images(run_cli, tmp_path: Path, model: str) -> None:
+    conf = tmp_path / "conf"
+    for name, batch, truncate in (("one", 1, False), ("two", 2, False), ("cut", 2, True)):
+        _sweep(conf, name, model, batch, truncate)
+        code, _, err = run_cli("--config-dir", str(conf), f"+sweep={name}")
+        assert code == 0, err
+    runs = {
+        n: pd.read_csv(tmp_path / "runs" / n / "manifest.csv", keep_default_na=False) for n in ("one", "two", "cut")
+    }
+    one, two, cut = (runs[n].set_index("prompt") for n in ("one", "two", "cut"))
+    assert set(one["status"]) == set(two["status"]) == {"ok"}
+    for prompt in (LONG, "a castle at night"):
+        assert one.loc[prompt, "job_id"] == two.loc[prompt, "job_id"]
+        assert one.loc[prompt, "image_sha256"] == two.loc[prompt, "image_sha256"]
+    # Truncation is another job (it is in job_id) and, for the long prompt, another image.
+    assert cut.loc[LONG, "job_id"] != one.loc[LONG, "job_id"]
+    assert cut.loc[LONG, "image_sha256"] != one.loc[LONG, "image_sha256"]
