@@ -38,7 +38,7 @@ def test_named_scheduler_keeps_the_checkpoint_betas(pipe, name: str) -> None:
     assert bool(pipe.scheduler.config.get("use_karras_sigmas", False)) == karras
     for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type"):
         assert pipe.scheduler.config[key] == original[key]
-    image = pipe("a castle", num_inference_steps=8, width=64, height=64, output_type="np").images[0]
-    assert image.shape == (64, 64, 3) and image.std() > 0
+    pipe.scheduler.set_timesteps(4)
+    assert len(pipe.scheduler.timesteps) >= 4 and int(pipe.scheduler.timesteps.max()) < original["num_train_timesteps"]
     switch.use("default")
     assert pipe.scheduler is switch.original
