@@ -32,7 +32,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def run_cli(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Call batchgen's entry point in-process from a fresh working folder; returns (exit code, stdout, stderr)."""
     from batchgen.cli import main
 
@@ -44,3 +44,9 @@ def run_cli(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
         return code, captured.out, captured.err
 
     return call
+
+
+@pytest.fixture
+def run_cli(tiny_cache: Path, cli):
+    """`cli` with the embedded tiny models built (BATCHGEN_CACHE set for the session)."""
+    return cli

@@ -16,20 +16,6 @@ from tests.synthetic import CELL, colour, make_run, write_manifest
 ALL_CHANNELS = CELL * CELL * 3
 
 
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture):
-    from batchgen.cli import main
-
-    monkeypatch.chdir(tmp_path)
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
-
-
 def two_runs(tmp_path: Path) -> tuple[Path, Path, pd.DataFrame]:
     """runs/a and an identical copy runs/b: 6 ok jobs (one model, 3 stacks, 2 styles)."""
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"

@@ -21,21 +21,6 @@ from tests.synthetic import STYLES, colour, make_run, write_manifest
 VOLATILE = {"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"}
 
 
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture):
-    """batchgen's entry point in-process from tmp_path; (exit code, stdout, stderr). No tiny models needed."""
-    from batchgen.cli import main
-
-    monkeypatch.chdir(tmp_path)
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
-
-
 def mixed_run(run: Path) -> pd.DataFrame:
     """12 jobs: one failed, one skipped, the rest ok, with seconds and stage timings."""
     table = make_run(run, skip={1})
