@@ -32,7 +32,6 @@ SLOT_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # A1111's extra-network tag: <lora:name>, <lora:name:w>, <lora:name:te_w:unet_w>, <lora:name:te=w:unet=w>.
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>")
 SCALAR_AXES = ("seed", "steps", "guidance_scale", "width", "height", "scheduler")
-GRID_AXES = ("model", "stack", "prompt") + SCALAR_AXES
 
 
 @dataclass(frozen=True)

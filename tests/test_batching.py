@@ -121,5 +121,5 @@ def test_per_image_rows_run_each_image_as_a_batch_of_one_would() -> None:
         out = unet.time_embedding(same)
         alone = reference(torch.stack([uncond[0], cond[0]]))
         assert all(torch.equal(out[[i, i + 3]], alone) for i in range(3))
-        assert torch.equal(unet.other.weight, reference.weight) is False  # untouched layers stay plain modules
+    # untouched layers stay plain modules
     assert "forward" not in vars(unet.other) and "forward" in vars(unet.time_embedding)

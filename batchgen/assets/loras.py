@@ -100,13 +100,8 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
             f"e.g. {', '.join(sorted(unmapped)[:3])}; is it for another model?"
         )
 
-    def check_content(path: Path) -> None:
-        from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
-
-        check_values(path, "LoRA weights")
-        read_lora_layers(path, arch.modules, arch.unet_config)
-
-    hashes.checked(lora.path, "content", check_content)
+    # Reads every value (torch), so the verdict is cached per file version.
+    hashes.checked(lora.path, "content", lambda path: read_lora_layers(path, arch.modules, arch.unet_config))
     counts = Counter(ref.component for ref in mapped)
     return replace(info, modules=tuple(sorted(counts.items()))), mapped, ""
 
@@ -143,13 +138,15 @@ def _check_ranks(groups: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def read_lora_layers(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]], unet_config: dict) -> dict:
-    """{ModuleRef: layer} for a LoRA file against a model's module shapes (real or from meta modules); every
-    problem is a BatchgenError naming the file and the module, so inspection catches what rendering would hit."""
+    """{ModuleRef: layer} for a LoRA file against a model's module shapes (real or from meta modules), its values
+    checked (float, finite); every problem is a BatchgenError naming the file and the module, so inspection catches
+    what rendering would hit."""
     from batchgen.assets.lora_keys import group_by_module, map_to_modules
     from batchgen.assets.lora_layers import layer_from_tensors
-    from batchgen.assets.tensors import read_state_dict
+    from batchgen.assets.tensors import check_tensors, flat_tensors, read_state_dict
 
     state = read_state_dict(path)
+    check_tensors(flat_tensors(state), path, "LoRA weights")  # one read serves the value checks and the layers
     metadata = read_header(path).metadata if path.suffix.lower() == ".safetensors" else {}
     try:
         fmt, groups = group_by_module(state, metadata)

@@ -45,7 +45,12 @@ _INT_NAMES = {
 def check_values(path: Path, what: str, wanted=lambda key: not key.endswith("alpha")) -> None:
     """Every tensor `wanted(key)` picks is floating point and finite: a NaN in a LoRA or TI turns every image it
     touches black, and an integer one is corrupt. Reads the whole file, so callers cache the verdict."""
-    for key, tensor in _tensors(path):
+    check_tensors(_tensors(path), path, what, wanted)
+
+
+def check_tensors(items, path: Path, what: str, wanted=lambda key: not key.endswith("alpha")) -> None:
+    """check_values over (key, tensor) pairs already in memory."""
+    for key, tensor in items:
         if not wanted(key):
             continue
         if not tensor.is_floating_point():
@@ -71,6 +76,11 @@ def _tensors(path: Path):
             raise BatchgenError(f"{path}: not a readable safetensors file ({_short(e)}); re-download it") from None
         return
     yield from _flatten(unwrap_state_dict(read_state_dict(path)))
+
+
+def flat_tensors(state: dict, prefix: str = ""):
+    """(dotted key, tensor) for every tensor of a possibly nested state dict."""
+    return _flatten(state, prefix)
 
 
 def _flatten(state: dict, prefix: str = ""):
