@@ -23,5 +23,8 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
     "unipc": SchedulerChoice("UniPCMultistepScheduler", {}, "UniPC"),
+    # LMSDiscreteScheduler integrates its coefficients with scipy, a runtime dependency for this reason alone.
+    "lms": SchedulerChoice("LMSDiscreteScheduler", {}, "LMS"),
+    "lms_karras": SchedulerChoice("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
 }
 DEFAULT_SCHEDULER = "default"  # the checkpoint's own scheduler config
