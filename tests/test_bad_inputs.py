@@ -248,6 +248,39 @@ def pickle_payload(suffix: str, kind: str) -> Callable[[Case], tuple]:
     return case
 
 
+def pickled_checkpoint_payload(zip_format: bool) -> Callable[[Case], tuple]:
+    """A .ckpt whose pickle calls os.system: in torch's zip format beside real tensors, or a bare pickle."""
+
+    def case(c: Case):
+        c.marker = c.tmp / "pwned"
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {c.marker}",))
+
+        path = c.tmp / "model.ckpt"
+        if zip_format:
+            torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(4, 4), "x": Payload()}}, path)
+        else:
+            path.write_bytes(pickle.dumps({"state_dict": {"x": Payload()}}, protocol=2))
+        system = f"{os.system.__module__}.{os.system.__name__}"
+        return [f"models.tiny_sd1.checkpoint={path}", "models.tiny_sd1.builtin=null"], (
+            f"{path}: refused, the pickle would run code or load non-tensor objects (it references {system}); "
+            "use a .safetensors version of this file\n"
+        )
+
+    case.__name__ = f"pickled_checkpoint_payload_{'zip' if zip_format else 'plain'}"
+    return case
+
+
+def checkpoint_of_unknown_type(c: Case):
+    (c.tmp / "model.bin").write_bytes(b"weights")
+    return [f"models.tiny_sd1.checkpoint={c.tmp}/model.bin", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.checkpoint: {c.tmp}/model.bin is not a checkpoint file batchgen reads; give a diffusers "
+        "folder or a single file ending in .safetensors, .ckpt, .pt, .pth\n"
+    )
+
+
 # --- config cases ----------------------------------------------------------------------------------------------
 
 
@@ -358,6 +391,9 @@ CASES = [
     checkpoint_escapes_the_root,
     non_utf8_name,
     *(pickle_payload(s, k) for s in (".pt", ".bin", ".ckpt") for k in ("embedding", "lora")),
+    pickled_checkpoint_payload(zip_format=True),
+    pickled_checkpoint_payload(zip_format=False),
+    checkpoint_of_unknown_type,
     invalid_yaml,
     unknown_key,
     wrong_type,

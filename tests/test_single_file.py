@@ -3,7 +3,9 @@ lookup, base disagreement, and the tiny SD1/SDXL round trip (folder -> A1111-lay
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,17 +192,21 @@ def test_special_files_are_refused(headers: dict[str, Header], tmp_path: Path) -
 
 
 def _write_single_file(tiny_cache: Path, name: str, dest: Path) -> Path:
+    """`dest` as .safetensors and, beside it, the same tensors as an A1111-style .ckpt pickle."""
     from diffusers import DiffusionPipeline
 
     folder = next((tiny_cache).glob(f"*/{name}/main/{name}"))
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
-    save_file(original_layout.pipeline_to_original(pipe), str(dest))
+    state = original_layout.pipeline_to_original(pipe)
+    save_file(state, str(dest))
+    # Training state beside the weights, as in CompVis checkpoints: unwrapped though "state_dict" is not alone.
+    torch.save({"state_dict": state, "global_step": 470000, "epoch": 6}, dest.with_suffix(".ckpt"))
     return folder
 
 
 @pytest.mark.parametrize(("name", "base"), [("tiny_sd1", "sd-1"), ("tiny_sdxl", "sdxl")])
 def test_single_file_renders_the_same_image_as_its_folder(
-    run_cli, tiny_cache: Path, tmp_path: Path, name: str, base: str
+    run_cli, tiny_cache: Path, tmp_path: Path, name: str, base: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = _write_single_file(tiny_cache, name, tmp_path / f"{name}.safetensors")
     root = folder.parent.parent
@@ -208,24 +214,43 @@ def test_single_file_renders_the_same_image_as_its_folder(
     (conf / "model").mkdir(parents=True)
     (conf / "sweep").mkdir()
     # The tiny model's configs and tokenizer stand in for the shipped full-size ones.
-    (conf / "model" / "single.yaml").write_text(
-        f"base: {base}\ncheckpoint: {tmp_path}/{name}.safetensors\nconfig: {folder}\n"
-        f"loras: [{root}/lora]\nembeddings: [{root}/embedding]\n"
-    )
+    for model, suffix in (("single", "safetensors"), ("ckpt", "ckpt")):
+        (conf / "model" / f"{model}.yaml").write_text(
+            f"base: {base}\ncheckpoint: {tmp_path}/{name}.{suffix}\nconfig: {folder}\n"
+            f"loras: [{root}/lora]\nembeddings: [{root}/embedding]\n"
+        )
     (conf / "sweep" / "rt.yaml").write_text(
         "# @package _global_\n"
         f"defaults:\n  - /model@models.folder: {name}\n  - /model@models.single: single\n"
+        "  - /model@models.ckpt: ckpt\n"
         "sweep:\n  name: rt\n  prompts: ['a castle at night, watercolor']\n"
         "  stacks: {none: {}, ink: {ink: 0.8}}\n  seeds: [1]\n  steps: 2\n  width: 64\n  height: 64\n"
     )
+    loads: list[tuple[str, object]] = []
+    real_load = torch.load
+
+    def spy(f, *args, **kwargs):
+        loads.append((sys._getframe(1).f_globals["__name__"], str(f), kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=rt")
     assert code == 0, err
+    ckpt = str(tmp_path / f"{name}.ckpt")
+    # Once to plan (keys and shapes), once to load; never without weights_only, never by diffusers itself.
+    assert loads == [("batchgen.assets.tensors", ckpt, True)] * 2, loads
     rows = pd.read_csv(tmp_path / "runs" / "rt" / "manifest.csv", keep_default_na=False)
-    assert len(rows) == 4 and set(rows["status"]) == {"ok"}, rows[["model", "stack", "status"]]
+    assert len(rows) == 6 and set(rows["status"]) == {"ok"}, rows[["model", "stack", "status"]]
     # PNG bytes differ by the model name and hash in their parameters; the pixels must not.
     run = tmp_path / "runs" / "rt"
     by = {(r.model, r.stack): np.asarray(Image.open(run / r.image)) for r in rows.itertuples()}
-    assert len(by) == 4, list(by)
-    assert np.array_equal(by[("folder", "none")], by[("single", "none")])
-    assert np.array_equal(by[("folder", "ink 0.8")], by[("single", "ink 0.8")])
+    assert len(by) == 6, list(by)
+    for model in ("single", "ckpt"):
+        assert np.array_equal(by[("folder", "none")], by[(model, "none")]), model
+        assert np.array_equal(by[("folder", "ink 0.8")], by[(model, "ink 0.8")]), model
     assert not np.array_equal(by[("folder", "none")], by[("folder", "ink 0.8")])
+    # A1111 names a checkpoint by the sha256 of the file, whatever its format.
+    for model, suffix in (("single", "safetensors"), ("ckpt", "ckpt")):
+        image = run / rows.loc[rows["model"] == model, "image"].iloc[0]
+        digest = hashlib.sha256((tmp_path / f"{name}.{suffix}").read_bytes()).hexdigest()
+        assert f"Model hash: {digest[:10]}, Model: {model}" in Image.open(image).info["parameters"]

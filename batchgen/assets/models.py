@@ -11,7 +11,7 @@ from pathlib import Path
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
-from batchgen.assets.safetensors_header import read_header
+from batchgen.assets.safetensors_header import Header, read_header
 from batchgen.assets.single_file import check_single_file, detect_base
 from batchgen.config import ModelConfig
 from batchgen.errors import BatchgenError
@@ -19,6 +19,8 @@ from batchgen.spec import ModelSpec, Refused, SingleFile
 
 BASES = ("sd-1", "sd-2", "sdxl")
 CROSS_ATTENTION_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
+# .bin is left out: in a diffusers folder it is one component's weights, never a whole model.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
 def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: Callable[[str], Path]) -> ModelSpec:
@@ -71,14 +73,12 @@ def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
         for entry in sorted(main.iterdir()):
             if entry.is_dir() and (entry / "model_index.json").is_file():
                 found.append(("diffusers", _folder_base(entry) or "?", entry))
-            elif entry.is_file() and entry.suffix.lower() == ".safetensors":
+            elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
                 try:
-                    base = detect_base(read_header(entry))[0]
+                    base = detect_base(_single_file_header(entry))[0]
                 except BatchgenError:
                     base = None
                 found.append(("single file", base or "?", entry))
-            elif entry.is_file() and entry.suffix.lower() == ".ckpt":
-                found.append(("pickled single file (convert it to .safetensors)", "?", entry))
     return found
 
 
@@ -189,13 +189,22 @@ def _inside(text: str, base: Path | None, root: Path | None, where: str) -> Path
 
 def _check_single_file(checkpoint: Path, cfg: ModelConfig, where: str) -> SingleFile:
     """A single file must hold a Stable Diffusion model of the configured base, and its tokenizers must be here."""
-    if checkpoint.suffix.lower() != ".safetensors":
+    if checkpoint.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise BatchgenError(
-            f"{where}.checkpoint: {checkpoint} is a pickled single file; give a diffusers folder or a .safetensors "
-            "checkpoint"
+            f"{where}.checkpoint: {checkpoint} is not a checkpoint file batchgen reads; give a diffusers folder or a "
+            f"single file ending in {', '.join(SINGLE_FILE_SUFFIXES)}"
         )
-    header = read_header(checkpoint)
+    header = _single_file_header(checkpoint)
     return check_single_file(checkpoint, header, cfg.base, cfg.config, cfg.tokenizer, cfg.prediction_type, where)
+
+
+def _single_file_header(path: Path) -> Header:
+    """Tensor names and shapes: a safetensors header, or a pickle unpickled weights-only with its data mapped."""
+    if path.suffix.lower() == ".safetensors":
+        return read_header(path)
+    from batchgen.assets.tensors import checkpoint_header  # torch, only for pickled checkpoints
+
+    return checkpoint_header(path)
 
 
 def _default_dir(root: Path | None, kind: str) -> list[Path]:

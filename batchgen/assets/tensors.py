@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from batchgen.assets.safetensors_header import Header, TensorInfo
 from batchgen.errors import BatchgenError
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
@@ -26,10 +29,12 @@ def read_state_dict(path: Path) -> dict:
             with warnings.catch_warnings():
                 # Newer pickle protocols load fine; torch's notice about them would only confuse users.
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                return torch.load(str(path), map_location="cpu", weights_only=True)
+                # Zip-format tensors are mapped, not read: planning a multi-GB checkpoint needs only keys and shapes.
+                mmap = zipfile.is_zipfile(path)
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             raise BatchgenError(
-                f"{path}: refused, the pickle would run code or load non-tensor objects ({_short(e)}); "
+                f"{path}: refused, the pickle would run code or load non-tensor objects ({_refusal(e)}); "
                 "use a .safetensors version of this file"
             ) from None
         except Exception as e:
@@ -38,7 +43,12 @@ def read_state_dict(path: Path) -> dict:
 
 
 _INT_NAMES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
 }
 
 
@@ -116,6 +126,28 @@ def embedding_vectors(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint's tensors. CompVis/A1111 pickles keep them under "state_dict", sometimes beside
+    training state (global_step, epoch), so the nesting is unwrapped whatever else sits next to it."""
+    state = read_state_dict(path)
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BatchgenError(f"{path}: holds a {type(state).__name__}, not a dict of tensors; re-download it")
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def checkpoint_header(path: Path) -> Header:
+    """What read_header gives for a .safetensors file, from a pickled checkpoint (mapped, so its data stays unread)."""
+    tensors = checkpoint_state_dict(path)
+    return Header({k: TensorInfo(_dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}, metadata={})
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    floats = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    return floats.get(dtype) or _INT_NAMES.get(dtype) or str(dtype)
+
+
 def unwrap_state_dict(state_dict: dict) -> dict:
     """Some trainers save the embedding inside a checkpoint-style {"state_dict": {...}} wrapper."""
     inner = state_dict.get("state_dict")
@@ -126,6 +158,15 @@ def _matrix(tensor: object, path: Path) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() not in (1, 2):
         raise BatchgenError(f"{path}: embedding vectors must be a float tensor of shape [n, width]")
     return tensor.reshape(-1, tensor.shape[-1]).float()
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    # torch's message opens with advice to retry with weights_only=False; the global it refused is what matters.
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return f"it references {found[1]}"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+    return detail[1].strip()[:160] if detail else _short(e)
 
 
 def _short(e: BaseException) -> str:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from batchgen.assets.lora_keys import COMPONENTS
-from batchgen.assets.tensors import embedding_vectors, read_state_dict
+from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import LoraWeight, ModelSpec
@@ -79,9 +81,34 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype):
             scheduler.write_text(json.dumps({**config, "prediction_type": single.prediction_type}))
         cls = getattr(diffusers, index["_class_name"])
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        return cls.from_single_file(
-            str(spec.checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **extra
-        )
+        with _weights_only(Path(spec.checkpoint)):
+            return cls.from_single_file(
+                str(spec.checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **extra
+            )
+
+
+@contextlib.contextmanager
+def _weights_only(checkpoint: Path):
+    """A pickled checkpoint reaches diffusers as tensors batchgen unpickled weights-only: diffusers' pipeline
+    from_single_file takes only a path and would run its own torch.load on the pickle. Patching the one loader it
+    calls keeps its converters; if a diffusers release renames that loader, patch.object fails instead of
+    letting diffusers unpickle the file."""
+    if checkpoint.suffix.lower() == ".safetensors":
+        yield
+        return
+    import diffusers.loaders.single_file
+
+    state = checkpoint_state_dict(checkpoint)
+    handed: list[str] = []
+
+    def load(path, *args, **kwargs):
+        assert Path(path) == checkpoint, f"diffusers asked for {path} while loading {checkpoint}"
+        handed.append(str(path))
+        return state
+
+    with mock.patch.object(diffusers.loaders.single_file, "load_single_file_checkpoint", load):
+        yield
+    assert handed, "diffusers loaded the checkpoint without the weights-only state dict"
 
 
 def register_embeddings(pipe, spec: ModelSpec) -> None:
