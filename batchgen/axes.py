@@ -12,7 +12,18 @@ from collections.abc import Iterable, Sequence
 
 from batchgen.errors import BatchgenError
 
-BASE_AXES = ("model", "stack", "prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
+BASE_AXES = (
+    "model",
+    "stack",
+    "prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+    "clip_skip",
+)
 WEIGHT_PREFIX = "weight:"  # `weight:ink`: the weight of LoRA `ink` across every stack that has it
 _COUNT = {2: "two", 3: "three"}
 
@@ -101,7 +112,5 @@ def stack_label(loras_cell: str, without: Iterable[str] = ()) -> str:
 def check_max_megapixels(value: object) -> float:
     """The grid size guard as a float; a one-line BatchgenError when it is not a positive number."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise BatchgenError(
-            f"report.max_grid_megapixels: {value!r} is not a positive number of megapixels; try 64"
-        )
+        raise BatchgenError(f"report.max_grid_megapixels: {value!r} is not a positive number of megapixels; try 64")
     return float(value)

@@ -74,6 +74,10 @@ class SweepConfig:
     width: Any = 512
     height: Any = 512
     scheduler: Any = None
+    clip_skip: Any = 1  # A1111's count: 1 is the encoder's last layer, 2 the one before (an axis as a list)
+    # Words put before the prompt of every job whose stack has that LoRA: {ink: "ink drawing"}; "" adds none.
+    lora_triggers: dict[str, str] = field(default_factory=dict)
+    add_lora_triggers: bool = False  # also for LoRAs not in lora_triggers, from the file's training metadata
     batch_size: Any = "auto"
     grid: GridConfig = field(default_factory=GridConfig)
 

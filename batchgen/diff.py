@@ -34,7 +34,10 @@ SETTINGS = (
     "width",
     "height",
     "scheduler",
+    "clip_skip",
 )
+# What an empty cell meant in manifests written before the column existed.
+SETTING_DEFAULTS = {"clip_skip": "1"}
 CSV_COLUMNS = ("kind", "key", "job_id_a", "job_id_b", "max_diff", "mean_diff", "note", "label")
 DEFAULT_MAX_MEGAPIXELS = 64.0
 BACKGROUND = (255, 255, 255)
@@ -107,7 +110,7 @@ def _label(row: pd.Series) -> str:
 def _key(row: pd.Series, by: str) -> str:
     if by == "job_id":
         return text(row.get("job_id"))
-    return "\x1f".join(text(row.get(name)) for name in SETTINGS)
+    return "\x1f".join(text(row.get(name)) or SETTING_DEFAULTS.get(name, "") for name in SETTINGS)
 
 
 def load_run(run_dir: Path, which: str, by: str = "job_id") -> dict[str, Entry]:

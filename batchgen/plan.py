@@ -6,6 +6,7 @@ is also the cheapest render order: the most expensive state changes are outermos
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -31,7 +32,8 @@ UNUSUAL_WEIGHT = 2.0
 SLOT_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # A1111's extra-network tag: <lora:name>, <lora:name:w>, <lora:name:te_w:unet_w>, <lora:name:te=w:unet=w>.
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>")
-SCALAR_AXES = ("seed", "steps", "guidance_scale", "width", "height", "scheduler")
+SCALAR_AXES = ("seed", "steps", "guidance_scale", "width", "height", "scheduler", "clip_skip")
+MAX_CLIP_SKIP = 12  # SD1's encoder has 12 layers; A1111's setting stops there too
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def build_plan(
         "width": _sizes(sweep.width, "sweep.width"),
         "height": _sizes(sweep.height, "sweep.height"),
         "scheduler": _schedulers(sweep.scheduler),
+        "clip_skip": _clip_skips(sweep.clip_skip),
     }
     _check_batch_size(sweep.batch_size)
     slots = sorted({name for p in prompts for name, _ in p.slots})
@@ -105,10 +108,14 @@ def build_plan(
     _check_grid(sweep, slots, sorted({lw.name for p in prompts for lw in p.loras}))
     negatives = sorted({p.negative_prompt for p in prompts if p.negative_prompt is not None})
     _check_names_exist(specs, prompts, sweep.negative_prompt, stacks, negatives)
+    _check_lora_triggers(sweep, stacks, prompts, specs)
 
     rows: list[dict[str, Any]] = []
     for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
         stack = _with_inline(configured, prompt.loras)
+        added = lora_trigger_words(spec, stack, prompt.text, sweep)
+        if added:
+            prompt = dataclasses.replace(prompt, text=", ".join([*(words for _, words in added), prompt.text]))
         negative = sweep.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt
         missing = _missing_assets(spec, stack, prompt, negative)
         triggers = _triggers(prompt.text, negative)
@@ -116,7 +123,8 @@ def build_plan(
         axes = {**scalars, "seed": [prompt.seed]} if prompt.seed is not None else scalars
         for values in itertools.product(*axes.values()):
             scalar = dict(zip(axes, values, strict=True))
-            rows.append(_row(spec, stack, prompt, negative, triggers, scalar, missing, truncate_prompts))
+            row = _row(spec, stack, prompt, negative, triggers, scalar, missing, truncate_prompts)
+            rows.append({**row, "lora_triggers": ";".join(f"{name}:{words}" for name, words in added)})
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)])
@@ -238,6 +246,22 @@ def split_lora_tags(text: str, where: str) -> tuple[str, tuple[LoraWeight, ...]]
     return cleaned, tuple(found[n] for n in sorted(found))
 
 
+def lora_trigger_words(spec: ModelSpec, stack: StackState, text: str, sweep: SweepConfig) -> list[tuple[str, str]]:
+    """(LoRA, words) to put before a prompt, in the stack's order: the configured words, else with
+    sweep.add_lora_triggers the file's own; words the prompt already has are not repeated."""
+    out = []
+    for lw in stack.loras:
+        if lw.name in sweep.lora_triggers:
+            words = sweep.lora_triggers[lw.name]
+        else:
+            file = spec.lora(lw.name)
+            words = file.trigger if file is not None and sweep.add_lora_triggers else ""
+        words = (words or "").strip()
+        if words and not re.search(rf"(?<!\w){re.escape(words)}(?!\w)", text, flags=re.IGNORECASE):
+            out.append((lw.name, words))
+    return out
+
+
 def _with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState:
     """A stack plus a prompt's tagged LoRAs; a LoRA in both gets the sum, as applying it twice would."""
     if not inline:
@@ -290,6 +314,8 @@ def _row(
         **{k: scalar[k] for k in ("seed", "steps", "width", "height", "scheduler")},
         "guidance_scale": float(scalar["guidance_scale"]),
     }
+    if scalar["clip_skip"] != 1:
+        payload["clip_skip"] = scalar["clip_skip"]  # absent at the default, so ids from before the option stay
     if truncate_prompts:
         payload["truncate_prompts"] = True  # a long prompt cut, not chunked: other pixels (absent when off)
     job: Job | None = None
@@ -339,6 +365,7 @@ def used_assets(sweep: SweepConfig, file_rows: Sequence[PromptRow] = ()) -> tupl
     """(LoRA names, triggers) the sweep mentions, so only those files are hashed and read before planning."""
     loras = {name for stack in (sweep.stacks or {}).values() for name in (stack or {})}
     texts = [*sweep.prompts, sweep.negative_prompt, *(v for values in sweep.slots.values() for v in values)]
+    texts += list(sweep.lora_triggers.values())
     texts += [t for row in file_rows for t in (row.prompt, row.negative_prompt) if t]
     texts = [t for t in texts if isinstance(t, str)]
     loras |= {m.group(1).strip() for t in texts for m in LORA_TAG.finditer(t)}
@@ -419,6 +446,30 @@ def _check_names_exist(
                 f"sweep.negative_prompt: embedding <{trigger}> is not found for any model"
                 f"{_did_you_mean(trigger, triggers, '<{}>')}"
             )
+
+
+def _check_lora_triggers(
+    sweep: SweepConfig, stacks: list[StackState], prompts: list[PromptVariant], specs: dict[str, ModelSpec]
+) -> None:
+    """Configured trigger words name a LoRA the sweep uses and hold plain text (TI triggers allowed)."""
+    used = sorted({lw.name for s in stacks for lw in s.loras} | {lw.name for p in prompts for lw in p.loras})
+    known = _known(specs, "embedding")
+    for name, words in sweep.lora_triggers.items():
+        where = f"sweep.lora_triggers.{name}"
+        if name not in used:
+            raise BatchgenError(
+                f"{where}: LoRA '{name}' is in no stack or prompt of this sweep{_did_you_mean(name, used)}; "
+                f"LoRAs used: {', '.join(used) or 'none'}"
+            )
+        if not isinstance(words, str):
+            raise BatchgenError(f"{where}: '{words}' is not text; write the trigger words as a string")
+        if LORA_TAG.search(words):
+            raise BatchgenError(f"{where}: a <lora:...> tag is not a trigger word; put the LoRA in a stack")
+        for trigger in _triggers(words):
+            if trigger not in known:
+                raise BatchgenError(
+                    f"{where}: embedding <{trigger}> is not found for any model{_did_you_mean(trigger, known, '<{}>')}"
+                )
 
 
 def _template_index(prompts: list[PromptVariant], prompt: PromptVariant) -> int:
@@ -512,6 +563,17 @@ def _schedulers(value: Any) -> list[str]:
                 f"choose one of: {', '.join(SCHEDULERS)}"
             )
     return [str(v) for v in values]
+
+
+def _clip_skips(value: Any) -> list[int]:
+    values = _ints(value, "sweep.clip_skip", minimum=1)
+    for v in values:
+        if v > MAX_CLIP_SKIP:
+            raise BatchgenError(
+                f"sweep.clip_skip: {v} skips more layers than SD's text encoders have; use 1 to {MAX_CLIP_SKIP} "
+                "(A1111's count: 1 is no skip, 2 is the usual for anime models)"
+            )
+    return values
 
 
 def _weights(value: Any, key: str) -> list[tuple[float, float]]:

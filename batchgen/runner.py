@@ -95,7 +95,8 @@ def list_assets(plan: Plan, out: TextIO) -> None:
             out.write(f"  embedding  <{ti.trigger}>  {ti.format}, {vectors}, {ti.base}  {ti.path}\n")
         for lora in spec.loras:
             hits = ", ".join(f"{component} {n}" for component, n in lora.modules)
-            tags = f"  tags: {lora.tags}" if lora.tags else ""
+            tags = f"  trigger: {lora.trigger}" if lora.trigger else ""
+            tags += f"  tags: {lora.tags}" if lora.tags else ""
             summary = f"{lora.format}, rank {lora.rank}, {lora.base or 'base unknown'}, {hits}"
             out.write(f"  lora  {lora.name}  {summary}  {lora.path}{tags}\n")
         for refused in spec.refused:

@@ -33,6 +33,8 @@ MANIFEST_COLUMNS = (
     "stack",
     "prompt_template",
     "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
+    "clip_skip",  # A1111's count: 1 reads the encoder's last layer, 2 the one before
+    "lora_triggers",  # `name:words` pairs joined by `;`: what was put before the prompt for the job's LoRAs
 )
 STAGES = ("load", "patch", "encode", "denoise", "decode", "write")
 
@@ -57,6 +59,7 @@ class LoraFile:
     rank: int | None = None
     modules: tuple[tuple[str, int], ...] = ()  # (component, modules hit)
     tags: str = ""  # most frequent kohya training tags
+    trigger: str = ""  # the file's own trigger words (modelspec.trigger_phrase, else its most frequent tag)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class Job:
     scheduler: str = "default"
     loras: tuple[LoraWeight, ...] = ()
     truncate_prompts: bool = False  # cut a text at the encoder's 77 tokens instead of chunking it as A1111 does
+    clip_skip: int = 1  # A1111's count (1: the last layer); diffusers' clip_skip is one less
 
 
 @dataclass

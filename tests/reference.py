@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -10,15 +11,54 @@ from safetensors.torch import load_file
 
 def render_row(pipe, row) -> object:
     """A manifest row rendered by the pipeline itself, with the row's own CPU generator."""
+    texts = {"prompt": row["prompt"], "negative_prompt": row["negative_prompt"]}
+    skip = int(row.get("clip_skip") or 1) - 1  # the manifest counts as A1111 does, from 1; diffusers from 0
+    if skip:
+        texts = clip_skipped_embeds(pipe, row["prompt"], row["negative_prompt"], skip)
     return pipe(
-        prompt=row["prompt"],
-        negative_prompt=row["negative_prompt"],
+        **texts,
         num_inference_steps=int(row["steps"]),
         guidance_scale=float(row["guidance_scale"]),
         width=int(row["width"]),
         height=int(row["height"]),
         generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
     ).images[0]
+
+
+def clip_skipped_embeds(pipe, prompt: str, negative: str, skip: int) -> dict:
+    """diffusers 0.42 applies clip_skip to the prompt only, the negative keeps the last layer (its PRs #13796 and
+    #13973 to change that were closed); A1111 skips layers for both. So both texts go through diffusers' own
+    encode_prompt as prompts, and the pipeline gets the embeddings."""
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    out = {}
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        with clip_skip_alias(pipe):
+            if xl:
+                hidden, _, pooled, _ = pipe.encode_prompt(
+                    prompt=[text], device="cpu", do_classifier_free_guidance=False, clip_skip=skip
+                )
+                out[name.replace("prompt", "pooled_prompt_embeds")] = pooled
+            else:
+                hidden, _ = pipe.encode_prompt([text], "cpu", 1, False, clip_skip=skip)
+        out[f"{name}_embeds"] = hidden
+    return out
+
+
+@contextlib.contextmanager
+def clip_skip_alias(pipe):
+    """diffusers 0.42's SD1/SD2 encode_prompt(clip_skip=...) reads `text_encoder.text_model.final_layer_norm`, a
+    module transformers 5 moved to the encoder's top level. Aliasing it (outside nn.Module's registry, so the
+    state dict sees no cycle) lets diffusers' own code run as the reference; only for the call, because
+    diffusers' LoRA loader reads the same attribute to choose key prefixes."""
+    encoder = pipe.text_encoder
+    alias = not hasattr(encoder, "text_model")
+    if alias:
+        object.__setattr__(encoder, "text_model", encoder)
+    try:
+        yield
+    finally:
+        if alias:
+            del encoder.__dict__["text_model"]
 
 
 def load_embedding(pipe, path: Path, token: str) -> None:

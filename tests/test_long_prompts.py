@@ -11,12 +11,13 @@ import torch
 from batchgen.engine.pipeline import load_pipeline
 from batchgen.engine.prompts import PromptCache
 from batchgen.spec import Job, ModelSpec
+from tests.reference import clip_skip_alias
 
 LONG = " ".join(["a castle at night with towers and a river and the moon over the hills"] * 8)
 
 
-def _job(prompt: str, negative: str = "", truncate: bool = False) -> Job:
-    return Job("0" * 16, "m", prompt, negative, 1, 2, 7.5, 64, 64, truncate_prompts=truncate)
+def _job(prompt: str, negative: str = "", truncate: bool = False, clip_skip: int = 1) -> Job:
+    return Job("0" * 16, "m", prompt, negative, 1, 2, 7.5, 64, 64, truncate_prompts=truncate, clip_skip=clip_skip)
 
 
 @pytest.fixture(scope="module", params=["tiny_sd1", "tiny_sdxl"])
@@ -46,6 +47,24 @@ def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
     torch.testing.assert_close(embeds.negative[:, 77:154], empty, rtol=0, atol=1e-5)
     (short,) = cache.embeds([_job("a castle", "blurry")])
     assert short.prompt.shape[1] == 77 and short.negative.shape[1] == 77
+
+
+def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> None:
+    cache = PromptCache(pipe)
+    (long,) = cache.embeds([_job(LONG, clip_skip=2)])
+    (short,) = cache.embeds([_job("a castle", clip_skip=2)])
+    (plain,) = cache.embeds([_job("a castle")])
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    for text, ours in ((LONG, long.prompt[:, :77]), ("a castle", short.prompt)):
+        if xl:
+            theirs, *_ = pipe.encode_prompt(
+                prompt=[text], device="cpu", do_classifier_free_guidance=False, clip_skip=1
+            )
+        else:
+            with clip_skip_alias(pipe):
+                theirs, _ = pipe.encode_prompt([text], "cpu", 1, False, clip_skip=1)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert not torch.allclose(short.prompt, plain.prompt, atol=1e-3)  # another layer: other conditioning
 
 
 def test_truncation_cuts_at_77_tokens_with_a_warning(pipe, capsys) -> None:

@@ -90,6 +90,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         base=base,
         rank=_rank(groups),
         tags=_top_tags(metadata),
+        trigger=trigger_words(metadata),
     )
     if base is not None and base != arch.base:
         return info, {}, f"LoRA '{lora.name}' is {base}, model is {arch.base}"
@@ -183,6 +184,14 @@ def _rank(groups: dict[str, dict[str, Any]]) -> int | None:
         g["lokr_w2_b"].shape[0] for g in groups.values() if "lokr_w2_b" in g
     ]
     return max(ranks) if ranks else None
+
+
+def trigger_words(metadata: dict[str, str]) -> str:
+    """A LoRA's trigger words as its trainer recorded them: the model spec's trigger phrase, else the most
+    frequent caption tag (kohya's ss_tag_frequency; a trigger word is in every caption, so it leads). Ties keep the
+    metadata's order, which is the captions' order."""
+    phrase = str(metadata.get("modelspec.trigger_phrase", "")).strip()
+    return phrase or _top_tags(metadata, count=1)
 
 
 def _top_tags(metadata: dict[str, str], count: int = 5) -> str:

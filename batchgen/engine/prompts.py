@@ -73,29 +73,29 @@ class PromptCache:
         states = {text_encoder_state(job) for job in batch}
         assert len(states) == 1, "a batch spans text-encoder states"
         state = states.pop()
-        truncate = {job.truncate_prompts for job in batch}
-        assert len(truncate) == 1, "a batch mixes truncated and chunked prompts"
-        cut = truncate.pop()
+        modes = {(job.truncate_prompts, job.clip_skip) for job in batch}
+        assert len(modes) == 1, "a batch mixes truncated and chunked prompts or clip skips"
+        mode = modes.pop()  # (truncate, clip_skip): how a text is encoded, part of its cache key
         wanted = dict.fromkeys(text for job in batch for text in texts_of(self.pipe, job))
-        missing = [text for text in wanted if (text, state, cut) not in self._entries]
+        missing = [text for text in wanted if (text, state, mode) not in self._entries]
         if missing:
-            for text, encoded in zip(missing, self._encode(missing, cut), strict=True):
-                self._entries[(text, state, cut)] = encoded
+            for text, encoded in zip(missing, self._encode(missing, mode), strict=True):
+                self._entries[(text, state, mode)] = encoded
             self.misses += len(missing)
             self.calls += 1
         out = []
         for job in batch:
             texts = texts_of(self.pipe, job)
             for text in texts:
-                self._entries.move_to_end((text, state, cut))
-            cond = self._entries[(texts[0], state, cut)]
-            uncond = self._entries[(texts[1], state, cut)] if len(texts) > 1 else None
+                self._entries.move_to_end((text, state, mode))
+            cond = self._entries[(texts[0], state, mode)]
+            uncond = self._entries[(texts[1], state, mode)] if len(texts) > 1 else None
             if uncond is not None and cond.hidden.shape[1] != uncond.hidden.shape[1]:
-                if ("", state, cut) not in self._entries:  # the padding chunk, needed by long prompts only
-                    self._entries[("", state, cut)] = self._encode([""], cut)[0]
+                if ("", state, mode) not in self._entries:  # the padding chunk, needed by long prompts only
+                    self._entries[("", state, mode)] = self._encode([""], mode)[0]
                     self.misses += 1
                     self.calls += 1
-                empty = self._entries[("", state, cut)].hidden
+                empty = self._entries[("", state, mode)].hidden
                 cond, uncond = _pad_to(cond, uncond, empty), _pad_to(uncond, cond, empty)
             out.append(Embeds(cond.hidden, uncond and uncond.hidden, cond.pooled, uncond and uncond.pooled))
         while len(self._entries) > self.max_entries:
@@ -108,10 +108,14 @@ class PromptCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def _encode(self, texts: list[str], truncate: bool) -> list[_Encoded]:
+    def _encode(self, texts: list[str], mode: tuple[bool, int]) -> list[_Encoded]:
         """Texts that fit in one chunk go through diffusers' encode_prompt together; longer ones chunk by chunk."""
+        truncate, clip_skip = mode
         chunks = {text: self._chunk_ids(text) for text in texts}
-        short = [t for t in texts if len(chunks[t][0]) == 1 or truncate]
+        # diffusers' SD1/SD2 encode_prompt reads a skipped layer through `text_encoder.text_model`, which
+        # transformers 5's CLIPTextModel no longer has; there the chunk path reads the same layer itself.
+        by_diffusers = clip_skip == 1 or getattr(self.pipe, "text_encoder_2", None) is not None
+        short = [t for t in texts if by_diffusers and (len(chunks[t][0]) == 1 or truncate)]
         for text in texts:
             if truncate and len(chunks[text][0]) > 1:
                 tokens = sum(len(c) for c in chunks[text][0]) - 2 * (len(chunks[text][0]) - 1)
@@ -120,10 +124,11 @@ class PromptCache:
                     "77 (run.truncate_prompts=true)",
                     file=sys.stderr,
                 )
-        encoded = dict(zip(short, self._encode_short(short), strict=True)) if short else {}
+        encoded = dict(zip(short, self._encode_short(short, clip_skip), strict=True)) if short else {}
         for text in texts:
             if text not in encoded:
-                encoded[text] = self._encode_chunks(chunks[text])
+                ids = [c[:1] for c in chunks[text]] if truncate else chunks[text]
+                encoded[text] = self._encode_chunks(ids, clip_skip)
         return [encoded[text] for text in texts]
 
     def _tokenizers(self) -> list[tuple[object, torch.nn.Module]]:
@@ -150,7 +155,7 @@ class PromptCache:
         return out
 
     @torch.inference_mode()
-    def _encode_chunks(self, chunks: list[list[list[int]]]) -> _Encoded:
+    def _encode_chunks(self, chunks: list[list[list[int]]], clip_skip: int) -> _Encoded:
         device = self.pipe._execution_device
         sdxl = len(chunks) > 1
         hidden, pooled = [], None
@@ -158,11 +163,19 @@ class PromptCache:
             tensor = torch.tensor(ids, device=device)
             self._shape.images = len(ids)
             try:
-                output = encoder(tensor, output_hidden_states=sdxl)
+                output = encoder(tensor, output_hidden_states=sdxl or clip_skip > 1)
             finally:
                 self._shape.images = 1
-            # diffusers' choice per pipeline: SD1/SD2 take the last layer, SDXL the penultimate of both encoders.
-            states = output.hidden_states[-2] if sdxl else output[0]
+            # diffusers' choice per pipeline: SD1/SD2 take the last layer (normed), SDXL the penultimate of both
+            # encoders (not normed); a clip skip goes that many layers further back from there.
+            if sdxl:
+                states = output.hidden_states[-(clip_skip + 1)]
+            elif clip_skip > 1:
+                # The last layer's output is normed inside the encoder; an earlier one gets the same norm here.
+                norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 nests it
+                states = norm(output.hidden_states[-clip_skip])
+            else:
+                states = output[0]
             hidden.append(states.reshape(1, -1, states.shape[-1]))
             if sdxl:
                 pooled = output[0][0:1]
@@ -170,18 +183,23 @@ class PromptCache:
         return _Encoded(torch.cat(hidden, dim=-1).to(dtype), pooled)
 
     @torch.inference_mode()
-    def _encode_short(self, texts: list[str]) -> list[_Encoded]:
+    def _encode_short(self, texts: list[str], clip_skip: int) -> list[_Encoded]:
         # inference_mode also matters for memory: a cached tensor with autograd history would keep every
         # text-encoder activation of its prompt alive.
         device = self.pipe._execution_device
         self._shape.images = len(texts)
+        skip = clip_skip - 1 or None  # diffusers counts layers skipped past its default; A1111 counts from 1
         try:
             if hasattr(self.pipe, "text_encoder_2"):
                 hidden, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                    prompt=texts,
+                    device=device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
+                    clip_skip=skip,
                 )
             else:
-                hidden, _ = self.pipe.encode_prompt(texts, device, 1, False)
+                hidden, _ = self.pipe.encode_prompt(texts, device, 1, False, clip_skip=skip)
                 pooled = None
         finally:
             self._shape.images = 1

@@ -45,7 +45,15 @@ class _Clock:
 def batch_key(job: Job) -> tuple:
     """Jobs with equal keys can share one pipeline call."""
     return (
-        job.model, job.loras, job.steps, job.guidance_scale, job.width, job.height, job.scheduler, job.truncate_prompts
+        job.model,
+        job.loras,
+        job.steps,
+        job.guidance_scale,
+        job.width,
+        job.height,
+        job.scheduler,
+        job.truncate_prompts,
+        job.clip_skip,
     )
 
 
