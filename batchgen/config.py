@@ -36,6 +36,7 @@ class ModelConfig:
     loras: list[str] = field(default_factory=list)
     builtin: str | None = None  # an embedded tiny model, built on first use when root is not given
     triggers: dict[str, str] = field(default_factory=dict)  # TI file name -> trigger, where the stem will not do
+    variant: str | None = None  # diffusers folders: load the `*.fp16.safetensors` (etc.) weights beside the others
     # Single files only: a diffusers-layout folder of component configs (default: batchgen's for the base), the
     # tokenizer folder (default: the config folder's, else the Hugging Face cache), and the scheduler's prediction
     # type (default: the config's; v_prediction for sd-2, whose 768 models are the common ones).

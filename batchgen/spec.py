@@ -99,6 +99,7 @@ class ModelSpec:
     listed_triggers: tuple[str, ...] = ()  # TIs the config names file by file (not found in a folder)
     single_file: SingleFile | None = None  # set for an A1111/ComfyUI single file, None for a diffusers folder
     models_root: Path | None = None  # the configured root, scanned by --list for every checkpoint in it
+    variant: str | None = None  # a diffusers folder's weight variant (fp16): other weights, other pixels
 
     @property
     def config_dir(self) -> Path:

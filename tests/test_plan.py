@@ -64,6 +64,7 @@ def test_styles_counts_and_order() -> None:
         "width": 1,
         "height": 1,
         "scheduler": 1,
+        "clip_skip": 1,
     }
     # model outermost, then LoRA state: each model's rows are contiguous, each stack's rows too
     assert list(plan.table["model"].drop_duplicates()) == ["sd1", "xl"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +43,8 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         key = "config" if cfg.config else "tokenizer" if cfg.tokenizer else "prediction_type"
         raise BatchgenError(f"{where}.{key}: only single-file checkpoints take it; a diffusers folder has its own")
     _check_base(checkpoint, cfg.base, where)
+    if cfg.variant is not None:
+        _check_variant(checkpoint, cfg.variant, where)
     embedding_dirs = [_inside(p, root, root, f"{where}.embeddings") for p in cfg.embeddings]
     embedding_dirs = embedding_dirs or _default_dir(root, "embedding")
     lora_dirs = [_inside(p, root, root, f"{where}.loras") for p in cfg.loras] or _default_dir(root, "lora")
@@ -51,7 +55,7 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         name=name,
         base=cfg.base,
         checkpoint=checkpoint,
-        checkpoint_sha256=hashes.sha256(checkpoint),
+        checkpoint_sha256=_variant_hash(hashes.sha256(checkpoint), cfg.variant),
         embeddings=embeddings,
         loras=loras,
         refused=refused,
@@ -59,7 +63,29 @@ def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: 
         listed_triggers=tuple(trigger_for(p, dict(cfg.triggers)) for p in embedding_dirs if p.is_file()),
         single_file=single,
         models_root=Path(cfg.root).expanduser() if cfg.root else None,
+        variant=cfg.variant,
     )
+
+
+def _check_variant(checkpoint: Path, variant: str, where: str) -> None:
+    if checkpoint.is_file():
+        raise BatchgenError(f"{where}.variant: only diffusers folders take it; a single file holds one set of weights")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", variant):
+        raise BatchgenError(f"{where}.variant: '{variant}' is not a variant name; write one such as fp16")
+    suffixes = (f".{variant}.safetensors", f".{variant}.bin")
+    weights = [p for p in checkpoint.glob("*/*") if p.name.endswith(suffixes) or f".{variant}-" in p.name]
+    if not weights:
+        raise BatchgenError(
+            f"{where}.variant: {checkpoint} has no '{variant}' weights (no */*.{variant}.safetensors); remove variant "
+            "or add those files"
+        )
+
+
+def _variant_hash(sha256: str, variant: str | None) -> str:
+    """A folder's tree hash covers every variant's files; the one loaded must still give its own job ids."""
+    if variant is None:
+        return sha256
+    return hashlib.sha256(f"{sha256}:variant={variant}".encode()).hexdigest()
 
 
 def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:

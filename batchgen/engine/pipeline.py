@@ -51,6 +51,8 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     if "safety_checker" in index:
         # A sweep renders many images unattended; the checker would black out some of them at random.
         extra = {"safety_checker": None, "requires_safety_checker": False}
+    if spec.variant is not None:
+        extra["variant"] = spec.variant
     pipe = DiffusionPipeline.from_pretrained(str(spec.checkpoint), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
