@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tests.confs import SMALL, write_conf
+
 
 def test_invokeai_models_folder(run_cli, tiny_cache: Path, tmp_path: Path) -> None:
     tiny = next(tiny_cache.glob("*/tiny_sd1"))
@@ -19,15 +21,9 @@ def test_invokeai_models_folder(run_cli, tiny_cache: Path, tmp_path: Path) -> No
     (models / "sdxl" / "main").mkdir(parents=True)
     key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
     save_file({key: torch.zeros(8, 2048)}, str(models / "sdxl" / "main" / "xl.safetensors"))
-    conf = tmp_path / "conf"
-    (conf / "model").mkdir(parents=True)
-    (conf / "sweep").mkdir()
-    (conf / "model" / "invoke.yaml").write_text(f"base: sd-1\nroot: {models}\ncheckpoint: tiny_sd1\n")
-    (conf / "sweep" / "inv.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - /model@models.invoke: invoke\n"
-        "sweep:\n  name: inv\n  prompts: ['a portrait of <alf>']\n  stacks: {ink: {ink: 0.5}}\n"
-        "  steps: 2\n  width: 64\n  height: 64\n"
-    )
+    model = f"base: sd-1\nroot: {models}\ncheckpoint: tiny_sd1\n"
+    body = "  prompts: ['a portrait of <alf>']\n  stacks: {ink: {ink: 0.5}}\n" + SMALL
+    conf = write_conf(tmp_path / "conf", "inv", body, {"invoke": model})
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=inv", "--list")
     assert code == 0, err
     lines = out.splitlines()

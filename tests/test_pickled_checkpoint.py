@@ -16,6 +16,7 @@ from batchgen.assets.safetensors_header import read_header
 from batchgen.assets.single_file import check_single_file, detect_base
 from batchgen.assets.tensors import checkpoint_header
 from batchgen.errors import BatchgenError
+from tests.confs import SMALL, write_conf
 
 TO_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 TEXT_KEYS = {
@@ -103,14 +104,8 @@ def test_list_shows_pickled_checkpoints_with_their_base(run_cli, tiny_cache: Pat
     torch.save(_state("sd-2", 1024, v_pred=torch.tensor(1.0)), models / "sd-2" / "main" / "v.pt")
     torch.save({"state_dict": _state("sdxl", 2048)}, models / "sdxl" / "main" / "xl.pth")
     (models / "sdxl" / "main" / "junk.ckpt").write_bytes(b"not a pickle")
-    conf = tmp_path / "conf"
-    (conf / "model").mkdir(parents=True)
-    (conf / "sweep").mkdir()
-    (conf / "model" / "invoke.yaml").write_text(f"base: sd-1\nroot: {models}\ncheckpoint: tiny_sd1\n")
-    (conf / "sweep" / "ls.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - /model@models.invoke: invoke\n"
-        "sweep:\n  name: ls\n  prompts: ['a castle']\n  steps: 2\n  width: 64\n  height: 64\n"
-    )
+    model = f"base: sd-1\nroot: {models}\ncheckpoint: tiny_sd1\n"
+    conf = write_conf(tmp_path / "conf", "ls", "  prompts: ['a castle']\n" + SMALL, {"invoke": model})
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=ls", "--list")
     assert code == 0, err
     assert out.splitlines()[1:6] == [

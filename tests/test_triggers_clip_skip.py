@@ -13,6 +13,7 @@ import pytest
 from batchgen.assets.loras import trigger_words
 from batchgen.errors import BatchgenError
 from batchgen.plan import build_plan, used_assets
+from tests.confs import SMALL, write_conf
 from tests.test_plan import MODELS, _sweep
 
 WITH_METADATA = {
@@ -149,24 +150,14 @@ def test_clip_skip_is_an_axis_and_enters_the_job_id_only_past_1() -> None:
 # --- rendered: the images equal plain diffusers given the same prompt and clip skip ------------------------------
 
 
-def _write_sweep(conf: Path, body: str, model: str = "- /model@models.tiny_sd1: tiny_sd1") -> None:
-    (conf / "sweep").mkdir(parents=True, exist_ok=True)
-    (conf / "sweep" / "t.yaml").write_text(f"# @package _global_\ndefaults:\n  {model}\nsweep:\n{body}")
-
-
 @pytest.mark.parametrize("model", ["tiny_sd1", "tiny_sdxl"])
 def test_triggers_and_clip_skip_render_what_diffusers_renders(run_cli, tmp_path: Path, tiny_cache, model) -> None:
     from PIL import Image
 
     from tests.test_oracle import MAX_PIXEL_DIFF, _reference_image, _reference_pipeline
 
-    _write_sweep(
-        tmp_path / "conf",
-        "  name: t\n  prompts: ['a castle at night']\n  stacks: {ink: {ink: 0.8}}\n"
-        "  lora_triggers: {ink: ink drawing}\n  clip_skip: [1, 2]\n  seeds: [1]\n  steps: 3\n  width: 64\n"
-        "  height: 64\n",
-        f"- /model@models.{model}: {model}",
-    )
+    body = "  prompts: ['a castle at night']\n  stacks: {ink: {ink: 0.8}}\n  lora_triggers: {ink: ink drawing}\n"
+    write_conf(tmp_path / "conf", "t", body + "  clip_skip: [1, 2]\n" + SMALL, {model: None})
     code, _, err = run_cli("--config-dir", str(tmp_path / "conf"), "+sweep=t")
     assert code == 0, err
     run = tmp_path / "runs" / "t"
@@ -197,14 +188,8 @@ def test_metadata_triggers_are_read_listed_and_added(run_cli, tmp_path: Path, ti
     frequency = {"10_inkystyle": {"inkystyle": 6, "castle": 2}}
     save_file(load_file(source), folder / "ink.safetensors", {"ss_tag_frequency": json.dumps(frequency)})
     main = next(tiny_cache.glob("*/tiny_sd1/main/tiny_sd1"))
-    (tmp_path / "conf" / "model").mkdir(parents=True)
-    (tmp_path / "conf" / "model" / "mine.yaml").write_text(f"base: sd-1\ncheckpoint: {main}\nloras: [{folder}]\n")
-    _write_sweep(
-        tmp_path / "conf",
-        "  name: t\n  prompts: ['a castle']\n  stacks: {ink: {ink: 1.0}}\n  add_lora_triggers: true\n"
-        "  seeds: [1]\n  steps: 2\n  width: 64\n  height: 64\n",
-        "- /model@models.mine: mine",
-    )
+    body = "  prompts: ['a castle']\n  stacks: {ink: {ink: 1.0}}\n  add_lora_triggers: true\n" + SMALL
+    write_conf(tmp_path / "conf", "t", body, {"mine": f"base: sd-1\ncheckpoint: {main}\nloras: [{folder}]\n"})
     code, out, err = run_cli("--config-dir", str(tmp_path / "conf"), "+sweep=t", "--list")
     assert code == 0, err
     assert f"{folder / 'ink.safetensors'}  trigger: inkystyle  tags: inkystyle, castle" in out

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.confs import SMALL, write_conf
 from tests.reference import render_row
 
 
@@ -30,14 +31,8 @@ def variant_folder(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _sweep(conf: Path, folder: Path, variant: str | None) -> None:
-    (conf / "model").mkdir(parents=True, exist_ok=True)
-    (conf / "sweep").mkdir(exist_ok=True)
     line = f"variant: {variant}\n" if variant else ""
-    (conf / "model" / "v.yaml").write_text(f"base: sd-1\ncheckpoint: {folder}\n{line}")
-    (conf / "sweep" / "v.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - /model@models.v: v\nsweep:\n  name: v\n  prompts: ['a castle']\n"
-        "  seeds: [1]\n  steps: 3\n  width: 64\n  height: 64\n"
-    )
+    write_conf(conf, "v", "  prompts: ['a castle']\n" + SMALL, {"v": f"base: sd-1\ncheckpoint: {folder}\n{line}"})
 
 
 def test_the_fp16_variant_renders_what_diffusers_loads(run_cli, tmp_path: Path, variant_folder: Path) -> None:
