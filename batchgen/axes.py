@@ -45,6 +45,19 @@ def lora_names(loras_cells: Iterable[str]) -> list[str]:
     return sorted(names)
 
 
+def with_trigger_words(prompt: str, words: Sequence[str]) -> str:
+    """A prompt with LoRA trigger words before it (the text the encoder reads)."""
+    return ", ".join([*words, prompt])
+
+
+def without_trigger_words(prompt: str, lora_triggers: str) -> str:
+    """The prompt as written, from a manifest row's `prompt` and `lora_triggers` (`ink:ink drawing;...`): on the
+    prompt axis, the same prompt under stacks with and without trigger words is one row of a grid."""
+    words = [entry.split(":", 1)[1] for entry in (lora_triggers or "").split(";") if ":" in entry]
+    prefix = with_trigger_words("", words)
+    return prompt[len(prefix) :] if words and prompt.startswith(prefix) else prompt
+
+
 def choices(slots: Sequence[str], loras: Sequence[str]) -> list[str]:
     return [
         *BASE_AXES,

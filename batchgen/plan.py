@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from batchgen.assets.embeddings import TRIGGER_PATTERN
-from batchgen.axes import check_grid
+from batchgen.axes import check_grid, with_trigger_words
 from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.prompts_file import PromptRow
@@ -115,7 +115,7 @@ def build_plan(
         stack = _with_inline(configured, prompt.loras)
         added = lora_trigger_words(spec, stack, prompt.text, sweep)
         if added:
-            prompt = dataclasses.replace(prompt, text=", ".join([*(words for _, words in added), prompt.text]))
+            prompt = dataclasses.replace(prompt, text=with_trigger_words(prompt.text, [w for _, w in added]))
         negative = sweep.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt
         missing = _missing_assets(spec, stack, prompt, negative)
         triggers = _triggers(prompt.text, negative)

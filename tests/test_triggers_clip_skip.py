@@ -197,3 +197,23 @@ def test_metadata_triggers_are_read_listed_and_added(run_cli, tmp_path: Path, ti
     assert code == 0, err
     row = pd.read_csv(tmp_path / "runs/t/manifest.csv", dtype=str, keep_default_na=False).iloc[0]
     assert (row["status"], row["prompt"], row["lora_triggers"]) == ("ok", "inkystyle, a castle", "ink:inkystyle")
+
+
+def test_the_prompt_axis_reads_the_prompt_without_trigger_words() -> None:
+    from batchgen.axes import without_trigger_words
+    from batchgen.report.grids import grid_axes
+
+    plan = _one(stacks={"none": {}, "ink": {"ink": 0.5}}, lora_triggers=TRIGGERS)
+    table = plan.table.astype(str)
+    assert list(table["prompt"]) == ["a castle", "ink drawing, a castle"]
+    # One prompt across both stacks, not one per encoded text: a grid of them has one row.
+    assert grid_axes(table, []) == ["stack"]
+    two = _one(stacks={"none": {}, "ink": {"ink": 0.5}}, prompts=["a castle", "a ship"], lora_triggers=TRIGGERS)
+    assert grid_axes(two.table.astype(str), []) == ["stack", "prompt"]
+    assert without_trigger_words("ink drawing, a castle", "ink:ink drawing") == "a castle"
+    assert without_trigger_words("film, ink, a castle", "grain:film;ink:ink") == "a castle"
+    assert without_trigger_words("a castle", "") == "a castle"
+    assert without_trigger_words("edited by hand", "ink:ink drawing") == "edited by hand"
+
+
+TRIGGERS = {"ink": "ink drawing"}

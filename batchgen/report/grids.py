@@ -26,6 +26,7 @@ from batchgen.axes import (
     weight_label,
     weight_lora,
     weight_sort_key,
+    without_trigger_words,
 )
 from batchgen.report.files import save_png
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
@@ -100,6 +101,9 @@ def _axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.S
     if name == REST:
         on_grid_loras = [n for a in on_grid if (n := weight_lora(a)) is not None]
         return _column(table, "loras").map(lambda cell: stack_label(cell, on_grid_loras))
+    if name == "prompt" and "lora_triggers" in table.columns:
+        pairs = zip(_column(table, "prompt"), _column(table, "lora_triggers"), strict=True)
+        return pd.Series([without_trigger_words(p, t) for p, t in pairs], index=table.index, dtype=object)
     return _column(table, name)
 
 
@@ -115,7 +119,7 @@ def _axis_order(values: pd.Series, axis: str) -> list[str]:
 
 def grid_axes(table: pd.DataFrame, slots: list[str]) -> list[str]:
     """Axis columns that vary in this table (more than one distinct value), in AXES order then slots."""
-    return [a for a in _all_axes(slots) if a in table.columns and _column(table, a).nunique() > 1]
+    return [a for a in _all_axes(slots) if a in table.columns and _axis_column(table, a, ()).nunique() > 1]
 
 
 def _varies(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> bool:
