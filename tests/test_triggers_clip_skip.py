@@ -217,3 +217,11 @@ def test_the_prompt_axis_reads_the_prompt_without_trigger_words() -> None:
 
 
 TRIGGERS = {"ink": "ink drawing"}
+
+
+def test_diff_by_settings_reads_a_manifest_from_before_clip_skip_as_1() -> None:
+    from batchgen.diff import _key
+
+    row = {"model": "m", "prompt": "a castle", "seed": "1", "steps": "2", "scheduler": "default"}
+    assert _key(pd.Series(row), "settings") == _key(pd.Series({**row, "clip_skip": "1"}), "settings")
+    assert _key(pd.Series(row), "settings") != _key(pd.Series({**row, "clip_skip": "2"}), "settings")
