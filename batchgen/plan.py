@@ -430,7 +430,8 @@ def _check_names_exist(
                     f"{where}: <lora:{lw.name}> is not found for any model{_did_you_mean(lw.name, loras)}; "
                     f"LoRAs found: {', '.join(loras) or 'none'}"
                 )
-    for i, prompt in enumerate(prompts):
+    for prompt in prompts:
+        i = _template_index(prompts, prompt)  # the index in sweep.prompts, not among slot-filled variants
         for trigger in _triggers(prompt.text):
             _check_usable(specs, "embedding", trigger, f"sweep.prompts[{i}]", "prompt")
             if trigger not in triggers:

@@ -229,3 +229,13 @@ def test_render_order_chains_lora_states_by_fewest_changes() -> None:
     # jobs of one state stay together so they can share pipeline calls
     states = [j.loras for j in plan.jobs]
     assert sum(1 for i in range(1, len(states)) if states[i] != states[i - 1]) == 5
+
+
+def test_an_unknown_trigger_names_the_prompt_as_written_not_its_slot_variant() -> None:
+    sweep = _sweep(prompts=["a {style}", "b <alfx>"], slots={"style": ["x", "y", "z"]})
+    with pytest.raises(BatchgenError) as e:
+        build_plan(sweep, MODELS)
+    assert str(e.value) == (
+        "sweep.prompts[1]: embedding <alfx> is not found for any model (did you mean <alf>?); triggers found: "
+        "<alf>, <cartoona>"
+    )
