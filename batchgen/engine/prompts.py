@@ -118,7 +118,7 @@ class PromptCache:
         short = [t for t in texts if by_diffusers and (len(chunks[t][0]) == 1 or truncate)]
         for text in texts:
             if truncate and len(chunks[text][0]) > 1:
-                tokens = sum(len(c) for c in chunks[text][0]) - 2 * (len(chunks[text][0]) - 1)
+                tokens = len(self.pipe.tokenizer(text, truncation=False, add_special_tokens=False).input_ids)
                 print(
                     f"batchgen: warning: prompt '{text[:60]}...' is {tokens} tokens; the encoder reads the first "
                     "77 (run.truncate_prompts=true)",
