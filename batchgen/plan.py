@@ -257,7 +257,9 @@ def lora_trigger_words(spec: ModelSpec, stack: StackState, text: str, sweep: Swe
             file = spec.lora(lw.name)
             words = file.trigger if file is not None and sweep.add_lora_triggers else ""
         words = (words or "").strip()
-        if words and not re.search(rf"(?<!\w){re.escape(words)}(?!\w)", text, flags=re.IGNORECASE):
+        # Checked against what is already added too: two LoRAs trained on one word need it once.
+        seen = with_trigger_words(text, [w for _, w in out])
+        if words and not re.search(rf"(?<!\w){re.escape(words)}(?!\w)", seen, flags=re.IGNORECASE):
             out.append((lw.name, words))
     return out
 
@@ -419,8 +421,10 @@ def _check_names_exist(
                     f"{_did_you_mean(lw.name, loras)}; LoRAs found: {', '.join(loras) or 'none'}"
                 )
     triggers = _known(specs, "embedding")
+    # Errors name a prompt by its index in sweep.prompts, not among its slot-filled variants.
+    index = {template: i for i, template in enumerate(dict.fromkeys(p.template for p in prompts))}
     for prompt in prompts:
-        where = f"sweep.prompts[{_template_index(prompts, prompt)}]"
+        where = f"sweep.prompts[{index[prompt.template]}]"
         for lw in prompt.loras:
             if "/" in lw.name or "\\" in lw.name or lw.name.startswith(".."):
                 raise BatchgenError(f"{where}: LoRA name '{lw.name}' is a path; name LoRAs by file stem")
@@ -431,7 +435,7 @@ def _check_names_exist(
                     f"LoRAs found: {', '.join(loras) or 'none'}"
                 )
     for prompt in prompts:
-        i = _template_index(prompts, prompt)  # the index in sweep.prompts, not among slot-filled variants
+        i = index[prompt.template]
         for trigger in _triggers(prompt.text):
             _check_usable(specs, "embedding", trigger, f"sweep.prompts[{i}]", "prompt")
             if trigger not in triggers:
@@ -471,10 +475,6 @@ def _check_lora_triggers(
                 raise BatchgenError(
                     f"{where}: embedding <{trigger}> is not found for any model{_did_you_mean(trigger, known, '<{}>')}"
                 )
-
-
-def _template_index(prompts: list[PromptVariant], prompt: PromptVariant) -> int:
-    return list(dict.fromkeys(p.template for p in prompts)).index(prompt.template)
 
 
 def _check_usable(specs: dict[str, ModelSpec], kind: str, name: str, where: str, place: str) -> None:

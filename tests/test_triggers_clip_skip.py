@@ -80,6 +80,8 @@ def test_a_trigger_already_in_the_prompt_is_not_repeated() -> None:
     )
     assert list(plan.table["prompt"]) == ["an Ink Drawing of a castle", "ink drawing, a pink drawing"]
     assert list(plan.table["lora_triggers"]) == ["", "ink:ink drawing"]
+    same = _one(stacks={"both": {"ink": 1.0, "grain": 1.0}}, lora_triggers={"ink": "ink", "grain": "Ink"})
+    assert (same.table["prompt"][0], same.table["lora_triggers"][0]) == ("Ink, a castle", "grain:Ink")
 
 
 def test_inline_tagged_loras_get_their_triggers_too() -> None:
