@@ -300,6 +300,13 @@ def _missing_config_message(e: MissingConfigException, packaged: Path, config_di
 def _override_message(e: BaseException, overrides: list[str]) -> str | None:
     """Hydra's messages for + on a key that exists and ~ on one that does not, said with the override."""
     text = str(e)
+    merging = re.match(r"Error merging override (\S.*)", text)
+    if merging and e.__cause__ is not None:
+        # Hydra's line says only which override; OmegaConf's cause says what is wrong with its value.
+        line = merging.group(1).strip()
+        key = line.lstrip("+~").split("=", 1)[0]
+        why = str(e.__cause__).splitlines()[0].rstrip(".")
+        return f"override '{line}': {why}; give {key} a value of its type"
     exists = re.search(r"An item is already at '([^']+)'", text)
     missing = re.search(r"Could not delete from config\. '([^']+)' does not exist", text)
     for match, prefix in ((exists, "+"), (missing, "~")):

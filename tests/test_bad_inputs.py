@@ -294,7 +294,10 @@ def unknown_key(c: Case):
 
 
 def wrong_type(c: Case):
-    return ["run.compile=maybe"], "config: Error merging override run.compile=maybe"
+    return ["run.compile=maybe"], (
+        "override 'run.compile=maybe': Value 'maybe' is not a valid bool (type str); give run.compile a value of its "
+        "type\n"
+    )
 
 
 def negative_steps(c: Case):

@@ -194,7 +194,8 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
         ((), "no sweep selected: add +sweep=NAME (available: styles)"),
         (
             ("+sweep=styles", "sweep.negative_prompt=[a, b]"),
-            "config: Error merging override sweep.negative_prompt=[a, b]",
+            "override 'sweep.negative_prompt=[a, b]': Cannot convert 'list' to string: '['a', 'b']'; give "
+            "sweep.negative_prompt a value of its type",
         ),
         (
             ("+sweep=styles", "models.tiny_sd1.base=sd-9"),
