@@ -54,6 +54,9 @@ def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> Non
     (long,) = cache.embeds([_job(LONG, clip_skip=2)])
     (short,) = cache.embeds([_job("a castle", clip_skip=2)])
     (plain,) = cache.embeds([_job("a castle")])
+    (cut,) = cache.embeds([_job(LONG, truncate=True, clip_skip=2)])
+    assert cut.prompt.shape[1] == 77
+    torch.testing.assert_close(cut.prompt, long.prompt[:, :77], rtol=0, atol=1e-5)  # the first chunk, cut
     xl = getattr(pipe, "text_encoder_2", None) is not None
     for text, ours in ((LONG, long.prompt[:, :77]), ("a castle", short.prompt)):
         if xl:

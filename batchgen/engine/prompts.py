@@ -3,7 +3,8 @@
 A text longer than the encoder's 77 tokens is encoded as A1111 does: in chunks of 75 tokens, each wrapped in its
 own start and end tokens, the chunks' outputs concatenated (the pooled SDXL output is the first chunk's); a job's
 prompt and negative prompt are padded to the same number of chunks with the empty text's encoding. With
-run.truncate_prompts the text is cut at 77 tokens instead, with a warning.
+run.truncate_prompts the text is cut at 77 tokens instead, with a warning. A clip skip (A1111's count) reads an
+earlier encoder layer for the prompt and the negative prompt alike, normed as the last one is for SD1/SD2.
 
 A sweep renders each prompt under many UNet-only changes (seeds, steps, UNet weights); encoding it once per
 text-encoder state removes that work from every image but the first. Prompts and negative prompts share one cache
