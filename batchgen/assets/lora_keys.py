@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from batchgen.assets.single_file import CROSS_ATTENTION_BASES
+
 if TYPE_CHECKING:
     import torch
 
@@ -94,7 +96,7 @@ _SGM_FIXED: dict[str, tuple[str, Mapping[str, str] | None]] = {
 }
 
 # Base evidence: the width of what cross-attention keys/values read (the text embedding) ...
-_CONTEXT_WIDTH_BASES = {768: frozenset({"sd-1"}), 1024: frozenset({"sd-2"}), 2048: frozenset({"sdxl"})}
+_CONTEXT_WIDTH_BASES = {width: frozenset({base}) for width, base in CROSS_ATTENTION_BASES.items()}
 _CROSS_ATTENTION_INPUTS = ("attn2_to_k", "attn2_to_v")
 # ... and each text encoder's hidden width; SDXL's first encoder is CLIP-L, as wide as SD1's.
 _TEXT_WIDTH_BASES = {

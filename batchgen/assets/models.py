@@ -14,13 +14,12 @@ from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigg
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import Header, read_header
-from batchgen.assets.single_file import check_single_file, detect_base
+from batchgen.assets.single_file import CROSS_ATTENTION_BASES, check_single_file, detect_base
 from batchgen.config import ModelConfig
 from batchgen.errors import BatchgenError
 from batchgen.spec import ModelSpec, Refused, SingleFile
 
 BASES = ("sd-1", "sd-2", "sdxl")
-CROSS_ATTENTION_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
 # .bin is left out: in a diffusers folder it is one component's weights, never a whole model.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -110,10 +109,15 @@ def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
 
 def _folder_base(checkpoint: Path) -> str | None:
     try:
-        width = json.loads((checkpoint / "unet" / "config.json").read_text()).get("cross_attention_dim")
+        return _config_base(checkpoint / "unet" / "config.json")[0]
     except (OSError, ValueError):
         return None
-    return CROSS_ATTENTION_BASES.get(width if isinstance(width, int) else -1)
+
+
+def _config_base(config: Path) -> tuple[str | None, object]:
+    """(base, cross-attention width) from a diffusers UNet config; OSError or ValueError when unreadable."""
+    width = json.loads(config.read_text()).get("cross_attention_dim")
+    return CROSS_ATTENTION_BASES.get(width if isinstance(width, int) else -1), width
 
 
 def inspect_assets(
@@ -169,10 +173,9 @@ def _check_base(checkpoint: Path, base: str, where: str) -> None:
     if not checkpoint.is_dir() or not config.is_file():
         return
     try:
-        width = json.loads(config.read_text()).get("cross_attention_dim")
+        found, width = _config_base(config)
     except ValueError:
         raise BatchgenError(f"{config}: not valid JSON; re-download the checkpoint") from None
-    found = CROSS_ATTENTION_BASES.get(width if isinstance(width, int) else -1)
     if found and found != base:
         raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
 

@@ -20,7 +20,8 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
 UNET_PREFIX = "model.diffusion_model."
 _CROSS_ATTENTION_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
-_CONTEXT_WIDTH_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
+# The UNet's cross-attention width names the SD version, in a single file, a diffusers config or a LoRA's layers.
+CROSS_ATTENTION_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
 # A text encoder in the file confirms the base the UNet says; its absence is fine (some files ship UNet + VAE only).
 _TEXT_ENCODER_PREFIXES = {
     "sd-1": "cond_stage_model.transformer.",
@@ -58,7 +59,7 @@ def detect_base(header: Header) -> tuple[str | None, int | None]:
     for key, info in header.tensors.items():
         if _CROSS_ATTENTION_KEY.fullmatch(key) and len(info.shape) == 2:
             width = info.shape[1]
-            return _CONTEXT_WIDTH_BASES.get(width), width
+            return CROSS_ATTENTION_BASES.get(width), width
     return None, None
 
 

@@ -34,7 +34,7 @@ def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
         ("Model hash", spec.checkpoint_sha256[:10]),
         ("Model", spec.name),
     ]
-    if str(row.get("clip_skip") or 1) not in ("1", "1.0"):
+    if int(row.get("clip_skip") or 1) != 1:
         fields.append(("Clip skip", row["clip_skip"]))
     if loras:
         hashes = ", ".join(f"{_alias(name)}: {a1111_lora_hash(spec.lora(name))}" for name, _ in loras)
