@@ -42,6 +42,8 @@ def read_state_dict(path: Path) -> dict:
     raise BatchgenError(f"{path}: unknown file type '{path.suffix}'; expected .safetensors, .pt, .bin or .ckpt")
 
 
+# safetensors' dtype names of the float types torch reads and writes checkpoints in.
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _INT_NAMES = {
     torch.bool: "BOOL",
     torch.uint8: "U8",
@@ -130,8 +132,8 @@ def checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A single-file checkpoint's tensors. CompVis/A1111 pickles keep them under "state_dict", sometimes beside
     training state (global_step, epoch), so the nesting is unwrapped whatever else sits next to it."""
     state = read_state_dict(path)
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    if isinstance(state, dict):
+        state = unwrap_state_dict(state)
     if not isinstance(state, dict):
         raise BatchgenError(f"{path}: holds a {type(state).__name__}, not a dict of tensors; re-download it")
     return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -144,14 +146,16 @@ def checkpoint_header(path: Path) -> Header:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    floats = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    floats = {torch_dtype: name for name, torch_dtype in FLOAT_DTYPES.items()}
     return floats.get(dtype) or _INT_NAMES.get(dtype) or str(dtype)
 
 
 def unwrap_state_dict(state_dict: dict) -> dict:
-    """Some trainers save the embedding inside a checkpoint-style {"state_dict": {...}} wrapper."""
-    inner = state_dict.get("state_dict")
-    return inner if len(state_dict) == 1 and isinstance(inner, dict) else state_dict
+    """The tensors inside a checkpoint-style {"state_dict": {...}} wrapper (CompVis checkpoints, some TI trainers),
+    whatever training state (global_step, epoch) sits beside it."""
+    while isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    return state_dict
 
 
 def _matrix(tensor: object, path: Path) -> torch.Tensor:

@@ -15,8 +15,7 @@ import torch
 
 from batchgen.assets.lora_keys import ModuleRef
 from batchgen.assets.safetensors_header import TensorInfo, read_header
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+from batchgen.assets.tensors import FLOAT_DTYPES
 
 
 class PristineStore:
@@ -66,7 +65,7 @@ class PristineStore:
         for key in _candidate_keys(ref.path, name):
             if key in index:
                 path, info = index[key]
-                if _DTYPES.get(info.dtype) == tensor.dtype and torch.equal(_read(path, info), tensor.detach()):
+                if FLOAT_DTYPES.get(info.dtype) == tensor.dtype and torch.equal(_read(path, info), tensor.detach()):
                     return path, info
         return None
 
@@ -92,7 +91,7 @@ def _candidate_keys(path: str, name: str) -> list[str]:
 
 
 def _read(path: Path, info: TensorInfo) -> torch.Tensor:
-    tensor = torch.empty(info.shape, dtype=_DTYPES[info.dtype])
+    tensor = torch.empty(info.shape, dtype=FLOAT_DTYPES[info.dtype])
     _read_into(path, info, memoryview(tensor.numpy()).cast("B"))
     return tensor
 
