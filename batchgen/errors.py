@@ -1,5 +1,6 @@
 """Errors that end a run with a one-line message instead of a traceback."""
 
+import errno
 import signal
 
 
@@ -27,7 +28,7 @@ class OutputError(BatchgenError):
 
 
 # errno values that mean "the output folder cannot take this write", not a bug.
-OUTPUT_ERRNOS = frozenset({28, 30, 13, 122, 5, 27})  # ENOSPC, EROFS, EACCES, EDQUOT, EIO, EFBIG
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
 
 def output_error(e: OSError, done: int) -> OutputError:

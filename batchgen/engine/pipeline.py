@@ -64,7 +64,8 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype):
     import diffusers
 
     single = spec.single_file
-    assert single is not None
+    if single is None:
+        raise ValueError(f"{spec.checkpoint} is a diffusers folder (from_pretrained), not a single file")
     index = json.loads((single.config_dir / "model_index.json").read_text())
     with tempfile.TemporaryDirectory(prefix="batchgen-single-file-") as tmp:
         folder = Path(tmp)
@@ -104,13 +105,16 @@ def _weights_only(checkpoint: Path):
     handed: list[str] = []
 
     def load(path, *args, **kwargs):
-        assert Path(path) == checkpoint, f"diffusers asked for {path} while loading {checkpoint}"
+        if Path(path) != checkpoint:
+            raise RuntimeError(f"diffusers asked for {path} while loading {checkpoint}")
         handed.append(str(path))
         return state
 
     with mock.patch.object(diffusers.loaders.single_file, "load_single_file_checkpoint", load):
         yield
-    assert handed, "diffusers loaded the checkpoint without the weights-only state dict"
+    if not handed:
+        # A diffusers that stops calling load_single_file_checkpoint would unpickle the file itself: refuse.
+        raise RuntimeError("diffusers loaded the checkpoint without batchgen's weights-only state dict")
 
 
 def register_embeddings(pipe, spec: ModelSpec) -> None:
@@ -167,7 +171,8 @@ class LoraStacks:
         for lw in stack:
             if lw.name not in self.patcher.loras:
                 lora = self.spec.lora(lw.name)
-                assert lora is not None, f"planner let an unknown LoRA through: {lw.name}"
+                if lora is None:
+                    raise KeyError(f"model {self.spec.name} has no LoRA '{lw.name}'; the planner skips such jobs")
                 self.patcher.add(lw.name, load_lora_layers(lora.path, self.components, self.unet_config, self.device))
         self.patcher.apply(stack)
         self.current = stack

@@ -72,10 +72,12 @@ class PromptCache:
 
         Jobs with a long prompt may come back longer than the others: a pipeline call takes one length only."""
         states = {text_encoder_state(job) for job in batch}
-        assert len(states) == 1, "a batch spans text-encoder states"
+        if len(states) != 1:
+            raise RuntimeError("a batch spans text-encoder states; batches must be cut by batch_key")
         state = states.pop()
         modes = {(job.truncate_prompts, job.clip_skip) for job in batch}
-        assert len(modes) == 1, "a batch mixes truncated and chunked prompts or clip skips"
+        if len(modes) != 1:
+            raise RuntimeError("a batch mixes prompt modes (truncation, clip skip); batches must be cut by batch_key")
         mode = modes.pop()  # (truncate, clip_skip): how a text is encoded, part of its cache key
         wanted = dict.fromkeys(text for job in batch for text in texts_of(self.pipe, job))
         missing = [text for text in wanted if (text, state, mode) not in self._entries]
