@@ -311,7 +311,7 @@ def fake_build(name: str, dest: Path) -> None:
 
 def test_ensure_tiny_builds_into_env_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path))
-    monkeypatch.setattr(tiny, "build_tiny", fake_build)
+    monkeypatch.setattr(tiny.build, "build_tiny", fake_build)
     root = ensure_tiny("tiny_sd1")
     assert root == tmp_path / f"tiny-{TINY_VERSION}" / "tiny_sd1"
     assert (root / "marker").read_text() == "built"
@@ -323,11 +323,11 @@ def test_ensure_tiny_crash_leaves_no_partial_root(monkeypatch: pytest.MonkeyPatc
         (dest / "half").write_text("written before the crash")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tiny, "build_tiny", crash)
+    monkeypatch.setattr(tiny.build, "build_tiny", crash)
     with pytest.raises(RuntimeError, match="boom"):
         ensure_tiny("tiny_sdxl", tmp_path)
     assert list((tmp_path / f"tiny-{TINY_VERSION}").iterdir()) == []
-    monkeypatch.setattr(tiny, "build_tiny", fake_build)
+    monkeypatch.setattr(tiny.build, "build_tiny", fake_build)
     assert (ensure_tiny("tiny_sdxl", tmp_path) / "marker").exists()
 
 
@@ -339,7 +339,7 @@ def test_ensure_tiny_keeps_a_concurrent_winner(monkeypatch: pytest.MonkeyPatch, 
         fake_build(name, target)  # another process finishes first
         (target / "marker").write_text("winner")
 
-    monkeypatch.setattr(tiny, "build_tiny", lose_race)
+    monkeypatch.setattr(tiny.build, "build_tiny", lose_race)
     assert ensure_tiny("tiny_sd1", tmp_path) == target
     assert (target / "marker").read_text() == "winner"
     assert sorted(p.name for p in target.parent.iterdir()) == ["tiny_sd1"]

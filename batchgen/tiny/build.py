@@ -1,0 +1,67 @@
+"""Where the tiny roots live and how they are built: on first use, atomically, into the cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from batchgen.tiny.embeddings import write_embeddings
+from batchgen.tiny.loras import write_loras
+from batchgen.tiny.models import build_pipeline
+
+TINY_VERSION = "v2"
+TINY_MODELS = ("tiny_sd1", "tiny_sdxl")
+
+
+def cache_root() -> Path:
+    """Where batchgen caches built assets: ``$BATCHGEN_CACHE`` or ``~/.cache/batchgen``."""
+    env = os.environ.get("BATCHGEN_CACHE")
+    return Path(env or "~/.cache/batchgen").expanduser()
+
+
+def tiny_root(name: str, cache: Path | None = None) -> Path:
+    """The root folder of tiny model ``name`` inside ``cache`` (default: :func:`cache_root`)."""
+    _check_name(name)
+    return (cache or cache_root()) / f"tiny-{TINY_VERSION}" / name
+
+
+def ensure_tiny(name: str, cache: Path | None = None) -> Path:
+    """Return the root of tiny model ``name``, building it first if no complete build exists."""
+    target = tiny_root(name, cache)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename (atomic): a crash leaves at most a stray temp folder, and of
+    # two concurrent builders one wins the rename while the other finds the target and drops its copy.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished root should read like any cache folder
+    try:
+        build_tiny(name, tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_tiny(name: str, dest: Path) -> None:
+    """Build the pipeline, textual inversions and LoRAs of tiny model ``name`` into folder ``dest``."""
+    import torch
+
+    _check_name(name)
+    dest = Path(dest)
+    sdxl = name == "tiny_sdxl"
+    # Library init draws from the global RNG before we overwrite it; fork so the caller's state survives.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        pipe = build_pipeline(name, dest / "main" / name, sdxl)
+        write_embeddings(dest / "embedding", name)
+        write_loras(pipe, dest / "lora", name)
+
+
+def _check_name(name: str) -> None:
+    if name not in TINY_MODELS:
+        raise ValueError(f"Unknown tiny model {name!r}; valid names are: {', '.join(TINY_MODELS)}")
