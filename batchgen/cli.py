@@ -124,7 +124,7 @@ def diff_command(
         str, typer.Option(help="job_id, or settings: match by model, prompt, LoRA names+weights, seed, ...")
     ] = "job_id",
 ) -> None:
-    from batchgen.diff import compare_runs, format_report, write_outputs
+    from batchgen.report.diff import compare_runs, format_report, write_outputs
 
     result = compare_runs(run_a, run_b, tolerance=tolerance, by=by)
     written = write_outputs(result, out if out is not None else run_b / "diff")

@@ -1,5 +1,8 @@
 """The run directory's durable state: an append-only manifest.csv, atomic files, and resume.
 
+The one reader of manifest.csv (read_manifest) and the one rule for a job's latest row (latest_rows), which the
+runner's index.html, `batchgen report`, the grids, `batchgen diff`, resume and --retry-failed all go by.
+
 A kill at any moment loses at most the rows in flight: rows are appended, flushed and fsynced one at a time,
 files are written to a temp name, fsynced and renamed, and a torn last line is dropped on the next start.
 """
@@ -19,6 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from batchgen.errors import BatchgenError
 from batchgen.spec import MANIFEST_COLUMNS
 
 MANIFEST = "manifest.csv"
@@ -54,23 +58,101 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(run_dir: Path) -> pd.DataFrame:
-    """Every row as text (empty string for blanks), so ids and hashes never turn into numbers."""
+    """Every row as text (empty string for blanks), so ids and hashes never turn into numbers.
+
+    A manifest written before a column existed reads with that column blank, so no reader checks for it; the file
+    itself gains the column on its next render (Manifest._prepare).
+    """
     path = run_dir / MANIFEST
+    table = _read_rows(path)
+    if not {"job_id", "status"} <= set(table.columns):
+        raise BatchgenError(f"{path}: no job_id/status columns; is this a batchgen manifest?")
+    for column in MANIFEST_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    return table
+
+
+def _read_rows(path: Path) -> pd.DataFrame:
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(MANIFEST_COLUMNS))
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+def latest_rows(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """One row per job, its state: what index.html (after a render and after `batchgen report`), the grids, diff,
+    resume (`completed_jobs`) and --retry-failed (`failed_jobs`) all go by. `rows`: read_manifest(run_dir).
+
+    The rule: a job's latest row is its last row, except that a failed or skipped row never undoes an earlier `ok`
+    row whose image is still on disk with its recorded hash; then the last such ok row stands.
+    Why: rows are only appended, so the last one is what happened most recently. But resume treats a job with an
+    intact ok image as done and never renders it again, so calling it failed would show a failure that no re-run
+    clears, next to an image that is there to look at. When that image is gone or changed, the job is not done:
+    it renders again, and until then its most recent failure is what it is (and what --retry-failed re-renders).
+
+    Jobs are in the order they were first rendered. Skipped rows are all recorded before rendering starts, so
+    ordering by them would put the models with skipped jobs first; jobs only ever skipped follow, in their order.
+    """
+    return rows.iloc[_latest_positions(rows, _IntactImages(run_dir, rows))].reset_index(drop=True)
+
+
+def _latest_positions(rows: pd.DataFrame, intact: _IntactImages) -> list[int]:
+    statuses = rows["status"].tolist()
+    by_job: dict[str, list[int]] = {}
+    for position, job_id in enumerate(rows["job_id"]):
+        by_job.setdefault(job_id, []).append(position)
+    after_all = len(rows)
+    first = {
+        job_id: min(p + (after_all if statuses[p] == "skipped" else 0) for p in positions)
+        for job_id, positions in by_job.items()
+    }
+    return [_latest(by_job[job_id], statuses, intact) for job_id in sorted(by_job, key=first.__getitem__)]
+
+
+def _latest(positions: list[int], statuses: list[str], intact: _IntactImages) -> int:
+    last = positions[-1]
+    oks = [p for p in positions if statuses[p] == "ok"]
+    if not oks or oks == [last]:
+        return last  # the last row whether or not its image is intact: no need to hash it
+    return next((p for p in reversed(oks) if intact(p)), last)
+
+
+class _IntactImages:
+    """Whether a row's image is on disk with the hash the row recorded; each file is hashed at most once."""
+
+    def __init__(self, run_dir: Path, rows: pd.DataFrame) -> None:
+        self.run_dir = run_dir
+        self.images = rows["image"].tolist()
+        self.hashes = rows["image_sha256"].tolist()
+        self._sha256: dict[str, str | None] = {}
+
+    def __call__(self, position: int) -> bool:
+        image = self.images[position]
+        if not image:
+            return False
+        if image not in self._sha256:
+            path = self.run_dir / image
+            self._sha256[image] = sha256_file(path) if path.is_file() else None
+        return self._sha256[image] == self.hashes[position]
+
+
+def read_latest(run_dir: Path) -> pd.DataFrame:
+    """Each job's latest row (latest_rows) from run_dir's manifest."""
+    return latest_rows(read_manifest(run_dir), run_dir)
+
+
 def completed_jobs(run_dir: Path) -> set[str]:
-    """Job ids with an ok row whose image exists with the recorded hash: these are not rendered again."""
-    done: set[str] = set()
-    for row in read_manifest(run_dir).itertuples(index=False):
-        if row.status != "ok" or not row.image or row.job_id in done:
-            continue
-        image = run_dir / row.image
-        if image.is_file() and sha256_file(image) == row.image_sha256:
-            done.add(row.job_id)
-    return done
+    """Jobs whose latest row is ok and whose image exists with the recorded hash: these are not rendered again."""
+    rows = read_manifest(run_dir)
+    intact = _IntactImages(run_dir, rows)
+    statuses, job_ids = rows["status"].tolist(), rows["job_id"].tolist()
+    return {job_ids[p] for p in _latest_positions(rows, intact) if statuses[p] == "ok" and intact(p)}
+
+
+def failed_jobs(run_dir: Path) -> set[str]:
+    """Jobs whose latest row is failed: what --retry-failed renders."""
+    latest = read_latest(run_dir)
+    return set(latest.loc[latest["status"] == "failed", "job_id"])
 
 
 class Manifest:
@@ -113,7 +195,7 @@ class Manifest:
         extra = [c for c in wanted if c not in header]
         if not extra:
             return header
-        table = read_manifest(self.run_dir)
+        table = _read_rows(self.path)
         for column in extra:
             table[column] = ""
         atomic_write(self.path, table.to_csv(index=False).encode())

@@ -18,7 +18,14 @@ from batchgen.assets.models import inspect_assets, resolve_model, scan_checkpoin
 from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
-from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
+from batchgen.manifest import (
+    Manifest,
+    completed_jobs,
+    failed_jobs,
+    read_latest,
+    record_invocation,
+    remove_stale_temp_files,
+)
 from batchgen.plan import Plan, build_plan, select_models, used_assets
 from batchgen.progress import Progress
 from batchgen.prompts_file import read_prompts_file
@@ -147,7 +154,7 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
     already = len(plan.jobs) - len(todo)
     left = ""
     if retry_failed:
-        failed_before = latest_failed(run_dir)
+        failed_before = failed_jobs(run_dir)
         later = [j for j in todo if j.job_id not in failed_before]
         todo = [j for j in todo if j.job_id in failed_before]
         left = f", {len(later)} never rendered left for a run without --retry-failed" if later else ""
@@ -223,12 +230,6 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
     return Outcome(len(todo) - len(failures), len(failures), skipped, already, run_dir)
 
 
-def latest_failed(run_dir: Path) -> set[str]:
-    """Jobs whose latest row is `failed`: what --retry-failed renders."""
-    table = read_manifest(run_dir).drop_duplicates("job_id", keep="last")
-    return set(table.loc[table["status"] == "failed", "job_id"])
-
-
 @contextlib.contextmanager
 def stop_signals():
     """Turn SIGINT and SIGTERM into `Stopped` in the main thread, so every `finally` runs (writer drained,
@@ -248,15 +249,18 @@ def stop_signals():
             signal.signal(sig, handler)
 
 
+# What rendering a job writes into its manifest row; the rest of a row is the plan's.
+RECORDED = ("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings")
+
+
 def merged_table(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
-    """The plan's rows with each job's latest recorded status, image and error: what grids and reports show."""
-    recorded = read_manifest(run_dir)
-    latest = recorded.drop_duplicates("job_id", keep="last").set_index("job_id")
+    """The plan's rows with each job's latest recorded row (manifest.latest_rows) over what a render records:
+    what the run's grids and index.html show. Jobs never recorded keep the plan's status (pending or skipped)."""
+    latest = read_latest(run_dir).set_index("job_id")
     merged = table.copy()
-    for column in ("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at"):
-        if column in latest.columns:
-            values = merged["job_id"].map(latest[column])
-            merged[column] = values.where(values.notna(), merged[column])
+    for column in RECORDED:
+        values = merged["job_id"].map(latest[column])
+        merged[column] = values.where(values.notna(), merged[column])
     return merged
 
 

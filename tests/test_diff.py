@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from batchgen import diff
+from batchgen.report import diff
 from tests.synthetic import CELL, colour, make_run, write_manifest
 
 ALL_CHANNELS = CELL * CELL * 3

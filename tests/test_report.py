@@ -478,7 +478,9 @@ def test_report_modules_import_no_torch():
     import subprocess
     import sys
 
-    modules = "batchgen.report.grids, batchgen.report.index, batchgen.report.rebuild, batchgen.diff, batchgen.axes"
+    modules = (
+        "batchgen.report.grids, batchgen.report.index, batchgen.report.rebuild, batchgen.report.diff, batchgen.axes"
+    )
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

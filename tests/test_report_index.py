@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 from batchgen.engine.png import encode_png
-from batchgen.manifest import completed_jobs, read_manifest, record_invocation
+from batchgen.manifest import completed_jobs, latest_rows, read_manifest, record_invocation
 from batchgen.report.index import build_index
-from batchgen.report.rebuild import latest_rows
 from batchgen.spec import MANIFEST_COLUMNS
 from tests.synthetic import STYLES, colour, make_run, write_manifest
 
@@ -113,17 +112,27 @@ def test_links_to_odd_file_names_are_url_quoted(tmp_path):
 # ---------------------------------------------------------------- batchgen report RUN_DIR
 
 
-def test_latest_rows_keeps_the_last_ok_row_in_first_render_order():
+def test_latest_rows_keeps_the_last_ok_row_in_first_render_order(tmp_path):
+    hashes = {}
+    for job in "abc":
+        Image.new("RGB", (8, 8), colour(ord(job))).save(tmp_path / f"{job}.png")
+        hashes[job] = hashlib.sha256((tmp_path / f"{job}.png").read_bytes()).hexdigest()
     manifest = pd.DataFrame(
         {
             "job_id": ["s", "t", "a", "b", "a", "c", "b", "c"],
             "status": ["skipped", "skipped", "failed", "ok", "ok", "ok", "failed", "failed"],
             "error": ["no ink", "no ink", "x", "", "", "", "late", "later"],
+            "image": ["", "", "", "b.png", "a.png", "c.png", "", ""],
+            "image_sha256": ["", "", "", hashes["b"], hashes["a"], hashes["c"], "", ""],
         }
     )
-    rows = latest_rows(manifest)
+    rows = latest_rows(manifest, tmp_path)
     assert list(rows["job_id"]) == ["a", "b", "c", "s", "t"]  # skipped rows come first in a manifest, not here
     assert list(rows["status"]) == ["ok", "ok", "ok", "skipped", "skipped"]  # ok beats a later failure
+    (tmp_path / "c.png").unlink()
+    rows = latest_rows(manifest, tmp_path)
+    assert list(rows["status"]) == ["ok", "ok", "failed", "skipped", "skipped"]  # unless its image is gone
+    assert rows.loc[2, "error"] == "later"
 
 
 def test_report_rebuilds_from_the_manifest_with_the_recorded_axes(cli, tmp_path):

@@ -222,7 +222,7 @@ TRIGGERS = {"ink": "ink drawing"}
 
 
 def test_diff_by_settings_reads_a_manifest_from_before_clip_skip_as_1() -> None:
-    from batchgen.diff import _key
+    from batchgen.report.diff import _key
 
     row = {"model": "m", "prompt": "a castle", "seed": "1", "steps": "2", "scheduler": "default"}
     assert _key(pd.Series(row), "settings") == _key(pd.Series({**row, "clip_skip": "1"}), "settings")

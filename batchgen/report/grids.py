@@ -233,12 +233,6 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _pick_row(rows: pd.DataFrame) -> pd.Series:
-    """A re-rendered job may appear twice in a manifest: the last ok row wins, else the last row."""
-    ok = rows[_column(rows, "status") == "ok"]
-    return (ok if len(ok) else rows).iloc[-1]
-
-
 def _planned_size(rows: pd.DataFrame) -> tuple[int, int]:
     def largest(name: str) -> int:
         values = pd.to_numeric(rows[name], errors="coerce") if name in rows.columns else pd.Series(dtype=float)
@@ -392,7 +386,9 @@ def _cell_sources(rows: pd.DataFrame, values: pd.DataFrame, spec: _GridSpec, run
         for col in spec.columns:
             for row in spec.rows:
                 positions = cells.get((layer, col, row))
-                picked = None if positions is None else _pick_row(rows.iloc[positions])
+                # One row per job (manifest.latest_rows); jobs that share every axis value (the same settings
+                # with a replaced file) share a cell, and the last one shows.
+                picked = None if positions is None else rows.iloc[positions[-1]]
                 sources[(layer, col, row)] = _cell_source(run_dir, picked)
     return sources
 

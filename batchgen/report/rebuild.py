@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from batchgen.axes import check_max_megapixels
 from batchgen.errors import BatchgenError
-from batchgen.manifest import MANIFEST, read_manifest
+from batchgen.manifest import MANIFEST, read_latest
 from batchgen.report.grids import DEFAULT_MAX_MEGAPIXELS, build_grids
 from batchgen.report.index import build_index
 from batchgen.report.pngs import Recovered, write_manifest_from_pngs
@@ -35,23 +33,6 @@ class ReportResult:
     index: Path
     rows: int
     recovered: Recovered | None
-
-
-def latest_rows(manifest: pd.DataFrame) -> pd.DataFrame:
-    """One row per job: its last ok row, else its last row, in the order jobs were first rendered.
-
-    Skipped rows are all recorded before rendering starts, so ordering by them would put the models with skipped
-    jobs first; jobs that were only ever skipped follow the rendered ones, in their own order.
-    """
-    if manifest.empty:
-        return manifest
-    positions = pd.Series(range(len(manifest)), index=manifest.index)
-    positions = positions.where(manifest["status"] != "skipped", positions + len(manifest))
-    first = positions.groupby(manifest["job_id"].values).min()
-    ok = manifest["status"] == "ok"
-    chosen = pd.concat([manifest[~ok], manifest[ok]]).drop_duplicates("job_id", keep="last")
-    order = chosen["job_id"].map(first).sort_values(kind="stable")
-    return chosen.loc[order.index].reset_index(drop=True)
 
 
 def _recorded_axes(run_dir: Path) -> tuple[dict, float | None]:
@@ -83,7 +64,7 @@ def rebuild_report(request: ReportRequest) -> ReportResult:
     z = request.z if request.z is not None else grid.get("z")
     z = None if z is None or str(z).lower() in NO_Z else str(z)
     limit = next(v for v in (request.max_megapixels, recorded_limit, DEFAULT_MAX_MEGAPIXELS) if v is not None)
-    table = latest_rows(read_manifest(run_dir))
+    table = read_latest(run_dir)
     slots = [c for c in table.columns if c not in MANIFEST_COLUMNS]
     grids = build_grids(table, run_dir, str(x), str(y), slots, z=z, max_megapixels=check_max_megapixels(limit))
     index = build_index(table, run_dir, grids)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from batchgen.manifest import read_manifest
 from batchgen.report.text import text
 from batchgen.spec import STAGES
 
@@ -66,15 +65,13 @@ def status_counts(table: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
-def _stage_totals(run_dir: Path, job_ids: set[str]) -> dict[str, float]:
-    """Seconds per stage over the latest ok row of each shown job (manifest `timings`: load=..;encode=..)."""
-    rows = read_manifest(run_dir)
-    if "timings" not in rows.columns or rows.empty:
+def _stage_totals(table: pd.DataFrame) -> dict[str, float]:
+    """Seconds per stage over the shown jobs whose latest row is ok (manifest `timings`: load=..;encode=..)."""
+    if "timings" not in table.columns or "status" not in table.columns:
         return {}
-    rows = rows[(rows["status"] == "ok") & rows["job_id"].isin(job_ids)].drop_duplicates("job_id", keep="last")
     totals: dict[str, float] = {}
-    for cell in rows["timings"]:
-        for part in filter(None, str(cell).split(";")):
+    for cell in table.loc[table["status"].map(text) == "ok", "timings"].map(text):
+        for part in filter(None, cell.split(";")):
             stage, _, seconds = part.partition("=")
             try:
                 totals[stage] = totals.get(stage, 0.0) + float(seconds)
@@ -114,12 +111,8 @@ def summarise(table: pd.DataFrame, run_dir: Path) -> RunSummary:
         ("latest overrides", " ".join(latest.overrides) if latest else "(not recorded)"),
         ("jobs", f"{len(table)}: " + ", ".join(f"{n} {status}" for status, n in counts.items())),
         ("render time", _render_time(table)),
-        ("stages", ", ".join(f"{s} {v:.2f} s" for s, v in _stage_totals(run_dir, set(_ids(table))).items())),
+        ("stages", ", ".join(f"{s} {v:.2f} s" for s, v in _stage_totals(table).items())),
         ("finished", _finished(table)),
     ]
     config_yaml = yaml.safe_dump(latest.config, sort_keys=False, allow_unicode=True) if latest else ""
     return RunSummary([(k, v) for k, v in facts if v], config_yaml, len(invocations(run_dir)))
-
-
-def _ids(table: pd.DataFrame) -> list[str]:
-    return [text(v) for v in table["job_id"]] if "job_id" in table.columns else []

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from batchgen.errors import BatchgenError
-from batchgen.manifest import MANIFEST, read_manifest
+from batchgen.manifest import MANIFEST, read_latest
 from batchgen.report.files import save_png, write_text
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
 
@@ -48,7 +48,7 @@ LABEL_LINES = 10
 
 @dataclass(frozen=True)
 class Entry:
-    """One run's latest ok image of a job."""
+    """The image of a job whose latest row is ok."""
 
     key: str
     job_id: str
@@ -114,19 +114,22 @@ def _key(row: pd.Series, by: str) -> str:
 
 
 def load_run(run_dir: Path, which: str, by: str = "job_id") -> dict[str, Entry]:
-    """key -> the latest ok row's image of each job in run_dir; BatchgenError when it is not a run directory."""
+    """key -> the image of each job whose latest row (manifest.latest_rows) is ok; BatchgenError when run_dir is
+    not a run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BatchgenError(f"{which} {run_dir}: no such run directory; pass one such as runs/styles")
     if not (run_dir / MANIFEST).is_file():
         raise BatchgenError(f"{which} {run_dir}: no {MANIFEST} here; pass a run directory such as runs/styles")
-    rows = read_manifest(run_dir)
-    if "status" not in rows.columns or "job_id" not in rows.columns:
-        raise BatchgenError(f"{which} {run_dir / MANIFEST}: no job_id/status columns; is this a batchgen manifest?")
+    try:
+        latest = read_latest(run_dir)
+    except BatchgenError as e:
+        raise BatchgenError(f"{which} {e}") from None
     entries: dict[str, Entry] = {}
-    for _, row in rows[rows["status"] == "ok"].iterrows():
+    for _, row in latest[latest["status"] == "ok"].iterrows():
         key = _key(row, by)
-        entries.pop(key, None)  # re-insert, so that a re-rendered job keeps its latest position
+        # Jobs sharing a key (--by settings, a file replaced between renders): the later render takes it and its place.
+        entries.pop(key, None)
         entries[key] = Entry(key, text(row["job_id"]), _label(row), run_dir / text(row.get("image")))
     return entries
 
