@@ -131,7 +131,6 @@ def test_slurm_without_submitit_is_a_clear_error(run_cli, monkeypatch: pytest.Mo
     ("override", "message"),
     [
         ("executor.workers=0", "executor.workers=0: give a whole number of at least 1"),
-        ("executor.gpus_per_task=-1", "executor.gpus_per_task=-1: give a whole number of at least 0"),
         ("executor.time_min=0", "executor.time_min=0: give a whole number of at least 1"),
         (
             "+executor.devices=2",
