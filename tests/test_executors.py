@@ -25,8 +25,7 @@ INK = (LoraWeight("ink", 1.0, 1.0),)
 
 def _request(count: int) -> ExecutorRequest:
     jobs = [
-        Job(f"j{i}", "a", "p", "", i, 2, 7.5, 64, 64, "default", INK if i >= count // 2 else ())
-        for i in range(count)
+        Job(f"j{i}", "a", "p", "", i, 2, 7.5, 64, 64, "default", INK if i >= count // 2 else ()) for i in range(count)
     ]
     rows = {job.job_id: {"job_id": job.job_id, "status": "pending", "worker": ""} for job in jobs}
     return ExecutorRequest(jobs, rows, {}, Path("run"), "fp32", 4)  # units of 4: one per LoRA state
