@@ -18,6 +18,8 @@ from batchgen.assets.models import inspect_assets, resolve_model, scan_checkpoin
 from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
+from batchgen.executors.base import Executor, ExecutorRequest
+from batchgen.executors.registry import executor_options, make_executor
 from batchgen.manifest import (
     Manifest,
     completed_jobs,
@@ -53,6 +55,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
     Only the LoRAs and TIs the sweep mentions are hashed and read, unless `all_assets` (for --list).
     """
     cfg = composed.config
+    executor_options(cfg.executor)  # an unknown executor or key is a config error, before any file is read
     hashes = HashCache(cache_root() / "hashes.json")
     check_max_megapixels(cfg.report.max_grid_megapixels)  # the grids come last; a bad guard must fail first
     names = select_models(cfg.sweep, list(cfg.models))
@@ -118,24 +121,17 @@ def render(
     err: TextIO | None = None,
     retry_failed: bool = False,
 ) -> Outcome:
-    from batchgen.executors.local import visible_slots
-
     cfg = composed.config
     # A bad executor setting is a config error: found before anything is written.
-    if cfg.executor.name == "ray":
-        from batchgen.executors.ray_executor import require_ray
-
-        require_ray()
-        slots = visible_slots(1, cfg.run.threads)  # the driver's own view; actors are placed by Ray
-    else:
-        slots = visible_slots(cfg.executor.devices, cfg.run.threads)
+    executor = make_executor(cfg.executor, cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
     with RunLock(run_dir), stop_signals():
-        return _render(composed, plan, slots, out or sys.stdout, err or sys.stderr, retry_failed)
+        return _render(composed, plan, executor, out or sys.stdout, err or sys.stderr, retry_failed)
 
 
-def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, retry_failed: bool) -> Outcome:
-    from batchgen.executors.local import ExecutorRequest, run_local
+def _render(
+    composed: Composed, plan: Plan, executor: Executor, out: TextIO, err: TextIO, retry_failed: bool
+) -> Outcome:
     from batchgen.report.grids import build_grids
     from batchgen.report.index import build_index
 
@@ -172,25 +168,16 @@ def _render(composed: Composed, plan: Plan, slots, out: TextIO, err: TextIO, ret
         if row["status"] == "failed":
             failures.append(f"{row['job_id']}: {row['error']}")
 
-    workers = f", {len(slots)} workers" if len(slots) > 1 and len(todo) > 1 and cfg.executor.name == "local" else ""
     err.write(
         f"{cfg.sweep.name}: {len(todo)} to render, {already} already done, "
-        f"{skipped} skipped{left} -> {run_dir}{workers}\n"
+        f"{skipped} skipped{left} -> {run_dir}{executor.note(len(todo))}\n"
     )
     try:
         if todo:
             request = ExecutorRequest(
-                todo, rows, plan.models, run_dir, cfg.run.dtype, getattr(cfg.executor, "devices", 1),
-                cfg.sweep.batch_size, cfg.run.compile,
+                todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.sweep.batch_size, cfg.run.compile
             )
-            if cfg.executor.name == "ray":
-                from batchgen.executors.ray_executor import RayOptions, run_ray
-
-                ex = cfg.executor
-                options = RayOptions(ex.address, ex.actors, ex.cpus_per_actor, ex.shared_fs, cfg.run.threads)
-                run_ray(request, options, on_row)
-            else:
-                run_local(request, slots if len(todo) > 1 else slots[:1], on_row)
+            executor.run(request, on_row)
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:
             raise

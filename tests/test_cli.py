@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from batchgen.config import compose_config, packaged_conf_dir
+from batchgen.executors.registry import executor_options
 from batchgen.tiny import ensure_tiny
 
 CONF = packaged_conf_dir()
@@ -40,7 +41,8 @@ def test_every_model_composes(model: str, monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_every_executor_composes() -> None:
     for executor in sorted(p.stem for p in (CONF / "executor").glob("*.yaml")):
-        assert compose_config(["+sweep=styles", f"executor={executor}"]).config.executor.name == executor
+        section = compose_config(["+sweep=styles", f"executor={executor}"]).config.executor
+        assert executor_options(section).name == executor
 
 
 def test_cfg_prints_composed_config_with_axis(run_cli) -> None:

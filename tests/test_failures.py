@@ -129,7 +129,7 @@ def test_ray_executor_without_ray_is_a_clear_error(run_cli, monkeypatch: pytest.
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("executor.name=dask", "executor=dask: unknown executor; use one of local, ray"),
+        ("executor.name=dask", "executor=dask: unknown executor; use one of local, ray, slurm"),
         (
             "executor.devices=[0,1]",
             "executor.devices=[0, 1] names CUDA devices but none is visible; use executor.devices=2 for 2 CPU workers",

@@ -1,7 +1,6 @@
 """Config: the schema, Hydra composition, and Hydra's errors said as one line."""
 
 from batchgen.config.compose import compose_config, packaged_conf_dir, split_sweep_overrides
-from batchgen.config.executors import EXECUTOR_SCHEMAS, LocalExecutorConfig, RayExecutorConfig, executor_config
 from batchgen.config.schema import (
     Composed,
     Config,
@@ -13,18 +12,14 @@ from batchgen.config.schema import (
 )
 
 __all__ = [
-    "EXECUTOR_SCHEMAS",
     "Composed",
     "Config",
     "GridConfig",
-    "LocalExecutorConfig",
     "ModelConfig",
-    "RayExecutorConfig",
     "ReportConfig",
     "RunConfig",
     "SweepConfig",
     "compose_config",
-    "executor_config",
     "packaged_conf_dir",
     "split_sweep_overrides",
 ]

@@ -19,7 +19,6 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from batchgen.config.executors import executor_config
 from batchgen.config.hydra_errors import (
     config_options,
     first_line,
@@ -117,7 +116,6 @@ def compose_config(overrides: list[str], config_dir: Path | None = None) -> Comp
         raise BatchgenError(f"config key {full_key(e)}: {first_line(e)}") from None
     if not isinstance(typed, Config) or not isinstance(container, dict):
         raise TypeError(f"composition gave {type(typed).__name__}, not batchgen's Config; the schema was not applied")
-    typed.executor = executor_config(container["executor"])
     return Composed(config=typed, container=container, overrides=list(overrides))
 
 

@@ -82,7 +82,7 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     sweep: SweepConfig = MISSING
     run: RunConfig = field(default_factory=RunConfig)
-    # Filled from the executor group (conf/executor/*.yaml); typed by executor_config() once composed.
+    # Filled from the executor group (conf/executor/*.yaml); each executor types its own keys (executors/registry.py).
     executor: Any = field(default_factory=dict)
     report: ReportConfig = field(default_factory=ReportConfig)
 

@@ -1,41 +1,36 @@
-"""The local executor: one worker per device on this machine.
+"""The local executor: one worker per device on this machine (`executor=local`).
 
-One worker renders in this process. Several run as spawned processes, each holding its own loaded models; the
-parent hands out work units by affinity (executors/units.py), receives finished rows over a queue and alone
-writes the manifest. Workers write their own PNGs (atomically, before the row is sent). A worker that dies has
-its unreported jobs put back and is replaced, at most `RESTARTS` times per slot.
+One worker renders in this process. Several run as spawned processes (executors/process.py), each holding its own
+loaded models, under the shared dispatcher (executors/base.py), which the parent runs; it alone writes the manifest.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from batchgen.errors import BatchgenError
-from batchgen.executors.units import StateKey, UnitQueue, group_by_state, make_units
-from batchgen.spec import Job, ModelSpec
-
-RESTARTS = 2
-POLL_S = 0.2
-
-Sink = Callable[[dict[str, Any]], None]
+from batchgen.executors.base import (
+    POLL_S,
+    Crashed,
+    ExecutorRequest,
+    Gone,
+    Idle,
+    Message,
+    Pairs,
+    Row,
+    Sink,
+    check_threads,
+    dispatch,
+)
 
 
 @dataclass(frozen=True)
-class ExecutorRequest:
-    jobs: list[Job]
-    rows: dict[str, dict[str, Any]]  # job_id -> the job's manifest row before rendering
-    models: dict[str, ModelSpec]
-    run_dir: Path
-    dtype: str
-    devices: Any
-    batch_size: int | str = "auto"
-    compile_unet: bool = False
+class LocalOptions:
+    name: str = "local"
+    devices: Any = "auto"  # auto | N | [0, 2]
 
 
 @dataclass(frozen=True)
@@ -50,8 +45,7 @@ class Slot:
 def plan_slots(devices: Any, cuda_count: int, cores: int, threads: int | None = None) -> list[Slot]:
     """`auto`: one worker per CUDA device, or one on CPU; `N`: N workers; `[0, 2]`: those CUDA devices.
     CPU workers split the cores between them unless `threads` (run.threads) fixes each one's count."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise BatchgenError(f"run.threads={threads!r}: give a thread count of at least 1, or null for automatic")
+    check_threads(threads)
     if isinstance(devices, bool) or not (devices == "auto" or isinstance(devices, int | list | tuple)):
         raise BatchgenError(f"executor.devices={devices!r}: use auto, a worker count such as 2, or a list like [0,2]")
     if isinstance(devices, list | tuple):
@@ -92,12 +86,20 @@ def visible_slots(devices: Any, threads: int | None = None) -> list[Slot]:
     return plan_slots(devices, cuda, os.cpu_count() or 1, threads)
 
 
-def run_local(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> None:
-    """Render every job of the request; each finished row goes to `sink` (in this process, in finish order)."""
-    if len(slots) == 1:
-        _run_here(request, slots[0], sink)
-    else:
-        _run_processes(request, slots, sink)
+class LocalExecutor:
+    options: ClassVar[type] = LocalOptions
+
+    def __init__(self, options: LocalOptions, threads: int | None) -> None:
+        self.slots = visible_slots(options.devices, threads)
+
+    def note(self, jobs: int) -> str:
+        return f", {len(self.slots)} workers" if len(self.slots) > 1 and jobs > 1 else ""
+
+    def run(self, request: ExecutorRequest, sink: Sink) -> None:
+        if len(self.slots) == 1 or len(request.jobs) == 1:
+            _run_here(request, self.slots[0], sink)
+        else:
+            dispatch(request, ProcessPool(request, self.slots), [slot.name for slot in self.slots], sink)
 
 
 def _run_here(request: ExecutorRequest, slot: Slot, sink: Sink) -> None:
@@ -121,121 +123,71 @@ def _run_here(request: ExecutorRequest, slot: Slot, sink: Sink) -> None:
         torch.set_num_threads(previous_threads)
 
 
-@dataclass
-class _Worker:
-    slot: Slot
-    process: Any
-    inbox: Any
-    restarts: int = 0
-    held: StateKey | None = None
-    outstanding: dict[str, Job] = field(default_factory=dict)  # sent, not yet reported
-    stopping: bool = False
+class ProcessPool:
+    """Spawned worker processes: units go down a queue per worker, messages come back on one shared queue."""
 
+    def __init__(self, request: ExecutorRequest, slots: list[Slot]) -> None:
+        import multiprocessing as mp
 
-def _run_processes(request: ExecutorRequest, slots: list[Slot], sink: Sink) -> None:
-    import multiprocessing as mp
+        self.ctx = mp.get_context("spawn")  # forking a process that holds torch threads is unsafe
+        self.outbox = self.ctx.Queue()
+        self.settings = (request.models, request.run_dir, request.dtype, request.batch_size, request.compile_unet)
+        self.slots = slots
+        self.processes: dict[int, Any] = {}
+        self.inboxes: dict[int, Any] = {}
 
-    from batchgen.executors.process import worker_main
+    def start(self, wid: int) -> None:
+        from batchgen.executors.process import worker_main
 
-    ctx = mp.get_context("spawn")  # forking a process that holds torch threads is unsafe
-    outbox = ctx.Queue()
-    settings = (request.models, request.run_dir, request.dtype, request.batch_size, request.compile_unet)
-    batch = request.batch_size if isinstance(request.batch_size, int) else 1
-    pending = UnitQueue(make_units(request.jobs, len(slots), batch))
-    workers: dict[int, _Worker] = {}
-    position = {job.job_id: i for i, job in enumerate(request.jobs)}
-
-    def start(wid: int, slot: Slot, restarts: int = 0) -> None:
-        inbox = ctx.Queue()
-        process = ctx.Process(target=worker_main, args=(wid, slot, settings, inbox, outbox), daemon=True)
+        inbox = self.ctx.Queue()
+        args = (wid, self.slots[wid], self.settings, inbox, self.outbox)
+        process = self.ctx.Process(target=worker_main, args=args, daemon=True)
         process.start()
-        workers[wid] = _Worker(slot, process, inbox, restarts)
+        self.processes[wid], self.inboxes[wid] = process, inbox
 
-    def assign(wid: int) -> None:
-        worker = workers[wid]
-        unit = pending.next_for(worker.held)
-        if unit is None:
-            worker.inbox.put(None)
-            worker.stopping = True
-            return
-        worker.held = unit.key
-        worker.outstanding.update({job.job_id: job for job in unit.jobs})
-        worker.inbox.put([(job, request.rows[job.job_id]) for job in unit.jobs])
+    def send(self, wid: int, unit: Pairs) -> None:
+        self.inboxes[wid].put(unit)
 
-    def handle(message: tuple) -> None:
+    def stop(self, wid: int) -> None:
+        self.inboxes[wid].put(None)
+
+    def poll(self, timeout: float = POLL_S) -> list[Message]:
+        try:
+            return [self._message(self.outbox.get(timeout=timeout))]
+        except queue.Empty:
+            pass
+        messages: list[Message] = []
+        for wid, process in list(self.processes.items()):
+            if not process.is_alive():
+                messages += [self._message(m) for m in self._drain()]  # rows it sent before dying still count
+                messages.append(Gone(wid, f"exit code {process.exitcode}"))
+                del self.processes[wid], self.inboxes[wid]
+        return messages
+
+    def close(self) -> list[dict[str, Any]]:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()  # images are written atomically: a kill mid-write leaves none
+        for process in self.processes.values():
+            process.join(timeout=10)
+        return [m[2] for m in self._drain() if m[0] == "row"]
+
+    def _drain(self) -> list[tuple]:
+        messages = []
+        while True:
+            try:
+                messages.append(self.outbox.get_nowait())
+            except (queue.Empty, OSError, EOFError):
+                return messages
+
+    @staticmethod
+    def _message(message: tuple) -> Message:
         kind, wid = message[0], message[1]
         if kind == "row":
-            row = message[2]
-            workers[wid].outstanding.pop(row["job_id"], None)
-            sink(row)
-        elif kind in ("ready", "idle"):
-            assign(wid)
-        elif kind == "output":  # a worker could not write into the run directory: stop the whole run
-            raise OSError(message[2], message[3], message[4])
-        elif kind == "crash":  # the worker could not start (or its loop raised): fail what it held
-            for job in workers[wid].outstanding.values():
-                sink(_failed_row(request.rows[job.job_id], workers[wid].slot.name, message[2]))
-            workers[wid].outstanding.clear()
-
-    for wid, slot in enumerate(slots):
-        start(wid, slot)
-    try:
-        while workers:
-            try:
-                handle(outbox.get(timeout=POLL_S))
-                continue
-            except queue.Empty:
-                pass
-            for wid, worker in list(workers.items()):
-                if worker.process.is_alive():
-                    continue
-                _drain(outbox, handle)  # rows it sent before dying still count
-                if worker.stopping and not worker.outstanding:
-                    del workers[wid]
-                    continue
-                lost = sorted(worker.outstanding.values(), key=lambda job: position[job.job_id])
-                del workers[wid]
-                sys.stderr.write(
-                    f"batchgen: worker {worker.slot.name} died (exit code {worker.process.exitcode}); "
-                    f"{len(lost)} unfinished jobs go back to the queue\n"
-                )
-                if worker.restarts >= RESTARTS:
-                    code = worker.process.exitcode
-                    reason = f"worker {worker.slot.name} died (exit code {code}) {RESTARTS + 1} times on these jobs"
-                    for job in lost:
-                        sink(_failed_row(request.rows[job.job_id], worker.slot.name, reason))
-                    continue
-                for group in reversed(group_by_state(lost)):
-                    pending.put_back(group)
-                start(wid, worker.slot, worker.restarts + 1)
-        for unit in pending.drain():  # every slot gave up: nothing may be left unrecorded
-            for job in unit.jobs:
-                reason = "no worker left to render it (see the failed rows above)"
-                sink(_failed_row(request.rows[job.job_id], "", reason))
-    finally:
-        for worker in workers.values():
-            if worker.process.is_alive():
-                worker.process.terminate()  # images are written atomically: a kill mid-write leaves none
-        for worker in workers.values():
-            worker.process.join(timeout=10)
-        _drain(outbox, lambda m: sink(m[2]) if m[0] == "row" else None)
-
-
-def _drain(outbox, handle) -> None:
-    while True:
-        try:
-            handle(outbox.get_nowait())
-        except (queue.Empty, OSError, EOFError):
-            return
-
-
-def _failed_row(row: dict[str, Any], worker: str, reason: str) -> dict[str, Any]:
-    import time
-
-    return {
-        **row,
-        "status": "failed",
-        "error": reason,
-        "worker": worker,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+            return Row(wid, message[2])
+        if kind == "idle":
+            return Idle(wid)
+        if kind == "crash":
+            return Crashed(wid, message[2])
+        # "output": a worker could not write into the run directory; the whole run stops
+        raise OSError(message[2], message[3], message[4])

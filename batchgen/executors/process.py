@@ -21,7 +21,7 @@ def worker_main(wid: int, slot, settings: tuple, inbox, outbox) -> None:
             torch.set_num_threads(slot.threads)
         renderer = Renderer(models, slot.device, dtype, slot.name, batch_size, compile_unet)
         writer = ImageWriter(run_dir, models, lambda row: outbox.put(("row", wid, row)))
-        outbox.put(("ready", wid))
+        outbox.put(("idle", wid))  # up: ready for a unit
         while (unit := inbox.get()) is not None:
             rows: dict[str, dict[str, Any]] = {job.job_id: row for job, row in unit}
             for result in renderer.render([job for job, _ in unit]):

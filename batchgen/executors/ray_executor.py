@@ -1,34 +1,39 @@
 """The Ray executor: render actors across a cluster (`executor=ray`, `pip install 'batchgen[ray]'`).
 
-Each actor holds one Renderer, so its loaded model, TIs and patched LoRA state live as long as it does. The driver
-hands out units by affinity as actors finish (executors/units.py), gets each unit's rows back (with PNG bytes,
-unless `shared_fs`, where actors write into run.out_dir themselves) and alone writes the manifest. An actor that
-dies has its unit put back and is replaced, at most `RESTARTS` times per actor slot.
+Each actor holds one Renderer, so its loaded model, TIs and patched LoRA state live as long as it does. The shared
+dispatcher (executors/base.py) hands out the units and replaces dead actors; each unit's rows come back with their
+PNG bytes, written here by the driver, unless `shared_fs`, where actors write into run.out_dir themselves.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from batchgen.errors import BatchgenError
-from batchgen.executors.local import ExecutorRequest, Sink
-from batchgen.executors.units import StateKey, UnitQueue, make_units
-
-RESTARTS = 2
-POLL_S = 0.5
+from batchgen.executors.base import (
+    Crashed,
+    ExecutorRequest,
+    Gone,
+    Idle,
+    Message,
+    Pairs,
+    Row,
+    Sink,
+    check_threads,
+    dispatch,
+)
 
 
 @dataclass(frozen=True)
 class RayOptions:
-    address: str | None  # None: start a local Ray; "auto"; "ray://host:port"
-    actors: int | str  # "auto": one per GPU in the cluster, else one per cpus_per_actor CPUs
-    cpus_per_actor: int
-    shared_fs: bool
-    threads: int | None  # run.threads; default: cpus_per_actor
+    name: str = "ray"
+    address: str | None = None  # null starts a local Ray; auto (`ray start --head`); ray://host:10001
+    actors: Any = "auto"  # auto (one per GPU, else one per cpus_per_actor CPUs) | N
+    cpus_per_actor: int = 1
+    shared_fs: bool = False  # actors write PNGs into run.out_dir themselves (every node mounts it)
 
 
 def require_ray() -> None:
@@ -52,9 +57,6 @@ class RenderActor:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
         self.renderer = Renderer(self.models, device, dtype, name, batch_size, compile_unet)
         self.run_dir = run_dir
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def render(self, pairs: list[tuple[Any, dict[str, Any]]]) -> list[tuple[dict[str, Any], bytes | None, bool]]:
         """(row, PNG bytes or None, already stored) per job, in finish order."""
@@ -84,85 +86,101 @@ def actor_count(options: RayOptions, resources: dict[str, float]) -> int:
     return gpus or max(1, int(resources.get("CPU", 1)) // options.cpus_per_actor)
 
 
-def run_ray(request: ExecutorRequest, options: RayOptions, sink: Sink) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
+class RayExecutor:
+    options: ClassVar[type] = RayOptions
 
-    from batchgen.engine.writer import store_row
+    def __init__(self, options: RayOptions, threads: int | None) -> None:
+        check_threads(threads)
+        require_ray()
+        self.ray_options = options
+        self.threads = threads or options.cpus_per_actor
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        # A local Ray when no address is given; quiet, with no dashboard: batchgen reports progress itself.
-        ray.init(
-            address=options.address,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-            configure_logging=True,
-        )
-    resources = ray.cluster_resources()
-    count = actor_count(options, resources)
-    gpus = resources.get("GPU", 0) > 0
-    Actor = _actor_class(ray, options, gpus)
-    settings = (request.models, request.dtype, request.batch_size, request.compile_unet)
-    threads = options.threads or options.cpus_per_actor
-    actor_dir = request.run_dir.resolve() if options.shared_fs else None
-    batch = request.batch_size if isinstance(request.batch_size, int) else 1
-    pending = UnitQueue(make_units(request.jobs, count, batch))
-    actors: dict[int, Any] = {}
-    restarts: dict[int, int] = dict.fromkeys(range(count), 0)
-    held: dict[int, StateKey | None] = dict.fromkeys(range(count))
-    in_flight: dict[Any, tuple[int, Any]] = {}
+    def note(self, jobs: int) -> str:
+        return ""
 
-    def start(aid: int) -> None:
-        actors[aid] = Actor.remote(settings, f"ray{aid}", threads, actor_dir)
+    def run(self, request: ExecutorRequest, sink: Sink) -> None:
+        import ray
 
-    def assign(aid: int) -> None:
-        unit = pending.next_for(held[aid])
-        if unit is None:
-            return
-        held[aid] = unit.key
-        pairs = [(job, request.rows[job.job_id]) for job in unit.jobs]
-        in_flight[actors[aid].render.remote(pairs)] = (aid, unit)
-
-    def fail(jobs, reason: str) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        for job in jobs:
-            sink({**request.rows[job.job_id], "status": "failed", "error": reason, "finished_at": now})
-
-    try:
-        for aid in range(count):
-            start(aid)
-            assign(aid)
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
-            for ref in ready:
-                aid, unit = in_flight.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except RayActorError as e:  # the actor's process died: its unit goes back, the actor is replaced
-                    restarts[aid] += 1
-                    pending.put_back(list(unit.jobs))
-                    del actors[aid]
-                    if restarts[aid] <= RESTARTS:
-                        held[aid] = None
-                        start(aid)
-                        assign(aid)
-                    elif not actors:
-                        fail([j for u in pending.drain() for j in u.jobs], f"every Ray actor died: {e}")
-                    continue
-                except RayTaskError as e:
-                    fail(unit.jobs, f"Ray task failed: {' '.join(str(e.cause).split())[:300]}")
-                    assign(aid)
-                    continue
-                for row, data, stored in results:
-                    sink(row if stored else store_row(request.run_dir, row, data))
-                assign(aid)
-            for aid in list(actors):  # actors idled by an exhausted queue pick up put-back work
-                if not any(a == aid for a, _ in in_flight.values()):
-                    assign(aid)
-    finally:
-        for actor in actors.values():
-            ray.kill(actor)
+        options = self.ray_options
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
+            # A local Ray when no address is given; quiet, with no dashboard: batchgen reports progress itself.
+            ray.init(
+                address=options.address,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                configure_logging=True,
+            )
+        try:
+            resources = ray.cluster_resources()
+            count = actor_count(options, resources)
+            pool = ActorPool(request, _actor_class(ray, options, resources.get("GPU", 0) > 0), self.threads, options)
+            dispatch(request, pool, [f"ray{aid}" for aid in range(count)], sink)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+class ActorPool:
+    """One Ray actor per slot; a unit is one `render` call, whose rows come back when it returns."""
+
+    def __init__(self, request: ExecutorRequest, actor_class: Any, threads: int, options: RayOptions) -> None:
+        self.actor_class = actor_class
+        self.settings = (request.models, request.dtype, request.batch_size, request.compile_unet)
+        self.threads = threads
+        self.run_dir = request.run_dir
+        self.actor_dir = request.run_dir.resolve() if options.shared_fs else None
+        self.actors: dict[int, Any] = {}
+        self.in_flight: dict[Any, int] = {}  # render call -> slot
+        self.said: list[Message] = []  # what start and stop say without asking Ray
+
+    def start(self, wid: int) -> None:
+        self.actors[wid] = self.actor_class.remote(self.settings, f"ray{wid}", self.threads, self.actor_dir)
+        self.said.append(Idle(wid))  # Ray queues calls to an actor that is still starting
+
+    def send(self, wid: int, unit: Pairs) -> None:
+        self.in_flight[self.actors[wid].render.remote(unit)] = wid
+
+    def stop(self, wid: int) -> None:
+        import ray
+
+        ray.kill(self.actors.pop(wid))
+        self.said.append(Gone(wid, "stopped"))
+
+    def poll(self, timeout: float) -> list[Message]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from batchgen.engine.writer import store_row
+
+        messages, self.said = self.said, []
+        if messages:
+            return messages
+        if not self.in_flight:
+            time.sleep(timeout)
+            return []
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        for ref in ready:
+            wid = self.in_flight.pop(ref)
+            try:
+                results = ray.get(ref)
+            except RayActorError:  # the actor's process died
+                del self.actors[wid]
+                messages.append(Gone(wid, "its Ray actor died"))
+                continue
+            except RayTaskError as e:
+                messages += [Crashed(wid, f"Ray task failed: {' '.join(str(e.cause).split())[:300]}"), Idle(wid)]
+                continue
+            for row, data, stored in results:
+                messages.append(Row(wid, row if stored else store_row(self.run_dir, row, data)))
+            messages.append(Idle(wid))
+        return messages
+
+    def close(self) -> list[dict[str, Any]]:
+        import ray
+
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+        return []

@@ -1,0 +1,161 @@
+"""The shared dispatcher against a scripted pool: requeue of a dead worker's jobs, restarts, failed rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchgen.executors.base import (
+    RESTARTS,
+    Crashed,
+    ExecutorRequest,
+    Gone,
+    Idle,
+    Message,
+    Pairs,
+    Row,
+    dispatch,
+)
+from batchgen.executors.registry import EXECUTORS, executor_class, executor_options
+from batchgen.spec import Job, LoraWeight
+
+INK = (LoraWeight("ink", 1.0, 1.0),)
+
+
+def _request(count: int) -> ExecutorRequest:
+    jobs = [
+        Job(f"j{i}", "a", "p", "", i, 2, 7.5, 64, 64, "default", INK if i >= count // 2 else ()) for i in range(count)
+    ]
+    rows = {job.job_id: {"job_id": job.job_id, "status": "pending", "worker": ""} for job in jobs}
+    return ExecutorRequest(jobs, rows, {}, Path("run"), "fp32", 4)  # units of 4: one per LoRA state
+
+
+class ScriptedPool:
+    """Renders every unit it is sent at the next poll, except that slot `wid` dies on its first `deaths[wid]`
+    units (after reporting `partial` of the unit's rows), or raises on them when `crash` is set."""
+
+    def __init__(self, deaths: dict[int, int], partial: int = 0, crash: bool = False) -> None:
+        self.deaths = dict(deaths)
+        self.partial = partial
+        self.crash = crash
+        self.queue: list[Message] = []
+        self.starts: list[int] = []
+        self.sent: list[tuple[int, list[str]]] = []
+
+    def start(self, wid: int) -> None:
+        self.starts.append(wid)
+        self.queue.append(Idle(wid))
+
+    def send(self, wid: int, unit: Pairs) -> None:
+        self.sent.append((wid, [job.job_id for job, _ in unit]))
+        rows = [{**row, "status": "ok", "worker": f"w{wid}"} for _, row in unit]
+        if self.deaths.get(wid, 0) > 0:
+            self.deaths[wid] -= 1
+            if self.crash:
+                self.queue += [Crashed(wid, "it raised"), Idle(wid)]
+            else:
+                self.queue += [Row(wid, row) for row in rows[: self.partial]] + [Gone(wid, "exit code -9")]
+        else:
+            self.queue += [Row(wid, row) for row in rows] + [Idle(wid)]
+
+    def stop(self, wid: int) -> None:
+        self.queue.append(Gone(wid, "exit code 0"))
+
+    def poll(self, timeout: float) -> list[Message]:
+        messages, self.queue = self.queue, []
+        return messages
+
+    def close(self) -> list[dict]:
+        return []
+
+
+def test_a_dead_workers_unreported_jobs_go_back_and_its_replacement_renders_them(capsys) -> None:
+    request = _request(8)
+    pool = ScriptedPool({0: 1}, partial=1)
+    rows: list[dict] = []
+    dispatch(request, pool, ["w0", "w1"], rows.append)
+    assert sorted(r["job_id"] for r in rows) == [job.job_id for job in request.jobs]  # each exactly once
+    assert {r["status"] for r in rows} == {"ok"}
+    assert pool.starts == [0, 1, 0]
+    (wid, first), *later = pool.sent
+    assert wid == 0 and first[1:] in [ids for _, ids in later]  # what it had not reported is sent again
+    assert capsys.readouterr().err == (
+        f"batchgen: worker w0 died (exit code -9); {len(first) - 1} unfinished jobs go back to the queue\n"
+    )
+
+
+def test_a_slot_that_dies_past_its_restarts_fails_its_jobs_and_then_what_is_left(capsys) -> None:
+    request = _request(8)
+    rows: list[dict] = []
+    pool = ScriptedPool({0: RESTARTS + 1})
+    dispatch(request, pool, ["w0"], rows.append)
+    assert pool.starts == [0] * (RESTARTS + 1)
+    held = pool.sent[0][1]
+    assert [set(ids) for _, ids in pool.sent] == [set(held)] * (RESTARTS + 1)  # retried, then given up
+    assert [(r["job_id"], r["status"], r["worker"], r["error"]) for r in rows] == [
+        (job_id, "failed", "w0", f"worker w0 died (exit code -9) {RESTARTS + 1} times on these jobs")
+        for job_id in held
+    ] + [
+        (job.job_id, "failed", "", "no worker left to render it (see the failed rows above)")
+        for job in request.jobs
+        if job.job_id not in held
+    ]
+    assert capsys.readouterr().err.count("batchgen: worker w0 died (exit code -9); 4 unfinished jobs") == RESTARTS + 1
+
+
+def test_a_worker_that_raises_fails_what_it_held_with_its_name_and_takes_the_next_unit() -> None:
+    request = _request(8)
+    rows: list[dict] = []
+    pool = ScriptedPool({0: 1}, crash=True)
+    dispatch(request, pool, ["w0"], rows.append)
+    crashed = pool.sent[0][1]
+    assert [(r["job_id"], r["status"], r["worker"], r["error"]) for r in rows[: len(crashed)]] == [
+        (job_id, "failed", "w0", "it raised") for job_id in crashed
+    ]
+    assert sorted(r["job_id"] for r in rows) == [job.job_id for job in request.jobs]
+    assert {r["status"] for r in rows[len(crashed) :]} == {"ok"} and pool.starts == [0]
+
+
+def test_every_registered_executor_declares_its_options_and_matches_its_config_file() -> None:
+    import yaml
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "executor"
+    assert sorted(EXECUTORS) == sorted(p.stem for p in conf.glob("*.yaml"))
+    for name in EXECUTORS:
+        raw = yaml.safe_load((conf / f"{name}.yaml").read_text())
+        assert executor_options(raw) == executor_class(name).options(**raw)
+        assert executor_options(raw) == executor_class(name).options()  # the file spells out the defaults
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"name": "dask"}, "executor=dask: unknown executor; use one of local, ray, slurm"),
+        (
+            {"name": "ray", "devices": 2},
+            "executor.devices: not a setting of executor=ray; it takes name, address, actors, cpus_per_actor, "
+            "shared_fs",
+        ),
+        ("local", "executor: 'local' is not a section; choose executor=local, executor=ray or executor=slurm"),
+    ],
+)
+def test_executor_section_errors(raw, message: str) -> None:
+    from batchgen.errors import BatchgenError
+
+    with pytest.raises(BatchgenError) as caught:
+        executor_options(raw)
+    assert str(caught.value) == message
+
+
+def test_choosing_an_executor_imports_neither_ray_nor_submitit() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from batchgen.executors.registry import executor_options as o; "
+        "[o({'name': n}) for n in ('local', 'ray', 'slurm')]; "
+        "print(sorted(m for m in ('ray', 'submitit', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "[]\n"
