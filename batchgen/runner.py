@@ -19,9 +19,8 @@ from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
 from batchgen.manifest import Manifest, completed_jobs, read_manifest, record_invocation, remove_stale_temp_files
-from batchgen.plan import Plan, build_plan, select_models, used_assets
+from batchgen.plan import Plan, build_plan, read_prompts_file, select_models, used_assets
 from batchgen.progress import Progress
-from batchgen.prompts_file import read_prompts_file
 from batchgen.runlock import RunLock
 from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
@@ -63,7 +62,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
                 if t not in triggers
             ]
     hashes.save()
-    plan = build_plan(cfg.sweep, models, rows, cfg.run.truncate_prompts)
+    plan = build_plan(cfg.sweep, models, rows, cfg.run)
     plan.warnings.extend(unused)
     return plan
 
