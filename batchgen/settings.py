@@ -132,7 +132,6 @@ class Setting:
     diff: bool  # `batchgen diff --by settings` matches rows on it
     a1111: A1111 | None = None
     empty_cell: str | None = None  # what an empty cell means in a manifest written before the column existed
-    doc: str = ""
 
     @property
     def section(self) -> str:
@@ -227,6 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
         diff=True,
         # A1111 writes it with the width, as Size
     ),
+    # A batchgen.schedulers name; default (null): the checkpoint's own.
     Setting(
         name="scheduler",
         key="sweep.scheduler",
@@ -240,8 +240,8 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("Sampler", "{scheduler}"),
-        doc="a batchgen.schedulers name; default (null): the checkpoint's own",
     ),
+    # A1111's count: 1 is the encoder's last layer, 2 the one before (diffusers' clip_skip is one less).
     Setting(
         name="clip_skip",
         key="sweep.clip_skip",
@@ -256,8 +256,8 @@ SETTINGS: tuple[Setting, ...] = (
         diff=True,
         a1111=A1111("Clip skip", "{clip_skip}", omit_at_default=True),
         empty_cell="1",
-        doc="A1111's count: 1 is the encoder's last layer, 2 the one before (diffusers' clip_skip is one less)",
     ),
+    # A prompt past the encoder's 77 tokens is chunked as A1111 does; true cuts it there, with a warning.
     Setting(
         name="truncate_prompts",
         key="run.truncate_prompts",
@@ -270,7 +270,6 @@ SETTINGS: tuple[Setting, ...] = (
         column_after=None,
         grid=False,
         diff=False,
-        doc="a prompt past the encoder's 77 tokens is chunked as A1111 does; true cuts it there, with a warning",
     ),
 )
 
