@@ -11,19 +11,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 from batchgen.errors import BatchgenError
+from batchgen.settings import GRID_AXES
 
-BASE_AXES = (
-    "model",
-    "stack",
-    "prompt",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "scheduler",
-    "clip_skip",
-)
+BASE_AXES = ("model", "stack", "prompt", *GRID_AXES)  # then the prompt slots and weight:LORA (choices)
 WEIGHT_PREFIX = "weight:"  # `weight:ink`: the weight of LoRA `ink` across every stack that has it
 _COUNT = {2: "two", 3: "three"}
 

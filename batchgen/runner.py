@@ -28,9 +28,8 @@ from batchgen.manifest import (
     record_invocation,
     remove_stale_temp_files,
 )
-from batchgen.plan import Plan, build_plan, select_models, used_assets
+from batchgen.plan import Plan, build_plan, read_prompts_file, select_models, used_assets
 from batchgen.progress import Progress
-from batchgen.prompts_file import read_prompts_file
 from batchgen.runlock import RunLock
 from batchgen.spec import STAGES
 from batchgen.tiny import cache_root
@@ -73,7 +72,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
                 if t not in triggers
             ]
     hashes.save()
-    plan = build_plan(cfg.sweep, models, rows, cfg.run.truncate_prompts)
+    plan = build_plan(cfg.sweep, models, rows, cfg.run)
     plan.warnings.extend(unused)
     return plan
 

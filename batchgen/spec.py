@@ -5,11 +5,15 @@ Nothing here imports torch or Hydra, so every layer can share them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
+from typing import Any
 
-# The manifest's fixed columns, in order; one column per prompt slot follows (other tools read these names).
-MANIFEST_COLUMNS = (
+from batchgen.settings import SETTINGS, JobId
+
+# The manifest's fixed columns, in order; one column per prompt slot follows (other tools read these names). Each
+# render setting's column is placed after the column batchgen.settings names for it.
+_COLUMNS = (
     "job_id",
     "status",
     "model",
@@ -18,12 +22,6 @@ MANIFEST_COLUMNS = (
     "negative_prompt",
     "embeddings",
     "loras",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "scheduler",
     "image",
     "image_sha256",
     "seconds",
@@ -33,9 +31,22 @@ MANIFEST_COLUMNS = (
     "stack",
     "prompt_template",
     "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
-    "clip_skip",  # A1111's count: 1 reads the encoder's last layer, 2 the one before
     "lora_triggers",  # `name:words` pairs joined by `;`: what was put before the prompt for the job's LoRAs
 )
+
+
+def _with_settings(columns: tuple[str, ...]) -> tuple[str, ...]:
+    out = list(columns)
+    for setting in SETTINGS:
+        if setting.column_after is None:
+            continue
+        if setting.column_after not in out:
+            raise ValueError(f"setting {setting.name}: column_after '{setting.column_after}' is no manifest column")
+        out.insert(out.index(setting.column_after) + 1, setting.name)
+    return tuple(out)
+
+
+MANIFEST_COLUMNS = _with_settings(_COLUMNS)
 STAGES = ("load", "patch", "encode", "denoise", "decode", "write")
 
 
@@ -132,23 +143,33 @@ class LoraWeight:
         return f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
 
 
-@dataclass(frozen=True)
-class Job:
-    """Everything that determines one image's pixels, plus the model it runs on."""
+def _job_fields() -> list[tuple[str, type, Any]]:
+    settings = [
+        # A setting hashed only off its default came after Job was first written: keyword-only, so that adding one
+        # never shifts a positional argument.
+        (s.name, s.type, field(default=s.value_default, kw_only=s.job_id is JobId.OFF_DEFAULT))
+        for s in SETTINGS
+    ]
+    return [
+        ("job_id", str, field()),
+        ("model", str, field()),
+        ("prompt", str, field()),
+        ("negative_prompt", str, field()),
+        *settings,
+        ("loras", tuple[LoraWeight, ...], field(default=())),
+    ]
 
-    job_id: str
-    model: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    scheduler: str = "default"
-    loras: tuple[LoraWeight, ...] = ()
-    truncate_prompts: bool = False  # cut a text at the encoder's 77 tokens instead of chunking it as A1111 does
-    clip_skip: int = 1  # A1111's count (1: the last layer); diffusers' clip_skip is one less
+
+Job = make_dataclass(
+    "Job",
+    _job_fields(),
+    frozen=True,
+    namespace={
+        "__module__": __name__,  # where pickle finds it (workers receive jobs pickled)
+        "__doc__": "Everything that determines one image's pixels, plus the model it runs on: each render setting "
+        "of batchgen.settings is a field, with its default.",
+    },
+)
 
 
 @dataclass

@@ -34,7 +34,7 @@ def test_wheel_contains_conf(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"batchgen/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert expected and expected <= names
-    assert "batchgen/cli.py" in names and "batchgen/plan.py" in names
+    assert "batchgen/cli.py" in names and "batchgen/plan/jobs.py" in names
     # Single-file checkpoints need the per-base component configs shipped inside the package.
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "batchgen" / "model_configs").rglob("*.json")}
     assert len(shipped) == 16 and shipped <= names

@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from batchgen.errors import BatchgenError
-from batchgen.plan import build_plan, split_lora_tags, used_assets
-from batchgen.prompts_file import PromptRow, read_prompts_file
+from batchgen.plan import PromptRow, build_plan, read_prompts_file, split_lora_tags, used_assets
 from batchgen.spec import LoraWeight
 from tests.test_plan import MODELS, _sweep
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from omegaconf import MISSING
+
+from batchgen.settings import in_section
 
 
 @dataclass
@@ -28,7 +30,8 @@ class ModelConfig:
 
 @dataclass
 class GridConfig:
-    # Axes: model, stack, prompt, a prompt slot, seed, steps, guidance_scale, width, height, scheduler, weight:LORA
+    # Axes (batchgen.axes.choices): model, stack, prompt, a prompt slot, each grid setting of batchgen.settings
+    # (seed, steps, ...), weight:LORA
     x: str = "stack"
     y: str = "prompt"
     z: str | None = None  # sub-grids side by side, one per value
@@ -39,42 +42,58 @@ class ReportConfig:
     max_grid_megapixels: float = 64.0  # a larger grid is split into pages
 
 
-@dataclass
-class SweepConfig:
-    name: str = MISSING
-    models: list[str] = field(default_factory=list)  # empty: every model the sweep selected
-    prompts: list[str] = field(default_factory=list)  # and/or prompts_file; at least one prompt in all
-    prompts_file: str | None = None  # .txt, one per line, or .csv: prompt[, negative_prompt][, seed], zipped
-    slots: dict[str, list[str]] = field(default_factory=dict)
-    negative_prompt: str = ""
-    # Empty means a single stack with no LoRA; a default `none` here would be merged into every sweep's stacks.
-    stacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Scalars or lists (a list is an axis); checked by the planner, which gives better messages than OmegaConf.
-    seeds: Any = field(default_factory=lambda: [1])
-    steps: Any = 20
-    guidance_scale: Any = 7.5
-    width: Any = 512
-    height: Any = 512
-    scheduler: Any = None
-    clip_skip: Any = 1  # A1111's count: 1 is the encoder's last layer, 2 the one before (an axis as a list)
-    # Words put before the prompt of every job whose stack has that LoRA: {ink: "ink drawing"}; "" adds none.
-    lora_triggers: dict[str, str] = field(default_factory=dict)
-    add_lora_triggers: bool = False  # also for LoRAs not in lora_triggers, from the file's training metadata
-    batch_size: Any = "auto"
-    grid: GridConfig = field(default_factory=GridConfig)
+def _setting_fields(section: str) -> list[tuple[str, Any, Any]]:
+    """The render settings of one section (batchgen.settings). An axis takes a scalar or a list, typed Any: the
+    planner checks the values, with better messages than OmegaConf's."""
+    out = []
+    for s in in_section(section):
+        if isinstance(s.default, tuple):  # a list default: each config gets its own
+            default = field(default_factory=lambda values=s.default: list(values))
+        else:
+            default = field(default=s.default)
+        out.append((s.field, Any if s.axis else s.type, default))
+    return out
 
 
-@dataclass
-class RunConfig:
-    out_dir: str = "runs/${sweep.name}"
-    dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the UNet: slower start, faster steps on long GPU sweeps
-    max_jobs: int = 10000  # a bigger sweep needs --yes: a typo in an axis should not start a week of rendering
-    # Intra-op threads per CPU worker; null: the cores split between workers. CPU pixels depend on it (oneDNN
-    # picks convolution kernels by thread count), so fix it to compare runs with different worker counts.
-    threads: int | None = None
-    # A prompt past the encoder's 77 tokens is chunked as A1111 does; true cuts it there instead, with a warning.
-    truncate_prompts: bool = False
+SweepConfig = make_dataclass(
+    "SweepConfig",
+    [
+        ("name", str, field(default=MISSING)),
+        ("models", list[str], field(default_factory=list)),  # empty: every model the sweep selected
+        ("prompts", list[str], field(default_factory=list)),  # and/or prompts_file; at least one prompt in all
+        # .txt, one per line, or .csv: prompt[, negative_prompt][, seed], zipped
+        ("prompts_file", str | None, field(default=None)),
+        ("slots", dict[str, list[str]], field(default_factory=dict)),
+        ("negative_prompt", str, field(default="")),
+        # Empty means a single stack with no LoRA; a default `none` here would be merged into every sweep's stacks.
+        ("stacks", dict[str, dict[str, Any]], field(default_factory=dict)),
+        *_setting_fields("sweep"),  # seeds, steps, guidance_scale, ...
+        # Words put before the prompt of every job whose stack has that LoRA: {ink: "ink drawing"}; "" adds none.
+        ("lora_triggers", dict[str, str], field(default_factory=dict)),
+        # Also for LoRAs not in lora_triggers, from the file's training metadata.
+        ("add_lora_triggers", bool, field(default=False)),
+        ("batch_size", Any, field(default="auto")),
+        ("grid", GridConfig, field(default_factory=GridConfig)),
+    ],
+    namespace={"__module__": __name__},
+)
+
+RunConfig = make_dataclass(
+    "RunConfig",
+    [
+        ("out_dir", str, field(default="runs/${sweep.name}")),
+        ("dtype", str, field(default="auto")),  # auto: fp16 on CUDA, fp32 on CPU
+        # torch.compile the UNet: slower start, faster steps on long GPU sweeps.
+        ("compile", bool, field(default=False)),
+        # A bigger sweep needs --yes: a typo in an axis should not start a week of rendering.
+        ("max_jobs", int, field(default=10000)),
+        # Intra-op threads per CPU worker; null: the cores split between workers. CPU pixels depend on it (oneDNN
+        # picks convolution kernels by thread count), so fix it to compare runs with different worker counts.
+        ("threads", int | None, field(default=None)),
+        *_setting_fields("run"),  # truncate_prompts
+    ],
+    namespace={"__module__": __name__},
+)
 
 
 @dataclass

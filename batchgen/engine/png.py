@@ -14,28 +14,30 @@ from PIL.PngImagePlugin import PngInfo
 from batchgen.assets.safetensors_header import read_header
 from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from batchgen.settings import SETTINGS
 from batchgen.spec import LoraFile, ModelSpec
 
 JSON_CHUNK = "batchgen"
 _CHUNK = 1 << 20
 
 
+# A1111's infotext starts with these keys, in this order; the other settings' keys follow in the table's order.
+A1111_FIRST = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")
+
+
 def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
     """Prompt line (LoRAs as <lora:...> tags, as A1111 writes them), negative line, then key: value pairs."""
     loras = [entry.split(":", 1) for entry in row["loras"].split(";") if entry]
     tags = "".join(f" <lora:{name}:{_a1111_weight(weight)}>" for name, weight in loras)
-    sampler = _sampler(row["scheduler"], spec)
+    cells = {**row, "scheduler": _sampler(row["scheduler"], spec)}
     fields = [
-        ("Steps", row["steps"]),
-        ("Sampler", sampler),
-        ("CFG scale", row["guidance_scale"]),
-        ("Seed", row["seed"]),
-        ("Size", f"{row['width']}x{row['height']}"),
-        ("Model hash", spec.checkpoint_sha256[:10]),
-        ("Model", spec.name),
+        (s.a1111.key, s.a1111.text.format_map(cells))
+        for s in SETTINGS
+        if s.a1111 is not None and not (s.a1111.omit_at_default and s.read(row.get(s.name)) == s.value_default)
     ]
-    if int(row.get("clip_skip") or 1) != 1:
-        fields.append(("Clip skip", row["clip_skip"]))
+    fields += [("Model hash", spec.checkpoint_sha256[:10]), ("Model", spec.name)]
+    first = {key: i for i, key in enumerate(A1111_FIRST)}
+    fields.sort(key=lambda item: first.get(item[0], len(first)))  # stable: the rest keep the table's order
     if loras:
         hashes = ", ".join(f"{_alias(name)}: {a1111_lora_hash(spec.lora(name))}" for name, _ in loras)
         fields.append(("Lora hashes", hashes))

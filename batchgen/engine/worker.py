@@ -19,6 +19,7 @@ from PIL import Image
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import PromptCache, batch_kwargs
 from batchgen.engine.rows import BatchShape, isolate_image_rows
+from batchgen.settings import batch_values
 from batchgen.spec import Job, ModelSpec, RenderResult
 
 # On CPU a batch mostly saves per-call overhead (the tiny model renders 4 images in 1.9x the time of one); past
@@ -43,18 +44,8 @@ class _Clock:
 
 
 def batch_key(job: Job) -> tuple:
-    """Jobs with equal keys can share one pipeline call."""
-    return (
-        job.model,
-        job.loras,
-        job.steps,
-        job.guidance_scale,
-        job.width,
-        job.height,
-        job.scheduler,
-        job.truncate_prompts,
-        job.clip_skip,
-    )
+    """Jobs with equal keys can share one pipeline call: same model, LoRA state and batch-splitting settings."""
+    return (job.model, job.loras, *batch_values(job))
 
 
 def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:

@@ -1,0 +1,163 @@
+"""Config -> the job table: every combination of model, LoRA state, prompt and setting values, one row each.
+
+Every list in the sweep is an axis. Jobs are expanded model -> LoRA state -> prompt -> seed -> the rest, which
+is also the cheapest render order: the most expensive state changes are outermost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from batchgen.axes import with_trigger_words
+from batchgen.config import RunConfig, SweepConfig
+from batchgen.errors import BatchgenError
+from batchgen.plan.checks import check_lora_triggers, check_names_exist, check_sweep_grid, missing_assets
+from batchgen.plan.prompts import (
+    PromptVariant,
+    check_negative_has_no_tags,
+    expand_prompts,
+    lora_trigger_words,
+    triggers,
+)
+from batchgen.plan.prompts_file import PromptRow
+from batchgen.plan.stacks import StackState, expand_stacks, render_order, weight_warnings, with_inline
+from batchgen.plan.values import check_batch_size, setting_values
+from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
+from batchgen.spec import MANIFEST_COLUMNS, Job, ModelSpec
+
+COLUMN_SETTINGS = tuple(s.name for s in SETTINGS if s.column_after is not None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: pd.DataFrame  # one row per combination, skipped ones included, in render order
+    jobs: list[Job]  # the rows to render: not skipped, one per job_id, in render order
+    slots: list[str]
+    models: dict[str, ModelSpec]
+    warnings: list[str] = field(default_factory=list)  # unusual but valid input, said before rendering
+
+    def axis_counts(self) -> dict[str, int]:
+        columns = ["model", "stack", "prompt", *self.slots, *AXES]
+        return {c: int(self.table[c].nunique()) for c in columns}
+
+
+def build_plan(
+    sweep: SweepConfig,
+    models: dict[str, ModelSpec],
+    file_rows: Sequence[PromptRow] = (),
+    run: RunConfig | None = None,
+) -> Plan:
+    """Validate the sweep against the models' assets and expand it into the job table."""
+    selected = select_models(sweep, list(models))
+    specs = {name: models[name] for name in selected}
+    prompts = expand_prompts(sweep, file_rows)
+    stacks = expand_stacks(sweep.stacks)
+    settings = setting_values({"sweep": sweep, "run": RunConfig() if run is None else run})
+    check_batch_size(sweep.batch_size)
+    slots = sorted({name for p in prompts for name, _ in p.slots})
+    check_negative_has_no_tags(sweep, file_rows)
+    check_sweep_grid(sweep, slots, sorted({lw.name for p in prompts for lw in p.loras}))
+    negatives = sorted({p.negative_prompt for p in prompts if p.negative_prompt is not None})
+    check_names_exist(specs, prompts, sweep.negative_prompt, stacks, negatives)
+    check_lora_triggers(sweep, stacks, prompts, specs)
+
+    rows: list[dict[str, Any]] = []
+    for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
+        stack = with_inline(configured, prompt.loras)
+        added = lora_trigger_words(spec, stack, prompt.text, sweep)
+        if added:
+            prompt = dataclasses.replace(prompt, text=with_trigger_words(prompt.text, [w for _, w in added]))
+        negative = sweep.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt
+        missing = missing_assets(spec, stack, prompt, negative)
+        used = triggers(prompt.text, negative)
+        # A prompts_file row's seed goes with its prompt instead of multiplying it by the seeds axis.
+        axes = {**settings, "seed": [prompt.seed]} if prompt.seed is not None else settings
+        for values in itertools.product(*axes.values()):
+            setting = dict(zip(axes, values, strict=True))
+            row = _row(spec, stack, prompt, negative, used, setting, missing)
+            rows.append({**row, "lora_triggers": ";".join(f"{name}:{words}" for name, words in added)})
+    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
+    jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
+    warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)])
+    return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs, warnings=warnings)
+
+
+def select_models(sweep: SweepConfig, available: list[str]) -> list[str]:
+    if not available:
+        raise BatchgenError("no models: the sweep's defaults must select at least one (- /model@models.NAME: NAME)")
+    names = list(sweep.models) or available
+    for name in names:
+        if name not in available:
+            raise BatchgenError(
+                f"sweep.models: unknown model '{name}'{did_you_mean(name, available)}; "
+                f"the sweep selects {', '.join(available)} (add - /model@models.{name}: {name} to its defaults)"
+            )
+    if len(set(names)) != len(names):
+        raise BatchgenError("sweep.models: a model is listed twice; list each once")
+    return names
+
+
+def job_id(payload: dict[str, Any]) -> str:
+    """16 hex digits over what changes the pixels: content hashes, never names or order."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _row(
+    spec: ModelSpec,
+    stack: StackState,
+    prompt: PromptVariant,
+    negative: str,
+    used: list[str],
+    setting: dict[str, Any],
+    missing: list[str],
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "checkpoint": spec.checkpoint_sha256,
+        "prompt": prompt.text,
+        "negative_prompt": negative,
+        **job_id_payload(setting),
+    }
+    job: Job | None = None
+    if missing:
+        # Skipped jobs still need a stable id; the names stand in for the files that do not exist.
+        payload["missing"] = sorted(missing)
+        payload["loras"] = sorted([lw.name, lw.unet, lw.text_encoder] for lw in stack.loras)
+        payload["embeddings"] = sorted(used)
+    else:
+        payload["embeddings"] = sorted(spec.embedding(t).sha256 for t in used)
+        payload["loras"] = sorted([spec.lora(lw.name).sha256, lw.unet, lw.text_encoder] for lw in stack.loras)
+    jid = job_id(payload)
+    if not missing:
+        job = Job(
+            job_id=jid, model=spec.name, prompt=prompt.text, negative_prompt=negative, loras=stack.loras, **setting
+        )
+    return {
+        "job_id": jid,
+        "status": "skipped" if missing else "",
+        "model": spec.name,
+        "base": spec.base,
+        "prompt": prompt.text,
+        "negative_prompt": negative,
+        "embeddings": ";".join(used),
+        "loras": stack.manifest,
+        **{name: setting[name] for name in COLUMN_SETTINGS},
+        "image": "",
+        "image_sha256": "",
+        "seconds": None,
+        "worker": "",
+        "finished_at": "",
+        "error": "; ".join(missing),
+        "stack": stack.label,
+        "prompt_template": prompt.template,
+        **dict(prompt.slots),
+        "_job": job,
+    }

@@ -1,0 +1,105 @@
+"""LoRA stacks: each stack times the product of its weight lists, a prompt's tagged LoRAs merged in, and the
+render order that changes as few LoRAs as possible from one state to the next."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from batchgen.plan.values import weights
+from batchgen.settings import batch_values
+from batchgen.spec import Job, LoraWeight, format_number
+
+UNUSUAL_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class StackState:
+    """One point on the LoRA axis: a named stack at one combination of its weights."""
+
+    stack: str
+    loras: tuple[LoraWeight, ...]  # sorted by name
+
+    @property
+    def label(self) -> str:
+        """`none`, or `ink 0.5 + grain 0.6` (split weights as `unet/te`): grid labels."""
+        if not self.loras:
+            return "none"
+        return " + ".join(lw.label.replace(":", " ", 1) for lw in self.loras)
+
+    @property
+    def manifest(self) -> str:
+        return ";".join(lw.label for lw in self.loras)
+
+
+def expand_stacks(stacks: dict[str, dict[str, Any]]) -> list[StackState]:
+    """Each stack times the product of its weight lists; no stacks at all means one empty stack."""
+    if not stacks:
+        return [StackState(stack="none", loras=())]
+    states: list[StackState] = []
+    for stack_name, loras in stacks.items():
+        loras = loras or {}
+        names = sorted(loras)
+        options = [weights(loras[name], f"sweep.stacks.{stack_name}.{name}") for name in names]
+        for combo in itertools.product(*options):
+            pairs = tuple(LoraWeight(name, unet, te) for name, (unet, te) in zip(names, combo, strict=True))
+            states.append(StackState(stack=stack_name, loras=pairs))
+    return states
+
+
+def with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState:
+    """A stack plus a prompt's tagged LoRAs; a LoRA in both gets the sum, as applying it twice would."""
+    if not inline:
+        return stack
+    merged = {lw.name: lw for lw in stack.loras}
+    for lw in inline:
+        if lw.name in merged:
+            old = merged[lw.name]
+            # Rounded so that 0.6 + 0.2 is the same job as a stack of 0.8.
+            lw = LoraWeight(lw.name, round(old.unet + lw.unet, 6), round(old.text_encoder + lw.text_encoder, 6))
+        merged[lw.name] = lw
+    return StackState(stack=stack.stack, loras=tuple(merged[n] for n in sorted(merged)))
+
+
+def weight_warnings(stacks: list[StackState]) -> list[str]:
+    """Valid but unusual: weights past 2 mostly give noise; said once per LoRA and weight."""
+    seen: dict[tuple[str, str, float], None] = {}
+    for state in stacks:
+        for lw in state.loras:
+            for w in {lw.unet, lw.text_encoder}:
+                if abs(w) > UNUSUAL_WEIGHT:
+                    seen.setdefault((state.stack, lw.name, w))
+    return [
+        f"sweep.stacks.{stack}.{name}: weight {format_number(w)} is beyond ±{UNUSUAL_WEIGHT:g}; most LoRAs give "
+        "noise there"
+        for stack, name, w in seen
+    ]
+
+
+def render_order(jobs: list[Job]) -> list[Job]:
+    """Per model, LoRA states chained so that each differs from the previous in as few LoRAs as possible.
+
+    A model starts with no LoRA applied, so the chain starts from the empty state; within a state, jobs that can
+    share a pipeline call (the same values of the settings that split batches) are made adjacent.
+    """
+    by_model: dict[str, dict[tuple[LoraWeight, ...], list[Job]]] = {}
+    for job in jobs:
+        by_model.setdefault(job.model, {}).setdefault(job.loras, []).append(job)
+    ordered: list[Job] = []
+    for states in by_model.values():
+        current: tuple[LoraWeight, ...] = ()
+        remaining = list(states)
+        while remaining:
+            nearest = min(remaining, key=lambda state, c=current: _state_distance(c, state))
+            remaining.remove(nearest)
+            ordered.extend(sorted(states[nearest], key=batch_values))
+            current = nearest
+    return ordered
+
+
+def _state_distance(a: tuple[LoraWeight, ...], b: tuple[LoraWeight, ...]) -> int:
+    """LoRAs whose weights differ between two states: each one rewrites all the modules it touches."""
+    left = {lw.name: lw for lw in a}
+    right = {lw.name: lw for lw in b}
+    return sum(1 for name in left.keys() | right.keys() if left.get(name) != right.get(name))

@@ -1,0 +1,295 @@
+"""The render settings, each declared once: its config key, type and checks, default, and what it takes part in.
+
+The config schema, the planner (axes, job_id), `Job`, the manifest columns, the batch key, the grid axes, the
+A1111 parameters of a PNG and `batchgen diff` all read this table, so a new setting is one entry here plus the
+engine code that uses its value. Pure: no torch, pandas or Hydra, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import functools
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from batchgen.errors import BatchgenError
+from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+MAX_CLIP_SKIP = 12  # SD1's encoder has 12 layers; A1111's setting stops there too
+
+
+# --- value checks (the planner's weight and batch-size checks use these too) ------------------------------------
+
+
+def did_you_mean(name: str, options: list[str], fmt: str = "'{}'") -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {fmt.format(close[0])}?)" if close else ""
+
+
+def as_list(value: Any, key: str) -> list[Any]:
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise BatchgenError(f"{key} is empty; give at least one value")
+    return values
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def ints(value: Any, key: str, minimum: int) -> list[int]:
+    values = as_list(value, key)
+    for v in values:
+        if not is_int(v) or v < minimum:
+            raise BatchgenError(f"{key}: '{v}' is not an integer >= {minimum}")
+    return [int(v) for v in values]
+
+
+def floats(value: Any, key: str) -> list[float]:
+    values = as_list(value, key)
+    for v in values:
+        if not is_number(v):
+            raise BatchgenError(f"{key}: '{v}' is not a number")
+    return [float(v) for v in values]
+
+
+def sizes(value: Any, key: str) -> list[int]:
+    values = ints(value, key, minimum=8)
+    for v in values:
+        if v % 8:
+            raise BatchgenError(f"{key}: {v} is not a multiple of 8; use {v - v % 8} or {v - v % 8 + 8}")
+    return values
+
+
+def schedulers(value: Any, key: str) -> list[str]:
+    values = as_list(DEFAULT_SCHEDULER if value is None else value, key)
+    for v in values:
+        if v != DEFAULT_SCHEDULER and v not in SCHEDULERS:
+            raise BatchgenError(
+                f"{key}: unknown scheduler '{v}'{did_you_mean(str(v), list(SCHEDULERS))}; "
+                f"choose one of: {', '.join(SCHEDULERS)}"
+            )
+    return [str(v) for v in values]
+
+
+def clip_skips(value: Any, key: str) -> list[int]:
+    values = ints(value, key, minimum=1)
+    for v in values:
+        if v > MAX_CLIP_SKIP:
+            raise BatchgenError(
+                f"{key}: {v} skips more layers than SD's text encoders have; use 1 to {MAX_CLIP_SKIP} "
+                "(A1111's count: 1 is no skip, 2 is the usual for anime models)"
+            )
+    return values
+
+
+def flag(value: Any, key: str) -> list[bool]:
+    if not isinstance(value, bool):
+        raise BatchgenError(f"{key}: '{value}' is neither true nor false")
+    return [value]
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+
+class JobId(enum.Enum):
+    """How a setting enters the job_id payload (under its name)."""
+
+    ALWAYS = "always"
+    # Only when off its default: a setting added later leaves every id from before it as it was.
+    OFF_DEFAULT = "off_default"
+
+
+@dataclass(frozen=True)
+class A1111:
+    """A key of the PNG `parameters` line. `text` is formatted with the manifest row (the scheduler already
+    named as A1111's sampler); `omit_at_default`: A1111 leaves the key out at the default."""
+
+    key: str
+    text: str
+    omit_at_default: bool = False
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the Job field, the manifest column, the grid and diff axis, the job_id payload key
+    key: str  # the config key: `sweep.seeds`, `run.truncate_prompts`
+    type: type  # of one value (the Job field)
+    check: Callable[[Any, str], list[Any]]  # config value, key -> the values, checked; one unless `axis`
+    default: Any  # the config field's default
+    axis: bool  # a list makes it an axis (the config field takes a scalar or a list)
+    job_id: JobId  # every setting here changes pixels; this says how it is hashed
+    batch: bool  # jobs differing in it cannot share a pipeline call
+    column_after: str | None  # the manifest column it follows (columns never move); None: not in the manifest
+    grid: bool  # a `sweep.grid` axis
+    diff: bool  # `batchgen diff --by settings` matches rows on it
+    a1111: A1111 | None = None
+    empty_cell: str | None = None  # what an empty cell means in a manifest written before the column existed
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def field(self) -> str:
+        """The config field name, which need not be `name` (`sweep.seeds` sets `seed`)."""
+        return self.key.split(".", 1)[1]
+
+    @property
+    def value_default(self) -> Any:
+        """A job's value when the config keeps the default."""
+        return self.check(self.default, self.key)[0]
+
+    def read(self, cell: Any) -> Any:
+        """A manifest cell or plan value as this setting's type; an empty one means the default."""
+        return self.value_default if cell is None or cell == "" else self.type(cell)
+
+    def hashed(self, value: Any) -> bool:
+        return self.job_id is JobId.ALWAYS or value != self.value_default
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        name="seed",
+        key="sweep.seeds",
+        type=int,
+        check=functools.partial(ints, minimum=0),
+        default=(1,),
+        axis=True,
+        job_id=JobId.ALWAYS,
+        batch=False,  # each image has its own generator
+        column_after="loras",
+        grid=True,
+        diff=True,
+        a1111=A1111("Seed", "{seed}"),
+    ),
+    Setting(
+        name="steps",
+        key="sweep.steps",
+        type=int,
+        check=functools.partial(ints, minimum=1),
+        default=20,
+        axis=True,
+        job_id=JobId.ALWAYS,
+        batch=True,
+        column_after="seed",
+        grid=True,
+        diff=True,
+        a1111=A1111("Steps", "{steps}"),
+    ),
+    Setting(
+        name="guidance_scale",
+        key="sweep.guidance_scale",
+        type=float,
+        check=floats,
+        default=7.5,
+        axis=True,
+        job_id=JobId.ALWAYS,
+        batch=True,
+        column_after="steps",
+        grid=True,
+        diff=True,
+        a1111=A1111("CFG scale", "{guidance_scale}"),
+    ),
+    Setting(
+        name="width",
+        key="sweep.width",
+        type=int,
+        check=sizes,
+        default=512,
+        axis=True,
+        job_id=JobId.ALWAYS,
+        batch=True,
+        column_after="guidance_scale",
+        grid=True,
+        diff=True,
+        a1111=A1111("Size", "{width}x{height}"),
+    ),
+    Setting(
+        name="height",
+        key="sweep.height",
+        type=int,
+        check=sizes,
+        default=512,
+        axis=True,
+        job_id=JobId.ALWAYS,
+        batch=True,
+        column_after="width",
+        grid=True,
+        diff=True,
+        # A1111 writes it with the width, as Size
+    ),
+    # A batchgen.schedulers name; default (null): the checkpoint's own.
+    Setting(
+        name="scheduler",
+        key="sweep.scheduler",
+        type=str,
+        check=schedulers,
+        default=None,
+        axis=True,
+        job_id=JobId.ALWAYS,
+        batch=True,
+        column_after="height",
+        grid=True,
+        diff=True,
+        a1111=A1111("Sampler", "{scheduler}"),
+    ),
+    # A1111's count: 1 is the encoder's last layer, 2 the one before (diffusers' clip_skip is one less).
+    Setting(
+        name="clip_skip",
+        key="sweep.clip_skip",
+        type=int,
+        check=clip_skips,
+        default=1,
+        axis=True,
+        job_id=JobId.OFF_DEFAULT,
+        batch=True,
+        column_after="timings",
+        grid=True,
+        diff=True,
+        a1111=A1111("Clip skip", "{clip_skip}", omit_at_default=True),
+        empty_cell="1",
+    ),
+    # A prompt past the encoder's 77 tokens is chunked as A1111 does; true cuts it there, with a warning.
+    Setting(
+        name="truncate_prompts",
+        key="run.truncate_prompts",
+        type=bool,
+        check=flag,
+        default=False,
+        axis=False,
+        job_id=JobId.OFF_DEFAULT,
+        batch=True,
+        column_after=None,
+        grid=False,
+        diff=False,
+    ),
+)
+
+AXES = tuple(s.name for s in SETTINGS if s.axis)  # the planner's setting axes, counted by --dry-run
+GRID_AXES = tuple(s.name for s in SETTINGS if s.grid)
+# What `batchgen diff --by settings` matches rows on: the job as a person wrote it, then the diff settings.
+DIFF_COLUMNS = ("model", "prompt", "negative_prompt", "loras", *(s.name for s in SETTINGS if s.diff))
+EMPTY_CELLS = {s.name: s.empty_cell for s in SETTINGS if s.empty_cell is not None}
+
+
+def in_section(section: str) -> tuple[Setting, ...]:
+    """The settings of one config section (`sweep`, `run`), in table order."""
+    return tuple(s for s in SETTINGS if s.section == section)
+
+
+def batch_values(job: Any) -> tuple:
+    """A job's values of the settings that split batches, in table order."""
+    return tuple(getattr(job, s.name) for s in SETTINGS if s.batch)
+
+
+def job_id_payload(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings' part of a job_id payload, from a job's value of each setting."""
+    return {s.name: s.type(values[s.name]) for s in SETTINGS if s.hashed(values[s.name])}
