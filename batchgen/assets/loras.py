@@ -95,7 +95,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
 
 def _check_ranks(groups: dict[str, dict[str, Any]], path: Path) -> None:
     """Shapes that cannot be a layer at all, before anything computes dimensions from them."""
-    from batchgen.assets.lora_layers import min_dims
+    from batchgen.assets.lora_layers import min_dims  # lazy: torch, as in inspect_lora
 
     for prefix, tensors in groups.items():
         for suffix, value in tensors.items():
@@ -116,6 +116,7 @@ def read_lora_layers(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]], 
     """{ModuleRef: layer} for a LoRA file against a model's module shapes (real or from meta modules), its values
     checked (float, finite); every problem is a BatchgenError naming the file and the module, so inspection catches
     what rendering would hit."""
+    # lazy: torch, as in inspect_lora
     from batchgen.assets.lora_formats import group_by_module, map_to_modules
     from batchgen.assets.lora_layers import layer_from_tensors
     from batchgen.assets.tensors import check_tensors, flat_tensors, read_state_dict
@@ -144,7 +145,7 @@ def read_lora_layers(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]], 
 
 
 def _layer_kinds(groups: dict[str, dict[str, Any]]) -> list[str]:
-    from batchgen.assets.lora_layers import REPORTED_KINDS, layer_kinds
+    from batchgen.assets.lora_layers import REPORTED_KINDS, layer_kinds  # lazy: torch, as in inspect_lora
 
     found = {kind for tensors in groups.values() for kind in layer_kinds(tensors)}
     # DoRA over plain LoRA layers is reported as dora alone; over LoHa or LoKr it names both.
@@ -154,7 +155,7 @@ def _layer_kinds(groups: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _rank(groups: dict[str, dict[str, Any]]) -> int | None:
-    from batchgen.assets.lora_layers import rank_of
+    from batchgen.assets.lora_layers import rank_of  # lazy: torch, as in inspect_lora
 
     ranks = [rank for rank in map(rank_of, groups.values()) if rank is not None]
     return max(ranks) if ranks else None

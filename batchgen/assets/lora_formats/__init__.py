@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
@@ -21,12 +22,13 @@ from batchgen.assets.bases import LayerEvidence
 from batchgen.assets.lora_formats import kohya, peft
 from batchgen.assets.lora_layers import delta_dims
 
-FORMATS = ("kohya", "peft")
+# The key families, asked in this order whether a file's keys are theirs; PEFT takes whatever is left. Each module
+# has recognises(keys), parse_key(key), locator(modules, unet_config) and component_of(prefix).
+FORMATS: dict[str, ModuleType] = {"kohya": kohya, "peft": peft}
 
 
 def detect_format(keys: list[object]) -> str:
-    """kohya when any key has a kohya root; everything else is read as PEFT/diffusers."""
-    return "kohya" if kohya.recognises(keys) else "peft"
+    return next(name for name, family in FORMATS.items() if family.recognises(keys))
 
 
 def group_by_module(
@@ -40,7 +42,7 @@ def group_by_module(
     """
     keys = list(state_dict)
     fmt = detect_format(keys)
-    parse = kohya.parse_key if fmt == "kohya" else peft.parse_key
+    parse = FORMATS[fmt].parse_key
     groups: dict[str, dict[str, Any]] = {}
     unparsed: list[str] = []
     for key in keys:
@@ -59,7 +61,7 @@ def group_by_module(
             f"e.g. {', '.join(unparsed[:5])}"
         )
     if fmt == "peft" and metadata:
-        peft.add_alphas(groups, metadata)
+        peft.add_alphas(groups, metadata)  # the one family that keeps alpha outside the tensors
     return fmt, groups
 
 
@@ -75,15 +77,9 @@ def map_to_modules(
     unmapped when it names no module or its tensors cannot make a delta of the module's shape. Raises ValueError
     when two prefixes name the same module (say a diffusers and an SGM name), which no trainer writes.
     """
-    if fmt == "kohya":
-        locate = kohya.lookup(modules, unet_config).get
-    elif fmt == "peft":
-
-        def locate(prefix: str) -> ModuleRef | None:
-            return peft.locate(prefix, modules)
-
-    else:
+    if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA key format {fmt!r}; expected {' or '.join(FORMATS)}")
+    locate = FORMATS[fmt].locator(modules, unet_config)
     mapped: dict[ModuleRef, dict[str, Any]] = {}
     owners: dict[ModuleRef, str] = {}
     unmapped: list[str] = []
@@ -102,16 +98,10 @@ def map_to_modules(
 def layer_evidence(groups: Mapping[str, Mapping[str, Any]], fmt: str) -> Iterator[LayerEvidence]:
     """What each layer of a file says about its base (bases.lora_base weighs it): component, widths, names."""
     for prefix, tensors in groups.items():
-        if fmt == "kohya":
-            root = kohya.root_of(prefix)
-            if root is None:
-                continue
-            component, two_text_encoders = root
-        else:
-            located = peft.split_component(prefix)
-            if located is None:
-                continue
-            component, two_text_encoders = located[0], False
+        located = FORMATS[fmt].component_of(prefix)
+        if located is None:
+            continue
+        component, two_text_encoders = located
         yield LayerEvidence(
             component=component,
             name=prefix.replace(".", "_"),

@@ -7,7 +7,7 @@ the installed transformers calls the module. The suffix is the layer type's own 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchgen.assets.architecture import COMPONENTS, ModuleRef
@@ -41,7 +41,7 @@ def parse_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def root_of(prefix: str) -> tuple[str, bool] | None:
+def component_of(prefix: str) -> tuple[str, bool] | None:
     """(component, numbers two text encoders) of a module name, None when its root is none of kohya's."""
     return next((value for root, value in ROOTS.items() if prefix.startswith(root)), None)
 
@@ -73,10 +73,10 @@ def kohya_names(
     return names
 
 
-def lookup(
+def locator(
     modules: Mapping[str, Mapping[str, tuple[int, ...]]], unet_config: Mapping[str, Any] | None
-) -> dict[str, ModuleRef]:
-    """{kohya module name: module} for every module of a model."""
+) -> Callable[[str], ModuleRef | None]:
+    """The module a kohya module name names, for every module of a model."""
     found: dict[str, ModuleRef] = {}
     for component in COMPONENTS:
         if component not in modules:
@@ -84,7 +84,7 @@ def lookup(
         config = unet_config if component == "unet" else None
         for name, path in kohya_names(component, modules[component], config).items():
             found[name] = ModuleRef(component, path)
-    return found
+    return found.get
 
 
 def _name(root: str, path: str) -> str:

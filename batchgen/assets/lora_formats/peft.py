@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,11 @@ _UNET_ROOTS = frozenset(
     }
 )  # fmt: skip
 _TEXT_ROOTS = frozenset({"text_model", "embeddings", "encoder", "final_layer_norm"})
+
+
+def recognises(keys: Iterable[object]) -> bool:
+    """PEFT/diffusers is what a file is read as when no other family claims its keys."""
+    return True
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
@@ -85,18 +90,31 @@ def split_component(path: str) -> tuple[str, str] | None:
     return None
 
 
-def locate(prefix: str, modules: Mapping[str, Iterable[str]]) -> ModuleRef | None:
-    """The module a ``<component>.<path>`` prefix names, or None."""
+def component_of(prefix: str) -> tuple[str, bool] | None:
+    """(component, numbers two text encoders) of a ``<component>.<path>`` prefix; PEFT never numbers them."""
     located = split_component(prefix)
-    if located is None:
+    return None if located is None else (located[0], False)
+
+
+def locator(
+    modules: Mapping[str, Mapping[str, tuple[int, ...]]], unet_config: Mapping[str, Any] | None
+) -> Callable[[str], ModuleRef | None]:
+    """The module a ``<component>.<path>`` prefix names; PEFT paths are diffusers' own, so the UNet config is not
+    needed."""
+
+    def locate(prefix: str) -> ModuleRef | None:
+        located = split_component(prefix)
+        if located is None:
+            return None
+        component, path = located
+        paths = modules.get(component, {})
+        # A file written against either transformers spelling of CLIPTextModel fits a model in the other.
+        for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
+            if candidate in paths:
+                return ModuleRef(component, candidate)
         return None
-    component, path = located
-    paths = modules.get(component, {})
-    # A file written against either transformers spelling of CLIPTextModel fits a model in the other.
-    for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
-        if candidate in paths:
-            return ModuleRef(component, candidate)
-    return None
+
+    return locate
 
 
 # --- alpha from metadata -------------------------------------------------------------------------------------------
