@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import pandas as pd
 
 from batchgen.assets.hashing import HashCache
-from batchgen.assets.models import inspect_assets, resolve_model, scan_checkpoints
+from batchgen.assets.models import ModelSource, inspect_assets, resolve_model, scan_checkpoints
 from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
@@ -63,7 +63,7 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
     models = {}
     unused = []
     for name in names:
-        spec = resolve_model(name, cfg.models[name], hashes, _builtin_root)
+        spec = resolve_model(name, ModelSource(**vars(cfg.models[name])), hashes, _builtin_root)
         models[name], _ = inspect_assets(spec, loras, triggers, hashes)
         if triggers is not None:
             unused += [

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from batchgen.assets import lora_keys
+from batchgen.assets.lora_formats.sgm import sgm_table, to_sgm
 
 _RESNET = {
     "norm1": "in_layers.0",
@@ -34,14 +34,13 @@ _OPEN_CLIP_LAYER = {
 
 def unet_to_original(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     table = {
-        prefix: (sgm, _RESNET if renames is not None else None)
-        for prefix, (sgm, renames) in lora_keys._sgm_table(config).items()
+        prefix: (sgm, _RESNET if renames is not None else None) for prefix, (sgm, renames) in sgm_table(config).items()
     }
     table["conv_norm_out"] = ("out.0", None)
     out = {}
     for key, tensor in state.items():
         module, name = key.rsplit(".", 1)
-        sgm = lora_keys._to_sgm(module, table)
+        sgm = to_sgm(module, table)
         assert sgm is not None, f"no SGM name for {key}"
         out[f"model.diffusion_model.{sgm}.{name}"] = tensor
     return out

@@ -199,3 +199,20 @@ def test_kohya_training_tags_are_summarised() -> None:
     metadata = {"ss_tag_frequency": '{"set1": {"ink": 5, " cat": 2}, "set2": {"ink": 1, "dog": 4}}'}
     assert _top_tags(metadata, count=2) == "ink, dog"
     assert _top_tags({"ss_tag_frequency": "not json"}) == ""
+
+
+def test_bases_read_from_widths_with_the_messages_users_see(tmp_path: Path) -> None:
+    from batchgen.assets.bases import BASE_NAMES, cross_attention_base, embedding_base, listing
+
+    path = tmp_path / "ti.pt"
+    assert BASE_NAMES == ("sd-1", "sd-2", "sdxl")
+    assert [embedding_base(w, path) for w in ([768], [1024], [768, 1280])] == ["sd-1", "sd-2", "sdxl"]
+    assert [cross_attention_base(w) for w in (768, 1024, 2048, 1280)] == ["sd-1", "sd-2", "sdxl", None]
+    with pytest.raises(BatchgenError) as error:
+        embedding_base([640], path)
+    assert str(error.value) == f"{path}: vector width 640 matches no SD version (768 sd-1, 1024 sd-2)"
+    with pytest.raises(BatchgenError) as error:
+        embedding_base([768, 1024], path)
+    assert str(error.value) == f"{path}: clip_l/clip_g widths [768, 1024] are not SDXL's 768 and 1280"
+    assert listing(["SD1 (768)", "SD2 (1024)", "SDXL (2048)"]) == "SD1 (768), SD2 (1024) or SDXL (2048)"
+    assert listing(["a"]) == "a" and listing(["a", "b"]) == "a or b"

@@ -109,7 +109,7 @@ def test_per_image_rows_run_each_image_as_a_batch_of_one_would() -> None:
     reference = torch.nn.Linear(320, 1280)
     reference.load_state_dict(unet.time_embedding.state_dict())
     shape = BatchShape(images=3)
-    assert isolate_image_rows(unet, shape) == 1
+    isolate_image_rows(unet, shape, ("time_embedding",), optional=("add_embedding",))
     uncond, cond = torch.randn(3, 320), torch.randn(3, 320)
     with torch.inference_mode():
         out = unet.time_embedding(torch.cat([uncond, cond]))  # guidance layout: [uncond x 3, cond x 3]
@@ -123,3 +123,19 @@ def test_per_image_rows_run_each_image_as_a_batch_of_one_would() -> None:
         assert all(torch.equal(out[[i, i + 3]], alone) for i in range(3))
     # untouched layers stay plain modules
     assert "forward" not in vars(unet.other) and "forward" in vars(unet.time_embedding)
+
+
+def test_per_image_rows_fail_loudly_when_an_expected_layer_is_gone() -> None:
+    import torch
+
+    from batchgen.engine.rows import UNET_PER_IMAGE, BatchShape, isolate_image_rows
+
+    unet = torch.nn.Module()
+    unet.time_embedding = torch.nn.Linear(4, 4)  # but no resnet's time_emb_proj: as if diffusers renamed it
+    with pytest.raises(RuntimeError) as error:
+        isolate_image_rows(unet, BatchShape(), UNET_PER_IMAGE)
+    assert str(error.value) == (
+        "Module has no module named time_emb_proj, which batchgen runs image by image so that batching never "
+        "changes pixels; this diffusers/transformers version renamed it: update the names in "
+        "batchgen/engine/rows.py, or pin the version batchgen was tested with"
+    )

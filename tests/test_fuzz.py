@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from batchgen.assets.architecture import model_architecture
 from batchgen.assets.embeddings import inspect_embedding
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import inspect_lora
-from batchgen.assets.models import model_architecture
 from batchgen.config import compose_config
 from batchgen.errors import BatchgenError
 from batchgen.spec import EmbeddingFile, LoraFile

@@ -9,12 +9,19 @@ from torch.testing import assert_close
 
 from batchgen.assets.lora_layers import (
     LAYER_SUFFIXES,
+    LAYER_TYPES,
+    REPORTED_KINDS,
+    WRAPPERS,
     DoRALayer,
     FullLayer,
     LoHaLayer,
     LoKrLayer,
     LoRALayer,
+    delta_dims,
     layer_from_tensors,
+    layer_kinds,
+    min_dims,
+    rank_of,
 )
 
 
@@ -334,3 +341,79 @@ def test_alpha_must_be_one_number(rand):
         LoRALayer({"lora_up.weight": rand(4, 2), "lora_down.weight": rand(2, 4), "alpha": rand(2)})
     layer = LoRALayer({"lora_up.weight": rand(4, 2), "lora_down.weight": rand(2, 4), "alpha": torch.tensor([1.0])})
     assert layer.rank() == 2
+
+
+# --- what the classes say from shapes alone ------------------------------------------------------------------------
+
+
+def test_the_registry_is_the_classes_and_each_suffix_has_one_owner():
+    classes = (*LAYER_TYPES, *WRAPPERS)
+    assert LAYER_TYPES == (LoRALayer, LoHaLayer, LoKrLayer, FullLayer) and WRAPPERS == (DoRALayer,)
+    owned = [suffix for cls in classes for suffix in cls.suffixes() - {"alpha"}]
+    assert len(owned) == len(set(owned)) and set(owned) | {"alpha"} == LAYER_SUFFIXES
+    assert sorted(REPORTED_KINDS) == sorted(cls.kind for cls in classes)
+    assert all(set(cls.min_dims) <= cls.suffixes() for cls in classes)
+    assert [min_dims(s) for s in ("lora_down.weight", "lora_mid.weight", "hada_t1", "lokr_t2", "diff_b")] == [
+        2,
+        4,
+        4,
+        4,
+        1,
+    ]
+    assert min_dims("dora_scale") == 1
+
+
+class _Shape:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape = tuple(tensor.shape)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "weight", "kinds"),
+    [
+        ({"lora_up.weight": (32, 4), "lora_down.weight": (4, 16)}, (32, 16), ("lora",)),
+        ({"lora_up.weight": (32, 4, 1, 1), "lora_down.weight": (4, 8, 3, 3)}, (32, 8, 3, 3), ("lora",)),
+        (
+            {"lora_up.weight": (32, 4, 1, 1), "lora_down.weight": (4, 8, 1, 1), "lora_mid.weight": (4, 4, 3, 3)},
+            (32, 8, 3, 3),
+            ("lora",),
+        ),
+        (
+            {"hada_w1_a": (32, 4), "hada_w1_b": (4, 72), "hada_w2_a": (32, 4), "hada_w2_b": (4, 72)},
+            (32, 8, 3, 3),
+            ("loha",),
+        ),
+        (
+            {
+                "hada_w1_a": (4, 32),
+                "hada_w1_b": (4, 8),
+                "hada_w2_a": (4, 32),
+                "hada_w2_b": (4, 8),
+                "hada_t1": (4, 4, 3, 3),
+                "hada_t2": (4, 4, 3, 3),
+            },
+            (32, 8, 3, 3),
+            ("loha",),
+        ),
+        ({"lokr_w1": (4, 2), "lokr_w2_a": (8, 3), "lokr_w2_b": (3, 8)}, (32, 16), ("lokr",)),
+        ({"lokr_w1_a": (4, 5), "lokr_w1_b": (5, 2), "lokr_w2": (8, 8)}, (32, 16), ("lokr",)),
+        ({"lokr_w1": (4, 2), "lokr_w2": (8, 8)}, (32, 16), ("lokr",)),
+        ({"diff": (32, 16), "diff_b": (32,)}, (32, 16), ("full",)),
+        ({"lora_up.weight": (32, 4), "lora_down.weight": (4, 16), "dora_scale": (1, 16)}, (32, 16), ("dora", "lora")),
+    ],
+)
+def test_rank_and_widths_from_shapes_are_the_layers_own(shapes, weight, kinds):
+    tensors = {name: torch.rand(shape) for name, shape in shapes.items()}
+    layer = layer_from_tensors(tensors)
+    headers = {name: _Shape(t) for name, t in tensors.items()}  # what a safetensors header gives inspection
+    assert rank_of(headers) == layer.rank() and layer_kinds(headers) == kinds
+    out, flat = delta_dims(headers)
+    made = layer.delta(torch.zeros(weight)).shape
+    assert (out, flat) == (made[0], made[1:].numel()) and layer.shape_error(weight) is None
+
+
+def test_widths_from_partial_shapes_say_what_they_can():
+    assert delta_dims({"lora_up.weight": _Shape(torch.empty(32, 4))}) == (32, None)
+    assert delta_dims({"diff_b": _Shape(torch.empty(32))}) == (32, None)
+    assert delta_dims({"hada_w2_a": _Shape(torch.empty(32, 4))}) == (None, None)
+    assert delta_dims({"alpha": _Shape(torch.empty(()))}) == (None, None) and rank_of({}) is None

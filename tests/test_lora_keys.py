@@ -21,15 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from batchgen.assets.lora_keys import (
-    COMPONENTS,
-    ModuleRef,
-    detect_base,
-    group_by_module,
-    kohya_names,
-    map_to_modules,
-    module_shapes,
-)
+from batchgen.assets.architecture import COMPONENTS, ModuleRef, module_shapes
+from batchgen.assets.bases import lora_base
+from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
+from batchgen.assets.lora_formats.kohya import kohya_names
 from batchgen.tiny import LYCORIS_KINDS, tiny_root, write_lycoris
 
 SD1_UNET: dict[str, Any] = {
@@ -427,7 +422,7 @@ def test_tiny_model_lora_files_map_fully(tiny_cache: Path, name: str, base: str)
         mapped, unmapped = map_to_modules(groups, fmt, model.shapes, config)
         assert (unmapped, len(mapped)) == ([], len(groups)), file.name
         assert {ref.component for ref in mapped} == set(parts), file.name
-        assert detect_base(groups, fmt) == base, file.name
+        assert lora_base(layer_evidence(groups, fmt)) == base, file.name
         assert all("alpha" in tensors for tensors in groups.values()), file.name  # PEFT's from its metadata
         formats.add(fmt)
     assert formats == {"kohya", "peft"}
@@ -569,25 +564,25 @@ def test_alpha_metadata_as_diffusers_writes_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("base", "expected"), [("sd1", "sd-1"), ("sd2", "sd-2"), ("sdxl", "sdxl")])
-def test_detect_base_from_full_key_sets(base: str, expected: str, request: pytest.FixtureRequest) -> None:
+def test_lora_base_from_full_key_sets(base: str, expected: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(base)
     kohya = kohya_sdxl_keys(model, SDXL_SGM_BLOCKS)[0] if base == "sdxl" else kohya_sd_keys(model)[0]
     for state in (kohya, peft_keys(model)[0], peft_keys(model, text_model=False)[0]):
         fmt, groups = group_by_module(state)
-        assert detect_base(groups, fmt) == expected
+        assert lora_base(layer_evidence(groups, fmt)) == expected
 
 
 def _only(state: dict[str, Any], *fragments: str) -> dict[str, Any]:
     return {key: value for key, value in state.items() if any(f in key for f in fragments)}
 
 
-def test_detect_base_from_partial_files(sd1: Model, sd2: Model, sdxl: Model) -> None:
+def test_lora_base_from_partial_files(sd1: Model, sd2: Model, sdxl: Model) -> None:
     sd1_kohya, sd2_kohya = kohya_sd_keys(sd1)[0], kohya_sd_keys(sd2)[0]
     sdxl_kohya = kohya_sdxl_keys(sdxl, SDXL_SGM_BLOCKS)[0]
 
     def base(state: dict[str, Any]) -> str | None:
         fmt, groups = group_by_module(state)
-        return detect_base(groups, fmt)
+        return lora_base(layer_evidence(groups, fmt))
 
     assert base(_only(sd1_kohya, "lora_te_")) == "sd-1"  # CLIP-L alone
     assert base(_only(sd2_kohya, "lora_te_")) == "sd-2"
@@ -599,7 +594,7 @@ def test_detect_base_from_partial_files(sd1: Model, sd2: Model, sdxl: Model) -> 
     assert base({**_only(sd1_kohya, "attn2_to_k"), **_only(sd2_kohya, "lora_te_")}) is None  # they disagree
 
 
-def test_detect_base_reads_loha_lokr_and_full_layers() -> None:
+def test_lora_base_reads_loha_lokr_and_full_layers() -> None:
     meta = {"device": "meta"}
     to_k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     loha = {f"{to_k}.hada_w1_a": torch.empty(640, 8, **meta), f"{to_k}.hada_w1_b": torch.empty(8, 2048, **meta)}
@@ -609,7 +604,7 @@ def test_detect_base_reads_loha_lokr_and_full_layers() -> None:
     full = {f"{to_k}.diff": torch.empty(640, 1024, **meta), f"{to_k}.diff_b": torch.empty(640, **meta)}
     for state, expected in ((loha, "sdxl"), (lokr, "sd-1"), (full, "sd-2")):
         fmt, groups = group_by_module(state)
-        assert detect_base(groups, fmt) == expected
+        assert lora_base(layer_evidence(groups, fmt)) == expected
 
 
 # --- what does not map ---------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_loras_are_kept_low_rank(loaded) -> None:
 
 
 def test_bias_deltas_never_accumulate_into_the_pristine_copy() -> None:
-    from batchgen.assets.lora_keys import ModuleRef
+    from batchgen.assets.architecture import ModuleRef
     from batchgen.assets.lora_layers import FullLayer
     from batchgen.engine.patcher import WeightPatcher
 
@@ -161,7 +161,7 @@ def test_cpu_pristine_weights_come_from_the_checkpoint_not_ram(loaded) -> None:
 def test_pristine_falls_back_to_a_copy_when_the_file_differs(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from batchgen.assets.lora_keys import ModuleRef
+    from batchgen.assets.architecture import ModuleRef
     from batchgen.engine.pristine import PristineStore
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from batchgen.assets.bases import checkpoint_base
 from batchgen.assets.safetensors_header import read_header
-from batchgen.assets.single_file import check_single_file, detect_base
+from batchgen.assets.single_file import check_single_file
 from batchgen.assets.tensors import checkpoint_header
 from batchgen.errors import BatchgenError
 from tests.confs import SMALL, write_conf
@@ -64,7 +65,7 @@ def test_base_and_prediction_type_from_a_pickle_match_the_safetensors_header(
         k: (v.dtype, v.shape) for k, v in from_safetensors.tensors.items()
     }
     assert header.tensors[TO_K].shape == (320, width) and header.tensors[TO_K].dtype == "F16"
-    assert detect_base(header) == detect_base(from_safetensors) == (base, width)
+    assert checkpoint_base(header) == checkpoint_base(from_safetensors) == (base, width)
     tokenizers = str(_tokenizer(tmp_path / "tok"))
     single = check_single_file(tmp_path / f"m{suffix}", header, base, None, tokenizers, None, "models.m")
     assert single.prediction_type == prediction
@@ -86,8 +87,8 @@ def test_planning_maps_a_zip_pickle_and_reads_a_legacy_one(tmp_path: Path, monke
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    assert detect_base(checkpoint_header(tmp_path / "zip.ckpt")) == ("sd-1", 768)
-    assert detect_base(checkpoint_header(tmp_path / "old.ckpt")) == ("sd-1", 768)
+    assert checkpoint_base(checkpoint_header(tmp_path / "zip.ckpt")) == ("sd-1", 768)
+    assert checkpoint_base(checkpoint_header(tmp_path / "old.ckpt")) == ("sd-1", 768)
     assert loaded == [
         {"map_location": "cpu", "weights_only": True, "mmap": True},
         {"map_location": "cpu", "weights_only": True, "mmap": False},

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from batchgen.assets.bases import SHIPPED_CONFIGS, checkpoint_base
 from batchgen.assets.safetensors_header import Header, TensorInfo
-from batchgen.assets.single_file import SHIPPED_CONFIGS, check_single_file, detect_base
+from batchgen.assets.single_file import check_single_file
 from batchgen.errors import BatchgenError
 from tests import original_layout
 
@@ -70,7 +71,7 @@ def test_full_size_key_sets_match_the_real_checkpoints(headers: dict[str, Header
 
 @pytest.mark.parametrize(("base", "width"), [("sd-1", 768), ("sd-2", 1024), ("sdxl", 2048)])
 def test_base_is_detected_from_keys_and_shapes(headers: dict[str, Header], base: str, width: int) -> None:
-    assert detect_base(headers[base]) == (base, width)
+    assert checkpoint_base(headers[base]) == (base, width)
 
 
 @pytest.mark.parametrize("base", ["sd-1", "sd-2", "sdxl"])

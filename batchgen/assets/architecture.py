@@ -6,20 +6,53 @@ LoRA keys are checked against these before any model is loaded, so a wrong file 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from batchgen.assets.loras import Architecture
 from batchgen.errors import BatchgenError
 
+if TYPE_CHECKING:
+    import torch
+
+# The pipeline components a LoRA patches.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
+@dataclass(frozen=True)
+class ModuleRef:
+    """A Linear or Conv2d module of one pipeline component, by its ``named_modules()`` path."""
+
+    component: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model's LoRA-patchable modules, read from its configs without loading weights."""
+
+    base: str
+    modules: dict[str, dict[str, tuple[int, ...]]]  # component -> module path -> weight shape
+    unet_config: dict[str, Any]
+
+
+def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{path: weight shape} of every nn.Linear and nn.Conv2d (works on the meta device)."""
+    import torch  # lazy: importing this module (for --dry-run's checks) must not pay for torch
+
+    return {
+        path: tuple(module.weight.shape)
+        for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+    }
+
+
 def model_architecture(checkpoint: Path, base: str) -> Architecture:
+    # lazy: only a sweep that uses LoRAs pays for torch, diffusers and transformers
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from batchgen.assets.lora_keys import module_shapes
 
     if not checkpoint.is_dir():
         raise BatchgenError(f"{checkpoint}: LoRAs need a diffusers folder checkpoint to map their keys")

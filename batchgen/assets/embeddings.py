@@ -6,6 +6,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+from batchgen.assets.bases import embedding_base
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.safetensors_header import read_header
@@ -18,8 +19,6 @@ TRIGGER_PATTERN = re.compile(r"<([a-zA-Z0-9., _-]+)>")
 _TRIGGER_NAME = re.compile(r"[a-zA-Z0-9., _-]+")
 # Trainers write these names for every embedding, so the folder is the only thing that tells them apart.
 GENERIC_STEMS = frozenset({"learned_embeds", "embedding", "embeddings"})
-WIDTH_BASES = {768: "sd-1", 1024: "sd-2"}
-SDXL_WIDTHS = (768, 1280)
 VECTOR_KEYS = frozenset({"clip_l", "clip_g", "emb_params"})
 
 
@@ -57,14 +56,7 @@ def inspect_embedding(ti: EmbeddingFile, hashes: HashCache) -> EmbeddingFile:
     """Hash the file and read its format, vector count and base from the vector widths."""
     shapes = _shapes(ti.path)
     fmt, widths, vectors = _layout(shapes, ti.path)
-    if len(widths) == 2:
-        if tuple(widths) != SDXL_WIDTHS:
-            raise BatchgenError(f"{ti.path}: clip_l/clip_g widths {widths} are not SDXL's 768 and 1280")
-        base = "sdxl"
-    elif widths[0] in WIDTH_BASES:
-        base = WIDTH_BASES[widths[0]]
-    else:
-        raise BatchgenError(f"{ti.path}: vector width {widths[0]} matches no SD version (768 sd-1, 1024 sd-2)")
+    base = embedding_base(widths, ti.path)
     from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
 
     def vectors_only(key: str) -> bool:

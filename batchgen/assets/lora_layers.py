@@ -1,22 +1,45 @@
-"""The weight delta ΔW of one module, one class per LoRA layer type (LoRA/LoCon, LoHa, LoKr, DoRA, full diff).
+"""One class per LoRA layer type (LoRA/LoCon and its Tucker form, LoHa, LoKr, DoRA, full diff); each owns its tensor
+suffixes, the fewest dimensions each tensor has, its rank, the shape of the ΔW it makes, and ΔW itself.
 
-Each layer takes the module's tensors keyed by their kohya/LyCORIS suffix, keeps them as fp32 factors, and builds
-the full-size ΔW only when `delta` is called. Applying a layer at strength w gives W0 + w * delta(W0).
+The class methods read only shapes (safetensors headers, meta tensors: anything with a ``shape``), so inspection asks
+the same classes the patcher uses. An instance takes the module's tensors keyed by their kohya/LyCORIS suffix, keeps
+them as fp32 factors, and builds the full-size ΔW only when `delta` is called. Applying a layer at strength w gives
+W0 + w * delta(W0). `LAYER_TYPES` is the registry the key formats and inspection read.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
+
+# (output width, input width times kernel size) of a ΔW, None where the tensors at hand do not say.
+DeltaDims = tuple[int | None, int | None]
 
 
 class LayerPatch(ABC):
     kind: ClassVar[str]
     required: ClassVar[frozenset[str]] = frozenset()
     optional: ClassVar[frozenset[str]] = frozenset()
+    # The fewest dimensions a tensor can have where that is not 2 (conv-only factors have 4); alpha is one number.
+    min_dims: ClassVar[Mapping[str, int]] = {}
+
+    @classmethod
+    def suffixes(cls) -> frozenset[str]:
+        return cls.required | cls.optional
+
+    @classmethod
+    @abstractmethod
+    def rank_of(cls, tensors: Mapping[str, Any]) -> int | None:
+        """The rank alpha divides by, from the tensors' shapes; None for a layer without one."""
+
+    @classmethod
+    @abstractmethod
+    def delta_dims(cls, tensors: Mapping[str, Any]) -> DeltaDims:
+        """The ΔW's widths from the tensors' shapes; missing tensors give None (shapes are read before any check)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         _check_suffixes(self.kind, set(tensors), self.required, self.optional)
@@ -37,7 +60,7 @@ class LayerPatch(ABC):
         return None
 
     def rank(self) -> int | None:
-        return None
+        return self.rank_of(self._tensors)
 
     def to(self, device: torch.device | str) -> LayerPatch:
         self._tensors = {name: t.to(device=device, dtype=torch.float32) for name, t in self._tensors.items()}
@@ -93,9 +116,22 @@ class LoRALayer(_FactoredLayer):
     kind = "lora"
     required = frozenset({"lora_up.weight", "lora_down.weight"})
     optional = frozenset({"lora_mid.weight", "alpha"})
+    min_dims = {"lora_mid.weight": 4}
 
-    def rank(self) -> int:
-        return self._tensors["lora_down.weight"].shape[0]
+    @classmethod
+    def rank_of(cls, tensors: Mapping[str, Any]) -> int | None:
+        down = tensors.get("lora_down.weight")
+        return None if down is None else down.shape[0]
+
+    @classmethod
+    def delta_dims(cls, tensors: Mapping[str, Any]) -> DeltaDims:
+        # up [out, r(, 1, 1)]; down [r, in(, kh, kw)], or with a Tucker core: down [r, in, 1, 1], mid [r, r, kh, kw].
+        up, down, mid = (tensors.get(name) for name in ("lora_up.weight", "lora_down.weight", "lora_mid.weight"))
+        out_dim = _shape(up)[0] if up is not None else None
+        if down is None:
+            return out_dim, None
+        kernel = math.prod(_shape(mid)[2:]) if mid is not None else 1
+        return out_dim, math.prod(_shape(down)[1:]) * kernel
 
     def add_to(self, target: torch.Tensor, alpha: float) -> None:
         # One fused multiply-add into the weight's own storage: no full-size ΔW is ever allocated.
@@ -120,14 +156,28 @@ class LoHaLayer(_FactoredLayer):
     kind = "loha"
     required = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
     optional = frozenset({"hada_t1", "hada_t2", "alpha"})
+    min_dims = {"hada_t1": 4, "hada_t2": 4}
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         if ("hada_t1" in tensors) != ("hada_t2" in tensors):
             raise ValueError("loha layer: hada_t1 and hada_t2 come as a pair, only one is present")
         super().__init__(tensors)
 
-    def rank(self) -> int:
-        return self._tensors["hada_w1_b"].shape[0]
+    @classmethod
+    def rank_of(cls, tensors: Mapping[str, Any]) -> int | None:
+        w1_b = tensors.get("hada_w1_b")
+        return None if w1_b is None else w1_b.shape[0]
+
+    @classmethod
+    def delta_dims(cls, tensors: Mapping[str, Any]) -> DeltaDims:
+        # Plain: w1_a [out, r], w1_b [r, in*kh*kw]. Tucker: t1 [r, r, kh, kw], w1_a [r, out], w1_b [r, in].
+        if "hada_w1_a" not in tensors or "hada_w1_b" not in tensors:
+            return None, None
+        w1_a, w1_b = _shape(tensors["hada_w1_a"]), _shape(tensors["hada_w1_b"])
+        core = tensors.get("hada_t1")
+        if core is None:
+            return w1_a[0], w1_b[1]
+        return w1_a[1], w1_b[1] * math.prod(_shape(core)[2:])
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         if "hada_t1" in t:
@@ -152,6 +202,7 @@ class LoKrLayer(_FactoredLayer):
     optional = frozenset(
         {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"}
     )
+    min_dims = {"lokr_t2": 4}
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         for side in ("lokr_w1", "lokr_w2"):
@@ -162,11 +213,21 @@ class LoKrLayer(_FactoredLayer):
             raise ValueError("lokr layer: lokr_t2 needs lokr_w2_a and lokr_w2_b, not lokr_w2")
         super().__init__(tensors)
 
-    def rank(self) -> int | None:
+    @classmethod
+    def rank_of(cls, tensors: Mapping[str, Any]) -> int | None:
         for low_rank_b in ("lokr_w1_b", "lokr_w2_b"):
-            if low_rank_b in self._tensors:
-                return self._tensors[low_rank_b].shape[0]
+            if low_rank_b in tensors:
+                return tensors[low_rank_b].shape[0]
         return None
+
+    @classmethod
+    def delta_dims(cls, tensors: Mapping[str, Any]) -> DeltaDims:
+        # ΔW = kron(w1, w2): widths multiply.
+        first = _lokr_factor(tensors, "lokr_w1", None)
+        second = _lokr_factor(tensors, "lokr_w2", "lokr_t2")
+        if first is None or second is None:
+            return None, None
+        return first[0] * second[0], first[1] * second[1]
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
@@ -188,6 +249,20 @@ class FullLayer(LayerPatch):
     kind = "full"
     required = frozenset({"diff"})
     optional = frozenset({"diff_b"})
+    min_dims = {"diff_b": 1}
+
+    @classmethod
+    def rank_of(cls, tensors: Mapping[str, Any]) -> int | None:
+        return None
+
+    @classmethod
+    def delta_dims(cls, tensors: Mapping[str, Any]) -> DeltaDims:
+        if "diff" in tensors:
+            shape = _shape(tensors["diff"])
+            return shape[0], math.prod(shape[1:])
+        if "diff_b" in tensors:
+            return _shape(tensors["diff_b"])[0], None
+        return None, None
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         self._check_shape(weight)
@@ -215,6 +290,17 @@ class DoRALayer(LayerPatch):
 
     kind = "dora"
     required = frozenset({"dora_scale"})
+    min_dims = {"dora_scale": 1}
+
+    @classmethod
+    def rank_of(cls, tensors: Mapping[str, Any]) -> int | None:
+        inner = _inner_type(tensors)
+        return None if inner is None else inner.rank_of(tensors)
+
+    @classmethod
+    def delta_dims(cls, tensors: Mapping[str, Any]) -> DeltaDims:
+        inner = _inner_type(tensors)
+        return (None, None) if inner is None else inner.delta_dims(tensors)
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         if "dora_scale" not in tensors:
@@ -267,8 +353,50 @@ class DoRALayer(LayerPatch):
         return None
 
 
-_FAMILIES: tuple[type[LayerPatch], ...] = (LoRALayer, LoHaLayer, LoKrLayer, FullLayer)
-LAYER_SUFFIXES: frozenset[str] = frozenset({"dora_scale"}).union(*(cls.required | cls.optional for cls in _FAMILIES))
+# The registry. A module's tensors are matched against these in order: the first type one of whose suffixes (alpha
+# aside) is present decides, so a mix of two types is reported as the first one's error. DoRA wraps one of them.
+LAYER_TYPES: tuple[type[LayerPatch], ...] = (LoRALayer, LoHaLayer, LoKrLayer, FullLayer)
+WRAPPERS: tuple[type[LayerPatch], ...] = (DoRALayer,)
+LAYER_SUFFIXES: frozenset[str] = frozenset().union(*(cls.suffixes() for cls in (*LAYER_TYPES, *WRAPPERS)))
+# The order --list names a file's layer types in.
+REPORTED_KINDS = ("dora", "loha", "lokr", "lora", "full")
+
+
+def layer_type(names: Iterable[str]) -> type[LayerPatch] | None:
+    """The class a module with these tensor suffixes is read as, or None when it has no layer tensors."""
+    names = set(names)
+    for wrapper in WRAPPERS:
+        if names & wrapper.required:
+            return wrapper
+    return _inner_type(names)
+
+
+def layer_kinds(names: Iterable[str]) -> tuple[str, ...]:
+    """The kinds of layer a module's suffixes make, a wrapper with the type it wraps ("dora", "loha")."""
+    cls = layer_type(names)
+    if cls is None:
+        return ()
+    inner = _inner_type(names) if cls in WRAPPERS else None
+    return (cls.kind, inner.kind) if inner is not None else (cls.kind,)
+
+
+def delta_dims(tensors: Mapping[str, Any]) -> DeltaDims:
+    """The ΔW's widths a module's tensors make, from shapes alone; (None, None) where they do not say."""
+    cls = layer_type(tensors)
+    return (None, None) if cls is None else cls.delta_dims(tensors)
+
+
+def rank_of(tensors: Mapping[str, Any]) -> int | None:
+    cls = layer_type(tensors)
+    return None if cls is None else cls.rank_of(tensors)
+
+
+def min_dims(suffix: str) -> int:
+    """The fewest dimensions a tensor with this suffix can have."""
+    for cls in (*LAYER_TYPES, *WRAPPERS):
+        if suffix in cls.min_dims:
+            return cls.min_dims[suffix]
+    return 2
 
 
 def layer_from_tensors(tensors: dict[str, torch.Tensor]) -> LayerPatch:
@@ -280,12 +408,36 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor]) -> LayerPatch:
             f"unknown layer suffixes {', '.join(sorted(unknown))}; "
             "expected a LoRA/LoCon, LoHa, LoKr, DoRA or full-diff layer"
         )
-    if "dora_scale" in names:
-        return DoRALayer(tensors)
-    for cls in _FAMILIES:
-        if names & (cls.required | cls.optional) - {"alpha"}:
-            return cls(tensors)
-    raise ValueError(f"no layer tensors, only {', '.join(sorted(names)) or 'nothing'}")
+    cls = layer_type(names)
+    if cls is None:
+        raise ValueError(f"no layer tensors, only {', '.join(sorted(names)) or 'nothing'}")
+    return cls(tensors)
+
+
+def _inner_type(names: Iterable[str]) -> type[LayerPatch] | None:
+    names = set(names)
+    for cls in LAYER_TYPES:
+        if names & cls.suffixes() - {"alpha"}:
+            return cls
+    return None
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _lokr_factor(tensors: Mapping[str, Any], name: str, core_name: str | None) -> tuple[int, int] | None:
+    """(out, in*kernel) of one Kronecker factor: full, a @ b, or with a Tucker core (a [r, out], b [r, in])."""
+    if name in tensors:
+        shape = _shape(tensors[name])
+        return shape[0], math.prod(shape[1:])
+    a, b = tensors.get(f"{name}_a"), tensors.get(f"{name}_b")
+    if a is None or b is None:
+        return None
+    core = tensors.get(core_name) if core_name else None
+    if core is None:
+        return _shape(a)[0], math.prod(_shape(b)[1:])
+    return _shape(a)[1], _shape(b)[1] * math.prod(_shape(core)[2:])
 
 
 def _check_suffixes(kind: str, names: set[str], required: frozenset[str], optional: frozenset[str]) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from batchgen.assets.architecture import Architecture
+from batchgen.assets.bases import lora_base
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.safetensors_header import check_float_dtypes, read_header
@@ -17,14 +19,6 @@ from batchgen.errors import BatchgenError
 from batchgen.spec import LoraFile, Refused
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-_LAYER_KINDS = (  # the suffix that identifies each layer type, in the order they are reported
-    ("dora_scale", "dora"),
-    ("hada_w1_a", "loha"),
-    ("lokr_w1", "lokr"),
-    ("lokr_w1_a", "lokr"),
-    ("lora_down.weight", "lora"),
-    ("diff", "full"),
-)
 
 
 @dataclass(frozen=True)
@@ -32,15 +26,6 @@ class Shape:
     """Stands in for a tensor where only its shape is needed (safetensors headers, meta tensors)."""
 
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A model's LoRA-patchable modules, read from its configs without loading weights."""
-
-    base: str
-    modules: dict[str, dict[str, tuple[int, ...]]]  # component -> module path -> weight shape
-    unet_config: dict[str, Any]
 
 
 def find_loras(sources: list[Path], where: str) -> tuple[tuple[LoraFile, ...], tuple[Refused, ...]]:
@@ -68,13 +53,14 @@ def lora_shapes(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return {k: Shape(tuple(v.shape)) for k, v in state.items() if hasattr(v, "shape")}, {}
 
 
-def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple[LoraFile, dict, str]:
-    """(the LoRA with format/base/rank filled, {ModuleRef: suffix shapes}, why it cannot be used or "").
+def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple[LoraFile, dict | None]:
+    """(the LoRA with format/base/rank filled, {ModuleRef: suffix shapes}, or None when it is for another base).
 
-    A broken file or a key that maps to no module raises BatchgenError; another base is a reason, not an error,
-    because the same name may be a good file for another model.
+    A broken file or a key that maps to no module raises BatchgenError; another base is not an error, because the
+    same name may be a good file for another model: its keys are then left unmapped.
     """
-    from batchgen.assets.lora_keys import detect_base, group_by_module, map_to_modules
+    # lazy: the key formats and layer types import torch, which only a sweep that uses LoRAs pays for
+    from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
 
     shapes, metadata = lora_shapes(lora.path)
     try:
@@ -82,7 +68,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     except ValueError as e:
         raise BatchgenError(f"{lora.path}: {e}") from None
     _check_ranks(groups, lora.path)
-    base = detect_base(groups, fmt)
+    base = lora_base(layer_evidence(groups, fmt))
     info = replace(
         lora,
         sha256=hashes.file_sha256(lora.path),
@@ -93,7 +79,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         trigger=trigger_words(metadata),
     )
     if base is not None and base != arch.base:
-        return info, {}, f"LoRA '{lora.name}' is {base}, model is {arch.base}"
+        return info, None
     mapped, unmapped = map_to_modules(groups, fmt, arch.modules, arch.unet_config)
     if unmapped:
         raise BatchgenError(
@@ -104,25 +90,13 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     # Reads every value (torch), so the verdict is cached per file version.
     hashes.checked(lora.path, "content", lambda path: read_lora_layers(path, arch.modules, arch.unet_config))
     counts = Counter(ref.component for ref in mapped)
-    return replace(info, modules=tuple(sorted(counts.items()))), mapped, ""
-
-
-# The fewest dimensions each layer tensor can have (conv factors have 4); alpha is one number.
-_MIN_DIMS = {
-    "lora_down.weight": 2,
-    "lora_up.weight": 2,
-    "lora_mid.weight": 4,
-    "hada_t1": 4,
-    "hada_t2": 4,
-    "lokr_t2": 4,
-    "diff": 2,
-    "diff_b": 1,
-    "dora_scale": 1,
-}
+    return replace(info, modules=tuple(sorted(counts.items()))), mapped
 
 
 def _check_ranks(groups: dict[str, dict[str, Any]], path: Path) -> None:
     """Shapes that cannot be a layer at all, before anything computes dimensions from them."""
+    from batchgen.assets.lora_layers import min_dims  # lazy: torch, as in inspect_lora
+
     for prefix, tensors in groups.items():
         for suffix, value in tensors.items():
             shape = tuple(value.shape)
@@ -130,7 +104,7 @@ def _check_ranks(groups: dict[str, dict[str, Any]], path: Path) -> None:
                 if math.prod(shape) != 1:
                     raise BatchgenError(f"{path}: {prefix}.alpha has shape {list(shape)}; alpha must be one number")
                 continue
-            need = _MIN_DIMS.get(suffix, 2)
+            need = min_dims(suffix)
             if len(shape) < need or 0 in shape:
                 raise BatchgenError(
                     f"{path}: {prefix}.{suffix} has shape {list(shape)}; a layer needs at least {need} non-empty "
@@ -142,7 +116,8 @@ def read_lora_layers(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]], 
     """{ModuleRef: layer} for a LoRA file against a model's module shapes (real or from meta modules), its values
     checked (float, finite); every problem is a BatchgenError naming the file and the module, so inspection catches
     what rendering would hit."""
-    from batchgen.assets.lora_keys import group_by_module, map_to_modules
+    # lazy: torch, as in inspect_lora
+    from batchgen.assets.lora_formats import group_by_module, map_to_modules
     from batchgen.assets.lora_layers import layer_from_tensors
     from batchgen.assets.tensors import check_tensors, flat_tensors, read_state_dict
 
@@ -170,19 +145,19 @@ def read_lora_layers(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]], 
 
 
 def _layer_kinds(groups: dict[str, dict[str, Any]]) -> list[str]:
-    kinds: list[str] = []
-    for suffix, kind in _LAYER_KINDS:
-        if kind not in kinds and any(suffix in g for g in groups.values()):
-            kinds.append(kind)
-    if "dora" in kinds and "lora" in kinds:
-        kinds.remove("lora")
-    return kinds
+    from batchgen.assets.lora_layers import REPORTED_KINDS, layer_kinds  # lazy: torch, as in inspect_lora
+
+    found = {kind for tensors in groups.values() for kind in layer_kinds(tensors)}
+    # DoRA over plain LoRA layers is reported as dora alone; over LoHa or LoKr it names both.
+    if "dora" in found:
+        found.discard("lora")
+    return [kind for kind in REPORTED_KINDS if kind in found]
 
 
 def _rank(groups: dict[str, dict[str, Any]]) -> int | None:
-    ranks = [g[key].shape[0] for g in groups.values() for key in ("lora_down.weight", "hada_w1_b") if key in g] + [
-        g["lokr_w2_b"].shape[0] for g in groups.values() if "lokr_w2_b" in g
-    ]
+    from batchgen.assets.lora_layers import rank_of  # lazy: torch, as in inspect_lora
+
+    ranks = [rank for rank in map(rank_of, groups.values()) if rank is not None]
     return max(ranks) if ranks else None
 
 

@@ -6,29 +6,47 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from batchgen.assets.architecture import model_architecture
+from batchgen.assets.bases import BASE_NAMES, checkpoint_base, unet_config_base
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import Header, read_header
-from batchgen.assets.single_file import CROSS_ATTENTION_BASES, check_single_file, detect_base
-from batchgen.config import ModelConfig
+from batchgen.assets.single_file import check_single_file
 from batchgen.errors import BatchgenError
 from batchgen.spec import ModelSpec, Refused, SingleFile
 
-BASES = ("sd-1", "sd-2", "sdxl")
 # .bin is left out: in a diffusers folder it is one component's weights, never a whole model.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
-def resolve_model(name: str, cfg: ModelConfig, hashes: HashCache, builtin_root: Callable[[str], Path]) -> ModelSpec:
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one model's files are, as a model config names them (the fields of config's ModelConfig); assets sits
+    below config, so it takes these values rather than the config type."""
+
+    base: str
+    checkpoint: str
+    root: str | None = None
+    embeddings: Sequence[str] = ()
+    loras: Sequence[str] = ()
+    builtin: str | None = None
+    triggers: Mapping[str, str] = field(default_factory=dict)
+    variant: str | None = None
+    config: str | None = None
+    tokenizer: str | None = None
+    prediction_type: str | None = None
+
+
+def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: Callable[[str], Path]) -> ModelSpec:
     """`builtin_root` builds an embedded model on first use and returns its root."""
     where = f"models.{name}"
-    if cfg.base not in BASES:
-        raise BatchgenError(f"{where}.base: '{cfg.base}' is not one of {', '.join(BASES)}")
+    if cfg.base not in BASE_NAMES:
+        raise BatchgenError(f"{where}.base: '{cfg.base}' is not one of {', '.join(BASE_NAMES)}")
     root = _root(cfg, builtin_root, where, cfg.base)
     checkpoint = _inside(cfg.checkpoint, root / "main" if root else None, root, f"{where}.checkpoint")
     if not checkpoint.exists():
@@ -90,7 +108,8 @@ def _variant_hash(sha256: str, variant: str | None) -> str:
 def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
     """(layout, base or '?', path) of every checkpoint in a root's main/ folder, or in each <base>/main/ of an
     InvokeAI models folder; for --list, so nothing is loaded and unreadable entries say so."""
-    mains = [models_root / "main"] if (models_root / "main").is_dir() else [models_root / b / "main" for b in BASES]
+    per_base = [models_root / base / "main" for base in BASE_NAMES]
+    mains = [models_root / "main"] if (models_root / "main").is_dir() else per_base
     found = []
     for main in mains:
         if not main.is_dir():
@@ -100,7 +119,7 @@ def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
                 found.append(("diffusers", _folder_base(entry) or "?", entry))
             elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
                 try:
-                    base = detect_base(_single_file_header(entry))[0]
+                    base = checkpoint_base(_single_file_header(entry))[0]
                 except BatchgenError:
                     base = None
                 found.append(("single file", base or "?", entry))
@@ -116,8 +135,7 @@ def _folder_base(checkpoint: Path) -> str | None:
 
 def _config_base(config: Path) -> tuple[str | None, object]:
     """(base, cross-attention width) from a diffusers UNet config; OSError or ValueError when unreadable."""
-    width = json.loads(config.read_text()).get("cross_attention_dim")
-    return CROSS_ATTENTION_BASES.get(width if isinstance(width, int) else -1), width
+    return unet_config_base(json.loads(config.read_text()))
 
 
 def inspect_assets(
@@ -151,13 +169,13 @@ def inspect_assets(
             continue
         arch = arch or model_architecture(spec.config_dir, spec.base)
         try:
-            info, mapped, reason = inspect_lora(lora, arch, hashes)
+            info, mapped = inspect_lora(lora, arch, hashes)
         except BatchgenError as e:
             if loras is not None:
                 raise
             refused.append(Refused("lora", lora.name, lora.path, str(e), fatal=True))
             continue
-        if reason:
+        if mapped is None:
             reason = f"LoRA '{lora.name}' is {info.base}, model {spec.name} is {spec.base}"
             refused.append(Refused("lora", lora.name, lora.path, reason, base=info.base))
             continue
@@ -180,13 +198,7 @@ def _check_base(checkpoint: Path, base: str, where: str) -> None:
         raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
 
 
-def model_architecture(checkpoint: Path, base: str):
-    from batchgen.assets.architecture import model_architecture as build  # torch and diffusers, only when needed
-
-    return build(checkpoint, base)
-
-
-def _root(cfg: ModelConfig, builtin_root: Callable[[str], Path], where: str, base: str) -> Path | None:
+def _root(cfg: ModelSource, builtin_root: Callable[[str], Path], where: str, base: str) -> Path | None:
     if cfg.root:
         root = Path(cfg.root).expanduser()
         if not root.is_dir():
@@ -216,7 +228,7 @@ def _inside(text: str, base: Path | None, root: Path | None, where: str) -> Path
     return base / path
 
 
-def _check_single_file(checkpoint: Path, cfg: ModelConfig, where: str) -> SingleFile:
+def _check_single_file(checkpoint: Path, cfg: ModelSource, where: str) -> SingleFile:
     """A single file must hold a Stable Diffusion model of the configured base, and its tokenizers must be here."""
     if checkpoint.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise BatchgenError(

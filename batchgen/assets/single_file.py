@@ -3,64 +3,23 @@ configs shipped with batchgen, tokenizers from a local folder or the Hugging Fac
 
 A single file holds only weights in the original (CompVis / SGM) layout; diffusers needs a config per component and
 the tokenizer files to build a pipeline around them. The configs are facts about each base and ship in
-`batchgen/model_configs/<base>/`; the tokenizers (a few MB of vocabulary) do not, and are looked up locally.
+`batchgen/model_configs/<base>/`; the tokenizers (a few MB of vocabulary) do not, and are looked up locally where
+assets/bases.py says each base's live.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from batchgen.assets.bases import BASES, BY_NAME, SHIPPED_CONFIGS, checkpoint_base, listing
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 from batchgen.spec import SingleFile
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
-
 UNET_PREFIX = "model.diffusion_model."
-_CROSS_ATTENTION_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
-# The UNet's cross-attention width names the SD version, in a single file, a diffusers config or a LoRA's layers.
-CROSS_ATTENTION_BASES = {768: "sd-1", 1024: "sd-2", 2048: "sdxl"}
-# A text encoder in the file confirms the base the UNet says; its absence is fine (some files ship UNet + VAE only).
-_TEXT_ENCODER_PREFIXES = {
-    "sd-1": "cond_stage_model.transformer.",
-    "sd-2": "cond_stage_model.model.",
-    "sdxl": "conditioner.embedders.1.model.",
-}
 _SDXL_REFINER_KEY = "conditioner.embedders.0.model.text_projection"
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Where each base's tokenizers live in the Hugging Face cache, most common first: repo id and subfolder.
-_TOKENIZER_REPOS: dict[str, dict[str, list[tuple[str, str]]]] = {
-    "sd-1": {
-        "tokenizer": [
-            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
-            ("runwayml/stable-diffusion-v1-5", "tokenizer"),
-            ("CompVis/stable-diffusion-v1-4", "tokenizer"),
-            ("openai/clip-vit-large-patch14", ""),
-        ]
-    },
-    "sd-2": {
-        "tokenizer": [
-            ("stabilityai/stable-diffusion-2-1", "tokenizer"),
-            ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
-            ("stabilityai/stable-diffusion-2", "tokenizer"),
-        ]
-    },
-    "sdxl": {
-        "tokenizer": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer")],
-        "tokenizer_2": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")],
-    },
-}
-
-
-def detect_base(header: Header) -> tuple[str | None, int | None]:
-    """(base, cross-attention width) from the UNet's cross-attention key width; (None, width) when unknown."""
-    for key, info in header.tensors.items():
-        if _CROSS_ATTENTION_KEY.fullmatch(key) and len(info.shape) == 2:
-            width = info.shape[1]
-            return CROSS_ATTENTION_BASES.get(width), width
-    return None, None
 
 
 def check_single_file(
@@ -81,7 +40,7 @@ def check_single_file(
             )
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
-            "keys of SD1, SD2 or SDXL); give a diffusers folder"
+            f"keys of {listing(b.label for b in BASES)}); give a diffusers folder"
         )
     if _SDXL_REFINER_KEY in header.tensors:
         raise BatchgenError(f"{where}.checkpoint: {checkpoint} is an SDXL refiner; batchgen renders base models only")
@@ -91,15 +50,16 @@ def check_single_file(
             f"{where}.checkpoint: {checkpoint} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
             "other special model); batchgen renders text-to-image models with 4"
         )
-    found, width = detect_base(header)
+    found, width = checkpoint_base(header)
     if found is None:
+        widths = listing(f"{b.label} ({b.cross_attention_width})" for b in BASES)
         raise BatchgenError(
-            f"{where}.checkpoint: {checkpoint} has a UNet with cross-attention width {width}, not one of SD1 (768), "
-            "SD2 (1024) or SDXL (2048); give a diffusers folder"
+            f"{where}.checkpoint: {checkpoint} has a UNet with cross-attention width {width}, not one of {widths}; "
+            "give a diffusers folder"
         )
     if found != base:
         raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
-    text_prefix = _TEXT_ENCODER_PREFIXES[base]
+    text_prefix = BY_NAME[base].checkpoint_text_encoder_prefix
     if not any(key.startswith(text_prefix) for key in header.tensors):
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} holds no {base} text encoder ({text_prefix}*); use a full checkpoint "
@@ -134,7 +94,8 @@ def _config_dir(config: str | None, base: str, where: str) -> Path:
 
 def _tokenizers(base: str, tokenizer: str | None, config_dir: Path, where: str) -> dict[str, Path]:
     """{tokenizer component: folder}, from `tokenizer:`, the config folder, or the Hugging Face cache."""
-    names = list(_TOKENIZER_REPOS[base])
+    repos = BY_NAME[base].tokenizer_repos
+    names = list(repos)
     if tokenizer:
         folder = Path(tokenizer).expanduser()
         if _is_tokenizer(folder) and names == ["tokenizer"]:
@@ -145,16 +106,16 @@ def _tokenizers(base: str, tokenizer: str | None, config_dir: Path, where: str) 
             layout = " and ".join(f"{name}/" for name in names)
             raise BatchgenError(
                 f"{where}.tokenizer: {missing[0]} holds no tokenizer (vocab.json and merges.txt, or tokenizer.json); "
-                f"give a folder with {layout} copied from {_TOKENIZER_REPOS[base][names[0]][0][0]}"
+                f"give a folder with {layout} copied from {repos[names[0]][0][0]}"
             )
         return found
     if all(_is_tokenizer(config_dir / name) for name in names):
         return {name: config_dir / name for name in names}
     found = {}
     for name in names:
-        folder = _cached_tokenizer(_TOKENIZER_REPOS[base][name])
+        folder = _cached_tokenizer(repos[name])
         if folder is None:
-            repo = _TOKENIZER_REPOS[base][name][0][0]
+            repo = repos[name][0][0]
             layout = " and ".join(f"{n}/" for n in names)
             raise BatchgenError(
                 f"{where}.tokenizer: no {base} tokenizer found offline; copy {layout} of {repo} into a folder and set "
@@ -170,7 +131,7 @@ def _is_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and (bpe or (folder / "tokenizer.json").is_file())
 
 
-def _cached_tokenizer(candidates: list[tuple[str, str]]) -> Path | None:
+def _cached_tokenizer(candidates: tuple[tuple[str, str], ...]) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     for repo, subfolder in candidates:

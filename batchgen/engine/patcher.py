@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from batchgen.assets.lora_keys import ModuleRef, module_shapes
+from batchgen.assets.architecture import ModuleRef, module_shapes
 from batchgen.assets.lora_layers import LayerPatch
 from batchgen.assets.loras import read_lora_layers
 from batchgen.engine.pristine import PristineStore

@@ -11,7 +11,7 @@ from unittest import mock
 
 import torch
 
-from batchgen.assets.lora_keys import COMPONENTS
+from batchgen.assets.architecture import COMPONENTS
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from batchgen.assets.lora_keys import ModuleRef
+from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.safetensors_header import TensorInfo, read_header
 from batchgen.assets.tensors import FLOAT_DTYPES
 

@@ -65,7 +65,7 @@ class PromptCache:
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
             if encoder is not None and hasattr(encoder, "text_projection"):
-                isolate_image_rows(encoder, self._shape, suffixes=("text_projection",))
+                isolate_image_rows(encoder, self._shape, ("text_projection",))
 
     def embeds(self, batch: list[Job]) -> list[Embeds]:
         """Each job's conditioning; the batch must share one text-encoder state (it shares its LoRA stack).
@@ -104,12 +104,6 @@ class PromptCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return out
-
-    def get(self, job: Job) -> Embeds:
-        return self.embeds([job])[0]
-
-    def clear(self) -> None:
-        self._entries.clear()
 
     def _encode(self, texts: list[str], mode: tuple[bool, int]) -> list[_Encoded]:
         """Texts that fit in one chunk go through diffusers' encode_prompt together; longer ones chunk by chunk."""

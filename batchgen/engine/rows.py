@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-# UNet submodules that see one row per image (per guidance half): diffusers' names, SD1/SD2/SDXL alike.
-PER_IMAGE_SUFFIXES = ("time_embedding", "add_embedding", "time_emb_proj")
+# UNet submodules that see one row per image (per guidance half), by diffusers' names, SD1/SD2/SDXL alike; the
+# added-condition embedding only exists in UNets whose config asks for one (SDXL's).
+UNET_PER_IMAGE = ("time_embedding", "time_emb_proj")
+UNET_PER_IMAGE_OPTIONAL = ("add_embedding",)
 
 
 @dataclass
@@ -25,16 +27,27 @@ class BatchShape:
 
 
 def isolate_image_rows(
-    model: torch.nn.Module, shape: BatchShape, suffixes: tuple[str, ...] = PER_IMAGE_SUFFIXES
-) -> int:
+    model: torch.nn.Module, shape: BatchShape, expected: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> None:
     """Wrap the forward of every per-image-row layer of `model` in place (module paths and weights are untouched,
-    so LoRA keys and the patcher see the same model). Returns how many layers were wrapped."""
-    wrapped = 0
+    so LoRA keys and the patcher see the same model): each module whose name is in `expected` or `optional`.
+
+    Raises RuntimeError when a name in `expected` matches no module: diffusers renamed the layer, and batching
+    would silently change pixels.
+    """
+    found: set[str] = set()
     for path, module in model.named_modules():
-        if path.rsplit(".", 1)[-1] in suffixes:
+        name = path.rsplit(".", 1)[-1]
+        if name in expected or name in optional:
             module.forward = _per_image(module.forward, shape)
-            wrapped += 1
-    return wrapped
+            found.add(name)
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise RuntimeError(
+            f"{type(model).__name__} has no module named {', '.join(missing)}, which batchgen runs image by image "
+            "so that batching never changes pixels; this diffusers/transformers version renamed it: update the "
+            "names in batchgen/engine/rows.py, or pin the version batchgen was tested with"
+        )
 
 
 def _per_image(forward, shape: BatchShape):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import PromptCache, batch_kwargs
-from batchgen.engine.rows import BatchShape, isolate_image_rows
+from batchgen.engine.rows import UNET_PER_IMAGE, UNET_PER_IMAGE_OPTIONAL, BatchShape, isolate_image_rows
 from batchgen.settings import batch_values
 from batchgen.spec import Job, ModelSpec, RenderResult
 
@@ -80,7 +80,6 @@ class Renderer:
         self.compile_unet = compile_unet
         self._loaded: _Loaded | None = None
         self._oom_cap: int | None = None  # the batch size that fitted after a CUDA out-of-memory error
-        self.load_count: dict[str, int] = {}
 
     def render(self, jobs: Iterable[Job]) -> Iterator[RenderResult]:
         for batch in batches(jobs, self._batch_size()):
@@ -154,7 +153,8 @@ class Renderer:
         pipe = load_pipeline(spec, self.device, self.dtype)
         register_embeddings(pipe, spec)
         shape = BatchShape()
-        isolate_image_rows(pipe.unet, shape)  # before compile, so the compiled graph holds the per-image split
+        # Before compile, so the compiled graph holds the per-image split.
+        isolate_image_rows(pipe.unet, shape, UNET_PER_IMAGE, optional=UNET_PER_IMAGE_OPTIONAL)
         # The VAE's small convolutions round by batch too; decoding image by image costs nothing measurable.
         pipe.vae.enable_slicing()
         if self.device.startswith("cuda"):
@@ -165,7 +165,6 @@ class Renderer:
         _time_decode(pipe, clock)
         loras = LoraStacks(pipe, spec)
         self._loaded = _Loaded(name, pipe, loras, SchedulerSwitch(pipe), PromptCache(pipe), clock, shape)
-        self.load_count[name] = self.load_count.get(name, 0) + 1
         stages["load"] = time.perf_counter() - mark
         return self._loaded
 

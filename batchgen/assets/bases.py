@@ -1,0 +1,177 @@
+"""The SD versions ("bases") batchgen renders, each one's facts in one record, and how a checkpoint, a textual
+inversion or a LoRA tells which base it is for. No torch: only names and widths are read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchgen.assets.safetensors_header import Header
+from batchgen.errors import BatchgenError
+
+
+@dataclass(frozen=True)
+class Base:
+    name: str  # what model configs write: base: sd-1
+    label: str  # how messages name it
+    cross_attention_width: int  # what the UNet's cross-attention reads: the text embedding's width
+    text_encoders: Mapping[str, int]  # pipeline component -> hidden width
+    embedding_widths: tuple[int, ...]  # a textual inversion's vector width per text encoder
+    # Single-file checkpoints: the key prefix of the text encoder, and where its tokenizers live in the Hugging Face
+    # cache ({tokenizer component: (repo id, subfolder), most common first}).
+    checkpoint_text_encoder_prefix: str
+    tokenizer_repos: Mapping[str, tuple[tuple[str, str], ...]]
+
+
+SD1 = Base(
+    name="sd-1",
+    label="SD1",
+    cross_attention_width=768,
+    text_encoders={"text_encoder": 768},
+    embedding_widths=(768,),
+    checkpoint_text_encoder_prefix="cond_stage_model.transformer.",
+    tokenizer_repos={
+        "tokenizer": (
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+            ("runwayml/stable-diffusion-v1-5", "tokenizer"),
+            ("CompVis/stable-diffusion-v1-4", "tokenizer"),
+            ("openai/clip-vit-large-patch14", ""),
+        )
+    },
+)
+SD2 = Base(
+    name="sd-2",
+    label="SD2",
+    cross_attention_width=1024,
+    text_encoders={"text_encoder": 1024},
+    embedding_widths=(1024,),
+    checkpoint_text_encoder_prefix="cond_stage_model.model.",
+    tokenizer_repos={
+        "tokenizer": (
+            ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+            ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+            ("stabilityai/stable-diffusion-2", "tokenizer"),
+        )
+    },
+)
+SDXL = Base(
+    name="sdxl",
+    label="SDXL",
+    cross_attention_width=2048,
+    # The first encoder is CLIP-L, as wide as SD1's; only the second (OpenCLIP bigG) tells SDXL apart.
+    text_encoders={"text_encoder": 768, "text_encoder_2": 1280},
+    embedding_widths=(768, 1280),  # clip_l, clip_g
+    checkpoint_text_encoder_prefix="conditioner.embedders.1.model.",
+    tokenizer_repos={
+        "tokenizer": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),),
+        "tokenizer_2": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),),
+    },
+)
+
+BASES: tuple[Base, ...] = (SD1, SD2, SDXL)
+BASE_NAMES: tuple[str, ...] = tuple(base.name for base in BASES)
+BY_NAME: Mapping[str, Base] = {base.name: base for base in BASES}
+
+# Component configs for building a pipeline around a single file, one diffusers-layout folder per base name.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+
+
+def listing(words: Iterable[str]) -> str:
+    """'a, b or c', as messages list the bases."""
+    words = list(words)
+    return " or ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+_CROSS_ATTENTION_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.weight")
+
+
+def cross_attention_base(width: object) -> str | None:
+    """The base whose UNet cross-attention reads this width (a diffusers config's cross_attention_dim)."""
+    return next((base.name for base in BASES if base.cross_attention_width == width), None)
+
+
+def checkpoint_base(header: Header) -> tuple[str | None, int | None]:
+    """(base, cross-attention width) of a single-file checkpoint from its UNet's cross-attention key width;
+    (None, width) when the width is no base's, (None, None) when the file has no such key."""
+    for key, info in header.tensors.items():
+        if _CROSS_ATTENTION_KEY.fullmatch(key) and len(info.shape) == 2:
+            width = info.shape[1]
+            return cross_attention_base(width), width
+    return None, None
+
+
+def unet_config_base(unet_config: Mapping[str, object]) -> tuple[str | None, object]:
+    """(base, cross-attention width) from a diffusers UNet config."""
+    width = unet_config.get("cross_attention_dim")
+    return (cross_attention_base(width) if isinstance(width, int) else None), width
+
+
+# --- textual inversions --------------------------------------------------------------------------------------------
+
+
+def embedding_base(widths: list[int], path: Path) -> str:
+    """The base whose text encoders a TI's vectors fit (one width per encoder); BatchgenError for any other."""
+    for base in BASES:
+        if tuple(widths) == base.embedding_widths:
+            return base.name
+    if len(widths) == 2:
+        (paired,) = (base for base in BASES if len(base.embedding_widths) == 2)
+        expected = " and ".join(map(str, paired.embedding_widths))
+        raise BatchgenError(f"{path}: clip_l/clip_g widths {widths} are not {paired.label}'s {expected}")
+    single = ", ".join(f"{base.embedding_widths[0]} {base.name}" for base in BASES if len(base.embedding_widths) == 1)
+    raise BatchgenError(f"{path}: vector width {widths[0]} matches no SD version ({single})")
+
+
+# --- LoRAs ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    """What one LoRA layer says about the model it was trained on (lora_formats reads it off the keys)."""
+
+    component: str  # unet, text_encoder or text_encoder_2
+    name: str  # the file's module name, "." written as "_"
+    in_width: int | None  # what the layer reads: input width times kernel size
+    two_text_encoders: bool  # the key names a second text encoder, or numbers the first as one of two
+
+
+# What cross-attention keys/values read is the text embedding's width; what a text encoder's attention and first
+# MLP layer read is its hidden width (fc2 reads the MLP width instead).
+_CROSS_ATTENTION_INPUTS = ("attn2_to_k", "attn2_to_v")
+_TEXT_HIDDEN_INPUTS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
+
+
+def lora_base(layers: Iterable[LayerEvidence]) -> str | None:
+    """The base from the widths a LoRA's layers read; None if they don't decide or don't agree.
+
+    A 768-wide text encoder alone fits SD1 and SDXL's first encoder; it reads as SD1, since an SDXL LoRA that
+    trains the text encoder trains both.
+    """
+    candidates = set(BASE_NAMES)
+    informed = False
+    for allowed in _allowed_bases(layers):
+        candidates &= allowed
+        informed = True
+    if not informed or not candidates:
+        return None
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    return SD1.name if candidates == {SD1.name, SDXL.name} else None
+
+
+def _allowed_bases(layers: Iterable[LayerEvidence]) -> Iterable[set[str]]:
+    """For each fact a layer states about the base, the set of bases it allows."""
+    for layer in layers:
+        if layer.two_text_encoders:
+            yield {base.name for base in BASES if len(base.text_encoders) == 2}
+        if layer.in_width is None:
+            continue
+        if layer.component == "unet" and layer.name.endswith(_CROSS_ATTENTION_INPUTS):
+            yield {base.name for base in BASES if base.cross_attention_width == layer.in_width}
+        elif layer.component != "unet" and layer.name.endswith(_TEXT_HIDDEN_INPUTS):
+            yield {base.name for base in BASES if base.text_encoders.get(layer.component) == layer.in_width}
