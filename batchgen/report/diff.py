@@ -21,23 +21,9 @@ from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, read_latest
 from batchgen.report.files import save_png, write_text
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
+from batchgen.settings import DIFF_COLUMNS, EMPTY_CELLS
 
 MATCH_BY = ("job_id", "settings")
-SETTINGS = (
-    "model",
-    "prompt",
-    "negative_prompt",
-    "loras",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "scheduler",
-    "clip_skip",
-)
-# What an empty cell meant in manifests written before the column existed.
-SETTING_DEFAULTS = {"clip_skip": "1"}
 CSV_COLUMNS = ("kind", "key", "job_id_a", "job_id_b", "max_diff", "mean_diff", "note", "label")
 DEFAULT_MAX_MEGAPIXELS = 64.0
 BACKGROUND = (255, 255, 255)
@@ -110,7 +96,7 @@ def _label(row: pd.Series) -> str:
 def _key(row: pd.Series, by: str) -> str:
     if by == "job_id":
         return text(row.get("job_id"))
-    return "\x1f".join(text(row.get(name)) or SETTING_DEFAULTS.get(name, "") for name in SETTINGS)
+    return "\x1f".join(text(row.get(name)) or EMPTY_CELLS.get(name, "") for name in DIFF_COLUMNS)
 
 
 def load_run(run_dir: Path, which: str, by: str = "job_id") -> dict[str, Entry]:
