@@ -61,11 +61,15 @@ def render_command(
     from omegaconf import OmegaConf
 
     from batchgen.config import compose_config
+    from batchgen.executors.registry import executor_options
     from batchgen.runner import dry_run as print_dry_run
     from batchgen.runner import list_assets, prepare, render
 
     composed = compose_config(list(overrides or []), config_dir)
     if cfg:
+        # The config layer cannot type the executor section (it must not import executors); check it here so
+        # --cfg refuses what a render would refuse.
+        executor_options(composed.config.executor)
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
     plan = prepare(composed, all_assets=list_)

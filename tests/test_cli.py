@@ -54,6 +54,12 @@ def test_cfg_prints_composed_config_with_axis(run_cli) -> None:
     assert printed["executor"] == {"name": "local", "devices": "auto"}
 
 
+def test_cfg_refuses_a_bad_executor_section(cli) -> None:
+    code, out, err = cli("+sweep=styles", "+executor.nodes=4", "--cfg")
+    assert (code, out) == (2, "")
+    assert err.strip() == "batchgen: error: executor.nodes: not a setting of executor=local; it takes name, devices"
+
+
 @pytest.mark.parametrize(
     ("overrides", "combinations", "skipped"),
     [
