@@ -18,6 +18,7 @@ from typing import Any
 from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
+PROMPT_SYNTAXES = ("a1111", "compel", "plain")  # batchgen.prompt_syntax reads them
 MAX_CLIP_SKIP = 12  # SD1's encoder has 12 layers; A1111's setting stops there too
 
 
@@ -90,6 +91,17 @@ def clip_skips(value: Any, key: str) -> list[int]:
     return values
 
 
+def syntaxes(value: Any, key: str) -> list[str]:
+    values = as_list(value, key)
+    for v in values:
+        if v not in PROMPT_SYNTAXES:
+            raise BatchgenError(
+                f"{key}: unknown prompt syntax '{v}'{did_you_mean(str(v), list(PROMPT_SYNTAXES))}; "
+                f"choose one of: {', '.join(PROMPT_SYNTAXES)}"
+            )
+    return [str(v) for v in values]
+
+
 def flag(value: Any, key: str) -> list[bool]:
     if not isinstance(value, bool):
         raise BatchgenError(f"{key}: '{value}' is neither true nor false")
@@ -105,6 +117,9 @@ class JobId(enum.Enum):
     ALWAYS = "always"
     # Only when off its default: a setting added later leaves every id from before it as it was.
     OFF_DEFAULT = "off_default"
+    # Not under its own name: the planner hashes its effect (prompt_syntax: the parse of each text), so that a
+    # value which changes nothing for a job leaves the job's id as it was.
+    EFFECT = "effect"
 
 
 @dataclass(frozen=True)
@@ -149,9 +164,15 @@ class Setting:
 
     def read(self, cell: Any) -> Any:
         """A manifest cell or plan value as this setting's type; an empty one means the default."""
-        return self.value_default if cell is None or cell == "" else self.type(cell)
+        if cell is None or cell == "":
+            return self.value_default
+        if self.type is bool and isinstance(cell, str):
+            return cell.strip().lower() == "true"  # a CSV cell: bool("False") would be True
+        return self.type(cell)
 
     def hashed(self, value: Any) -> bool:
+        if self.job_id is JobId.EFFECT:
+            return False
         return self.job_id is JobId.ALWAYS or value != self.value_default
 
 
@@ -270,6 +291,39 @@ SETTINGS: tuple[Setting, ...] = (
         column_after=None,
         grid=False,
         diff=False,
+    ),
+    # How brackets, weights, BREAK and prompt editing in a prompt are read: A1111's grammar, InvokeAI's (compel),
+    # or none. A prompt without such syntax renders the same under all three.
+    Setting(
+        name="prompt_syntax",
+        key="sweep.prompt_syntax",
+        type=str,
+        check=syntaxes,
+        default="a1111",
+        axis=True,
+        job_id=JobId.EFFECT,
+        batch=False,  # each job's embeddings are its own; the schedule of prompt edits splits batches itself
+        column_after="clip_skip",
+        grid=True,
+        # Off: runs from before the setting read every prompt as plain text, and matching on it would pair none
+        # of their rows with a new run's; a changed reading shows as changed pixels instead.
+        diff=False,
+    ),
+    # A1111's "Pad prompt/negative prompt": when the two have different numbers of 75-token chunks, pad the
+    # shorter with empty chunks (true) or, A1111's default, condition each in its own UNet pass (false).
+    Setting(
+        name="pad_prompts",
+        key="sweep.pad_prompts",
+        type=bool,
+        check=flag,
+        default=False,
+        axis=False,
+        job_id=JobId.EFFECT,
+        batch=True,
+        column_after="prompt_syntax",
+        grid=False,
+        diff=False,
+        a1111=A1111("Pad conds", "True", omit_at_default=True),
     ),
 )
 

@@ -147,7 +147,7 @@ def _job_fields() -> list[tuple[str, type, Any]]:
     settings = [
         # A setting hashed only off its default came after Job was first written: keyword-only, so that adding one
         # never shifts a positional argument.
-        (s.name, s.type, field(default=s.value_default, kw_only=s.job_id is JobId.OFF_DEFAULT))
+        (s.name, s.type, field(default=s.value_default, kw_only=s.job_id is not JobId.ALWAYS))
         for s in SETTINGS
     ]
     return [

@@ -30,6 +30,8 @@ OFF_DEFAULT: dict[str, tuple[Any, str | None]] = {
     "scheduler": ("euler", "Sampler: Euler"),
     "clip_skip": (2, "Clip skip: 2"),
     "truncate_prompts": (True, None),
+    "prompt_syntax": ("plain", None),
+    "pad_prompts": (True, "Pad conds: True"),
 }
 # job_ids the planner gave before the settings table (main at 3a41902): the base sweep, then one setting changed.
 BASE_ID = "5e216825c598e6fe"
@@ -42,6 +44,9 @@ IDS_BEFORE = {
     "scheduler": "259851e415f270d0",
     "clip_skip": "26f1076bf82285c1",
     "truncate_prompts": "51030f006afd1ce8",
+    # Hashed through their effect, which a one-chunk prompt without syntax does not feel: the id stays.
+    "prompt_syntax": BASE_ID,
+    "pad_prompts": BASE_ID,
 }
 BASE = {"models": ["sd1"], "prompts": ["a castle at night"], "slots": {}, "stacks": {}, "seeds": [1]}
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -95,7 +100,11 @@ def test_axis_and_manifest_column(setting: Setting) -> None:
         plan = _plan(setting, [setting.value_default, value])
         assert plan.axis_counts()[setting.name] == 2
         assert list(plan.table[setting.name]) == [setting.value_default, value]
-        assert sorted(getattr(j, setting.name) for j in plan.jobs) == sorted([setting.value_default, value])
+        if setting.job_id is JobId.EFFECT:
+            # The base prompt reads alike under both values: one job, as the id says.
+            assert len(plan.jobs) == 1 and plan.table["job_id"].nunique() == 1
+        else:
+            assert sorted(getattr(j, setting.name) for j in plan.jobs) == sorted([setting.value_default, value])
     else:
         plan = _plan(setting, value)
         assert setting.name not in plan.axis_counts()
@@ -112,7 +121,8 @@ def test_manifest_columns_keep_their_order() -> None:
     assert MANIFEST_COLUMNS == (
         *("job_id", "status", "model", "base", "prompt", "negative_prompt", "embeddings", "loras", "seed", "steps"),
         *("guidance_scale", "width", "height", "scheduler", "image", "image_sha256", "seconds", "worker"),
-        *("finished_at", "error", "stack", "prompt_template", "timings", "clip_skip", "lora_triggers"),
+        *("finished_at", "error", "stack", "prompt_template", "timings", "clip_skip", "prompt_syntax"),
+        *("pad_prompts", "lora_triggers"),
     )
 
 
@@ -120,7 +130,8 @@ def test_manifest_columns_keep_their_order() -> None:
 def test_job_id(setting: Setting) -> None:
     value, _ = OFF_DEFAULT[setting.name]
     assert _plan().jobs[0].job_id == BASE_ID
-    assert _plan(setting, value).jobs[0].job_id == IDS_BEFORE[setting.name] != BASE_ID
+    assert _plan(setting, value).jobs[0].job_id == IDS_BEFORE[setting.name]
+    assert (IDS_BEFORE[setting.name] == BASE_ID) == (setting.job_id is JobId.EFFECT)
     if setting.job_id is JobId.OFF_DEFAULT:
         # Written out at its default, the setting leaves the id of a sweep from before it as it was.
         assert _plan(setting, setting.value_default).jobs[0].job_id == BASE_ID
@@ -130,7 +141,7 @@ def test_job_id(setting: Setting) -> None:
 def test_batch_key_and_render_order(setting: Setting) -> None:
     value, _ = OFF_DEFAULT[setting.name]
     assert (batch_key(_plan().jobs[0]) != batch_key(_plan(setting, value).jobs[0])) == setting.batch
-    if setting.axis and setting.name != "seed":
+    if setting.axis and setting.name != "seed" and setting.job_id is not JobId.EFFECT:
         # Seeds vary fastest in the table; the render order still keeps each batch key's jobs together.
         sweep = dataclasses.replace(_sweep(**BASE), seeds=[1, 2, 3], **{setting.field: [setting.value_default, value]})
         keys = [batch_key(j) for j in build_plan(sweep, MODELS).jobs]
@@ -151,6 +162,7 @@ def test_grid_axes_keep_their_order() -> None:
     assert BASE_AXES == (
         *("model", "stack", "prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler"),
         "clip_skip",
+        "prompt_syntax",
     )
 
 
