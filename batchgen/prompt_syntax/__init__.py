@@ -43,7 +43,7 @@ def phases(text: str, syntax: str, steps: int) -> tuple[Phase, ...]:
 
 
 def plain_text(text: str, syntax: str, steps: int) -> str | None:
-    """The text a plain encoder reads when the prompt needs no weights, BREAK or schedule under its syntax, else None."""
+    """The text a plain encoder reads when the prompt needs no weights, BREAK or schedule, else None."""
     _known(syntax)
     if syntax == "plain":
         return text

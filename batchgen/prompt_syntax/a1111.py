@@ -260,7 +260,8 @@ def check(text: str, where: str) -> list[str]:
                 "':' (e.g. [from:to:10] or [from:to:0.5])"
             )
     warnings = [
-        f"{where}: unbalanced '{ch}' at character {at}; read as A1111 does ({effect})" for at, ch, effect in _brackets(text)
+        f"{where}: unbalanced '{ch}' at character {at}; read as A1111 does ({effect})"
+        for at, ch, effect in _brackets(text)
     ]
     if any(t == BREAK[0] and w != BREAK[1] for t, w in attention(text)):
         warnings.append(
