@@ -322,6 +322,14 @@ def test_check_accepts_without_warnings(text: str) -> None:
                 "[from:to:when] or [a|b] takes effect: the brackets only weight their text 1/1.1"
             ],
         ),
+        (
+            "a [b|c",
+            [
+                "unbalanced '[' at character 2; read as A1111 does (the rest of the prompt is weighted 1/1.1)",
+                "A1111's schedule grammar cannot read this prompt (it ends inside a bracket), so none of its "
+                "[from:to:when] or [a|b] takes effect: the brackets only weight their text 1/1.1",
+            ],
+        ),
     ],
 )
 def test_check_warns(text: str, warnings: list[str]) -> None:

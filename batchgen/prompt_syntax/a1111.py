@@ -288,6 +288,6 @@ def _weight_or_fail(token: str, where: str) -> None:
 def _error_place(error) -> str:
     column = getattr(error, "pos_in_stream", None)
     char = getattr(error, "char", None)
-    if column is None:
-        return " (it ends too early)"
+    if column is None or column < 0:  # lark's UnexpectedEOF
+        return " (it ends inside a bracket)"
     return f" (unexpected {char!r} at character {column})" if char is not None else f" (at character {column})"
