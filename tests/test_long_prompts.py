@@ -16,8 +16,21 @@ from tests.reference import clip_skip_alias
 LONG = " ".join(["a castle at night with towers and a river and the moon over the hills"] * 8)
 
 
-def _job(prompt: str, negative: str = "", truncate: bool = False, clip_skip: int = 1) -> Job:
-    return Job("0" * 16, "m", prompt, negative, 1, 2, 7.5, 64, 64, truncate_prompts=truncate, clip_skip=clip_skip)
+def _job(prompt: str, negative: str = "", truncate: bool = False, clip_skip: int = 1, pad: bool = False) -> Job:
+    return Job(
+        "0" * 16,
+        "m",
+        prompt,
+        negative,
+        1,
+        2,
+        7.5,
+        64,
+        64,
+        truncate_prompts=truncate,
+        clip_skip=clip_skip,
+        pad_prompts=pad,
+    )
 
 
 @pytest.fixture(scope="module", params=["tiny_sd1", "tiny_sdxl"])
@@ -31,9 +44,14 @@ def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
     tokens = len(pipe.tokenizer(LONG, truncation=False).input_ids) - 2
     assert tokens > 150  # three chunks of 75
     cache = PromptCache(pipe)
-    (embeds,) = cache.embeds([_job(LONG, "blurry")])
-    assert embeds.prompt.shape[1] == 77 * 3
-    assert embeds.negative.shape == embeds.prompt.shape  # the short negative is padded with empty chunks
+    (separate,) = cache.embeds([_job(LONG, "blurry")])
+    (padded,) = cache.embeds([_job(LONG, "blurry", pad=True)])
+    assert separate.first.prompt.shape[1] == 77 * 3
+    assert separate.first.negative.shape[1] == 77  # A1111's default: each side at its own length, its own pass
+    assert separate.signature == ((2, 77 * 3, 77),)
+    embeds = padded.first
+    torch.testing.assert_close(embeds.prompt, separate.first.prompt, rtol=0, atol=0)
+    assert embeds.negative.shape == embeds.prompt.shape  # pad_prompts: the short negative padded with empty chunks
     # The first chunk is what diffusers gives for the prompt cut at 75 tokens; the padding is the empty text's.
     if getattr(pipe, "text_encoder_2", None) is not None:
         cut, _, pooled, _ = pipe.encode_prompt(prompt=[LONG], device="cpu", do_classifier_free_guidance=False)
@@ -46,15 +64,20 @@ def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
     assert not torch.allclose(embeds.prompt[:, 77:154], cut, atol=1e-3)
     torch.testing.assert_close(embeds.negative[:, 77:154], empty, rtol=0, atol=1e-5)
     (short,) = cache.embeds([_job("a castle", "blurry")])
-    assert short.prompt.shape[1] == 77 and short.negative.shape[1] == 77
+    assert short.signature == ((2, 77, 77),) and short.simple
 
 
 def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> None:
     cache = PromptCache(pipe)
-    (long,) = cache.embeds([_job(LONG, clip_skip=2)])
-    (short,) = cache.embeds([_job("a castle", clip_skip=2)])
-    (plain,) = cache.embeds([_job("a castle")])
-    (cut,) = cache.embeds([_job(LONG, truncate=True, clip_skip=2)])
+    long, short, plain, cut = (
+        c.first
+        for c in (
+            *cache.embeds([_job(LONG, clip_skip=2)]),
+            *cache.embeds([_job("a castle", clip_skip=2)]),
+            *cache.embeds([_job("a castle")]),
+            *cache.embeds([_job(LONG, truncate=True, clip_skip=2)]),
+        )
+    )
     assert cut.prompt.shape[1] == 77
     torch.testing.assert_close(cut.prompt, long.prompt[:, :77], rtol=0, atol=1e-5)  # the first chunk, cut
     xl = getattr(pipe, "text_encoder_2", None) is not None
@@ -71,8 +94,8 @@ def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> Non
 
 
 def test_truncation_cuts_at_77_tokens_with_a_warning(pipe, capsys) -> None:
-    (embeds,) = PromptCache(pipe).embeds([_job(LONG, "", truncate=True)])
-    assert embeds.prompt.shape[1] == 77
+    (conditioning,) = PromptCache(pipe).embeds([_job(LONG, "", truncate=True)])
+    assert conditioning.first.prompt.shape[1] == 77
     tokens = len(pipe.tokenizer(LONG, truncation=False).input_ids) - 2
     err = capsys.readouterr().err
     assert f" is {tokens} tokens; the encoder reads the first 77 (run.truncate_prompts=true)" in err

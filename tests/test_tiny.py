@@ -281,7 +281,7 @@ def test_cache_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
     assert tiny_root("tiny_sd1") == tmp_path / "c" / f"tiny-{TINY_VERSION}" / "tiny_sd1"
-    assert tiny_root("tiny_sdxl", tmp_path) == tmp_path / "tiny-v2" / "tiny_sdxl"
+    assert tiny_root("tiny_sdxl", tmp_path) == tmp_path / "tiny-v3" / "tiny_sdxl"
 
 
 def test_cache_root_default_is_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

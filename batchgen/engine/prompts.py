@@ -6,6 +6,14 @@ prompt and negative prompt are padded to the same number of chunks with the empt
 run.truncate_prompts the text is cut at 77 tokens instead, with a warning. A clip skip (A1111's count) reads an
 earlier encoder layer for the prompt and the negative prompt alike, normed as the last one is for SD1/SD2.
 
+Prompt syntax (batchgen.prompt_syntax) decides what is encoded: a text that needs no weights, BREAK or schedule
+goes the plain way above, unchanged; an A1111 text is encoded per phase of its prompt-editing schedule, its pieces
+tokenized one by one into 75-token chunks (BREAK closes one), each chunk's hidden states multiplied per token by
+the weights and rescaled to their original mean (A1111's default emphasis), per text and per encoder; a compel
+text goes through the compel library. When prompt and negative prompt end up with different lengths they are
+padded with empty chunks only under pad_prompts; otherwise, as in A1111, each is conditioned in its own UNet pass
+(engine/passes.py).
+
 A sweep renders each prompt under many UNet-only changes (seeds, steps, UNet weights); encoding it once per
 text-encoder state removes that work from every image but the first. Prompts and negative prompts share one cache
 (diffusers encodes both the same way), and every text a batch still needs goes through the encoders in one call.
@@ -20,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.engine.rows import BatchShape, isolate_image_rows
+from batchgen.prompt_syntax import phases, plain_text
+from batchgen.prompt_syntax.a1111 import BREAK
 from batchgen.spec import Job
 
 
@@ -37,6 +47,49 @@ class Embeds:
 class _Encoded:
     hidden: torch.Tensor  # [1, tokens, width]
     pooled: torch.Tensor | None  # [1, width], SDXL only
+
+
+# What one encoder pass reads: a plain text (today's key, so the cache is shared with syntax-free prompts), the
+# weighted pieces of one A1111 phase, or a text compel parses.
+Unit = str | tuple
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One job's conditioning over the steps: A1111's schedule, (until, embeds) with `until` the last 0-based step
+    index the entry conditions; one entry for a prompt without editing."""
+
+    phases: tuple[tuple[int, Embeds], ...]
+
+    @property
+    def first(self) -> Embeds:
+        return self.phases[0][1]
+
+    def at(self, step: int) -> Embeds:
+        return next((e for until, e in self.phases if step <= until), self.phases[-1][1])
+
+    @property
+    def signature(self) -> tuple:
+        """What jobs in one pipeline call must share: the switch steps and, at each, both sides' lengths."""
+        return tuple(
+            (until, e.prompt.shape[1], None if e.negative is None else e.negative.shape[1]) for until, e in self.phases
+        )
+
+    @property
+    def simple(self) -> bool:
+        """One phase with prompt and negative of one length: the pipeline's own call, no switching or passes."""
+        (_, cond, uncond), *rest = self.signature
+        return not rest and (uncond is None or uncond == cond)
+
+
+def schedule_units(text: str, job: Job) -> list[tuple[int, Unit]]:
+    """(until, unit) per phase of the text under the job's prompt syntax."""
+    plain = plain_text(text, job.prompt_syntax, job.steps)
+    if plain is not None:
+        return [(job.steps, plain)]
+    if job.prompt_syntax == "compel":
+        return [(job.steps, ("compel", text))]
+    return [(phase.until, ("a1111", phase.fragments)) for phase in phases(text, job.prompt_syntax, job.steps)]
 
 
 def text_encoder_state(job: Job) -> tuple[tuple[str, float], ...]:
@@ -61,16 +114,17 @@ class PromptCache:
         self.misses = 0  # texts encoded
         self.calls = 0  # text-encoder calls
         self._shape = BatchShape()
+        self._compel_text = None
         # The pooled projection sees one row per text: run it per text so a text encodes the same in any batch.
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
             if encoder is not None and hasattr(encoder, "text_projection"):
                 isolate_image_rows(encoder, self._shape, ("text_projection",))
 
-    def embeds(self, batch: list[Job]) -> list[Embeds]:
+    def embeds(self, batch: list[Job]) -> list[Conditioning]:
         """Each job's conditioning; the batch must share one text-encoder state (it shares its LoRA stack).
 
-        Jobs with a long prompt may come back longer than the others: a pipeline call takes one length only."""
+        Jobs may come back with different lengths or schedules: a pipeline call takes one `signature` only."""
         states = {text_encoder_state(job) for job in batch}
         if len(states) != 1:
             raise RuntimeError("a batch spans text-encoder states; batches must be cut by batch_key")
@@ -79,31 +133,71 @@ class PromptCache:
         if len(modes) != 1:
             raise RuntimeError("a batch mixes prompt modes (truncation, clip skip); batches must be cut by batch_key")
         mode = modes.pop()  # (truncate, clip_skip): how a text is encoded, part of its cache key
-        wanted = dict.fromkeys(text for job in batch for text in texts_of(self.pipe, job))
-        missing = [text for text in wanted if (text, state, mode) not in self._entries]
+        schedules = [[schedule_units(text, job) for text in texts_of(self.pipe, job)] for job in batch]
+        wanted = dict.fromkeys(unit for sides in schedules for side in sides for _, unit in side)
+        missing = [unit for unit in wanted if (unit, state, mode) not in self._entries]
         if missing:
-            for text, encoded in zip(missing, self._encode(missing, mode), strict=True):
-                self._entries[(text, state, mode)] = encoded
+            for unit, encoded in zip(missing, self._encode_units(missing, mode), strict=True):
+                self._entries[(unit, state, mode)] = encoded
             self.misses += len(missing)
             self.calls += 1
         out = []
-        for job in batch:
-            texts = texts_of(self.pipe, job)
-            for text in texts:
-                self._entries.move_to_end((text, state, mode))
-            cond = self._entries[(texts[0], state, mode)]
-            uncond = self._entries[(texts[1], state, mode)] if len(texts) > 1 else None
-            if uncond is not None and cond.hidden.shape[1] != uncond.hidden.shape[1]:
-                if ("", state, mode) not in self._entries:  # the padding chunk, needed by long prompts only
-                    self._entries[("", state, mode)] = self._encode([""], mode)[0]
-                    self.misses += 1
-                    self.calls += 1
-                empty = self._entries[("", state, mode)].hidden
-                cond, uncond = _pad_to(cond, uncond, empty), _pad_to(uncond, cond, empty)
-            out.append(Embeds(cond.hidden, uncond and uncond.hidden, cond.pooled, uncond and uncond.pooled))
+        for job, sides in zip(batch, schedules, strict=True):
+            for side in sides:
+                for _, unit in side:
+                    self._entries.move_to_end((unit, state, mode))
+            out.append(self._conditioning(sides, state, mode, job.pad_prompts))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return out
+
+    def _conditioning(self, sides: list[list[tuple[int, Unit]]], state, mode, pad: bool) -> Conditioning:
+        """Prompt and negative schedules merged into one: an entry wherever either side switches."""
+        ends = sorted({until for side in sides for until, _ in side})
+        phases = []
+        for end in ends:
+            picked = [next(unit for until, unit in side if end <= until) for side in sides]
+            cond = self._entries[(picked[0], state, mode)]
+            uncond = self._entries[(picked[1], state, mode)] if len(picked) > 1 else None
+            if uncond is not None and pad and cond.hidden.shape[1] != uncond.hidden.shape[1]:
+                empty = self._empty(state, mode)
+                cond, uncond = _pad_to(cond, uncond, empty), _pad_to(uncond, cond, empty)
+            embeds = Embeds(cond.hidden, uncond and uncond.hidden, cond.pooled, uncond and uncond.pooled)
+            if phases and _same(phases[-1][1], embeds):
+                phases[-1] = (end, embeds)
+            else:
+                phases.append((end, embeds))
+        return Conditioning(tuple(phases))
+
+    def _empty(self, state, mode) -> torch.Tensor:
+        """The empty text's encoding: the chunk A1111 pads the shorter side with."""
+        if ("", state, mode) not in self._entries:  # needed by long prompts only
+            self._entries[("", state, mode)] = self._encode([""], mode)[0]
+            self.misses += 1
+            self.calls += 1
+        return self._entries[("", state, mode)].hidden
+
+    def _encode_units(self, units: list[Unit], mode: tuple[bool, int]) -> list[_Encoded]:
+        texts = [u for u in units if isinstance(u, str)]
+        encoded = dict(zip(texts, self._encode(texts, mode), strict=True)) if texts else {}
+        truncate, clip_skip = mode
+        for unit in units:
+            if isinstance(unit, str):
+                continue
+            kind, body = unit
+            if kind == "compel":
+                hidden, pooled = self._compel().encode(body, clip_skip, truncate)
+                encoded[unit] = _Encoded(hidden, pooled)
+            else:
+                encoded[unit] = self._encode_weighted(body, mode)
+        return [encoded[u] for u in units]
+
+    def _compel(self):
+        if self._compel_text is None:
+            from batchgen.engine.compel_text import CompelText  # only sweeps with compel prompts import compel
+
+            self._compel_text = CompelText(self.pipe)
+        return self._compel_text
 
     def _encode(self, texts: list[str], mode: tuple[bool, int]) -> list[_Encoded]:
         """Texts that fit in one chunk go through diffusers' encode_prompt together; longer ones chunk by chunk."""
@@ -151,8 +245,54 @@ class PromptCache:
             )
         return out
 
+    def _weighted_chunks(self, fragments) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """Per tokenizer, A1111's chunks of weighted pieces: each piece tokenized on its own, its weight on every
+        token (every vector of a TI), a chunk closed at 75 tokens or by BREAK (even an empty one, as A1111 does);
+        start, end and padding tokens weigh 1. Cut flat at 75 like a plain text, without A1111's comma backtrack."""
+        ids_out, weights_out = [], []
+        for tokenizer, _ in self._tokenizers():
+            size = tokenizer.model_max_length - 2
+            chunks: list[tuple[list[int], list[float]]] = []
+            ids: list[int] = []
+            weights: list[float] = []
+            for text, weight in fragments:
+                if (text, weight) == BREAK:
+                    chunks.append((ids, weights))
+                    ids, weights = [], []
+                    continue
+                if hasattr(self.pipe, "maybe_convert_prompt"):
+                    text = self.pipe.maybe_convert_prompt(text, tokenizer)
+                for token in tokenizer(text, truncation=False, add_special_tokens=False).input_ids:
+                    if len(ids) == size:
+                        chunks.append((ids, weights))
+                        ids, weights = [], []
+                    ids.append(token)
+                    weights.append(weight)
+            if ids or not chunks:
+                chunks.append((ids, weights))
+            pad = tokenizer.pad_token_id
+            ids_out.append(
+                [[tokenizer.bos_token_id, *c, tokenizer.eos_token_id] + [pad] * (size - len(c)) for c, _ in chunks]
+            )
+            weights_out.append([[1.0, *w, 1.0] + [1.0] * (size - len(w)) for _, w in chunks])
+        return ids_out, weights_out
+
+    def _encode_weighted(self, fragments, mode: tuple[bool, int]) -> _Encoded:
+        truncate, clip_skip = mode
+        ids, weights = self._weighted_chunks(fragments)
+        if truncate and len(ids[0]) > 1:
+            print(
+                f"batchgen: warning: prompt '{''.join(t for t, _ in fragments)[:60]}...' is {len(ids[0])} chunks; "
+                "the encoder reads the first (run.truncate_prompts=true)",
+                file=sys.stderr,
+            )
+            ids, weights = [c[:1] for c in ids], [w[:1] for w in weights]
+        return self._encode_chunks(ids, clip_skip, weights)
+
     @torch.inference_mode()
-    def _encode_chunks(self, chunks: list[list[list[int]]], clip_skip: int) -> _Encoded:
+    def _encode_chunks(
+        self, chunks: list[list[list[int]]], clip_skip: int, weights: list[list[list[float]]] | None = None
+    ) -> _Encoded:
         device = self.pipe._execution_device
         sdxl = len(chunks) > 1
         hidden, pooled = [], None
@@ -173,6 +313,8 @@ class PromptCache:
                 states = norm(output.hidden_states[-clip_skip])
             else:
                 states = output[0]
+            if weights is not None:
+                states = _emphasis(states, torch.tensor(weights[len(hidden)], device=device, dtype=states.dtype))
             hidden.append(states.reshape(1, -1, states.shape[-1]))
             if sdxl:
                 pooled = output[0][0:1]
@@ -200,9 +342,24 @@ class PromptCache:
                 pooled = None
         finally:
             self._shape.images = 1
-        return [
-            _Encoded(hidden[i : i + 1], None if pooled is None else pooled[i : i + 1]) for i in range(len(texts))
-        ]
+        return [_Encoded(hidden[i : i + 1], None if pooled is None else pooled[i : i + 1]) for i in range(len(texts))]
+
+
+def _emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's default emphasis, chunk by chunk ([chunks, 77, width] by [chunks, 77]): every token's hidden
+    state times its weight, then the chunk scaled back to its original mean (A1111 takes that mean over the whole
+    batch; here it is one text's chunk, so an image never depends on what it was batched with)."""
+    out = []
+    for z, w in zip(states, weights, strict=True):
+        original = z.mean()
+        z = z * w[:, None].expand(z.shape)
+        out.append(z * (original / z.mean()))
+    return torch.stack(out)
+
+
+def _same(a: Embeds, b: Embeds) -> bool:
+    """Two phases made of the same cached encodings (an alternation back to a text already seen) are one."""
+    return all(getattr(a, f) is getattr(b, f) for f in ("prompt", "negative", "pooled", "negative_pooled"))
 
 
 def _pad_to(encoded: _Encoded, other: _Encoded, empty: torch.Tensor) -> _Encoded:
@@ -211,15 +368,3 @@ def _pad_to(encoded: _Encoded, other: _Encoded, empty: torch.Tensor) -> _Encoded
     if missing <= 0:
         return encoded
     return _Encoded(torch.cat([encoded.hidden, *([empty] * missing)], dim=1), encoded.pooled)
-
-
-def batch_kwargs(batch: list[Embeds]) -> dict[str, torch.Tensor]:
-    """Stack per-image embeddings into the pipeline's *_embeds arguments."""
-    kwargs = {"prompt_embeds": torch.cat([e.prompt for e in batch])}
-    if batch[0].negative is not None:
-        kwargs["negative_prompt_embeds"] = torch.cat([e.negative for e in batch])
-    if batch[0].pooled is not None:
-        kwargs["pooled_prompt_embeds"] = torch.cat([e.pooled for e in batch])
-        if batch[0].negative_pooled is not None:
-            kwargs["negative_pooled_prompt_embeds"] = torch.cat([e.negative_pooled for e in batch])
-    return kwargs

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from batchgen.engine.passes import PassLengths, pipeline_inputs, split_passes
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
-from batchgen.engine.prompts import PromptCache, batch_kwargs
+from batchgen.engine.prompts import Conditioning, PromptCache, uses_guidance
 from batchgen.engine.rows import UNET_PER_IMAGE, UNET_PER_IMAGE_OPTIONAL, BatchShape, isolate_image_rows
 from batchgen.settings import batch_values
 from batchgen.spec import Job, ModelSpec, RenderResult
@@ -36,6 +37,7 @@ class _Loaded:
     prompts: PromptCache
     decode_clock: _Clock
     shape: BatchShape
+    passes: PassLengths
 
 
 @dataclass
@@ -95,18 +97,19 @@ class Renderer:
             loaded.scheduler.use(batch[0].scheduler)
             stages["patch"] = time.perf_counter() - mark
             mark = time.perf_counter()
-            embeds = loaded.prompts.embeds(batch)
+            conds = loaded.prompts.embeds(batch)
             stages["encode"] = time.perf_counter() - mark
-            lengths = [e.prompt.shape[1] for e in embeds]
-            if len(set(lengths)) > 1:
-                # Long prompts come in 77-token chunks; one pipeline call takes embeddings of one length only.
-                for length in dict.fromkeys(lengths):
-                    yield from self._render_batch([j for j, n in zip(batch, lengths, strict=True) if n == length])
+            signatures = [c.signature for c in conds]
+            if len(set(signatures)) > 1:
+                # Long prompts come in 77-token chunks and edited ones switch at their own steps; one pipeline
+                # call takes one length and one schedule only.
+                for sig in dict.fromkeys(signatures):
+                    yield from self._render_batch([j for j, s in zip(batch, signatures, strict=True) if s == sig])
                 return
             mark = time.perf_counter()
             loaded.decode_clock.seconds = 0.0
             loaded.shape.images = len(batch)
-            images = self._generate(loaded.pipe, batch, batch_kwargs(embeds))
+            images = self._generate(loaded, batch, conds)
             stages["decode"] = loaded.decode_clock.seconds
             stages["denoise"] = time.perf_counter() - mark - stages["decode"]
         except torch.cuda.OutOfMemoryError as e:
@@ -155,6 +158,8 @@ class Renderer:
         shape = BatchShape()
         # Before compile, so the compiled graph holds the per-image split.
         isolate_image_rows(pipe.unet, shape, UNET_PER_IMAGE, optional=UNET_PER_IMAGE_OPTIONAL)
+        passes = PassLengths()
+        split_passes(pipe.unet, passes)
         # The VAE's small convolutions round by batch too; decoding image by image costs nothing measurable.
         pipe.vae.enable_slicing()
         if self.device.startswith("cuda"):
@@ -164,15 +169,25 @@ class Renderer:
         clock = _Clock()
         _time_decode(pipe, clock)
         loras = LoraStacks(pipe, spec)
-        self._loaded = _Loaded(name, pipe, loras, SchedulerSwitch(pipe), PromptCache(pipe), clock, shape)
+        self._loaded = _Loaded(name, pipe, loras, SchedulerSwitch(pipe), PromptCache(pipe), clock, shape, passes)
         stages["load"] = time.perf_counter() - mark
         return self._loaded
 
     @torch.inference_mode()
-    def _generate(self, pipe, batch: list[Job], embeds: dict[str, torch.Tensor]):
-        job = batch[0]
+    def _generate(self, loaded: _Loaded, batch: list[Job], conds: list[Conditioning]):
+        job, pipe = batch[0], loaded.pipe
         # One CPU generator per image: each image's noise depends only on its own seed, on any device.
         generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+        embeds, switch = pipeline_inputs(conds, loaded.passes, uses_guidance(pipe, job))
+        if switch is not None:
+            embeds["callback_on_step_end"] = switch
+        try:
+            return self._call(pipe, job, generators, embeds)
+        finally:
+            loaded.passes.lengths = None
+
+    @staticmethod
+    def _call(pipe, job: Job, generators, embeds: dict):
         result = pipe(
             num_inference_steps=job.steps,
             guidance_scale=job.guidance_scale,

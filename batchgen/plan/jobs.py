@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from batchgen.assets.tokens import ChunkCounter
 from batchgen.axes import with_trigger_words
 from batchgen.config import RunConfig, SweepConfig
 from batchgen.errors import BatchgenError
@@ -29,6 +30,7 @@ from batchgen.plan.prompts import (
 )
 from batchgen.plan.prompts_file import PromptRow
 from batchgen.plan.stacks import StackState, expand_stacks, render_order, weight_warnings, with_inline
+from batchgen.plan.syntax import check_syntax, text_payload
 from batchgen.plan.values import check_batch_size, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
 from batchgen.spec import MANIFEST_COLUMNS, Job, ModelSpec
@@ -68,6 +70,8 @@ def build_plan(
     negatives = sorted({p.negative_prompt for p in prompts if p.negative_prompt is not None})
     check_names_exist(specs, prompts, sweep.negative_prompt, stacks, negatives)
     check_lora_triggers(sweep, stacks, prompts, specs)
+    syntax_warnings = check_syntax(prompts, sweep.negative_prompt, settings["prompt_syntax"], specs, settings)
+    counters = {name: ChunkCounter(spec) for name, spec in specs.items()}
 
     rows: list[dict[str, Any]] = []
     for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
@@ -82,11 +86,12 @@ def build_plan(
         axes = {**settings, "seed": [prompt.seed]} if prompt.seed is not None else settings
         for values in itertools.product(*axes.values()):
             setting = dict(zip(axes, values, strict=True))
-            row = _row(spec, stack, prompt, negative, used, setting, missing)
+            texts = text_payload(prompt.text, negative, setting, counters[spec.name])
+            row = _row(spec, stack, prompt, negative, used, setting, missing, texts)
             rows.append({**row, "lora_triggers": ";".join(f"{name}:{words}" for name, words in added)})
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
-    warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)])
+    warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)]) + syntax_warnings
     return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs, warnings=warnings)
 
 
@@ -119,13 +124,9 @@ def _row(
     used: list[str],
     setting: dict[str, Any],
     missing: list[str],
+    texts: dict[str, Any],
 ) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "checkpoint": spec.checkpoint_sha256,
-        "prompt": prompt.text,
-        "negative_prompt": negative,
-        **job_id_payload(setting),
-    }
+    payload: dict[str, Any] = {"checkpoint": spec.checkpoint_sha256, **texts, **job_id_payload(setting)}
     job: Job | None = None
     if missing:
         # Skipped jobs still need a stable id; the names stand in for the files that do not exist.

@@ -31,6 +31,7 @@ class PromptVariant:
     loras: tuple[LoraWeight, ...] = ()  # from <lora:...> tags, sorted by name
     negative_prompt: str | None = None  # a prompts_file row's own; None: the sweep's
     seed: int | None = None  # a prompts_file row's own; None: the sweep's seeds
+    where: str = "sweep.prompts"  # the config key errors about this prompt name
 
 
 def expand_prompts(sweep: SweepConfig, file_rows: Sequence[PromptRow] = ()) -> list[PromptVariant]:
@@ -68,6 +69,7 @@ def expand_prompts(sweep: SweepConfig, file_rows: Sequence[PromptRow] = ()) -> l
                     loras=loras,
                     negative_prompt=row.negative_prompt if row else None,
                     seed=row.seed if row else None,
+                    where=f"sweep.prompts[{i}]",
                 )
             )
     return variants

@@ -11,7 +11,7 @@ from batchgen.tiny.embeddings import write_embeddings
 from batchgen.tiny.loras import write_loras
 from batchgen.tiny.models import build_pipeline
 
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"  # v3: tiny_sd1 final layer norm with a learned-looking bias (A1111 emphasis)
 TINY_MODELS = ("tiny_sd1", "tiny_sdxl")
 
 

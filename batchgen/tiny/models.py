@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchgen.tiny.noise import reinit, seeded_generator
+from batchgen.tiny.noise import reinit, seeded_generator, uniform
 from batchgen.tiny.tokenizer import EOS, MAX_TOKENS, SDXL_PAD, load_tokenizer, write_bpe_files
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ _TIME_EMBED_DIM = 8  # SDXL embeds 6 micro-conditioning numbers, each to this wi
 # prompt barely shows. Powers of two keep the scaled weights bit-exact.
 _CROSS_ATTENTION_LOGIT_GAIN = 8.0
 _CROSS_ATTENTION_VALUE_GAIN = 4.0
+_FINAL_NORM_MEAN = -0.125  # a power of two: the sum with the uniform draws rounds the same everywhere
 
 
 def _text_encoder(tokenizer: CLIPTokenizer, width: int, with_projection: bool, seed: str) -> torch.nn.Module:
@@ -43,6 +44,13 @@ def _text_encoder(tokenizer: CLIPTokenizer, width: int, with_projection: bool, s
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
     reinit(model, seeded_generator(seed))
     return model
+
+
+def _learned_final_norm(encoder: torch.nn.Module, seed: str) -> None:
+    """A bias with a mean away from 0 on the final layer norm, which SD1 reads: real CLIP's is learned, and A1111's
+    emphasis divides by the mean of the normed output, which the default init (bias 0) makes exactly 0."""
+    norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 nests it
+    norm.bias.copy_(uniform(tuple(norm.bias.shape), 0.1, seeded_generator(seed)) + _FINAL_NORM_MEAN)
 
 
 def _unet(sdxl: bool, seed: str) -> torch.nn.Module:
@@ -130,6 +138,8 @@ def build_pipeline(name: str, folder: Path, sdxl: bool) -> DiffusionPipeline:
         "unet": _unet(sdxl, f"{name}/unet"),
         "scheduler": _scheduler(),
     }
+    if not sdxl:
+        _learned_final_norm(common["text_encoder"], f"{name}/text_encoder/final_layer_norm")
     if sdxl:
         tokenizer_2 = load_tokenizer(folder / "tokenizer_2", SDXL_PAD)
         text_encoder_2 = _text_encoder(tokenizer_2, 1280, True, f"{name}/text_encoder_2")

@@ -1,0 +1,2 @@
+# TEMPORARY STUB
+def check_compel(base, clip_skip, where): return None
