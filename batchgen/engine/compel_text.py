@@ -35,7 +35,9 @@ class CompelText:
             outputs = [compel.build_conditioning_tensor(text) for compel in compels]
             if len(outputs) == 1:
                 return outputs[0].to(self.pipe.text_encoder.dtype), None
-            (left, (right, pooled)) = outputs
+            left, right = outputs
+            # What compel's requires_pooled would add: the raw text's pooled output, cut at 77 tokens.
+            pooled = compels[1].conditioning_provider.get_pooled_embeddings([text], device=compels[1].device)
             # The encoders chunk a long text each on its own tokenizer; like CompelForSDXL, pad the shorter with
             # its encoder's empty-text chunks so the two line up token for token.
             left, right = _pad(compels[0], left, right.shape[1]), _pad(compels[1], right, left.shape[1])
@@ -70,7 +72,7 @@ def _build(pipe, clip_skip: int, truncate: bool) -> list:
         if clip_skip != 1:
             raise BatchgenError(_skip_message("sdxl", clip_skip))
         layer = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-        pairs = [(pipe.tokenizer, pipe.text_encoder, False), (pipe.tokenizer_2, pipe.text_encoder_2, True)]
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
     else:
         if clip_skip > 2:
             raise BatchgenError(_skip_message("sd-1/sd-2", clip_skip))
@@ -78,7 +80,9 @@ def _build(pipe, clip_skip: int, truncate: bool) -> list:
             1: ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
             2: ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED,
         }[clip_skip]
-        pairs = [(pipe.tokenizer, pipe.text_encoder, False)]
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    # No requires_pooled: compel 2.5.1 then fails on an .and() with a part weight other than 1 (it pads its
+    # (hidden, pooled) pair as if it were a tensor); CompelText.encode asks for the pooled output as compel would.
     return [
         Compel(
             tokenizer=tokenizer,
@@ -86,9 +90,8 @@ def _build(pipe, clip_skip: int, truncate: bool) -> list:
             textual_inversion_manager=_TextualInversions(pipe, tokenizer),
             truncate_long_prompts=truncate,  # batchgen's truncate: cut at 77 tokens; else compel's chunks
             returned_embeddings_type=layer,
-            requires_pooled=pooled,
         )
-        for tokenizer, encoder, pooled in pairs
+        for tokenizer, encoder in pairs
     ]
 
 
@@ -132,8 +135,6 @@ def _pad(compel, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
     if hidden.shape[1] >= tokens:
         return hidden
     empty = compel.build_conditioning_tensor("")
-    if isinstance(empty, tuple):
-        empty = empty[0]
     return torch.cat([hidden, *[empty] * ((tokens - hidden.shape[1]) // empty.shape[1])], dim=1)
 
 
