@@ -230,7 +230,7 @@ def test_a_long_text_without_syntax_is_what_the_a1111_path_encodes(pipe) -> None
     """LONG has no punctuation, and each of its words is one token, so compel's word-boundary chunks are A1111's
     75-token ones; with punctuation they differ (compel splits at the last '.', then ',' before token 75)."""
     job = Job("0" * 16, "m", LONG, "", 1, 2, 1.0, 64, 64)
-    (ours,) = PromptCache(pipe).embeds([job])
+    ours = PromptCache(pipe).embeds([job])[0].first
     hidden, pooled = compel_encode(pipe, LONG, 1, False)
     assert hidden.shape == ours.prompt.shape
     torch.testing.assert_close(hidden, ours.prompt, rtol=0, atol=1e-5)

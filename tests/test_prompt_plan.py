@@ -133,3 +133,24 @@ def test_pad_prompts_changes_only_the_ids_whose_pixels_it_changes(tiny_cache: Pa
 def test_planner_checks_compel_against_the_base() -> None:
     with pytest.raises(BatchgenError, match="clip_skip"):
         build_plan(_sweep(**ONE, prompts=["a castle+"], prompt_syntax="compel", clip_skip=3), MODELS)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (
+            'a castle.withLora("ink", 0.5)',
+            "sweep.prompts[0]: batchgen does not apply compel's withLora(); choose LoRAs in sweep.stacks or with "
+            "<lora:name:w> tags",
+        ),
+        (
+            'a ("castle").swap("forest")',
+            "sweep.prompts[0]: batchgen does not apply compel's .swap(); use prompt_syntax=a1111 and its prompt "
+            "editing [from:to:when]",
+        ),
+    ],
+)
+def test_compel_features_batchgen_cannot_honour_are_refused_before_rendering(prompt: str, message: str) -> None:
+    with pytest.raises(BatchgenError) as e:
+        build_plan(_sweep(**ONE, prompts=[prompt], prompt_syntax="compel"), MODELS)
+    assert str(e.value) == message

@@ -3,10 +3,12 @@ hashes of its prompt and negative prompt."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from batchgen.assets.tokens import ChunkCounter
+from batchgen.errors import BatchgenError
 from batchgen.plan.compel_rules import check_compel
 from batchgen.plan.prompts import PromptVariant
 from batchgen.prompt_syntax import check, id_part
@@ -29,6 +31,8 @@ def check_syntax(
         for text, where in texts:
             warnings.update(dict.fromkeys(check(text, syntax, where)))
         if syntax == "compel":
+            for text, where in texts:
+                _check_compel(text, where)
             for spec in specs.values():
                 for clip_skip in settings["clip_skip"]:
                     check_compel(spec.base, clip_skip, f"model {spec.name}")
@@ -51,3 +55,16 @@ def text_payload(prompt: str, negative: str, setting: dict[str, Any], counter: C
     elif not setting["pad_prompts"] and counter.chunks(out["prompt"]) != counter.chunks(out["negative_prompt"]):
         out["pad_prompts"] = False
     return out
+
+
+# compel parses these but leaves them to the caller: a LoRA it names would be ignored, an edit dropped.
+_COMPEL_UNSUPPORTED = {
+    re.compile(r"\b(?:withLora|useLora)\("): "withLora(); choose LoRAs in sweep.stacks or with <lora:name:w> tags",
+    re.compile(r"\.swap\("): ".swap(); use prompt_syntax=a1111 and its prompt editing [from:to:when]",
+}
+
+
+def _check_compel(text: str, where: str) -> None:
+    for pattern, fix in _COMPEL_UNSUPPORTED.items():
+        if pattern.search(text):
+            raise BatchgenError(f"{where}: batchgen does not apply compel's {fix}")
