@@ -55,6 +55,22 @@ VARIANTS: dict[str, tuple[str, ...]] = {
         "~sweep.stacks.lycoris",
         "~sweep.stacks.peft",
     ),
+    # Added with prompt syntax (issue 14), after the refactor: weights, a TI's strength, BREAK, editing, alternation.
+    "a1111_syntax": (
+        *ONE_SD1,
+        "sweep.prompts=['a (castle:1.3) at [night:dusk:0.5], (<alf>:0.8)', 'a fox BREAK [night|dusk] \\(sky\\)']",
+        "sweep.slots={}",
+        "~sweep.stacks.lycoris",
+        "~sweep.stacks.peft",
+    ),
+    "compel_syntax": (
+        *ONE_SD1,
+        "sweep.prompts=['a castle++ at night, (<alf>)0.8']",
+        "sweep.slots={}",
+        "sweep.prompt_syntax=compel",
+        "~sweep.stacks.lycoris",
+        "~sweep.stacks.peft",
+    ),
 }
 PROMPTS_FILE = "prompt,negative_prompt,seed\na castle at night,blurry,5\na portrait of <alf>,,6\n"
 
