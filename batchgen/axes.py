@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from batchgen.errors import BatchgenError
 from batchgen.settings import GRID_AXES
 
-BASE_AXES = ("model", "stack", "prompt", *GRID_AXES)  # then the prompt slots and weight:LORA (choices)
+# `epoch`: the file a LoRA glob matched (manifest column of that name). Then the prompt slots and weight:LORA.
+BASE_AXES = ("model", "stack", "prompt", *GRID_AXES, "epoch")
 WEIGHT_PREFIX = "weight:"  # `weight:ink`: the weight of LoRA `ink` across every stack that has it
 _COUNT = {2: "two", 3: "three"}
 

@@ -32,6 +32,7 @@ _COLUMNS = (
     "prompt_template",
     "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
     "lora_triggers",  # `name:words` pairs joined by `;`: what was put before the prompt for the job's LoRAs
+    "epoch",  # the file(s) a LoRA glob matched, as `mylora e4 (760 steps)`; empty for a stack without a glob
 )
 
 
@@ -71,6 +72,8 @@ class LoraFile:
     modules: tuple[tuple[str, int], ...] = ()  # (component, modules hit)
     tags: str = ""  # most frequent kohya training tags
     trigger: str = ""  # the file's own trigger words (modelspec.trigger_phrase, else its most frequent tag)
+    epoch: int | None = None  # kohya's ss_epoch: which training epoch the file was saved at
+    steps: int | None = None  # kohya's ss_steps: training steps up to that save
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class ModelSpec:
     single_file: SingleFile | None = None  # set for an A1111/ComfyUI single file, None for a diffusers folder
     models_root: Path | None = None  # the configured root, scanned by --list for every checkpoint in it
     variant: str | None = None  # a diffusers folder's weight variant (fp16): other weights, other pixels
+    lora_dirs: tuple[Path, ...] = ()  # the folders LoRA names were looked up in (for errors)
 
     @property
     def config_dir(self) -> Path:

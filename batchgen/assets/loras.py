@@ -77,6 +77,8 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         rank=_rank(groups),
         tags=_top_tags(metadata),
         trigger=trigger_words(metadata),
+        epoch=_count(metadata.get("ss_epoch")),
+        steps=_count(metadata.get("ss_steps")),
     )
     if base is not None and base != arch.base:
         return info, None
@@ -159,6 +161,14 @@ def _rank(groups: dict[str, dict[str, Any]]) -> int | None:
 
     ranks = [rank for rank in map(rank_of, groups.values()) if rank is not None]
     return max(ranks) if ranks else None
+
+
+def _count(value: object) -> int | None:
+    """A kohya metadata count (stored as text); None when absent or not a whole number."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
 
 
 def trigger_words(metadata: dict[str, str]) -> str:

@@ -29,7 +29,14 @@ from batchgen.plan.prompts import (
     triggers,
 )
 from batchgen.plan.prompts_file import PromptRow
-from batchgen.plan.stacks import StackState, expand_stacks, render_order, weight_warnings, with_inline
+from batchgen.plan.stacks import (
+    StackState,
+    expand_stacks,
+    render_order,
+    resolve_globs,
+    weight_warnings,
+    with_inline,
+)
 from batchgen.plan.syntax import check_syntax, text_payload
 from batchgen.plan.values import check_batch_size, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
@@ -47,7 +54,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # unusual but valid input, said before rendering
 
     def axis_counts(self) -> dict[str, int]:
-        columns = ["model", "stack", "prompt", *self.slots, *AXES]
+        columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]
+        columns += [*self.slots, *AXES]
         return {c: int(self.table[c].nunique()) for c in columns}
 
 
@@ -74,7 +82,8 @@ def build_plan(
     counters = {name: ChunkCounter(spec) for name, spec in specs.items()}
 
     rows: list[dict[str, Any]] = []
-    for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
+    resolved = [(spec, state) for spec in specs.values() for c in stacks for state in resolve_globs(c, spec)]
+    for (spec, configured), prompt in itertools.product(resolved, prompts):
         stack = with_inline(configured, prompt.loras)
         added = lora_trigger_words(spec, stack, prompt.text, sweep)
         if added:
@@ -158,6 +167,7 @@ def _row(
         "finished_at": "",
         "error": "; ".join(missing),
         "stack": stack.label,
+        "epoch": stack.epoch,
         "prompt_template": prompt.template,
         **dict(prompt.slots),
         "_job": job,
