@@ -62,8 +62,9 @@ PRESETS: dict[str, tuple[float, ...]] = {
 }
 _PRESET_IDS = _SD_17  # the block ids of every built-in preset
 
-# The extension's special entries: R and U draw a random weight per image, X takes the prompt's extra weight.
-_SPECIAL = re.compile(r"[RU]|X([+-][\d.]*)?", re.IGNORECASE)
+# The extension's special entries (case-sensitive): R and U draw a random weight per image, X... takes the prompt's
+# extra weight (X, X+0.5, X-1).
+_SPECIAL = re.compile(r"[RU]|X.*")
 
 
 def long_ids(base: str, where: str = "blocks") -> tuple[str, ...]:
@@ -107,8 +108,10 @@ def block_of(component: str, path: str, base: str) -> str | None:
     ids = long_ids(base)
     if component in ("text_encoder", "text_encoder_2"):
         # A1111 keys the encoder layers "..._text_model_encoder_layers_..." (CLIP) or "..._transformer_resblocks_..."
-        # (OpenCLIP): both match BASE. The embeddings, final norm and projection match neither.
-        return "BASE" if path.startswith("text_model.encoder.") else None
+        # (OpenCLIP): both match BASE. The embeddings, final norm and projection match neither. transformers 5 drops
+        # CLIPTextModel's text_model level (not CLIPTextModelWithProjection's): either spelling is the same module.
+        inner = path.removeprefix("text_model.")
+        return "BASE" if inner.split(".", 1)[0] == "encoder" else None
     if component != "unet":
         raise ValueError(f"block_of: unknown component {component!r}")
     block = _unet_block(path)
