@@ -72,6 +72,7 @@ class LoraFile:
     modules: tuple[tuple[str, int], ...] = ()  # (component, modules hit)
     tags: str = ""  # most frequent kohya training tags
     trigger: str = ""  # the file's own trigger words (modelspec.trigger_phrase, else its most frequent tag)
+    blocks: tuple[str, ...] = ()  # the LoRA Block Weight ids its modules sit in (for job_id)
     epoch: int | None = None  # kohya's ss_epoch: which training epoch the file was saved at
     steps: int | None = None  # kohya's ss_steps: training steps up to that save
 
@@ -138,13 +139,20 @@ class LoraWeight:
     name: str
     unet: float
     text_encoder: float
+    # LoRA Block Weight: the preset or vector as written (`OUTD`, `1,0,0,...`); "" for none. `blocks` is it
+    # resolved for the model's base (the long vector, batchgen.assets.block_weights), set by the planner.
+    blocks_spec: str = ""
+    blocks: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
-        """`name:w`, or `name:unet_w/te_w` for a split weight (the manifest's notation)."""
+        """`name:w`, or `name:unet_w/te_w` for a split weight (the manifest's notation), then `:lbw=OUTD` with
+        block weights, as the extension's tag writes them."""
         if self.unet == self.text_encoder:
-            return f"{self.name}:{format_number(self.unet)}"
-        return f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
+            text = f"{self.name}:{format_number(self.unet)}"
+        else:
+            text = f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
+        return f"{text}:lbw={self.blocks_spec}" if self.blocks_spec else text
 
 
 def _job_fields() -> list[tuple[str, type, Any]]:

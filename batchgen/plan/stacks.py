@@ -8,8 +8,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from batchgen.assets.block_weights import parse_blocks
 from batchgen.assets.epochs import epoch_label, epoch_order, is_glob, matching
-from batchgen.plan.values import weights
+from batchgen.errors import BatchgenError
+from batchgen.plan.values import lora_entries
 from batchgen.settings import batch_values
 from batchgen.spec import Job, LoraWeight, ModelSpec, format_number
 
@@ -33,7 +35,8 @@ class StackState:
             return "none"
         patterns = dict(self.globbed)
         return " + ".join(
-            lw.label.replace(":", " ", 1).replace(lw.name, patterns.get(lw.name, lw.name), 1) for lw in self.loras
+            lw.label.replace(":lbw=", " lbw=").replace(":", " ", 1).replace(lw.name, patterns.get(lw.name, lw.name), 1)
+            for lw in self.loras
         )
 
     @property
@@ -49,9 +52,11 @@ def expand_stacks(stacks: dict[str, dict[str, Any]]) -> list[StackState]:
     for stack_name, loras in stacks.items():
         loras = loras or {}
         names = sorted(loras)
-        options = [weights(loras[name], f"sweep.stacks.{stack_name}.{name}") for name in names]
+        options = [lora_entries(loras[name], f"sweep.stacks.{stack_name}.{name}") for name in names]
         for combo in itertools.product(*options):
-            pairs = tuple(LoraWeight(name, unet, te) for name, (unet, te) in zip(names, combo, strict=True))
+            pairs = tuple(
+                LoraWeight(name, unet, te, blocks) for name, (unet, te, blocks) in zip(names, combo, strict=True)
+            )
             states.append(StackState(stack=stack_name, loras=pairs))
     return states
 
@@ -74,13 +79,27 @@ def resolve_globs(state: StackState, spec: ModelSpec) -> list[StackState]:
             if f is None:
                 loras[lw.name] = lw
                 continue
-            loras[f.name] = LoraWeight(f.name, lw.unet, lw.text_encoder)
+            loras[f.name] = dataclasses.replace(lw, name=f.name)
             globbed.append((f.name, lw.name))
             labels.append(epoch_label(f, lw.name))
         out.append(
             StackState(state.stack, tuple(loras[n] for n in sorted(loras)), tuple(globbed), " + ".join(labels))
         )
     return out
+
+
+def resolve_blocks(state: StackState, spec: ModelSpec, presets: dict[str, str], where: str) -> StackState:
+    """Each LoRA's block weights as the long vector of this model's base; a vector of the wrong length for the
+    base is an error here, before any model loads."""
+    if not any(lw.blocks_spec for lw in state.loras):
+        return state
+    loras = tuple(
+        dataclasses.replace(lw, blocks=parse_blocks(lw.blocks_spec, spec.base, f"{where}.{lw.name}.blocks", presets))
+        if lw.blocks_spec
+        else lw
+        for lw in state.loras
+    )
+    return dataclasses.replace(state, loras=loras)
 
 
 def with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState:
@@ -92,7 +111,18 @@ def with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState
         if lw.name in merged:
             old = merged[lw.name]
             # Rounded so that 0.6 + 0.2 is the same job as a stack of 0.8.
-            lw = LoraWeight(lw.name, round(old.unet + lw.unet, 6), round(old.text_encoder + lw.text_encoder, 6))
+            if old.blocks_spec and lw.blocks_spec and old.blocks_spec != lw.blocks_spec:
+                raise BatchgenError(
+                    f"LoRA '{lw.name}' has block weights {old.blocks_spec} in its stack and {lw.blocks_spec} in a "
+                    "<lora:...> tag; give them in one place"
+                )
+            lw = LoraWeight(
+                lw.name,
+                round(old.unet + lw.unet, 6),
+                round(old.text_encoder + lw.text_encoder, 6),
+                old.blocks_spec or lw.blocks_spec,
+                old.blocks or lw.blocks,
+            )
         merged[lw.name] = lw
     return dataclasses.replace(stack, loras=tuple(merged[n] for n in sorted(merged)))
 
