@@ -121,3 +121,24 @@ def test_meta_sized_rule_agrees_with_the_module_mapping() -> None:
     }
     for key, (component, path) in cases.items():
         assert _block(key) == block_of(component, path, "sd-1"), key
+
+
+@pytest.mark.slow
+def test_a_blocks_sweep_from_the_command_line_is_one_grid_per_model(run_cli, tmp_path: Path) -> None:
+    import pandas as pd
+
+    code, _, err = run_cli(
+        "+sweep=styles", "sweep.seeds=[1,2]", "sweep.prompts=['a castle at night']", "sweep.slots={}",
+        "~sweep.stacks.none", "~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.lycoris",
+        "~sweep.stacks.peft", "+sweep.stacks.b={ink: {weight: [0.6, 1.0], blocks: [ALL, OUTD]}}",
+        "sweep.grid.x=blocks:ink", "sweep.grid.y=seed", "+sweep.grid.z=weight:ink",
+    )  # fmt: skip
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "runs/styles/manifest.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 16 and set(table["status"]) == {"ok"}
+    assert sorted(set(table["loras"])) == ["ink:0.6:lbw=ALL", "ink:0.6:lbw=OUTD", "ink:1:lbw=ALL", "ink:1:lbw=OUTD"]
+    assert sorted(p.name for p in (tmp_path / "runs/styles/grids").iterdir()) == ["tiny_sd1.png", "tiny_sdxl.png"]
+    png = tmp_path / "runs/styles" / table.loc[table["loras"] == "ink:1:lbw=OUTD", "image"].iloc[0]
+    from PIL import Image
+
+    assert " <lora:ink:1:lbw=OUTD>" in Image.open(png).text["parameters"].split("\n")[0]
