@@ -13,8 +13,11 @@ from collections.abc import Iterable, Sequence
 from batchgen.errors import BatchgenError
 from batchgen.settings import GRID_AXES
 
-BASE_AXES = ("model", "stack", "prompt", *GRID_AXES)  # then the prompt slots and weight:LORA (choices)
+# `epoch`: the file a LoRA glob matched (manifest column of that name). Then the prompt slots and weight:LORA.
+BASE_AXES = ("model", "stack", "prompt", *GRID_AXES, "epoch")
 WEIGHT_PREFIX = "weight:"  # `weight:ink`: the weight of LoRA `ink` across every stack that has it
+BLOCKS_PREFIX = "blocks:"  # `blocks:ink`: the block weights (LoRA Block Weight preset or vector) of LoRA `ink`
+LBW = ":lbw="  # how a `loras` cell entry carries block weights: `ink:0.8:lbw=OUTD`
 _COUNT = {2: "two", 3: "three"}
 
 
@@ -22,6 +25,13 @@ def weight_lora(axis: str | None) -> str | None:
     """`ink` for the axis `weight:ink`, else None."""
     if axis and axis.startswith(WEIGHT_PREFIX):
         return axis[len(WEIGHT_PREFIX) :]
+    return None
+
+
+def blocks_lora(axis: str | None) -> str | None:
+    """`ink` for the axis `blocks:ink`, else None."""
+    if axis and axis.startswith(BLOCKS_PREFIX):
+        return axis[len(BLOCKS_PREFIX) :]
     return None
 
 
@@ -53,6 +63,7 @@ def choices(slots: Sequence[str], loras: Sequence[str]) -> list[str]:
         *BASE_AXES,
         *(s for s in slots if s not in BASE_AXES),
         *(f"{WEIGHT_PREFIX}{name}" for name in sorted(loras)),
+        *(f"{BLOCKS_PREFIX}{name}" for name in sorted(loras)),
     ]
 
 
@@ -77,13 +88,28 @@ def check_grid(x: str, y: str, z: str | None, slots: Sequence[str], loras: Seque
 
 
 def title(axis: str) -> str:
-    """How an axis is named on a grid: `ink weight` for `weight:ink`, else the axis itself."""
-    name = weight_lora(axis)
-    return f"{name} weight" if name is not None else axis
+    """How an axis is named on a grid: `ink weight` for `weight:ink`, `ink blocks` for `blocks:ink`, else the
+    axis itself."""
+    if (name := weight_lora(axis)) is not None:
+        return f"{name} weight"
+    if (name := blocks_lora(axis)) is not None:
+        return f"{name} blocks"
+    return axis
+
+
+def _entries(loras_cell: str) -> list[tuple[str, str, str]]:
+    """(name, weight, block weights) per entry of a `loras` cell."""
+    out = []
+    for entry in (loras_cell or "").split(";"):
+        if ":" in entry:
+            entry, _, blocks = entry.partition(LBW)
+            name, weight = entry.split(":", 1)
+            out.append((name, weight, blocks))
+    return out
 
 
 def _pairs(loras_cell: str) -> list[tuple[str, str]]:
-    return [tuple(entry.split(":", 1)) for entry in (loras_cell or "").split(";") if ":" in entry]  # type: ignore[misc]
+    return [(name, weight) for name, weight, _ in _entries(loras_cell)]
 
 
 def weight_label(loras_cell: str, name: str) -> str:
@@ -91,6 +117,14 @@ def weight_label(loras_cell: str, name: str) -> str:
     for lora, weight in _pairs(loras_cell):
         if lora == name:
             return f"{name} {weight}"
+    return f"no {name}"
+
+
+def blocks_label(loras_cell: str, name: str) -> str:
+    """`ink OUTD` (its preset or vector), `ink` without block weights, `no ink` when the stack lacks it."""
+    for lora, _, blocks in _entries(loras_cell):
+        if lora == name:
+            return f"{name} {blocks}" if blocks else name
     return f"no {name}"
 
 
@@ -105,10 +139,15 @@ def weight_sort_key(label: str) -> tuple[int, float, str]:
         return (2, 0.0, label)
 
 
-def stack_label(loras_cell: str, without: Iterable[str] = ()) -> str:
-    """The planner's stack label (`ink 0.5 + grain 0.6`, `none`) from a `loras` cell, leaving out some LoRAs."""
-    skip = set(without)
-    parts = [f"{lora} {weight}" for lora, weight in _pairs(loras_cell) if lora not in skip]
+def stack_label(loras_cell: str, without: Iterable[str] = (), without_blocks: Iterable[str] = ()) -> str:
+    """The planner's stack label (`ink 0.5 + grain 0.6`, `none`) from a `loras` cell, leaving out some LoRAs
+    (their weight is on an axis) and some LoRAs' block weights (those are on an axis)."""
+    skip, plain = set(without), set(without_blocks)
+    parts = [
+        f"{lora} {weight}" + (f" lbw={blocks}" if blocks and lora not in plain else "")
+        for lora, weight, blocks in _entries(loras_cell)
+        if lora not in skip
+    ]
     return " + ".join(parts) if parts else "none"
 
 

@@ -32,6 +32,7 @@ _COLUMNS = (
     "prompt_template",
     "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
     "lora_triggers",  # `name:words` pairs joined by `;`: what was put before the prompt for the job's LoRAs
+    "epoch",  # the file(s) a LoRA glob matched, as `mylora e4 (760 steps)`; empty for a stack without a glob
 )
 
 
@@ -71,6 +72,9 @@ class LoraFile:
     modules: tuple[tuple[str, int], ...] = ()  # (component, modules hit)
     tags: str = ""  # most frequent kohya training tags
     trigger: str = ""  # the file's own trigger words (modelspec.trigger_phrase, else its most frequent tag)
+    blocks: tuple[str, ...] = ()  # the LoRA Block Weight ids its modules sit in (for job_id)
+    epoch: int | None = None  # kohya's ss_epoch: which training epoch the file was saved at
+    steps: int | None = None  # kohya's ss_steps: training steps up to that save
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class ModelSpec:
     single_file: SingleFile | None = None  # set for an A1111/ComfyUI single file, None for a diffusers folder
     models_root: Path | None = None  # the configured root, scanned by --list for every checkpoint in it
     variant: str | None = None  # a diffusers folder's weight variant (fp16): other weights, other pixels
+    lora_dirs: tuple[Path, ...] = ()  # the folders LoRA names were looked up in (for errors)
 
     @property
     def config_dir(self) -> Path:
@@ -134,13 +139,20 @@ class LoraWeight:
     name: str
     unet: float
     text_encoder: float
+    # LoRA Block Weight: the preset or vector as written (`OUTD`, `1,0,0,...`); "" for none. `blocks` is it
+    # resolved for the model's base (the long vector, batchgen.assets.block_weights), set by the planner.
+    blocks_spec: str = ""
+    blocks: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
-        """`name:w`, or `name:unet_w/te_w` for a split weight (the manifest's notation)."""
+        """`name:w`, or `name:unet_w/te_w` for a split weight (the manifest's notation), then `:lbw=OUTD` with
+        block weights, as the extension's tag writes them."""
         if self.unet == self.text_encoder:
-            return f"{self.name}:{format_number(self.unet)}"
-        return f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
+            text = f"{self.name}:{format_number(self.unet)}"
+        else:
+            text = f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
+        return f"{text}:lbw={self.blocks_spec}" if self.blocks_spec else text
 
 
 def _job_fields() -> list[tuple[str, type, Any]]:

@@ -185,7 +185,7 @@ def test_duplicate_combinations_render_once() -> None:
         (
             {"stacks": {"s": {"ink": "strong"}}},
             "sweep.stacks.s.ink: weight 'strong' is not a number; write a number, a list of numbers, "
-            "or {unet: w, text_encoder: w}",
+            "{unet: w, text_encoder: w} or {weight: w, blocks: PRESET}",
         ),
         ({"stacks": {"s": {"ink": []}}}, "sweep.stacks.s.ink is empty; give at least one value"),
         ({"seeds": []}, "sweep.seeds is empty; give at least one value"),

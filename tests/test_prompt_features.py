@@ -84,7 +84,7 @@ def test_tags_combine_with_stacks_and_slots() -> None:
             "a <lora:ink:1:1:1>",
             "",
             "sweep.prompts[0]: <lora:ink:1:1:1> has parameters batchgen does not read; write "
-            "<lora:ink:w> or <lora:ink:te=w:unet=w>",
+            "<lora:ink:w>, <lora:ink:te=w:unet=w> or <lora:ink:w:lbw=PRESET>",
         ),
         (
             "a <lora:ink:1> <lora:ink:2>",

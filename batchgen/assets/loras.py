@@ -12,6 +12,7 @@ from typing import Any
 
 from batchgen.assets.architecture import Architecture
 from batchgen.assets.bases import lora_base
+from batchgen.assets.block_weights import BLOCK_IDS, block_of
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.safetensors_header import check_float_dtypes, read_header
@@ -77,6 +78,8 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         rank=_rank(groups),
         tags=_top_tags(metadata),
         trigger=trigger_words(metadata),
+        epoch=_count(metadata.get("ss_epoch")),
+        steps=_count(metadata.get("ss_steps")),
     )
     if base is not None and base != arch.base:
         return info, None
@@ -90,7 +93,9 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     # Reads every value (torch), so the verdict is cached per file version.
     hashes.checked(lora.path, "content", lambda path: read_lora_layers(path, arch.modules, arch.unet_config))
     counts = Counter(ref.component for ref in mapped)
-    return replace(info, modules=tuple(sorted(counts.items()))), mapped
+    blocks = {block_of(ref.component, ref.path, arch.base) for ref in mapped} if arch.base in BLOCK_IDS else set()
+    info = replace(info, modules=tuple(sorted(counts.items())), blocks=tuple(sorted(b for b in blocks if b)))
+    return info, mapped
 
 
 def _check_ranks(groups: dict[str, dict[str, Any]], path: Path) -> None:
@@ -159,6 +164,14 @@ def _rank(groups: dict[str, dict[str, Any]]) -> int | None:
 
     ranks = [rank for rank in map(rank_of, groups.values()) if rank is not None]
     return max(ranks) if ranks else None
+
+
+def _count(value: object) -> int | None:
+    """A kohya metadata count (stored as text); None when absent or not a whole number."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
 
 
 def trigger_words(metadata: dict[str, str]) -> str:

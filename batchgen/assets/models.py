@@ -13,6 +13,7 @@ from pathlib import Path
 from batchgen.assets.architecture import model_architecture
 from batchgen.assets.bases import BASE_NAMES, checkpoint_base, unet_config_base
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
+from batchgen.assets.epochs import is_glob, matching
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import Header, read_header
@@ -81,6 +82,7 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         single_file=single,
         models_root=Path(cfg.root).expanduser() if cfg.root else None,
         variant=cfg.variant,
+        lora_dirs=tuple(lora_dirs),
     )
 
 
@@ -164,8 +166,9 @@ def inspect_assets(
             continue
         embeddings.append(ti)
     usable, maps, arch = [], {}, None
+    patterns = [p for p in loras or () if is_glob(p)]
     for lora in spec.loras:
-        if loras is not None and lora.name not in loras:
+        if loras is not None and lora.name not in loras and not any(matching(p, [lora.name]) for p in patterns):
             continue
         arch = arch or model_architecture(spec.config_dir, spec.base)
         try:

@@ -72,6 +72,8 @@ SweepConfig = make_dataclass(
         ("lora_triggers", dict[str, str], field(default_factory=dict)),
         # Also for LoRAs not in lora_triggers, from the file's training metadata.
         ("add_lora_triggers", bool, field(default=False)),
+        # Named LoRA Block Weight vectors for `blocks:` (the extension's user presets): {MYPRESET: "1,0,0,..."}.
+        ("block_presets", dict[str, str], field(default_factory=dict)),
         ("batch_size", Any, field(default="auto")),
         ("grid", GridConfig, field(default_factory=GridConfig)),
     ],

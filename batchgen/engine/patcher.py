@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from batchgen.assets.architecture import ModuleRef, module_shapes
+from batchgen.assets.block_weights import module_weight
 from batchgen.assets.lora_layers import LayerPatch
 from batchgen.assets.loras import read_lora_layers
 from batchgen.engine.pristine import PristineStore
@@ -31,8 +32,11 @@ def load_lora_layers(
 class WeightPatcher:
     """Owns the LoRA state of one loaded model: which contributions are in which module's weight."""
 
-    def __init__(self, components: dict[str, torch.nn.Module], checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, components: dict[str, torch.nn.Module], checkpoint: Path | None = None, base: str | None = None
+    ) -> None:
         self.components = components
+        self.base = base  # for block weights: which LoRA Block Weight ids its modules have
         self.loras: dict[str, dict[ModuleRef, LayerPatch]] = {}
         self.pristine = PristineStore(checkpoint, components)
         self._applied: dict[ModuleRef, tuple[Contribution, ...]] = {}
@@ -47,6 +51,9 @@ class WeightPatcher:
         for lw in stack:
             for ref in self.loras[lw.name]:
                 weight = lw.unet if ref.component == "unet" else lw.text_encoder
+                if lw.blocks:
+                    # The extension's rule: the module's block weight times the LoRA's.
+                    weight *= module_weight(lw.blocks, self.base, ref.component, ref.path)
                 if weight != 0.0:  # W0 + 0 * dW is W0: skip the work, keep the bits
                     wanted.setdefault(ref, []).append((lw.name, weight))
         changed = [

@@ -162,7 +162,7 @@ class LoraStacks:
         self.device = pipe.device
         self.components = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
         self.unet_config = dict(pipe.unet.config)
-        self.patcher = WeightPatcher(self.components, Path(spec.checkpoint))
+        self.patcher = WeightPatcher(self.components, Path(spec.checkpoint), spec.base)
         self.current: tuple[LoraWeight, ...] | None = None
 
     def use(self, stack: tuple[LoraWeight, ...]) -> None:

@@ -126,8 +126,10 @@ def encode_png(image, parameters: str, job: dict[str, Any]) -> bytes:
 
 
 def _a1111_weight(weight: str) -> str:
-    # A1111 names split multipliers te= and unet=; ours are written unet/te in the manifest.
+    # A1111 names split multipliers te= and unet=; ours are written unet/te in the manifest. Block weights stay
+    # `:lbw=...`, the extension's own tag parameter.
+    weight, lbw, blocks = weight.partition(":lbw=")
     if "/" in weight:
         unet, te = weight.split("/", 1)
-        return f"te={te}:unet={unet}"
-    return weight
+        weight = f"te={te}:unet={unet}"
+    return f"{weight}{lbw}{blocks}"

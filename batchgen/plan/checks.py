@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from batchgen.assets.epochs import is_glob, matching
 from batchgen.axes import check_grid
 from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
@@ -18,7 +19,9 @@ def missing_assets(spec: ModelSpec, stack: StackState, prompt: PromptVariant, ne
     """Why this model cannot render this combination: a LoRA or TI it lacks, or has only for another base."""
     missing = []
     for lw in stack.loras:
-        if not spec.lora(lw.name):
+        if is_glob(lw.name):
+            missing.append(f"no LoRA file of model {spec.name} matches '{lw.name}'")
+        elif not spec.lora(lw.name):
             refusal = spec.refusal("lora", lw.name)
             missing.append(refusal.reason if refusal else f"LoRA '{lw.name}' not found for model {spec.name}")
     for trigger in triggers(prompt.text, negative):
@@ -26,6 +29,16 @@ def missing_assets(spec: ModelSpec, stack: StackState, prompt: PromptVariant, ne
             refusal = spec.refusal("embedding", trigger)
             missing.append(refusal.reason if refusal else f"embedding <{trigger}> not found for model {spec.name}")
     return missing
+
+
+def _check_glob(specs: dict[str, ModelSpec], pattern: str, where: str) -> None:
+    if any(matching(pattern, [f.name for f in spec.loras]) for spec in specs.values()):
+        return
+    folders = sorted({str(d) for spec in specs.values() for d in spec.lora_dirs})
+    raise BatchgenError(
+        f"{where}: '{pattern}' matches no LoRA file in {', '.join(folders) or 'no LoRA folder'}; check the pattern "
+        "(a glob over file names without the extension, e.g. mylora-*)"
+    )
 
 
 def check_names_exist(
@@ -41,6 +54,9 @@ def check_names_exist(
     for state in stacks:
         for lw in state.loras:
             where = f"sweep.stacks.{state.stack}"
+            if is_glob(lw.name):
+                _check_glob(specs, lw.name, where)
+                continue
             _check_not_a_path(lw.name, where, " (such as 'ink') and list their folders in models.NAME.loras")
             _check_usable(specs, "lora", lw.name, where, "stack")
             if lw.name not in loras:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from batchgen.assets.block_weights import long_ids
 from batchgen.assets.tokens import ChunkCounter
 from batchgen.axes import with_trigger_words
 from batchgen.config import RunConfig, SweepConfig
@@ -29,11 +30,19 @@ from batchgen.plan.prompts import (
     triggers,
 )
 from batchgen.plan.prompts_file import PromptRow
-from batchgen.plan.stacks import StackState, expand_stacks, render_order, weight_warnings, with_inline
+from batchgen.plan.stacks import (
+    StackState,
+    expand_stacks,
+    render_order,
+    resolve_blocks,
+    resolve_globs,
+    weight_warnings,
+    with_inline,
+)
 from batchgen.plan.syntax import check_syntax, text_payload
 from batchgen.plan.values import check_batch_size, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
-from batchgen.spec import MANIFEST_COLUMNS, Job, ModelSpec
+from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec
 
 COLUMN_SETTINGS = tuple(s.name for s in SETTINGS if s.column_after is not None)
 
@@ -47,7 +56,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # unusual but valid input, said before rendering
 
     def axis_counts(self) -> dict[str, int]:
-        columns = ["model", "stack", "prompt", *self.slots, *AXES]
+        columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]
+        columns += [*self.slots, *AXES]
         return {c: int(self.table[c].nunique()) for c in columns}
 
 
@@ -74,8 +84,9 @@ def build_plan(
     counters = {name: ChunkCounter(spec) for name, spec in specs.items()}
 
     rows: list[dict[str, Any]] = []
-    for spec, configured, prompt in itertools.product(specs.values(), stacks, prompts):
-        stack = with_inline(configured, prompt.loras)
+    resolved = [(spec, state) for spec in specs.values() for c in stacks for state in resolve_globs(c, spec)]
+    for (spec, configured), prompt in itertools.product(resolved, prompts):
+        stack = resolve_blocks(with_inline(configured, prompt.loras), spec, sweep.block_presets, _where(configured))
         added = lora_trigger_words(spec, stack, prompt.text, sweep)
         if added:
             prompt = dataclasses.replace(prompt, text=with_trigger_words(prompt.text, [w for _, w in added]))
@@ -116,6 +127,23 @@ def job_id(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _where(state: StackState) -> str:
+    return f"sweep.stacks.{state.stack}" if state.stack != "inline" else "sweep.prompts"
+
+
+def _lora_payload(lw: LoraWeight, spec: ModelSpec) -> list:
+    """What a LoRA contributes to job_id: its file, weights and, with block weights, the weight of each block its
+    modules sit in where that is not 1. A preset and its vector are one job; so are an all-ones vector and none."""
+    file = spec.lora(lw.name)
+    entry: list[Any] = [file.sha256, lw.unet, lw.text_encoder]
+    if lw.blocks:
+        values = dict(zip(long_ids(spec.base), lw.blocks, strict=True))
+        effective = {block: values[block] for block in file.blocks if values[block] != 1.0}
+        if effective:
+            entry.append(effective)
+    return entry
+
+
 def _row(
     spec: ModelSpec,
     stack: StackState,
@@ -131,11 +159,11 @@ def _row(
     if missing:
         # Skipped jobs still need a stable id; the names stand in for the files that do not exist.
         payload["missing"] = sorted(missing)
-        payload["loras"] = sorted([lw.name, lw.unet, lw.text_encoder] for lw in stack.loras)
+        payload["loras"] = sorted([lw.name, lw.unet, lw.text_encoder, lw.blocks_spec] for lw in stack.loras)
         payload["embeddings"] = sorted(used)
     else:
         payload["embeddings"] = sorted(spec.embedding(t).sha256 for t in used)
-        payload["loras"] = sorted([spec.lora(lw.name).sha256, lw.unet, lw.text_encoder] for lw in stack.loras)
+        payload["loras"] = sorted(_lora_payload(lw, spec) for lw in stack.loras)
     jid = job_id(payload)
     if not missing:
         job = Job(
@@ -158,6 +186,7 @@ def _row(
         "finished_at": "",
         "error": "; ".join(missing),
         "stack": stack.label,
+        "epoch": stack.epoch,
         "prompt_template": prompt.template,
         **dict(prompt.slots),
         "_job": job,

@@ -14,7 +14,7 @@ from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.plan.prompts_file import PromptRow
 from batchgen.plan.stacks import StackState
-from batchgen.plan.values import weights
+from batchgen.plan.values import blocks_spec, weights
 from batchgen.settings import did_you_mean
 from batchgen.spec import LoraWeight, ModelSpec
 
@@ -83,10 +83,10 @@ def split_lora_tags(text: str, where: str) -> tuple[str, tuple[LoraWeight, ...]]
         name, params = match.group(1).strip(), match.group(2).split(":")[1:]
         positional = [p for p in params if "=" not in p]
         named = dict(p.split("=", 1) for p in params if "=" in p)
-        if len(positional) > 2 or set(named) - {"te", "unet"}:
+        if len(positional) > 2 or set(named) - {"te", "unet", "lbw"}:
             raise BatchgenError(
-                f"{where}: {match.group(0)} has parameters batchgen does not read; write <lora:{name}:w> or "
-                f"<lora:{name}:te=w:unet=w>"
+                f"{where}: {match.group(0)} has parameters batchgen does not read; write <lora:{name}:w>, "
+                f"<lora:{name}:te=w:unet=w> or <lora:{name}:w:lbw=PRESET>"
             )
         try:
             te = float(named.get("te", positional[0] if positional else 1.0))
@@ -99,7 +99,8 @@ def split_lora_tags(text: str, where: str) -> tuple[str, tuple[LoraWeight, ...]]
             weights(w, f"{where}: {match.group(0)}")
         if name in found:
             raise BatchgenError(f"{where}: LoRA '{name}' is tagged twice; keep one <lora:{name}:...> tag")
-        found[name] = LoraWeight(name, unet, te)
+        blocks = blocks_spec(named["lbw"], f"{where}: {match.group(0)}") if "lbw" in named else ""
+        found[name] = LoraWeight(name, unet, te, blocks)
     if not found:
         return text, ()
     cleaned = re.sub(r"\s+([,.;])", r"\1", re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text))).strip()

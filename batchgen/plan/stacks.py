@@ -3,13 +3,17 @@ render order that changes as few LoRAs as possible from one state to the next.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from batchgen.plan.values import weights
+from batchgen.assets.block_weights import parse_blocks
+from batchgen.assets.epochs import epoch_label, epoch_order, is_glob, matching
+from batchgen.errors import BatchgenError
+from batchgen.plan.values import lora_entries
 from batchgen.settings import batch_values
-from batchgen.spec import Job, LoraWeight, format_number
+from batchgen.spec import Job, LoraWeight, ModelSpec, format_number
 
 UNUSUAL_WEIGHT = 2.0
 
@@ -20,13 +24,20 @@ class StackState:
 
     stack: str
     loras: tuple[LoraWeight, ...]  # sorted by name
+    globbed: tuple[tuple[str, str], ...] = ()  # (file, pattern) for each LoRA a glob entry matched
+    epoch: str = ""  # the matched files' labels: `mylora e4 (760 steps)`
 
     @property
     def label(self) -> str:
-        """`none`, or `ink 0.5 + grain 0.6` (split weights as `unet/te`): grid labels."""
+        """`none`, or `ink 0.5 + grain 0.6` (split weights as `unet/te`): grid labels. A file a glob matched is
+        named by the glob, so that every epoch of one stack is one stack on the grid and `epoch` tells them apart."""
         if not self.loras:
             return "none"
-        return " + ".join(lw.label.replace(":", " ", 1) for lw in self.loras)
+        patterns = dict(self.globbed)
+        return " + ".join(
+            lw.label.replace(":lbw=", " lbw=").replace(":", " ", 1).replace(lw.name, patterns.get(lw.name, lw.name), 1)
+            for lw in self.loras
+        )
 
     @property
     def manifest(self) -> str:
@@ -41,11 +52,54 @@ def expand_stacks(stacks: dict[str, dict[str, Any]]) -> list[StackState]:
     for stack_name, loras in stacks.items():
         loras = loras or {}
         names = sorted(loras)
-        options = [weights(loras[name], f"sweep.stacks.{stack_name}.{name}") for name in names]
+        options = [lora_entries(loras[name], f"sweep.stacks.{stack_name}.{name}") for name in names]
         for combo in itertools.product(*options):
-            pairs = tuple(LoraWeight(name, unet, te) for name, (unet, te) in zip(names, combo, strict=True))
+            pairs = tuple(
+                LoraWeight(name, unet, te, blocks) for name, (unet, te, blocks) in zip(names, combo, strict=True)
+            )
             states.append(StackState(stack=stack_name, loras=pairs))
     return states
+
+
+def resolve_globs(state: StackState, spec: ModelSpec) -> list[StackState]:
+    """One state per file each glob entry matches in this model's LoRAs, in training order (several globs in a
+    stack: their product). A glob matching nothing here stays as it is, and the model skips it as a missing LoRA."""
+    globs = [lw for lw in state.loras if is_glob(lw.name)]
+    if not globs:
+        return [state]
+    options = []
+    for lw in globs:
+        files = epoch_order(f for f in spec.loras if matching(lw.name, [f.name]))
+        options.append([(lw, f) for f in files] or [(lw, None)])
+    fixed = {lw.name: lw for lw in state.loras if not is_glob(lw.name)}
+    out = []
+    for combo in itertools.product(*options):
+        loras, globbed, labels = dict(fixed), [], []
+        for lw, f in combo:
+            if f is None:
+                loras[lw.name] = lw
+                continue
+            loras[f.name] = dataclasses.replace(lw, name=f.name)
+            globbed.append((f.name, lw.name))
+            labels.append(epoch_label(f, lw.name))
+        out.append(
+            StackState(state.stack, tuple(loras[n] for n in sorted(loras)), tuple(globbed), " + ".join(labels))
+        )
+    return out
+
+
+def resolve_blocks(state: StackState, spec: ModelSpec, presets: dict[str, str], where: str) -> StackState:
+    """Each LoRA's block weights as the long vector of this model's base; a vector of the wrong length for the
+    base is an error here, before any model loads."""
+    if not any(lw.blocks_spec for lw in state.loras):
+        return state
+    loras = tuple(
+        dataclasses.replace(lw, blocks=parse_blocks(lw.blocks_spec, spec.base, f"{where}.{lw.name}.blocks", presets))
+        if lw.blocks_spec
+        else lw
+        for lw in state.loras
+    )
+    return dataclasses.replace(state, loras=loras)
 
 
 def with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState:
@@ -57,9 +111,20 @@ def with_inline(stack: StackState, inline: tuple[LoraWeight, ...]) -> StackState
         if lw.name in merged:
             old = merged[lw.name]
             # Rounded so that 0.6 + 0.2 is the same job as a stack of 0.8.
-            lw = LoraWeight(lw.name, round(old.unet + lw.unet, 6), round(old.text_encoder + lw.text_encoder, 6))
+            if old.blocks_spec and lw.blocks_spec and old.blocks_spec != lw.blocks_spec:
+                raise BatchgenError(
+                    f"LoRA '{lw.name}' has block weights {old.blocks_spec} in its stack and {lw.blocks_spec} in a "
+                    "<lora:...> tag; give them in one place"
+                )
+            lw = LoraWeight(
+                lw.name,
+                round(old.unet + lw.unet, 6),
+                round(old.text_encoder + lw.text_encoder, 6),
+                old.blocks_spec or lw.blocks_spec,
+                old.blocks or lw.blocks,
+            )
         merged[lw.name] = lw
-    return StackState(stack=stack.stack, loras=tuple(merged[n] for n in sorted(merged)))
+    return dataclasses.replace(stack, loras=tuple(merged[n] for n in sorted(merged)))
 
 
 def weight_warnings(stacks: list[StackState]) -> list[str]:

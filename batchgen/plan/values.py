@@ -22,6 +22,39 @@ def check_batch_size(value: Any) -> None:
     raise BatchgenError(f"sweep.batch_size: '{value}' is neither 'auto' nor a positive integer")
 
 
+def lora_entries(value: Any, key: str) -> list[tuple[float, float, str]]:
+    """(unet, text encoder, block weights) per point of a stack entry's axis. A point is a weight, or a mapping
+    with `weight` (default 1) or `unet` + `text_encoder`, and optionally `blocks` (a LoRA Block Weight preset or
+    vector, resolved per model later); a list of points, or a list under `weight` or `blocks`, is an axis."""
+    out: list[tuple[float, float, str]] = []
+    for v in as_list(value, key):
+        if isinstance(v, dict) and "blocks" in v:
+            rest = {k: x for k, x in v.items() if k != "blocks"}
+            if "weight" in rest and set(rest) != {"weight"}:
+                raise BatchgenError(f"{key}: give weight or unet + text_encoder, not both")
+            points = weights(rest.get("weight", 1.0) if "unet" not in rest else rest, key)
+            specs = [blocks_spec(b, key) for b in as_list(v["blocks"], f"{key}.blocks")]
+            out += [(unet, te, spec) for unet, te in points for spec in specs]
+        elif isinstance(v, dict) and set(v) == {"weight"}:
+            out += [(unet, te, "") for unet, te in weights(v["weight"], key)]
+        else:
+            out += [(unet, te, "") for unet, te in weights(v, key)]
+    return out
+
+
+def blocks_spec(value: Any, key: str) -> str:
+    """A preset name or a vector as the extension writes it (`1,0,0.5,...`), as text; checked per base later."""
+    if isinstance(value, list | tuple):
+        if not all(is_number(x) for x in value):
+            raise BatchgenError(f"{key}.blocks: {value} is not a list of numbers; write a preset name or numbers")
+        return ",".join(format_number(x) for x in value)
+    if isinstance(value, str) and value.strip():
+        return ",".join(part.strip() for part in value.split(",")) if "," in value else value.strip()
+    if is_number(value):
+        return format_number(value)
+    raise BatchgenError(f"{key}.blocks: '{value}' is neither a preset name nor a vector; e.g. OUTD or \"1,0,0,...\"")
+
+
 def weights(value: Any, key: str) -> list[tuple[float, float]]:
     """(unet, text encoder) weights. A weight is a number or {unet: w, text_encoder: w}; a list of them is an axis."""
     out: list[tuple[float, float]] = []
@@ -33,7 +66,7 @@ def weights(value: Any, key: str) -> list[tuple[float, float]]:
         else:
             raise BatchgenError(
                 f"{key}: weight '{v}' is not a number; write a number, a list of numbers, "
-                "or {unet: w, text_encoder: w}"
+                "{unet: w, text_encoder: w} or {weight: w, blocks: PRESET}"
             )
     for pair in out:
         for w in pair:

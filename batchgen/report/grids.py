@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 
 from batchgen.axes import (
     BASE_AXES,
+    blocks_label,
+    blocks_lora,
     check_grid,
     check_max_megapixels,
     lora_names,
@@ -98,9 +100,13 @@ def _axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.S
     lora = weight_lora(name)
     if lora is not None:
         return _column(table, "loras").map(lambda cell: weight_label(cell, lora))
+    lora = blocks_lora(name)
+    if lora is not None:
+        return _column(table, "loras").map(lambda cell: blocks_label(cell, lora))
     if name == REST:
-        on_grid_loras = [n for a in on_grid if (n := weight_lora(a)) is not None]
-        return _column(table, "loras").map(lambda cell: stack_label(cell, on_grid_loras))
+        weights = [n for a in on_grid if (n := weight_lora(a)) is not None]
+        blocks = [n for a in on_grid if (n := blocks_lora(a)) is not None]
+        return _column(table, "loras").map(lambda cell: stack_label(cell, weights, blocks))
     if name == "prompt" and "lora_triggers" in table.columns:
         pairs = zip(_column(table, "prompt"), _column(table, "lora_triggers"), strict=True)
         return pd.Series([without_trigger_words(p, t) for p, t in pairs], index=table.index, dtype=object)
@@ -130,7 +136,7 @@ def _varies(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> bool:
 def _group_keys(table: pd.DataFrame, on_grid: Sequence[str], slots: list[str]) -> list[str]:
     """Columns that split the table into grids: every varying axis not on the grid, model always first."""
     candidates = list(_all_axes(slots))
-    if any(weight_lora(a) is not None for a in on_grid) and "stack" not in on_grid:
+    if any(weight_lora(a) or blocks_lora(a) for a in on_grid) and "stack" not in on_grid:
         # With ink's weight on an axis, `ink 0.5` and `none` belong in one grid; what else the stack holds splits.
         candidates[candidates.index("stack")] = REST
     keys = [a for a in candidates if a not in on_grid and _varies(table, a, on_grid)]

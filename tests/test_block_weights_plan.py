@@ -1,0 +1,115 @@
+"""Block weights in planning: config and tag forms, axes, job_id by effective weights, labels, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from batchgen.errors import BatchgenError
+from batchgen.plan import build_plan
+from batchgen.spec import LoraFile, ModelSpec
+from tests.test_plan import _sweep
+
+# An attention-only LoRA: the blocks a kohya SD1 LoRA without conv layers has keys in.
+ATTENTION = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
+XL_ATTENTION = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+MODELS = {
+    "sd1": ModelSpec(
+        "sd1",
+        "sd-1",
+        Path("/m/sd1"),
+        "c1" * 32,
+        loras=(LoraFile("ink", Path("/l/ink.st"), "a" * 64, blocks=ATTENTION),),
+    ),
+    "xl": ModelSpec(
+        "xl",
+        "sdxl",
+        Path("/m/xl"),
+        "c2" * 32,
+        loras=(LoraFile("ink", Path("/l/xl.st"), "f" * 64, blocks=XL_ATTENTION),),
+    ),
+}
+ONE = {"models": ["sd1"], "prompts": ["a castle"], "slots": {}, "seeds": [1]}
+
+
+def _plan(stacks: dict, **changes):
+    return build_plan(_sweep(**{**ONE, "stacks": stacks, **changes}), MODELS)
+
+
+def _ids(stacks: dict, **changes) -> list[str]:
+    return list(_plan(stacks, **changes).table["job_id"])
+
+
+def test_presets_vectors_and_weights_are_axes() -> None:
+    plan = _plan(
+        {"s": {"ink": {"weight": [0.5, 1.0], "blocks": ["ALL", "OUTD", "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"]}}}
+    )
+    assert list(plan.table["loras"]) == [
+        "ink:0.5:lbw=ALL",
+        "ink:0.5:lbw=OUTD",
+        "ink:0.5:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+        "ink:1:lbw=ALL",
+        "ink:1:lbw=OUTD",
+        "ink:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    ]
+    assert list(plan.table["stack"])[:2] == ["ink 0.5 lbw=ALL", "ink 0.5 lbw=OUTD"]
+    ids = list(plan.table["job_id"])
+    # OUTD and its vector are one job; ALL on an attention-only LoRA is the LoRA without block weights.
+    assert ids[1] == ids[2] and ids[4] == ids[5] and len(set(ids)) == 4
+    assert ids[3] == _ids({"s": {"ink": 1.0}})[0] and ids[0] == _ids({"s": {"ink": 0.5}})[0]
+    assert plan.jobs[0].loras[0].blocks[:3] == (1.0, 0.0, 1.0)  # BASE, IN00 (not in a 17-vector: 0), IN01
+
+
+def test_a_tag_carries_block_weights_as_the_extension_writes_them() -> None:
+    tagged = _ids({"none": {}}, prompts=["a castle <lora:ink:0.8:lbw=OUTD>"])
+    assert tagged == _ids({"s": {"ink": {"weight": 0.8, "blocks": "OUTD"}}})
+    vector = _ids({"none": {}}, prompts=["a castle <lora:ink:0.8:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0>"])
+    assert vector == tagged
+
+
+def test_user_presets_and_a_base_of_its_own_length() -> None:
+    mine = "1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0"
+    assert _ids({"s": {"ink": {"blocks": "MINE"}}}, block_presets={"MINE": mine}) == _ids(
+        {"s": {"ink": {"blocks": mine}}}
+    )
+    # On SDXL, a 12-vector; a preset applies there too, by block id.
+    xl = _plan({"s": {"ink": {"blocks": ["OUTD", "1,0,0,0,0,0,1,1,1,1,1,1"]}}}, models=["xl"])
+    assert len(xl.jobs) == 2 and xl.table["loras"][1] == "ink:1:lbw=1,0,0,0,0,0,1,1,1,1,1,1"
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ("OUTDD", "did you mean 'OUTD'?"),
+        ("1,0,1", "3 block weights"),
+        ("1,0,x,0,0,0,0,0,1,1,1,1,0,0,0,0,0", "block weight 3 (IN02) is 'x', not a number"),
+    ],
+)
+def test_bad_block_weights_name_the_key(blocks: str, message: str) -> None:
+    with pytest.raises(BatchgenError) as e:
+        _plan({"s": {"ink": {"blocks": blocks}}})
+    assert str(e.value).startswith("sweep.stacks.s.ink.blocks") and message in str(e.value)
+
+
+def test_a_vector_for_one_base_is_refused_for_the_other() -> None:
+    with pytest.raises(BatchgenError) as e:
+        _plan({"s": {"ink": {"blocks": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"}}}, models=["sd1", "xl"])
+    assert str(e.value).startswith("sweep.stacks.s.ink.blocks: 17 block weights for sdxl")
+
+
+def test_weight_and_unet_split_are_one_or_the_other() -> None:
+    with pytest.raises(BatchgenError, match="give weight or unet"):
+        _plan({"s": {"ink": {"weight": 1.0, "unet": 1.0, "text_encoder": 0.5, "blocks": "ALL"}}})
+    split = _plan({"s": {"ink": {"unet": 1.0, "text_encoder": 0.5, "blocks": "OUTD"}}})
+    assert split.table["loras"][0] == "ink:1/0.5:lbw=OUTD"
+
+
+def test_the_blocks_axis_is_a_grid_axis() -> None:
+    plan = _plan(
+        {"s": {"ink": {"blocks": ["ALL", "OUTD"]}}},
+        seeds=[1, 2],
+        grid=dataclasses.replace(_sweep().grid, x="blocks:ink", y="seed"),
+    )
+    assert len(plan.jobs) == 4
