@@ -108,11 +108,11 @@ def test_compel_encode_is_what_compel_builds(pipe) -> None:
     assert not hasattr(pipe.text_encoder, "text_model")  # the clip-skip alias lived for the call only
 
 
+@pytest.mark.parametrize("pipe", ["tiny_sdxl"], indirect=True)
 def test_a_weighted_and_on_sdxl_is_compels_parts_where_compel_itself_fails(pipe) -> None:
     """compel 2.5.1's SDXL objects (requires_pooled) raise on an .and() with a part weight other than 1;
     compel_encode builds it from compel's own parts: each encoder's Compel and the pooled output compel adds."""
-    if not _xl(pipe):
-        pytest.skip("SDXL only")
+    assert _xl(pipe)
     with pytest.raises(AttributeError, match="'tuple' object has no attribute 'shape'"):
         _reference(pipe, WEIGHTED_AND)
     hidden, pooled = compel_encode(pipe, WEIGHTED_AND, 1, False)
