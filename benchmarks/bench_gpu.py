@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +195,7 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-# --- FLOPs and peak ----------------------------------------------------------------------------------------------------
+# --- FLOPs and peak --------------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
@@ -256,6 +256,8 @@ def call(pipe, arch: Arch, seeds: list[int], steps: int | None = None) -> list[n
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     out = pipe(
         [PROMPT] * len(seeds),
+        # An explicit empty negative, as batchgen (and A1111) encode it: SDXL's pipeline would zero a missing one.
+        negative_prompt=[""] * len(seeds),
         num_inference_steps=steps or arch.steps,
         guidance_scale=GUIDANCE,
         width=arch.size,
@@ -468,7 +470,7 @@ def summary_lines(results: dict) -> list[str]:
     for key, r in results["models"].items():
         lines.append(
             f"{key}: {r['images']} images ({r['states']} LoRA states x {r['images_per_state']}), {r['size']}x"
-            f"{r['size']}, {r['steps']} steps; {r['flops']['per_image'] / 1e12:.2f} TFLOP per image"
+            f"{r['size']}, {r['steps']} steps; {r['flops']['per_image'] / 1e9:.3g} GFLOP per image"
         )
         for name in ("bare", "strong", "batchgen"):
             c = r[name]
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary models and runs, and print where")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device (torch.cuda.is_available() is False); run on a GPU, or pass --tiny", file=sys.stderr)
+        sys.stderr.write("bench_gpu: no CUDA device (torch.cuda.is_available() is False); use a GPU or --tiny\n")
         return 2
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.float16)
     if args.tiny:
@@ -570,8 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appended: {BENCHMARKS_MD}")
     failed = [k for k, r in results["models"].items() if not r["pixel_check_passed"]]
     if failed:
-        print(f"bench_gpu: pixel check failed for {', '.join(failed)}: batchgen's images differ from the strong "
-              f"loop's by more than {PIXEL_TOLERANCE}/255", file=sys.stderr)
+        sys.stderr.write(
+            f"bench_gpu: pixel check failed for {', '.join(failed)}: batchgen's images differ from the strong loop's"
+            f" by more than {PIXEL_TOLERANCE}/255\n"
+        )
         return 1
     return 0
 
