@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # apt-get needs root; as another user it goes through sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install install-dev run test test-fast test-browser fuzz lint bench clean
+.PHONY: help install install-dev run test test-fast test-browser fuzz lint bench bench-gpu clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ lint: install-dev ## ruff check at 119 columns
 
 bench: install-dev ## Run the benchmark (Ray included) and append figures to BENCHMARKS.md
 	$(BIN)/python benchmarks/bench.py
+
+bench-gpu: install-dev ## GPU bench (CUDA, <= 5 min): full-size SD1.5/SDXL, batchgen vs diffusers, to BENCHMARKS.md
+	$(BIN)/python benchmarks/bench_gpu.py
 
 clean: ## Remove runs/ and caches (not .venv)
 	rm -rf runs .pytest_cache .ruff_cache
