@@ -473,6 +473,7 @@ def sample(results: dict, contestants: dict[str, Callable[[], Any]], repeats: in
         wait_for_quiet()  # before every run alike: it delays runs, never picks them
         with watched(results, label):
             out[name].append((label, contestants[name]()))
+        print(f"{label}: {out[name][-1][1].seconds:.1f} s", flush=True)
     return out
 
 
@@ -816,6 +817,8 @@ def stage_rows(runs: dict[str, BatchgenRun]) -> tuple[list[str], list[list[str]]
 
 
 def append_markdown(results: dict, runs: dict[str, BatchgenRun], notes: list[str]) -> None:
+    if not BENCHMARKS_MD.exists():
+        BENCHMARKS_MD.write_text("# Benchmarks\n")  # the workload description is kept by hand at the top
     r = results
     m = r["machine"]
     noise = ", ".join(f"{k} {v['load_before']:.2f}/{v['cpu_stall_share']:.2f}" for k, v in r["noise"].items())
