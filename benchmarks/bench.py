@@ -81,6 +81,8 @@ STARTUP_RUNS = 3
 # Share of a run's wall time in which some task waited for a CPU above which its figure is flagged: the bench alone
 # stays near 0.01-0.03 (its writer thread), another process on the 2 cores pushes it past 0.5.
 STALL_LIMIT = 0.10
+# Longest wait for a quiet machine before each run; --quick, which checks the bench and not its figures, waits not.
+QUIET_WAIT_S = 180.0
 STAGE_ORDER = ("load", "patch", "encode", "denoise", "decode", "write")
 PROMPT = "a castle at night, watercolor"
 
@@ -477,10 +479,10 @@ def sample(results: dict, contestants: dict[str, Callable[[], Any]], repeats: in
     return out
 
 
-def wait_for_quiet(limit_s: float = 180.0) -> None:
+def wait_for_quiet(limit_s: float | None = None) -> None:
     """Wait, up to `limit_s`, until no task has waited for a CPU for 10 s: another process's test run on these
     2 cores slows torch several times over, which no amount of repetition averages out."""
-    deadline = time.monotonic() + limit_s
+    deadline = time.monotonic() + (QUIET_WAIT_S if limit_s is None else limit_s)
     while (pressure := cpu_pressure_now()) is not None and pressure > 2.0 and time.monotonic() < deadline:
         time.sleep(5)
 
@@ -860,6 +862,9 @@ def main(argv: list[str] | None = None) -> int:
         help="6 W1 states, 4 W2 steps, one run each: checks the bench itself; no BENCHMARKS.md",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        global QUIET_WAIT_S
+        QUIET_WAIT_S = 0.0
 
     torch.set_num_threads(THREADS)
     # PEFT warns on every extra adapter and diffusers/transformers on choices made on purpose; the naive loop
