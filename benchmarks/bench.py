@@ -1,19 +1,21 @@
-"""batchgen benchmark: LoRA switching, compute-bound overhead and LoRA memory, against plain diffusers loops.
+"""batchgen benchmark: LoRA switching, compute-bound overhead, LoRA memory, scaling and start-up, against diffusers.
 
 - W1, LoRA switching: batchgen's tiny SD1 model with its TIs and 4 rank-16 kohya LoRAs, 24 stack states x 2 prompts
-  x 2 seeds, 64x64, 8 steps. Baseline *naive*: one diffusers pipeline that loads, weights and unloads each image's
-  LoRAs with load_lora_weights / set_adapters / unload_lora_weights. Figure: images/s ratio (target >= 5).
-- W2, compute bound: a larger SD1-architecture model, 256x256, 20 steps, 2 rank-16 LoRAs, 8 states x 2 seeds.
-  Baseline *bare*: the same 16 images from a plain pipeline at the same batch size, no LoRAs, no files written.
-  Figures: wall-time ratio (target <= 1.10), share of batchgen's wall spent switching LoRA states (<= 0.05), and
-  peak RSS with 20 LoRAs loaded over (plain pipeline's peak RSS + the 20 files' sizes) (<= 1.10).
-- GPU (only with CUDA): SD1.5's full architecture, random fp16 weights, 512x512, 20 steps, 64 images, 8 states.
+  x 2 seeds, 64x64, 8 steps. Contestants: *strong* (what a competent diffusers user writes: every LoRA loaded once as
+  a named adapter, set_adapters per state, a state's 4 images in one call, one generator per image), *bare* (the same
+  images and batches with no LoRA at all) and *naive* (per image load, weight and unload its LoRAs; continuity).
+  Figures: w1.vs_bare, w1.vs_strong, w1.vs_naive, w1.switch_share.
+- W2, compute bound: a larger SD1-architecture model, 256x256, 20 steps, 2 rank-16 LoRAs, 8 states x 2 seeds, against
+  bare at the same batch size: w2.overhead, w2.switch_share.
+- Memory: peak RSS of batchgen with 100 loaded LoRAs over (plain pipeline peak + the 100 files): memory.ratio_100.
+- Scaling: N workers x 1 thread against 1 worker x 1 thread, local and Ray.
+- Start-up: `batchgen +sweep=styles --dry-run` in a fresh process: startup.dry_run_s.
 
-batchgen runs in this process through its CLI entry point, timed around the call, so its wall time holds all its
-process-level work (config, hashing, planning, loading, grids, index); the baselines run in the same process with
-the same thread count. Peak memory is measured in child processes through peak_rss.py (see there for why not from
-here). All models are built here, seeded, under runs/bench/; nothing is downloaded. Writes runs/bench/results.json
-and appends a dated section to BENCHMARKS.md.
+Every timed contestant of a workload runs the same number of times in palindrome order (A B C C B A ...); figures
+are medians, printed with their min-max, ratios paired run by run. No contestant gets extra runs. batchgen runs in
+this process through its CLI entry point, timed around the call; the baselines run in the same process with the same
+thread count. Peak memory is measured in child processes through peak_rss.py. All models are built here, seeded,
+under runs/bench/; nothing is downloaded. Writes runs/bench/results.json and appends a dated section to BENCHMARKS.md.
 
 Usage: .venv/bin/python benchmarks/bench.py [--quick]   (or: make bench)
 """
@@ -50,6 +52,18 @@ from bench_models import (
     sweep_body,
     write_config_dir,
 )
+from bench_report import (
+    FIGURE_HEADER,
+    FULL_COMMAND,
+    QUICK_COMMAND,
+    TARGETS,
+    Spread,
+    figure_row,
+    markdown_table,
+    paired_ratios,
+    palindrome_order,
+    text_table,
+)
 from PIL import Image
 
 from batchgen.cli import main as batchgen_main
@@ -59,12 +73,16 @@ BENCH_DIR = REPO / "runs" / "bench"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 # Every contestant in one process run uses the same intra-op thread count, so ratios compare like with like.
 THREADS = 2
-# Each timed contestant runs twice, in ABBA order, and figures use its fastest run; more would not fit ~10 minutes.
+# Runs per contestant, the same for every contestant of a workload, in palindrome order. W1 is cheap (3 runs); W2 and
+# scaling are 2 runs each (A B B A, a whole palindrome) so that the bench stays near 10 minutes.
+W1_REPEATS = 3
 REPEATS = 2
+STARTUP_RUNS = 3
 # Share of a run's wall time in which some task waited for a CPU above which its figure is flagged: the bench alone
 # stays near 0.01-0.03 (its writer thread), another process on the 2 cores pushes it past 0.5.
 STALL_LIMIT = 0.10
-RETRIES = 1  # extra attempts for a contended run; bounds the bench's time on a busy machine
+# Longest wait for a quiet machine before each run; --quick, which checks the bench and not its figures, waits not.
+QUIET_WAIT_S = 180.0
 STAGE_ORDER = ("load", "patch", "encode", "denoise", "decode", "write")
 PROMPT = "a castle at night, watercolor"
 
@@ -72,6 +90,7 @@ W1_LORAS = ["bench_a", "bench_b", "bench_c", "bench_d"]
 W1_PROMPTS = ["a portrait of <alf>, ink drawing", PROMPT]  # the first needs the <alf> TI
 W1_SEEDS = [1, 2]
 W1_SCALARS = {"steps": 8, "guidance_scale": 7.5, "width": 64, "height": 64}
+W1_BATCH = 4  # batchgen's automatic CPU batch size; a W1 state has exactly 4 images
 
 W2_MODEL = "w2_sd1"
 W2_LORAS = ["w2_a", "w2_b"]
@@ -79,23 +98,10 @@ W2_SEEDS = [1, 2]
 # Two seeds per state: a batch of 2 is the largest batch that never mixes two LoRA states.
 W2_BATCH = 2
 W2_SCALARS = {"steps": 20, "guidance_scale": 7.5, "width": 256, "height": 256}
-SCALE_SCALARS = dict(W2_SCALARS)  # the W2 workload as the issue asks; --quick cuts the steps
-MEMORY_LORAS = [f"mem_{i:02d}" for i in range(20)]
+# The W2 images at 8 steps: 2 interleaved runs of 3 contestants at 20 steps would take 10 minutes alone.
+SCALE_SCALARS = W2_SCALARS | {"steps": 8}
+MEMORY_LORAS = [f"mem_{i:03d}" for i in range(100)]
 MEMORY_SCALARS = {"steps": 1, "guidance_scale": 7.5, "width": 64, "height": 64, "batch_size": 1}
-
-GPU_MODEL = "sd15_random"
-GPU_SEEDS = list(range(1, 9))
-GPU_BATCH = 8
-GPU_SCALARS = {"steps": 20, "guidance_scale": 7.5, "width": 512, "height": 512}
-
-TARGETS = {  # key -> (comparison, bound)
-    "w1.speedup": (">=", 5.0),
-    "w2.overhead": ("<=", 1.10),
-    "w2.switch_share": ("<=", 0.05),
-    "w2.lora_memory_ratio": ("<=", 1.10),
-    "scale.local_efficiency": (">=", 0.90),
-    "scale.ray_efficiency": (">=", 0.90),
-}
 
 
 class BenchError(RuntimeError):
@@ -194,19 +200,43 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def render_naive(root: Path, checkpoint: Path, jobs: list[Job], scalars: dict, device: str, dtype) -> Contest:
-    """The loop most scripts write: pipeline and TIs once, then per image load, weight, render and unload its LoRAs.
-
-    Timed from the pipeline load on, like batchgen's wall time, which also holds its model load.
-    """
-    keep = device == "cpu"  # pixel comparison only on CPU, where both sides are fp32 and small
-    images = {}
-    start = time.perf_counter()
-    pipe = load_plain(checkpoint, device, dtype)
+def load_embeddings(pipe, root: Path) -> None:
     embedding_dir = root / "embedding"
     if embedding_dir.is_dir():
         for path in sorted(embedding_dir.iterdir()):
             pipe.load_textual_inversion(str(path), token=f"<{path.stem}>")
+
+
+def image_key(job: Job) -> tuple:
+    return (job.state.key(), job.prompt, job.seed)
+
+
+def state_batches(jobs: list[Job], batch: int) -> list[list[Job]]:
+    """Consecutive jobs of one state, at most `batch` at a time: batchgen never mixes two LoRA states in a batch."""
+    batches: list[list[Job]] = []
+    for job in jobs:
+        if batches and batches[-1][0].state == job.state and len(batches[-1]) < batch:
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+def render_batch(pipe, chunk: list[Job], scalars: dict) -> list:
+    # One CPU generator per image, as batchgen uses: each image depends only on its own seed.
+    generators = [torch.Generator("cpu").manual_seed(job.seed) for job in chunk]
+    return pipe([job.prompt for job in chunk], generator=generators, **render_kwargs(scalars)).images
+
+
+def render_naive(root: Path, checkpoint: Path, jobs: list[Job], scalars: dict) -> Contest:
+    """The loop many scripts write: pipeline and TIs once, then per image load, weight, render and unload its LoRAs.
+
+    Timed from the pipeline load on, like batchgen's wall time, which also holds its model load.
+    """
+    images = {}
+    start = time.perf_counter()
+    pipe = load_plain(checkpoint, "cpu", torch.float32)
+    load_embeddings(pipe, root)
     for job in jobs:
         names = list(job.state.loras)
         for name in names:
@@ -216,28 +246,54 @@ def render_naive(root: Path, checkpoint: Path, jobs: list[Job], scalars: dict, d
         image = pipe(job.prompt, generator=torch.Generator("cpu").manual_seed(job.seed), **render_kwargs(scalars))
         if names:
             pipe.unload_lora_weights()
-        if keep:
-            images[(job.state.key(), job.prompt, job.seed)] = np.asarray(image.images[0])
+        images[image_key(job)] = np.asarray(image.images[0])
     seconds = time.perf_counter() - start
     del pipe
-    release(device)
-    return Contest(seconds, len(jobs), images if keep else None)
+    release("cpu")
+    return Contest(seconds, len(jobs), images)
 
 
-def render_bare(checkpoint: Path, jobs: list[Job], scalars: dict, batch: int, device: str, dtype) -> Contest:
-    """The same images with no LoRA and no files: what the hardware costs at this batch size, load included."""
+def render_strong(root: Path, checkpoint: Path, jobs: list[Job], scalars: dict, batch: int) -> Contest:
+    """What a competent diffusers user writes: every LoRA loaded once as a named adapter, `set_adapters` per state
+    (LoRAs disabled for a state without any), a state's images in one call at batchgen's batch size."""
+    images = {}
+    start = time.perf_counter()
+    pipe = load_plain(checkpoint, "cpu", torch.float32)
+    load_embeddings(pipe, root)
+    names = sorted({name for job in jobs for name in job.state.loras})
+    for name in names:
+        pipe.load_lora_weights(str(root / "lora" / f"{name}.safetensors"), adapter_name=name)
+    enabled = bool(names)
+    for chunk in state_batches(jobs, batch):
+        loras = chunk[0].state.loras
+        if loras:
+            if not enabled:
+                pipe.enable_lora()
+                enabled = True
+            pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+        elif enabled:
+            pipe.disable_lora()
+            enabled = False
+        for job, image in zip(chunk, render_batch(pipe, chunk, scalars), strict=True):
+            images[image_key(job)] = np.asarray(image)
+    seconds = time.perf_counter() - start
+    del pipe
+    release("cpu")
+    return Contest(seconds, len(jobs), images)
+
+
+def render_bare(root: Path | None, checkpoint: Path, jobs: list[Job], scalars: dict, batch: int) -> Contest:
+    """The same images and batches with no LoRA and no files: what the hardware costs, load (and TIs) included."""
     count = 0
     start = time.perf_counter()
-    pipe = load_plain(checkpoint, device, dtype)
-    for i in range(0, len(jobs), batch):
-        chunk = jobs[i : i + batch]
-        # One CPU generator per image, as batchgen uses: each image depends only on its own seed.
-        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in chunk]
-        out = pipe([job.prompt for job in chunk], generator=generators, **render_kwargs(scalars))
-        count += len(out.images)
+    pipe = load_plain(checkpoint, "cpu", torch.float32)
+    if root is not None:
+        load_embeddings(pipe, root)
+    for chunk in state_batches(jobs, batch):
+        count += len(render_batch(pipe, chunk, scalars))
     seconds = time.perf_counter() - start
     del pipe
-    release(device)
+    release("cpu")
     return Contest(seconds, count)
 
 
@@ -295,7 +351,7 @@ def lora_key(cell: str) -> frozenset[tuple[str, float]]:
 
 
 def max_pixel_diff(run: BatchgenRun, images: dict) -> int:
-    """Largest per-channel difference between batchgen's PNGs and the naive images of the same jobs (0-255)."""
+    """Largest per-channel difference between batchgen's PNGs and a contestant's images of the same jobs (0-255)."""
     worst = 0
     for row in run.table.itertuples(index=False):
         theirs = images[(lora_key(row.loras), row.prompt, int(row.seed))]
@@ -390,14 +446,15 @@ def lora_memory(config_dir: Path, root: Path, checkpoint: Path) -> dict:
     # costs anyway (imports, bookkeeping) and what the LoRAs cost.
     no_lora = batchgen_child_peak_kib(config_dir, "w2_memory_none", 1)
     return {
-        "w2.lora_memory_ratio": ours / (plain + lora_kib),
-        "w2.memory_batchgen_peak_mib": ours / 1024,
-        "w2.memory_batchgen_no_lora_peak_mib": no_lora / 1024,
-        "w2.memory_per_lora_mib": (ours - no_lora) / 1024 / len(MEMORY_LORAS),
-        "w2.memory_per_lora_file_mib": lora_kib / 1024 / len(MEMORY_LORAS),
-        "w2.memory_plain_peak_mib": plain / 1024,
-        "w2.memory_lora_files_mib": lora_kib / 1024,
-        "w2.memory_model_files_mib": folder_bytes(checkpoint) / 2**20,
+        "memory.loras": len(MEMORY_LORAS),
+        "memory.ratio_100": ours / (plain + lora_kib),
+        "memory.batchgen_peak_mib": ours / 1024,
+        "memory.batchgen_no_lora_peak_mib": no_lora / 1024,
+        "memory.per_lora_mib": (ours - no_lora) / 1024 / len(MEMORY_LORAS),
+        "memory.per_lora_file_mib": lora_kib / 1024 / len(MEMORY_LORAS),
+        "memory.plain_peak_mib": plain / 1024,
+        "memory.lora_files_mib": lora_kib / 1024,
+        "memory.model_files_mib": folder_bytes(checkpoint) / 2**20,
     }
 
 
@@ -408,43 +465,59 @@ def folder_bytes(folder: Path) -> int:
 # --- workloads -------------------------------------------------------------------------------------------------------
 
 
-def alternate(results: dict, contestants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list]:
-    """Run the contestants `repeats` times each in ABBA order, so each gets an early and a late slot: a drift in
-    machine speed (another process starting, caches warming) does not favour whichever always ran second.
-
-    A run that shared the CPUs with another process (stall share over STALL_LIMIT) is run once more after the
-    machine quietens; both attempts are kept. Returns, per contestant, (noise label, result) pairs.
-    """
-    names = list(contestants)
-    out: dict[str, list] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            for attempt in range(1 + RETRIES):
-                label = f"{name}#{i + 1}" + (f".retry{attempt}" if attempt else "")
-                wait_for_quiet()
-                with watched(results, label):
-                    out[name].append((label, contestants[name]()))
-                if results["noise"][label]["cpu_stall_share"] <= STALL_LIMIT:
-                    break
+def sample(results: dict, contestants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list]:
+    """Run every contestant `repeats` times in palindrome order (A B C C B A ...): each gets early and late slots, so
+    a drift in machine speed favours nobody, and no contestant is rerun for being slow. Returns, per contestant,
+    (noise label, result) pairs in run order."""
+    out: dict[str, list] = {name: [] for name in contestants}
+    for name, number in palindrome_order(list(contestants), repeats):
+        label = f"{name}#{number}"
+        wait_for_quiet()  # before every run alike: it delays runs, never picks them
+        with watched(results, label):
+            out[name].append((label, contestants[name]()))
+        print(f"{label}: {out[name][-1][1].seconds:.1f} s", flush=True)
     return out
 
 
-def wait_for_quiet(limit_s: float = 180.0) -> None:
+def wait_for_quiet(limit_s: float | None = None) -> None:
     """Wait, up to `limit_s`, until no task has waited for a CPU for 10 s: another process's test run on these
     2 cores slows torch several times over, which no amount of repetition averages out."""
-    deadline = time.monotonic() + limit_s
+    deadline = time.monotonic() + (QUIET_WAIT_S if limit_s is None else limit_s)
     while (pressure := cpu_pressure_now()) is not None and pressure > 2.0 and time.monotonic() < deadline:
         time.sleep(5)
 
 
-def fastest(results: dict, notes: list[str], name: str, runs: list) -> Any:
-    """A contestant's quickest run. Contention only ever adds time, so the minimum is the least disturbed estimate;
-    a note flags the figure when even that run shared the CPUs with another process."""
-    label, best = min(runs, key=lambda pair: pair[1].seconds)
-    stall = results["noise"][label]["cpu_stall_share"]
-    if stall > STALL_LIMIT:
-        notes.append(f"{name}: even its fastest run had tasks waiting for a CPU {stall:.0%} of the time; may be off")
-    return best
+def seconds_of(runs: list) -> list[float]:
+    return [result.seconds for _, result in runs]
+
+
+def median_run(runs: list) -> Any:
+    """The run whose wall time is the median (the lower middle one for an even count): stage tables come from it."""
+    ordered = sorted((result for _, result in runs), key=lambda r: r.seconds)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def contention_notes(results: dict, notes: list[str], names: list[str]) -> None:
+    """Information only: which runs shared the CPUs with another process. Nothing is rerun or dropped for it."""
+    for label, noise in results["noise"].items():
+        if label.split("#")[0] in names and noise["cpu_stall_share"] > STALL_LIMIT:
+            notes.append(f"{label}: tasks waited for a CPU {noise['cpu_stall_share']:.0%} of its time (information)")
+
+
+def record_ratio(results: dict, key: str, top: list[float], bottom: list[float]) -> None:
+    ratios = paired_ratios(top, bottom)
+    spread = Spread.of(ratios)
+    results[key] = spread.median
+    results[key + "_runs"] = ratios
+    results[key + "_spread"] = [spread.low, spread.high]
+
+
+def record_seconds(results: dict, key: str, runs: list) -> None:
+    values = seconds_of(runs)
+    spread = Spread.of(values)
+    results[key] = spread.median
+    results[key + "_each"] = {label: result.seconds for label, result in runs}
+    results[key + "_spread"] = [spread.low, spread.high]
 
 
 def switch_seconds(run: BatchgenRun, notes: list[str]) -> float:
@@ -455,6 +528,14 @@ def switch_seconds(run: BatchgenRun, notes: list[str]) -> float:
     if note not in notes:
         notes.append(note)
     return estimate_patch(run)
+
+
+def record_switch_share(results: dict, prefix: str, runs: list, notes: list[str]) -> None:
+    shares = [switch_seconds(run, notes) / run.seconds for _, run in runs]
+    spread = Spread.of(shares)
+    results[f"{prefix}.switch_share"] = spread.median
+    results[f"{prefix}.switch_share_spread"] = [spread.low, spread.high]
+    results[f"{prefix}.patch_seconds"] = statistics.median(switch_seconds(run, notes) for _, run in runs)
 
 
 def workload_w1(models: Path, repeats: int, quick: bool, results: dict, notes: list[str]) -> tuple[Path, BatchgenRun]:
@@ -468,39 +549,46 @@ def workload_w1(models: Path, repeats: int, quick: bool, results: dict, notes: l
         "w1_tiny",
         root,
         TINY,
-        {"w1": sweep_body("w1", states, W1_PROMPTS, W1_SEEDS, **W1_SCALARS)},
+        {"w1": sweep_body("w1", states, W1_PROMPTS, W1_SEEDS, batch_size=W1_BATCH, **W1_SCALARS)},
     )
     checkpoint = root / "main" / TINY
+    warm_up(checkpoint, W1_SCALARS, W1_BATCH, "cpu", torch.float32)
     warm_up(checkpoint, W1_SCALARS, 1, "cpu", torch.float32)
-    runs = alternate(
+    runs = sample(
         results,
         {
-            "w1.naive": lambda: render_naive(root, checkpoint, jobs, W1_SCALARS, "cpu", torch.float32),
             "w1.batchgen": lambda: run_batchgen(config_dir, "w1", BENCH_DIR / "runs" / "w1"),
+            "w1.strong": lambda: render_strong(root, checkpoint, jobs, W1_SCALARS, W1_BATCH),
+            "w1.bare": lambda: render_bare(root, checkpoint, jobs, W1_SCALARS, W1_BATCH),
+            "w1.naive": lambda: render_naive(root, checkpoint, jobs, W1_SCALARS),
         },
         repeats,
     )
-    naive, ours = runs["w1.naive"], runs["w1.batchgen"]
+    ours = runs["w1.batchgen"]
     for _, run in ours:
         verify(run, len(jobs), "w1")
-    diff = max_pixel_diff(ours[-1][1], naive[-1][1].images or {})
-    if diff > 2:  # 2/255 is float noise between two correct implementations (the repo's oracle test uses it)
-        notes.append(f"W1: batchgen and naive images differ by up to {diff}/255: not the same renders")
-    best = fastest(results, notes, "w1.batchgen", ours)
-    naive_s, ours_s = fastest(results, notes, "w1.naive", naive).seconds, best.seconds
+    strong_diff = max_pixel_diff(ours[-1][1], runs["w1.strong"][-1][1].images)
+    if strong_diff > 2:  # 2/255 is float noise between two correct implementations (the repo's oracle test uses it)
+        raise BenchError(f"W1: batchgen and the strong loop differ by up to {strong_diff}/255: not the same renders")
+    naive_diff = max_pixel_diff(ours[-1][1], runs["w1.naive"][-1][1].images)
+    if naive_diff > 2:
+        notes.append(f"W1: batchgen and naive images differ by up to {naive_diff}/255: not the same renders")
+    ours_s = seconds_of(ours)
+    for name in ("batchgen", "strong", "bare", "naive"):
+        record_seconds(results, f"w1.{name}_seconds", runs[f"w1.{name}"])
+    record_ratio(results, "w1.vs_bare", ours_s, seconds_of(runs["w1.bare"]))
+    record_ratio(results, "w1.vs_strong", seconds_of(runs["w1.strong"]), ours_s)
+    record_ratio(results, "w1.vs_naive", seconds_of(runs["w1.naive"]), ours_s)
+    record_switch_share(results, "w1", ours, notes)
+    contention_notes(results, notes, list(runs))
     results |= {
         "w1.images": len(jobs),
+        "w1.batch_size": W1_BATCH,
         "w1.repeats": repeats,
-        "w1.naive_seconds": naive_s,
-        "w1.batchgen_seconds": ours_s,
-        "w1.naive_seconds_each": {label: c.seconds for label, c in naive},
-        "w1.batchgen_seconds_each": {label: r.seconds for label, r in ours},
-        "w1.naive_images_per_s": len(jobs) / naive_s,
-        "w1.batchgen_images_per_s": len(jobs) / ours_s,
-        "w1.speedup": naive_s / ours_s,
-        "w1.max_pixel_diff": diff,
+        "w1.max_pixel_diff_strong": strong_diff,
+        "w1.max_pixel_diff_naive": naive_diff,
     }
-    return root, best
+    return root, median_run(ours)
 
 
 def workload_w2(
@@ -511,9 +599,10 @@ def workload_w2(
     results["w2.build_seconds"] = time.perf_counter() - start
     quick_steps = {"steps": 4} if quick else {}
     scalars = W2_SCALARS | quick_steps
+    scale_scalars = SCALE_SCALARS | quick_steps
     states = w2_states(W2_LORAS)
     jobs = expand_jobs(states, [PROMPT], W2_SEEDS)
-    memory_states = [State(f"m{i:02d}", {name: 1.0}) for i, name in enumerate(MEMORY_LORAS)]
+    memory_states = [State(f"m{i:03d}", {name: 1.0}) for i, name in enumerate(MEMORY_LORAS)]
     config_dir = write_config_dir(
         BENCH_DIR / "conf" / "w2",
         W2_MODEL,
@@ -523,17 +612,15 @@ def workload_w2(
             "w2": sweep_body("w2", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **scalars),
             "w2_memory": sweep_body("w2_memory", memory_states, [PROMPT], [1], **MEMORY_SCALARS),
             "w2_memory_none": sweep_body("w2_memory_none", [State("none")], [PROMPT], [1], **MEMORY_SCALARS),
-            "w2_scale": sweep_body(
-                "w2_scale", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **(SCALE_SCALARS | quick_steps)
-            ),
+            "w2_scale": sweep_body("w2_scale", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **scale_scalars),
         },
     )
     checkpoint = root / "main" / W2_MODEL
     warm_up(checkpoint, scalars, W2_BATCH, "cpu", torch.float32)
-    runs = alternate(
+    runs = sample(
         results,
         {
-            "w2.bare": lambda: render_bare(checkpoint, jobs, scalars, W2_BATCH, "cpu", torch.float32),
+            "w2.bare": lambda: render_bare(None, checkpoint, jobs, scalars, W2_BATCH),
             "w2.batchgen": lambda: run_batchgen(config_dir, "w2", BENCH_DIR / "runs" / "w2"),
         },
         repeats,
@@ -541,98 +628,73 @@ def workload_w2(
     bare, ours = runs["w2.bare"], runs["w2.batchgen"]
     for _, run in ours:
         verify(run, bare[0][1].count, "w2")
-    best = fastest(results, notes, "w2.batchgen", ours)
-    bare_s, ours_s = fastest(results, notes, "w2.bare", bare).seconds, best.seconds
-    patch = switch_seconds(best, notes)
+    record_seconds(results, "w2.bare_seconds", bare)
+    record_seconds(results, "w2.batchgen_seconds", ours)
+    record_ratio(results, "w2.overhead", seconds_of(ours), seconds_of(bare))
+    record_switch_share(results, "w2", ours, notes)
+    contention_notes(results, notes, list(runs))
     results |= {
         "w2.images": len(jobs),
         "w2.batch_size": W2_BATCH,
         "w2.steps": scalars["steps"],
         "w2.repeats": repeats,
-        "w2.bare_seconds": bare_s,
-        "w2.batchgen_seconds": ours_s,
-        "w2.bare_seconds_each": {label: c.seconds for label, c in bare},
-        "w2.batchgen_seconds_each": {label: r.seconds for label, r in ours},
-        "w2.overhead": ours_s / bare_s,
-        "w2.patch_seconds": patch,
-        "w2.switch_share": patch / ours_s,
     }
-    with watched(results, "w2.memory"):
+    with watched(results, "memory"):
         results |= lora_memory(config_dir, root, checkpoint)
-    workload_scaling(config_dir, len(jobs), (SCALE_SCALARS | quick_steps)["steps"], results, notes)
-    return best
+    workload_scaling(config_dir, len(jobs), scale_scalars["steps"], repeats, results, notes)
+    return median_run(ours)
 
 
-def workload_scaling(config_dir: Path, images: int, steps: int, results: dict, notes: list[str]) -> None:
-    """The W2 images (at SCALE_SCALARS steps) with one worker, two local workers and two Ray actors, one thread
-    each: images/s of N workers over N times one worker's."""
+def workload_scaling(config_dir: Path, images: int, steps: int, repeats: int, results: dict, notes: list[str]) -> None:
+    """The W2 images (at SCALE_SCALARS steps) with one worker, two local workers and two Ray actors, every worker
+    1 thread (run.threads=1, which the local and Ray executors pass to each worker's torch): equal thread budgets
+    per worker, so the figure measures the executor and not two workers sharing one thread pool."""
     one_thread = ("run.threads=1",)
-    contestants = {
+    options = {
         "scale.local1": ("executor.devices=1", *one_thread),
         "scale.local2": ("executor.devices=2", *one_thread),
         "scale.ray2": ("executor=ray", "executor.actors=2", *one_thread),
     }
-    runs = {}
-    for label, extra in contestants.items():
-        with watched(results, label):
-            runs[label] = run_batchgen(config_dir, "w2_scale", BENCH_DIR / "runs" / label, extra)
-        verify(runs[label], images, label)
-        if runs[label].table["image_sha256"].tolist() and label != "scale.local1":
-            same = dict(zip(runs[label].table["job_id"], runs[label].table["image_sha256"], strict=True))
-            base = dict(
-                zip(runs["scale.local1"].table["job_id"], runs["scale.local1"].table["image_sha256"], strict=True)
-            )
-            if same != base:
-                notes.append(f"{label}: images differ from one worker's at the same thread count")
-    one = runs["scale.local1"].seconds
-    results |= {
-        "scale.images": images,
-        "scale.steps": steps,
-        "scale.local1_seconds": one,
-        "scale.local2_seconds": runs["scale.local2"].seconds,
-        "scale.ray2_seconds": runs["scale.ray2"].seconds,
-        "scale.local_efficiency": one / runs["scale.local2"].seconds / 2,
-        "scale.ray_efficiency": one / runs["scale.ray2"].seconds / 2,
+    contestants = {
+        label: (lambda out=BENCH_DIR / "runs" / label, extra=extra: run_batchgen(config_dir, "w2_scale", out, extra))
+        for label, extra in options.items()
     }
+    runs = sample(results, contestants, repeats)
+    base = None
+    for label, pairs in runs.items():
+        for _, run in pairs:
+            verify(run, images, label)
+            hashes = dict(zip(run.table["job_id"], run.table["image_sha256"], strict=True))
+            base = hashes if base is None else base
+            if hashes != base:
+                notes.append(f"{label}: images differ from one worker's at the same thread count")
+    one = seconds_of(runs["scale.local1"])
+    for label in options:
+        record_seconds(results, f"{label}_seconds", runs[label])
+    # Efficiency = one worker's time / (N workers' time x N), paired run by run.
+    record_ratio(results, "scale.local_efficiency", [t / 2 for t in one], seconds_of(runs["scale.local2"]))
+    record_ratio(results, "scale.ray_efficiency", [t / 2 for t in one], seconds_of(runs["scale.ray2"]))
+    contention_notes(results, notes, list(runs))
+    results |= {"scale.images": images, "scale.steps": steps, "scale.threads_per_worker": 1}
 
 
-def workload_gpu(tokenizer_dir: Path, results: dict) -> None:
-    """SD1.5-sized, fp16, on the first CUDA device: the three contestants, at GPU-sized batches."""
-    if not torch.cuda.is_available():
-        print("gpu: skipped (torch.cuda.is_available() is False)")
-        return
-    names = ["gpu_a", "gpu_b"]
-    start = time.perf_counter()
-    root = build_sd1_root(BENCH_DIR / "models" / "gpu", GPU_MODEL, tokenizer_dir, names, full_size=True)
-    results["gpu.build_seconds"] = time.perf_counter() - start
-    states = w2_states(names)
-    jobs = expand_jobs(states, [PROMPT], GPU_SEEDS)
-    config_dir = write_config_dir(
-        BENCH_DIR / "conf" / "gpu",
-        GPU_MODEL,
-        root,
-        GPU_MODEL,
-        {"gpu": sweep_body("gpu", states, [PROMPT], GPU_SEEDS, batch_size=GPU_BATCH, **GPU_SCALARS)},
-    )
-    checkpoint = root / "main" / GPU_MODEL
-    warm_up(checkpoint, GPU_SCALARS, GPU_BATCH, "cuda", torch.float16)
-    with watched(results, "gpu.naive"):
-        naive = render_naive(root, checkpoint, jobs, GPU_SCALARS, "cuda", torch.float16)
-    with watched(results, "gpu.bare"):
-        bare = render_bare(checkpoint, jobs, GPU_SCALARS, GPU_BATCH, "cuda", torch.float16)
-    with watched(results, "gpu.batchgen"):
-        run = run_batchgen(config_dir, "gpu", BENCH_DIR / "runs" / "gpu")
-    verify(run, bare.count, "gpu")
-    stages, _ = stage_totals(run)
+def workload_startup(runs: int, results: dict) -> None:
+    """`batchgen +sweep=styles --dry-run`, each in a fresh process: what a user waits before anything renders."""
+    out = BENCH_DIR / "runs" / "startup"
+    cmd = [sys.executable, "-m", "batchgen.cli", "+sweep=styles", "--dry-run", f"run.out_dir={out}"]
+    times = []
+    for number in range(1, runs + 1):
+        with watched(results, f"startup#{number}"):
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)} exited {done.returncode}:\n{tail(done.stdout + done.stderr)}")
+    spread = Spread.of(times)
     results |= {
-        "gpu.device": torch.cuda.get_device_name(0),
-        "gpu.images": bare.count,
-        "gpu.naive_images_per_s": naive.count / naive.seconds,
-        "gpu.bare_images_per_s": bare.count / bare.seconds,
-        "gpu.batchgen_images_per_s": bare.count / run.seconds,
-        "gpu.speedup": naive.seconds / run.seconds,
-        "gpu.overhead": run.seconds / bare.seconds,
-        "gpu.switch_share": stages.get("patch", float("nan")) / run.seconds,
+        "startup.dry_run_s": spread.median,
+        "startup.dry_run_s_each": times,
+        "startup.dry_run_s_spread": [spread.low, spread.high],
     }
 
 
@@ -692,42 +754,44 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": THREADS}
 
 
-def verdict(key: str, value: float) -> str:
-    comparison, bound = TARGETS[key]
-    if value != value:  # NaN: not measured
-        return "not measured"
-    met = value >= bound if comparison == ">=" else value <= bound
-    return "met" if met else "not met"
+def spread_of(results: dict, key: str) -> Spread:
+    low, high = results.get(key + "_spread", [results[key], results[key]])
+    return Spread(results[key], low, high)
 
 
-FIGURE_HEADER = ["figure", "value", "target", "", "from"]
+def figure_details(r: dict) -> dict[str, str]:
+    def secs(key: str) -> str:
+        return spread_of(r, key).text("s", 1)
 
-
-def figure_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
-    r = results
-    detail = {
-        "w1.speedup": f"batchgen {r['w1.batchgen_images_per_s']:.2f} img/s, naive {r['w1.naive_images_per_s']:.2f}",
-        "w2.overhead": f"batchgen {r['w2.batchgen_seconds']:.1f} s, bare {r['w2.bare_seconds']:.1f} s",
-        "w2.switch_share": f"{r['w2.patch_seconds']:.2f} s switching",
-        "w2.lora_memory_ratio": (
-            f"peak {r['w2.memory_batchgen_peak_mib']:.0f} MiB / (plain {r['w2.memory_plain_peak_mib']:.0f}"
-            f" + LoRA files {r['w2.memory_lora_files_mib']:.0f} MiB); batchgen with no LoRA"
-            f" {r['w2.memory_batchgen_no_lora_peak_mib']:.0f} MiB, each LoRA adds {r['w2.memory_per_lora_mib']:.1f}"
-            f" MiB for a {r['w2.memory_per_lora_file_mib']:.1f} MiB file"
+    return {
+        "w1.vs_bare": f"batchgen wall / bare wall (same images, batches of {r['w1.batch_size']}, no LoRA); batchgen"
+        f" {secs('w1.batchgen_seconds')}, bare {secs('w1.bare_seconds')}",
+        "w1.vs_strong": f"strong wall / batchgen wall; strong (adapters loaded once, set_adapters per state) "
+        f"{secs('w1.strong_seconds')}, max pixel diff {r['w1.max_pixel_diff_strong']}/255",
+        "w1.vs_naive": f"naive wall / batchgen wall (continuity); naive {secs('w1.naive_seconds')}",
+        "w1.switch_share": f"`patch` stage / batchgen wall; median {r['w1.patch_seconds']:.2f} s switching",
+        "w2.overhead": f"batchgen {secs('w2.batchgen_seconds')}, bare {secs('w2.bare_seconds')}",
+        "w2.switch_share": f"median {r['w2.patch_seconds']:.2f} s switching",
+        "memory.ratio_100": (
+            f"{r['memory.loras']} LoRAs, one run: peak {r['memory.batchgen_peak_mib']:.0f} MiB / (plain"
+            f" {r['memory.plain_peak_mib']:.0f} + LoRA files {r['memory.lora_files_mib']:.0f} MiB); batchgen with"
+            f" no LoRA {r['memory.batchgen_no_lora_peak_mib']:.0f} MiB, each LoRA adds {r['memory.per_lora_mib']:.1f}"
+            f" MiB for a {r['memory.per_lora_file_mib']:.1f} MiB file"
         ),
         "scale.local_efficiency": (
-            f"{r['scale.images']} W2 images at {r['scale.steps']} steps, 1 thread per worker: 1 worker "
-            f"{r['scale.local1_seconds']:.1f} s, 2 local workers {r['scale.local2_seconds']:.1f} s"
+            f"{r['scale.images']} W2 images at {r['scale.steps']} steps, every worker 1 thread: 1 worker "
+            f"{secs('scale.local1_seconds')}, 2 local workers {secs('scale.local2_seconds')}"
         ),
-        "scale.ray_efficiency": f"2 Ray actors (local Ray started by the run) {r['scale.ray2_seconds']:.1f} s",
+        "scale.ray_efficiency": f"2 Ray actors x 1 thread (local Ray started by the run) {secs('scale.ray2_seconds')}",
+        "startup.dry_run_s": (
+            f"`batchgen +sweep=styles --dry-run`, a fresh process each, {len(r['startup.dry_run_s_each'])} runs"
+        ),
     }
-    rows = []
-    for key, (comparison, bound) in TARGETS.items():
-        value = r[key]
-        # Four decimals on ratios: 1.1001 against a 1.10 bound must not print as a "not met" 1.100.
-        shown = f"{value:.2f}x" if key == "w1.speedup" else f"{value:.4f}"
-        rows.append((key, shown, f"{comparison} {bound:g}", verdict(key, value), detail[key]))
-    return rows
+
+
+def figure_rows(results: dict, command: str) -> list[tuple[str, ...]]:
+    detail = figure_details(results)
+    return [figure_row(key, spread_of(results, key), detail[key], command) for key in TARGETS]
 
 
 def stage_rows(runs: dict[str, BatchgenRun]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -754,72 +818,33 @@ def stage_rows(runs: dict[str, BatchgenRun]) -> tuple[list[str], list[list[str]]
     return header, rows, sources
 
 
-def markdown_table(header: list[str], rows: list[list[str]] | list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def text_table(header: list[str], rows) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-MD_HEADER = """# Benchmarks
-
-Appended by `make bench` (`.venv/bin/python benchmarks/bench.py`, about 6 minutes on 2 quiet CPU cores; raw figures
-in `runs/bench/results.json`). Every model and LoRA is built locally with seeded random weights under `runs/bench/`;
-nothing is downloaded. batchgen is called in-process through its CLI entry point and timed around the whole call;
-the baselines run in the same process with the same 2 torch threads, timed from their pipeline load on. Each timed
-contestant runs twice in ABBA order (a run another process slowed is run once more when the machine is quiet) and
-figures use its fastest run: contention only adds time.
-
-| workload | what | baseline | figure | target |
-|---|---|---|---|---|
-| W1, LoRA switching | tiny SD1 + its TIs, 4 kohya LoRAs (rank 16, UNet + TE), 24 stack states x 2 prompts (one \
-with a TI) x 2 seeds, 64x64, 8 steps | *naive*: one diffusers pipeline, per image `load_lora_weights` each LoRA, \
-`set_adapters`, render, `unload_lora_weights` | `w1.speedup` = batchgen img/s / naive img/s | >= 5 |
-| W2, compute bound | SD1-architecture UNet (128, 256, 256), 768-wide CLIP, 8x VAE; 2 rank-16 LoRAs, 8 states \
-x 2 seeds, 256x256, 20 steps, batch 2 | *bare*: the same 16 images from a plain pipeline at the same batch size, no \
-LoRAs, no files | `w2.overhead` = batchgen wall / bare wall | <= 1.10 |
-| | | | `w2.switch_share` = LoRA switching (`patch` stage) / batchgen wall | <= 0.05 |
-| | 20 LoRAs, one stack each, 1 step, 64x64, in a child process | peak RSS of a child that loads the pipeline and \
-renders one image, plus the 20 LoRA files' sizes | `w2.lora_memory_ratio` = batchgen peak RSS / that | <= 1.10 |
-| GPU (CUDA only) | SD1.5 architecture, random fp16 weights, 512x512, 20 steps, 64 images, 8 states | naive and \
-bare as above | `gpu.*` | |
-
-Timings on a shared machine are noisy: each section records, per contestant, the 1-minute load average before it
-and the share of its wall time in which some task waited for a CPU (Linux PSI); trust figures taken near 0/0.
-"""
-
-
 def append_markdown(results: dict, runs: dict[str, BatchgenRun], notes: list[str]) -> None:
     if not BENCHMARKS_MD.exists():
-        BENCHMARKS_MD.write_text(MD_HEADER)
+        BENCHMARKS_MD.write_text("# Benchmarks\n")  # the workload description is kept by hand at the top
     r = results
     m = r["machine"]
     noise = ", ".join(f"{k} {v['load_before']:.2f}/{v['cpu_stall_share']:.2f}" for k, v in r["noise"].items())
     header, rows, sources = stage_rows(runs)
     section = [
-        f"\n## {r['date']}\n",
+        f"\n## {r['date']}: `{FULL_COMMAND}`, {r['bench_seconds'] / 60:.1f} minutes\n",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads). "
-        f"Bench wall {r['bench_seconds']:.0f} s; model builds (not counted) W1 {r['w1.build_seconds']:.1f} s,"
-        f" W2 {r['w2.build_seconds']:.1f} s.\n",
-        f"Contention per contestant (load average before / share of its time some task waited for a CPU; near 0/0 is"
-        f" a quiet machine): {noise}.\n",
-        markdown_table(FIGURE_HEADER, figure_rows(results)),
+        f"Bench wall {r['bench_seconds']:.0f} s (measured); model builds (not counted)"
+        f" W1 {r['w1.build_seconds']:.1f} s, W2 {r['w2.build_seconds']:.1f} s."
+        f" Runs per contestant, palindrome order: W1 {r['w1.repeats']}, W2 and"
+        f" scaling {r['w2.repeats']}; figures are medians (min-max), ratios paired run by run.\n",
+        f"Contention per run, information only (load average before / share of its time some task waited for a CPU;"
+        f" near 0/0 is a quiet machine): {noise}.\n",
+        markdown_table(FIGURE_HEADER, figure_rows(results, FULL_COMMAND)),
         "",
-        f"W1: {r['w1.images']} images, max pixel difference batchgen vs naive {r['w1.max_pixel_diff']}/255."
-        f" W2: {r['w2.images']} images, batch {r['w2.batch_size']}, {r['w2.steps']} steps; memory"
-        f" workload on the W2 model (model files {r['w2.memory_model_files_mib']:.0f} MiB).",
+        f"W1: {r['w1.images']} images, max pixel difference batchgen vs strong {r['w1.max_pixel_diff_strong']}/255,"
+        f" vs naive {r['w1.max_pixel_diff_naive']}/255. W2: {r['w2.images']} images, batch {r['w2.batch_size']},"
+        f" {r['w2.steps']} steps; memory workload on the W2 model"
+        f" (model files {r['memory.model_files_mib']:.0f} MiB).",
         "",
-        f"batchgen time per stage in its fastest run, summed over images ({'; '.join(sources)}):\n",
+        f"batchgen time per stage in its median run, summed over images, from `{FULL_COMMAND}`"
+        f" ({'; '.join(sources)}):\n",
         markdown_table(header, rows),
     ]
-    gpu = {k: v for k, v in results.items() if k.startswith("gpu.")}
-    section += ["", "GPU: " + (", ".join(f"{k} {fmt(v)}" for k, v in gpu.items()) if gpu else "skipped (no CUDA).")]
     section += [f"\nNote: {note}" for note in notes]
     with BENCHMARKS_MD.open("a") as f:
         f.write("\n".join(section) + "\n")
@@ -837,6 +862,9 @@ def main(argv: list[str] | None = None) -> int:
         help="6 W1 states, 4 W2 steps, one run each: checks the bench itself; no BENCHMARKS.md",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        global QUIET_WAIT_S
+        QUIET_WAIT_S = 0.0
 
     torch.set_num_threads(THREADS)
     # PEFT warns on every extra adapter and diffusers/transformers on choices made on purpose; the naive loop
@@ -854,17 +882,17 @@ def main(argv: list[str] | None = None) -> int:
 
     models = BENCH_DIR / "models"
     shutil.rmtree(models, ignore_errors=True)  # rebuilt every run: the figures never depend on stale files
-    repeats = 1 if args.quick else REPEATS
-    w1_root, w1_run = workload_w1(models, repeats, args.quick, results, notes)
-    w2_run = workload_w2(models, w1_root / "main" / TINY / "tokenizer", repeats, args.quick, results, notes)
-    workload_gpu(w1_root / "main" / TINY / "tokenizer", results)
+    w1_root, w1_run = workload_w1(models, 1 if args.quick else W1_REPEATS, args.quick, results, notes)
+    tokenizer = w1_root / "main" / TINY / "tokenizer"
+    w2_run = workload_w2(models, tokenizer, 1 if args.quick else REPEATS, args.quick, results, notes)
+    workload_startup(STARTUP_RUNS, results)
     results["bench_seconds"] = time.perf_counter() - started
 
     runs = {"W1": w1_run, "W2": w2_run}
     print()
-    print(text_table(FIGURE_HEADER, figure_rows(results)))
+    print(text_table(FIGURE_HEADER, figure_rows(results, QUICK_COMMAND if args.quick else FULL_COMMAND)))
     header, rows, sources = stage_rows(runs)
-    print(f"\nbatchgen per stage, fastest run ({'; '.join(sources)}):")
+    print(f"\nbatchgen per stage, median run ({'; '.join(sources)}):")
     print(text_table(header, rows))
     for note in notes:
         print(f"note: {note}")
