@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgen.assets.module_table import clip_text_shapes, unet_shapes
 from batchgen.errors import BatchgenError
 
 if TYPE_CHECKING:
@@ -49,24 +50,36 @@ def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def model_architecture(checkpoint: Path, base: str) -> Architecture:
-    # lazy: only a sweep that uses LoRAs pays for torch, diffusers and transformers
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     if not checkpoint.is_dir():
         raise BatchgenError(f"{checkpoint}: LoRAs need a diffusers folder checkpoint to map their keys")
     unet_config = json.loads((checkpoint / "unet" / "config.json").read_text())
     index = json.loads((checkpoint / "model_index.json").read_text())
+    encoders = {}
+    for component in _TEXT_ENCODERS:
+        folder = checkpoint / component
+        if isinstance(index.get(component), list) and (folder / "config.json").is_file():
+            encoders[component] = index[component][1] == "CLIPTextModelWithProjection"
+    tables = {"unet": unet_shapes(unet_config)}
+    for component, projected in encoders.items():
+        config = json.loads((checkpoint / component / "config.json").read_text())
+        tables[component] = clip_text_shapes(config, projected)
+    if any(table is None for table in tables.values()):
+        tables = _meta_shapes(checkpoint, unet_config, encoders)
+    return Architecture(base=base, modules=tables, unet_config=unet_config)
+
+
+def _meta_shapes(checkpoint: Path, unet_config: dict, encoders: dict[str, bool]) -> dict[str, dict]:
+    """The modules built on the meta device, for a layout module_table does not know."""
+    # lazy: only such a layout pays for torch, diffusers and transformers
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     with torch.device("meta"):
         modules["unet"] = module_shapes(UNet2DConditionModel.from_config(unet_config))
-        for component in _TEXT_ENCODERS:
-            folder = checkpoint / component
-            if not isinstance(index.get(component), list) or not (folder / "config.json").is_file():
-                continue
-            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            projected = index[component][1] == "CLIPTextModelWithProjection"
+        for component, projected in encoders.items():
+            config = AutoConfig.from_pretrained(str(checkpoint / component), local_files_only=True)
             cls = CLIPTextModelWithProjection if projected else CLIPTextModel
             modules[component] = module_shapes(cls(config))
-    return Architecture(base=base, modules=modules, unet_config=unet_config)
+    return modules

@@ -54,21 +54,30 @@ def find_embeddings(
 
 def inspect_embedding(ti: EmbeddingFile, hashes: HashCache) -> EmbeddingFile:
     """Hash the file and read its format, vector count and base from the vector widths."""
-    shapes = _shapes(ti.path)
+    shapes = _shapes(ti.path, hashes)
     fmt, widths, vectors = _layout(shapes, ti.path)
     base = embedding_base(widths, ti.path)
-    from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
 
     def vectors_only(key: str) -> bool:
         return key in VECTOR_KEYS or key.startswith("string_to_param.") or len(shapes) == 1
 
-    hashes.checked(ti.path, "values", lambda path: check_values(path, "embedding vectors", vectors_only))
+    def check(path: Path) -> None:
+        from batchgen.assets.tensors import check_values  # torch: reads every value, once per file version
+
+        check_values(path, "embedding vectors", vectors_only)
+
+    hashes.checked(ti.path, "values", check)
     return replace(ti, sha256=hashes.file_sha256(ti.path), format=fmt, vectors=vectors, base=base)
 
 
-def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _shapes(path: Path, hashes: HashCache) -> dict[str, tuple[int, ...]]:
     if path.suffix.lower() == ".safetensors":
         return {k: v.shape for k, v in read_header(path).tensors.items()}
+    # torch reads a pickle's shapes once per file version; the hash cache remembers them
+    return {k: tuple(v) for k, v in hashes.memo(path, "shapes", _pickle_shapes).items()}
+
+
+def _pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from batchgen.assets.tensors import read_state_dict, unwrap_state_dict  # torch, only for pickled files
 
     state = unwrap_state_dict(read_state_dict(path))

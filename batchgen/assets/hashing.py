@@ -11,7 +11,8 @@ _CHUNK = 1 << 20
 
 
 class HashCache:
-    """A JSON file of {path: [size, mtime_ns, sha256]}; a stale or unreadable cache is just rebuilt."""
+    """A JSON file of {path: [size, mtime_ns, sha256]} (and of checks and memos by label and path); a stale or
+    unreadable cache is just rebuilt."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -46,6 +47,20 @@ class HashCache:
         check(path)
         self._entries[key] = [stat.st_size, stat.st_mtime_ns, "ok"]
         self._dirty = True
+
+    def memo(self, path: Path, label: str, compute):
+        """`compute(path)` (JSON-able) for this exact file version, computed once: a pickle's tensor shapes, read
+        with torch the first time, are then known without it."""
+        path = path.resolve()
+        stat = path.stat()
+        key = f"{label}:{path}"
+        cached = self._entries.get(key)
+        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns and len(cached) == 4:
+            return cached[3]
+        value = compute(path)
+        self._entries[key] = [stat.st_size, stat.st_mtime_ns, "memo", value]
+        self._dirty = True
+        return value
 
     def tree_sha256(self, folder: Path) -> str:
         """Hash of every file's relative path and content, so renaming the folder keeps the hash."""

@@ -4,7 +4,8 @@ suffixes, the fewest dimensions each tensor has, its rank, the shape of the ΔW 
 The class methods read only shapes (safetensors headers, meta tensors: anything with a ``shape``), so inspection asks
 the same classes the patcher uses. An instance takes the module's tensors keyed by their kohya/LyCORIS suffix, keeps
 them as fp32 factors, and builds the full-size ΔW only when `delta` is called. Applying a layer at strength w gives
-W0 + w * delta(W0). `LAYER_TYPES` is the registry the key formats and inspection read.
+W0 + w * delta(W0). `LAYER_TYPES` is the registry the key formats and inspection read. torch is imported where a
+layer holds tensors, never at import: a dry run reads the classes' suffixes and shapes without it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # (output width, input width times kernel size) of a ΔW, None where the tensors at hand do not say.
 DeltaDims = tuple[int | None, int | None]
@@ -42,6 +44,8 @@ class LayerPatch(ABC):
         """The ΔW's widths from the tensors' shapes; missing tensors give None (shapes are read before any check)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        import torch
+
         _check_suffixes(self.kind, set(tensors), self.required, self.optional)
         self._tensors = {name: t.detach().to(dtype=torch.float32) for name, t in tensors.items()}
 
@@ -63,6 +67,8 @@ class LayerPatch(ABC):
         return self.rank_of(self._tensors)
 
     def to(self, device: torch.device | str) -> LayerPatch:
+        import torch
+
         self._tensors = {name: t.to(device=device, dtype=torch.float32) for name, t in self._tensors.items()}
         return self
 
@@ -83,6 +89,8 @@ class _FactoredLayer(LayerPatch):
     """A layer whose ΔW is `scale * build(factors)`, the factors alone fixing ΔW's shape."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        import torch
+
         super().__init__(tensors)
         # Running build() on meta tensors checks that the factors fit together and yields ΔW's shape for free.
         meta = {name: torch.empty(t.shape, device="meta") for name, t in self._tensors.items()}
@@ -143,6 +151,8 @@ class LoRALayer(_FactoredLayer):
         target.view(up.shape[0], -1).addmm_(up, down, alpha=alpha * self._scale)
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         # up may be [out, r] or [out, r, 1, 1] and a Tucker down is [r, in, 1, 1]: flatten(1) reads all alike.
         up, down, mid = t["lora_up.weight"].flatten(1), t["lora_down.weight"], t.get("lora_mid.weight")
         if mid is None:
@@ -180,6 +190,8 @@ class LoHaLayer(_FactoredLayer):
         return w1_a[1], w1_b[1] * math.prod(_shape(core)[2:])
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         if "hada_t1" in t:
             # Tucker halves store both sides rank-first: w_a [r, out], w_b [r, in], core [r, r, kh, kw].
             half1 = torch.einsum("abhw,ao,bi->oihw", t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
@@ -230,6 +242,8 @@ class LoKrLayer(_FactoredLayer):
         return first[0] * second[0], first[1] * second[1]
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         if "lokr_w2" in t:
             w2 = t["lokr_w2"]
@@ -332,6 +346,8 @@ class DoRALayer(LayerPatch):
         return error
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        import torch
+
         self._check_shape(weight)
         dims = self._norm_dims(tuple(weight.shape))
         merged = weight + self._inner.delta(weight)

@@ -42,16 +42,21 @@ def find_loras(sources: list[Path], where: str) -> tuple[tuple[LoraFile, ...], t
     return tuple(found.values()), refused
 
 
-def lora_shapes(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """({key: Shape}, metadata) from a safetensors header, or from a weights-only unpickled file."""
+def lora_shapes(path: Path, hashes: HashCache | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """({key: Shape}, metadata) from a safetensors header, or from a weights-only unpickled file (its shapes
+    remembered in `hashes`, so torch reads each pickle version once)."""
     if path.suffix.lower() == ".safetensors":
         header = read_header(path)
         check_float_dtypes(header, path, "LoRA weights")
         return {k: Shape(v.shape) for k, v in header.tensors.items()}, header.metadata
+    shapes = hashes.memo(path, "shapes", _pickle_shapes) if hashes else _pickle_shapes(path)
+    return {k: Shape(tuple(v)) for k, v in shapes.items()}, {}
+
+
+def _pickle_shapes(path: Path) -> dict[str, list[int]]:
     from batchgen.assets.tensors import read_state_dict  # torch, only for pickled files
 
-    state = read_state_dict(path)
-    return {k: Shape(tuple(v.shape)) for k, v in state.items() if hasattr(v, "shape")}, {}
+    return {k: list(v.shape) for k, v in read_state_dict(path).items() if hasattr(v, "shape")}
 
 
 def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple[LoraFile, dict | None]:
@@ -63,7 +68,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     # lazy: the key formats and layer types import torch, which only a sweep that uses LoRAs pays for
     from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
 
-    shapes, metadata = lora_shapes(lora.path)
+    shapes, metadata = lora_shapes(lora.path, hashes)
     try:
         fmt, groups = group_by_module(shapes, metadata)
     except ValueError as e:

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from batchgen.assets.architecture import COMPONENTS, ModuleRef
 
 # diffusers' pipeline save_lora_weights stores the PEFT LoraConfig as JSON under this metadata key, each field
@@ -142,7 +140,7 @@ def add_alphas(groups: dict[str, dict[str, Any]], metadata: Mapping[str, str]) -
         if config.use_rslora:
             # rsLoRA scales by alpha / sqrt(r); as alpha / r that is (alpha * sqrt(r)) / r.
             alpha *= math.sqrt(tuple(tensors["lora_down.weight"].shape)[0])
-        tensors["alpha"] = _scalar_tensor(alpha)
+        tensors["alpha"] = _scalar_like(tensors["lora_down.weight"], alpha)
 
 
 def _alpha_configs(metadata: Mapping[str, str]) -> dict[str, _PeftAlpha]:
@@ -185,5 +183,20 @@ def _pattern_value(patterns: Mapping[str, Any], path: str, default: float) -> fl
     return default
 
 
-def _scalar_tensor(value: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Scalar:
+    """alpha beside shape-only stand-ins (inspection reads headers, not tensors), so inspecting needs no torch."""
+
+    value: float
+    shape: tuple[int, ...] = ()
+
+    def __float__(self) -> float:
+        return self.value
+
+
+def _scalar_like(down: Any, value: float) -> Any:
+    if not hasattr(down, "dtype"):
+        return _Scalar(value)
+    import torch  # the factors are tensors, so torch is loaded already
+
     return torch.tensor(value, dtype=torch.float32)
