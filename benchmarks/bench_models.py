@@ -58,6 +58,17 @@ def lora_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[s
     return targets
 
 
+def _to_fp16(path: Path) -> None:
+    """Rewrite a LoRA in fp16, as kohya's trainer saves by default (save_precision=fp16) and most published files
+    are: a loader that widens factors to fp32 then holds twice the file's size."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({k: v.half() for k, v in load_file(str(path)).items()}, str(path), metadata=metadata)
+
+
 def write_loras(folder: Path, targets: dict, names: list[str], seed_prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -66,6 +77,7 @@ def write_loras(folder: Path, targets: dict, names: list[str], seed_prefix: str)
         # Distinct seeds: identical LoRAs would let a content-addressed cache hide the cost of a switch.
         seed = sum(map(ord, seed_prefix)) * 1000 + index
         write_lycoris(path, targets, "lora", rank=LORA_RANK, alpha=LORA_ALPHA, seed=seed)
+        _to_fp16(path)
         paths.append(path)
     return paths
 

@@ -317,23 +317,35 @@ def test_layer_from_tensors_rejects_with_a_one_line_message(names, message):
     assert "\n" not in str(error.value)
 
 
-def test_factors_are_fp32_and_stay_low_rank(rand):
+def test_factors_keep_the_files_dtype_stay_low_rank_and_build_in_fp32(rand):
     up, down = rand(320, 4).half(), rand(4, 768).half()
     layer = LoRALayer({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(4.0).half()})
-    assert layer.nbytes() == (4 * 768 + 320 * 4 + 1) * 4
+    assert layer.nbytes() == (4 * 768 + 320 * 4 + 1) * 2  # fp16 as in the file, not an fp32 copy
     assert layer.to("cpu") is layer and layer.to(torch.device("cpu")) is layer
-    assert all(t.dtype == torch.float32 for t in layer._tensors.values())
+    assert all(t.dtype == torch.float16 for t in layer._tensors.values())
     delta = layer.delta(torch.zeros(320, 768))
     assert delta.dtype == torch.float32
-    assert_close(delta, up.float() @ down.float())
+    assert torch.equal(delta, up.float() @ down.float())
+    target = torch.zeros(320, 768)
+    layer.add_to(target, alpha=0.5)
+    assert torch.equal(target, torch.zeros(320, 768).addmm_(up.float(), down.float(), alpha=0.5))
+
+
+def test_a_full_diff_in_fp16_gives_fp32_deltas_without_touching_the_stored_diff(rand):
+    diff, diff_b = rand(8, 4).half(), rand(8).half()
+    layer = FullLayer({"diff": diff, "diff_b": diff_b})
+    delta = layer.delta(torch.zeros(8, 4))
+    delta.mul_(2)
+    assert delta.dtype == torch.float32 and torch.equal(layer.delta(torch.zeros(8, 4)), diff.float())
+    assert layer.bias_delta().dtype == torch.float32 and torch.equal(layer.bias_delta(), diff_b.float())
 
 
 def test_dora_bytes_and_device_move_include_the_inner_layer(rand):
     tensors = {"lora_up.weight": rand(32, 4), "lora_down.weight": rand(4, 16), "dora_scale": rand(1, 16).half()}
     layer = DoRALayer(tensors)
-    assert layer.nbytes() == (32 * 4 + 4 * 16 + 16) * 4
+    assert layer.nbytes() == (32 * 4 + 4 * 16) * 4 + 16 * 2
     assert layer.to("cpu") is layer
-    assert layer._tensors["dora_scale"].dtype == torch.float32
+    assert layer._tensors["dora_scale"].dtype == torch.float16
 
 
 def test_alpha_must_be_one_number(rand):

@@ -148,6 +148,28 @@ def test_bias_deltas_never_accumulate_into_the_pristine_copy() -> None:
     assert torch.equal(model[0].bias, b0)
 
 
+def test_a_bias_a_full_diff_changed_is_restored_when_a_plain_lora_takes_the_module_over() -> None:
+    from batchgen.assets.architecture import ModuleRef
+    from batchgen.assets.lora_layers import FullLayer, LoRALayer
+    from batchgen.engine.patcher import WeightPatcher
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    ref = ModuleRef("unet", "0")
+    patcher = WeightPatcher({"unet": model})
+    patcher.add("full", {ref: FullLayer({"diff": torch.zeros(2, 2), "diff_b": torch.ones(2)})})
+    up, down = torch.ones(2, 1), torch.full((1, 2), 0.5)
+    patcher.add("lora", {ref: LoRALayer({"lora_up.weight": up, "lora_down.weight": down})})
+    patcher.apply((LoraWeight("full", 1.0, 1.0),))
+    assert torch.equal(model[0].bias, b0 + 1)
+    patcher.apply((LoraWeight("lora", 1.0, 1.0),))
+    assert torch.equal(model[0].bias, b0) and torch.equal(model[0].weight, w0 + up @ down)
+    patcher.apply((LoraWeight("lora", 0.5, 0.5),))
+    assert torch.equal(model[0].bias, b0)
+    patcher.restore()
+    assert torch.equal(model[0].weight, w0) and torch.equal(model[0].bias, b0)
+
+
 def test_cpu_pristine_weights_come_from_the_checkpoint_not_ram(loaded) -> None:
     _, stacks, _ = loaded
     stacks.use(_stack(("ink", 1.0), ("hatch", 0.5), ("kron", 0.5), ("peft_sketch", 1.0)))

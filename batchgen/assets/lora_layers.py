@@ -3,7 +3,8 @@ suffixes, the fewest dimensions each tensor has, its rank, the shape of the ΔW 
 
 The class methods read only shapes (safetensors headers, meta tensors: anything with a ``shape``), so inspection asks
 the same classes the patcher uses. An instance takes the module's tensors keyed by their kohya/LyCORIS suffix, keeps
-them as fp32 factors, and builds the full-size ΔW only when `delta` is called. Applying a layer at strength w gives
+them as factors in the file's own dtype (an fp16 LoRA stays half the size of its fp32 copy), and builds the full-size
+ΔW, in fp32, only when `delta` or `add_to` is called. Applying a layer at strength w gives
 W0 + w * delta(W0). `LAYER_TYPES` is the registry the key formats and inspection read. torch is imported where a
 layer holds tensors, never at import: a dry run reads the classes' suffixes and shapes without it.
 """
@@ -44,10 +45,10 @@ class LayerPatch(ABC):
         """The ΔW's widths from the tensors' shapes; missing tensors give None (shapes are read before any check)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        import torch
 
         _check_suffixes(self.kind, set(tensors), self.required, self.optional)
-        self._tensors = {name: t.detach().to(dtype=torch.float32) for name, t in tensors.items()}
+        # Floating point, any width: the planner's value checks refuse integer tensors before a layer is made.
+        self._tensors = {name: t.detach() for name, t in tensors.items()}
 
     @abstractmethod
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
@@ -67,10 +68,15 @@ class LayerPatch(ABC):
         return self.rank_of(self._tensors)
 
     def to(self, device: torch.device | str) -> LayerPatch:
+
+        self._tensors = {name: t.to(device=device) for name, t in self._tensors.items()}
+        return self
+
+    def _fp32(self, name: str) -> torch.Tensor:
+        """A factor in fp32, the precision every ΔW is built in (a no-op for an fp32 file)."""
         import torch
 
-        self._tensors = {name: t.to(device=device, dtype=torch.float32) for name, t in self._tensors.items()}
-        return self
+        return self._tensors[name].to(torch.float32)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
@@ -109,7 +115,7 @@ class _FactoredLayer(LayerPatch):
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         self._check_shape(weight)
-        return (self._build(self._tensors) * self._scale).reshape(weight.shape)
+        return (self._build({name: self._fp32(name) for name in self._tensors}) * self._scale).reshape(weight.shape)
 
     def shape_error(self, weight_shape: tuple[int, ...]) -> str | None:
         weight_shape = tuple(weight_shape)
@@ -147,7 +153,7 @@ class LoRALayer(_FactoredLayer):
             super().add_to(target, alpha)
             return
         self._check_shape(target)
-        up, down = self._tensors["lora_up.weight"].flatten(1), self._tensors["lora_down.weight"].flatten(1)
+        up, down = self._fp32("lora_up.weight").flatten(1), self._fp32("lora_down.weight").flatten(1)
         target.view(up.shape[0], -1).addmm_(up, down, alpha=alpha * self._scale)
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -279,12 +285,14 @@ class FullLayer(LayerPatch):
         return None, None
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        import torch
+
         self._check_shape(weight)
         # A copy, so that a caller scaling the result in place cannot change the stored diff.
-        return self._tensors["diff"].reshape(weight.shape).clone()
+        return self._tensors["diff"].to(torch.float32, copy=True).reshape(weight.shape)
 
     def bias_delta(self) -> torch.Tensor | None:
-        return self._tensors.get("diff_b")
+        return self._fp32("diff_b") if "diff_b" in self._tensors else None
 
     def shape_error(self, weight_shape: tuple[int, ...]) -> str | None:
         diff, weight_shape = tuple(self._tensors["diff"].shape), tuple(weight_shape)
@@ -352,7 +360,7 @@ class DoRALayer(LayerPatch):
         dims = self._norm_dims(tuple(weight.shape))
         merged = weight + self._inner.delta(weight)
         norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
-        magnitude = self._tensors["dora_scale"].reshape(norm.shape)
+        magnitude = self._fp32("dora_scale").reshape(norm.shape)
         # An all-zero column would divide by zero and put NaN in the weight; eps leaves every real norm untouched.
         return magnitude * merged / norm.clamp_min(torch.finfo(torch.float32).eps) - weight
 

@@ -41,6 +41,7 @@ class WeightPatcher:
         self.pristine = PristineStore(checkpoint, components)
         self._applied: dict[ModuleRef, tuple[Contribution, ...]] = {}
         self.touched_last = 0  # modules rewritten by the last apply(): what a stack switch cost
+        self._bias_changed: set[ModuleRef] = set()  # in-place writes whose bias differs from the original
 
     def add(self, name: str, layers: dict[ModuleRef, LayerPatch]) -> None:
         self.loras[name] = layers
@@ -89,17 +90,21 @@ class WeightPatcher:
         """
         self.pristine.restore_into(ref, "weight", module.weight)
         has_bias = getattr(module, "bias", None) is not None
-        if has_bias:
+        # Only full-diff layers change a bias; a bias no layer touched still holds its original bits.
+        if has_bias and ref in self._bias_changed:
             self.pristine.restore_into(ref, "bias", module.bias)
+            self._bias_changed.discard(ref)
         for layer, weight in layers:
             layer.add_to(module.weight, alpha=weight)
             bias_delta = layer.bias_delta()
             if bias_delta is not None and has_bias:
                 module.bias.add_(bias_delta.to(module.bias.device), alpha=weight)
+                self._bias_changed.add(ref)
 
     def _write_via_fp32(self, ref: ModuleRef, module: torch.nn.Module, layers: list) -> None:
         """Half-precision weights (and DoRA, whose delta needs W0): compute in fp32, then cast once."""
         weight0, bias0 = self.pristine.get(ref, "weight"), self.pristine.get(ref, "bias")
+        self._bias_changed.discard(ref)  # the bias is rewritten from its original below
         device = module.weight.device
         w0 = weight0.to(device, torch.float32)
         # copy=True: on an fp32 CPU model .to() may hand back the pristine tensor itself, and add_ would corrupt it.
@@ -110,6 +115,7 @@ class WeightPatcher:
             bias_delta = layer.bias_delta()
             if bias_delta is not None and bias_target is not None:
                 bias_target.add_(bias_delta.to(device), alpha=weight)
+                self._bias_changed.add(ref)
         module.weight.copy_(target.to(module.weight.dtype))
         if bias_target is not None:
             module.bias.copy_(bias_target.to(module.bias.dtype))

@@ -192,6 +192,11 @@ class PromptCache:
                 encoded[unit] = self._encode_weighted(body, mode)
         return [encoded[u] for u in units]
 
+    def _device(self) -> torch.device:
+        # diffusers' _execution_device walks every module for offload hooks (5 ms a call on a tiny model);
+        # batchgen never offloads, so the text encoder's device is where encoding runs.
+        return self.pipe.text_encoder.device
+
     def _compel(self):
         if self._compel_text is None:
             from batchgen.engine.compel_text import CompelText  # only sweeps with compel prompts import compel
@@ -293,7 +298,7 @@ class PromptCache:
     def _encode_chunks(
         self, chunks: list[list[list[int]]], clip_skip: int, weights: list[list[list[float]]] | None = None
     ) -> _Encoded:
-        device = self.pipe._execution_device
+        device = self._device()
         sdxl = len(chunks) > 1
         hidden, pooled = [], None
         for (_, encoder), ids in zip(self._tokenizers(), chunks, strict=True):
@@ -325,7 +330,7 @@ class PromptCache:
     def _encode_short(self, texts: list[str], clip_skip: int) -> list[_Encoded]:
         # inference_mode also matters for memory: a cached tensor with autograd history would keep every
         # text-encoder activation of its prompt alive.
-        device = self.pipe._execution_device
+        device = self._device()
         self._shape.images = len(texts)
         skip = clip_skip - 1 or None  # diffusers counts layers skipped past its default; A1111 counts from 1
         try:

@@ -150,8 +150,9 @@ class Renderer:
         if self._loaded is not None and self._loaded.name == name:
             return self._loaded
         mark = time.perf_counter()
-        self._loaded = None
-        gc.collect()  # release the previous model before the next one claims memory
+        if self._loaded is not None:
+            self._loaded = None
+            gc.collect()  # release the previous model before the next one claims memory (a full pass: 0.2 s)
         spec = self.models[name]
         pipe = load_pipeline(spec, self.device, self.dtype)
         register_embeddings(pipe, spec)
