@@ -160,9 +160,19 @@ def test_a_bias_a_full_diff_changed_is_restored_when_a_plain_lora_takes_the_modu
     patcher.add("full", {ref: FullLayer({"diff": torch.zeros(2, 2), "diff_b": torch.ones(2)})})
     up, down = torch.ones(2, 1), torch.full((1, 2), 0.5)
     patcher.add("lora", {ref: LoRALayer({"lora_up.weight": up, "lora_down.weight": down})})
+    bias_reads = []
+    restore_into = patcher.pristine.restore_into
+    patcher.pristine.restore_into = lambda r, name, dest: (
+        bias_reads.append(name == "bias"),
+        restore_into(r, name, dest),
+    )
+    patcher.apply((LoraWeight("lora", 0.3, 0.3),))
+    patcher.apply((LoraWeight("lora", 0.7, 0.7),))
+    assert bias_reads == [False, False]  # a bias no layer changed is left alone, not re-read
     patcher.apply((LoraWeight("full", 1.0, 1.0),))
     assert torch.equal(model[0].bias, b0 + 1)
     patcher.apply((LoraWeight("lora", 1.0, 1.0),))
+    assert bias_reads.count(True) == 1  # the full diff changed it: restored once
     assert torch.equal(model[0].bias, b0) and torch.equal(model[0].weight, w0 + up @ down)
     patcher.apply((LoraWeight("lora", 0.5, 0.5),))
     assert torch.equal(model[0].bias, b0)

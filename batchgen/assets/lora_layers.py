@@ -45,7 +45,6 @@ class LayerPatch(ABC):
         """The ΔW's widths from the tensors' shapes; missing tensors give None (shapes are read before any check)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-
         _check_suffixes(self.kind, set(tensors), self.required, self.optional)
         # Floating point, any width: the planner's value checks refuse integer tensors before a layer is made.
         self._tensors = {name: t.detach() for name, t in tensors.items()}
@@ -68,7 +67,6 @@ class LayerPatch(ABC):
         return self.rank_of(self._tensors)
 
     def to(self, device: torch.device | str) -> LayerPatch:
-
         self._tensors = {name: t.to(device=device) for name, t in self._tensors.items()}
         return self
 
