@@ -139,3 +139,20 @@ def test_per_image_rows_fail_loudly_when_an_expected_layer_is_gone() -> None:
         "changes pixels; this diffusers/transformers version renamed it: update the names in "
         "batchgen/engine/rows.py, or pin the version batchgen was tested with"
     )
+
+
+def test_the_prompt_cache_forgets_text_encoder_states_left_behind() -> None:
+    # Memory must stay flat in the number of LoRAs: a sweep's stacks come one after another, so only the current
+    # text-encoder state and the pristine one (shared by every UNet-only stack) are worth keeping.
+    from types import SimpleNamespace
+
+    from batchgen.engine.prompts import PromptCache
+
+    cache = PromptCache(SimpleNamespace())
+    mode = (False, None)
+    for state in [(), (("a", 1.0),), (("b", 1.0),)]:
+        cache._entries[("text", state, mode)] = object()
+    cache._forget_other_states((("b", 1.0),))
+    assert [key[1] for key in cache._entries] == [(), (("b", 1.0),)]
+    cache._forget_other_states(())
+    assert [key[1] for key in cache._entries] == [()]

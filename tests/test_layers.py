@@ -320,7 +320,8 @@ def test_layer_from_tensors_rejects_with_a_one_line_message(names, message):
 def test_factors_keep_the_files_dtype_stay_low_rank_and_build_in_fp32(rand):
     up, down = rand(320, 4).half(), rand(4, 768).half()
     layer = LoRALayer({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(4.0).half()})
-    assert layer.nbytes() == (4 * 768 + 320 * 4 + 1) * 2  # fp16 as in the file, not an fp32 copy
+    # fp16 as in the file, not an fp32 copy; alpha is folded into the scale, no tensor kept for it
+    assert layer.nbytes() == (4 * 768 + 320 * 4) * 2 and set(layer._tensors) == {"lora_up.weight", "lora_down.weight"}
     assert layer.to("cpu") is layer and layer.to(torch.device("cpu")) is layer
     assert all(t.dtype == torch.float16 for t in layer._tensors.values())
     delta = layer.delta(torch.zeros(320, 768))

@@ -106,6 +106,8 @@ class _FactoredLayer(LayerPatch):
         if alpha is not None and alpha.numel() != 1:
             raise ValueError(f"{self.kind} layer: alpha must be a single number, got shape {tuple(alpha.shape)}")
         self._scale = _alpha_scale(alpha, self.rank())
+        # alpha lives on as the float scale; a tensor object per layer would cost more than its two bytes.
+        self._tensors.pop("alpha", None)
 
     @abstractmethod
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -115,6 +115,7 @@ class PromptCache:
         self.calls = 0  # text-encoder calls
         self._shape = BatchShape()
         self._compel_text = None
+        self._state: tuple | None = None  # the text-encoder state of the last batch
         # The pooled projection sees one row per text: run it per text so a text encodes the same in any batch.
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
@@ -129,6 +130,8 @@ class PromptCache:
         if len(states) != 1:
             raise RuntimeError("a batch spans text-encoder states; batches must be cut by batch_key")
         state = states.pop()
+        if state != self._state:
+            self._forget_other_states(state)
         modes = {(job.truncate_prompts, job.clip_skip) for job in batch}
         if len(modes) != 1:
             raise RuntimeError("a batch mixes prompt modes (truncation, clip skip); batches must be cut by batch_key")
@@ -150,6 +153,14 @@ class PromptCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return out
+
+    def _forget_other_states(self, state: tuple) -> None:
+        """Jobs come grouped by LoRA stack, so a text-encoder state left behind rarely comes back: keeping its
+        encodings would grow memory with every LoRA of a sweep. The pristine state (no text-encoder LoRA) stays."""
+        keep = {state, ()}
+        for key in [key for key in self._entries if key[1] not in keep]:
+            del self._entries[key]
+        self._state = state
 
     def _conditioning(self, sides: list[list[tuple[int, Unit]]], state, mode, pad: bool) -> Conditioning:
         """Prompt and negative schedules merged into one: an entry wherever either side switches."""
