@@ -209,3 +209,24 @@ def test_pristine_falls_back_to_a_copy_when_the_file_differs(tmp_path: Path) -> 
     assert torch.equal(store.get(ref, "weight"), model[0].weight) and torch.equal(
         store.get(ref, "bias"), model[0].bias
     )
+
+
+def test_pristine_compares_bits_so_a_signed_zero_is_not_taken_for_the_original(tmp_path: Path) -> None:
+    # torch.equal(-0.0, 0.0) is True, but restoring 0.0 into a weight that held -0.0 would change its bits.
+    from safetensors.torch import save_file
+
+    from batchgen.assets.architecture import ModuleRef
+    from batchgen.engine.pristine import PristineStore
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = -0.0
+    on_disk = model[0].weight.detach().clone()
+    on_disk[0, 0] = 0.0
+    (tmp_path / "unet").mkdir()
+    save_file({"0.weight": on_disk, "0.bias": model[0].bias.detach()}, tmp_path / "unet" / "m.safetensors")
+    store = PristineStore(tmp_path, {"unet": model})
+    ref = ModuleRef("unet", "0")
+    store.keep(ref, model[0])
+    assert store.held_bytes() == 3 * 2 * 4  # the weight kept in RAM, the bias found on disk
+    assert torch.equal(store.get(ref, "weight").view(torch.int32), model[0].weight.detach().view(torch.int32))

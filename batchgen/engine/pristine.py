@@ -25,6 +25,9 @@ class PristineStore:
         self._copies: dict[tuple[ModuleRef, str], torch.Tensor] = {}
         self._on_disk: dict[tuple[ModuleRef, str], tuple[Path, TensorInfo]] = {}
         self._indexes: dict[str, dict[str, tuple[Path, TensorInfo]]] = {}
+        # One buffer reused for every comparison: a fresh tensor per weight costs a page fault per 4 KiB, which
+        # made the first LoRA switch several times slower than the rest.
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def __contains__(self, ref: ModuleRef) -> bool:
         return (ref, "weight") in self._copies or (ref, "weight") in self._on_disk
@@ -65,9 +68,20 @@ class PristineStore:
         for key in _candidate_keys(ref.path, name):
             if key in index:
                 path, info = index[key]
-                if FLOAT_DTYPES.get(info.dtype) == tensor.dtype and torch.equal(_read(path, info), tensor.detach()):
+                if FLOAT_DTYPES.get(info.dtype) == tensor.dtype and self._same_bytes(path, info, tensor.detach()):
                     return path, info
         return None
+
+    def _same_bytes(self, path: Path, info: TensorInfo, tensor: torch.Tensor) -> bool:
+        """Bit for bit, not torch.equal: -0.0 and 0.0 compare equal but would not restore the same bits."""
+        size = info.end - info.start
+        if size != tensor.numel() * tensor.element_size():
+            return False
+        if self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=torch.uint8)
+        stored = self._scratch[:size]
+        _read_into(path, info, memoryview(stored.numpy()).cast("B"))
+        return torch.equal(stored, tensor.contiguous().reshape(-1).view(torch.uint8))
 
     def _index(self, component: str) -> dict[str, tuple[Path, TensorInfo]]:
         if component not in self._indexes:
