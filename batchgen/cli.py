@@ -1,4 +1,4 @@
-"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report` and `diff` subcommands.
+"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report`, `diff` and `check` subcommands.
 
 Any first word other than a subcommand belongs to the render command, so `batchgen +sweep=styles` needs no verb.
 """
@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from batchgen.errors import BatchgenError, Stopped
 
 RENDER = "render"
-SUBCOMMANDS = ("report", "diff")
+SUBCOMMANDS = ("report", "diff", "check")
 
 
 class DefaultGroup(TyperGroup):
@@ -105,13 +105,17 @@ def report_command(
     ] = False,
 ) -> None:
     from batchgen.report.rebuild import ReportRequest, rebuild_report
+    from batchgen.runlock import RunLock
 
-    result = rebuild_report(ReportRequest(run_dir, x, y, z, max_megapixels, from_pngs))
+    result = rebuild_report(ReportRequest(run_dir, x, y, z, max_megapixels, from_pngs, RunLock))
     if result.recovered is not None:
         for path, why in result.recovered.ignored:
             sys.stderr.write(f"batchgen: ignored {path}: {why}\n")
         sys.stderr.write(f"rebuilt {run_dir / 'manifest.csv'}: {len(result.recovered.rows)} jobs from their PNGs\n")
-    sys.stdout.write(f"{len(result.grids)} grids, {result.index}\n")
+    if result.measured:
+        sys.stderr.write(f"measured {result.measured} images (effect, ssim, degenerate) into the manifest\n")
+    plots = f", {len(result.plots)} strength plots" if result.plots else ""
+    sys.stdout.write(f"{len(result.grids)} grids{plots}, {result.index}\n")
 
 
 @app.command("diff", help="Compare two runs job by job; exit 1 when an image differs by more than --tolerance.")
@@ -136,6 +140,31 @@ def diff_command(
     raise typer.Exit(result.exit_code)
 
 
+@app.command("check", help="Assert on a finished run for CI; exit 1 listing the jobs that fail an assertion.")
+def check_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory holding manifest.csv")],
+    min_effect: Annotated[
+        float | None,
+        typer.Option(
+            "--min-effect",
+            help="Every LoRA job whose weights are all >= 0.5 differs from its reference by at least this "
+            "(mean |pixel difference|, 0-255)",
+        ),
+    ] = None,
+    no_degenerate: Annotated[
+        bool, typer.Option("--no-degenerate", help="No image is flat, mostly clipped or non-finite")
+    ] = False,
+    max_failed: Annotated[int | None, typer.Option("--max-failed", help="At most this many failed jobs")] = None,
+) -> None:
+    from batchgen.report.check import CheckRequest, check_run
+
+    result = check_run(CheckRequest(run_dir, min_effect, no_degenerate, max_failed))
+    for line in result.problems:
+        sys.stdout.write(f"{line}\n")
+    sys.stdout.write(f"{result.summary}\n")
+    raise typer.Exit(result.exit_code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one-line errors with exit code 2 instead of tracebacks."""
     # Models, tokenizers and configs come from local folders only; this also stops libraries phoning home.
@@ -153,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.ClickException as e:
         e.show()
+        return 2
+    except typer.TyperException as e:  # typer 0.2x carries its own copy of click: its usage errors are not click's
+        show = getattr(e, "show", None)
+        if show is None:
+            raise
+        show()
         return 2
     except click.exceptions.Abort:
         sys.stderr.write("batchgen: interrupted\n")

@@ -96,6 +96,16 @@ def latest_rows(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     return rows.iloc[_latest_positions(rows, _IntactImages(run_dir, rows))].reset_index(drop=True)
 
 
+def latest_positions(rows: pd.DataFrame, run_dir: Path) -> list[int]:
+    """Where each job's latest row (latest_rows) sits in `rows`: for code that updates those rows in place."""
+    return _latest_positions(rows, _IntactImages(run_dir, rows))
+
+
+def rewrite(run_dir: Path, rows: pd.DataFrame) -> None:
+    """Replace manifest.csv with `rows` (every row, read_manifest's text), atomically; only under the run lock."""
+    atomic_write(run_dir / MANIFEST, rows.to_csv(index=False, lineterminator="\n").encode())
+
+
 def _latest_positions(rows: pd.DataFrame, intact: _IntactImages) -> list[int]:
     statuses = rows["status"].tolist()
     by_job: dict[str, list[int]] = {}

@@ -89,6 +89,11 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
         f"jobs: {len(plan.jobs)} to render in total, {len(todo)} new, {len(plan.jobs) - len(todo)} already done, "
         f"{skipped} skipped\n"
     )
+    if plan.references_added:
+        out.write(
+            f"  references: {plan.references_added} of these jobs are no-LoRA references no stack renders "
+            "(sweep.references=false leaves them out, and effect sizes with them)\n"
+        )
     for reason, count in plan.table.loc[plan.table["status"] == "skipped", "error"].value_counts().items():
         out.write(f"  skipped {count}: {reason}\n")
 
@@ -133,6 +138,7 @@ def render(
 def _render(
     composed: Composed, plan: Plan, executor: Executor, out: TextIO, err: TextIO, retry_failed: bool
 ) -> Outcome:
+    from batchgen.report.curves import strength_plots
     from batchgen.report.grids import build_grids
     from batchgen.report.index import build_index
 
@@ -191,6 +197,9 @@ def _render(
         raise
     finally:
         manifest.close()
+    from batchgen.report.effects import fill_measurements
+
+    fill_measurements(run_dir)  # LoRA jobs whose reference landed after them
     table = merged_table(plan.table, run_dir)
     grid = cfg.sweep.grid
     limit = cfg.report.max_grid_megapixels
@@ -205,7 +214,8 @@ def _render(
         "skipped": str(skipped),
         "seconds": f"{elapsed:.1f}",
     }
-    build_index(table, run_dir, grids, summary)
+    plots = strength_plots(table, run_dir)
+    build_index(table, run_dir, grids, summary, plots)
     for line in failures[:10]:
         err.write(f"failed {line}\n")
     if todo:
@@ -238,7 +248,10 @@ def stop_signals():
 
 
 # What rendering a job writes into its manifest row; the rest of a row is the plan's.
-RECORDED = ("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings")
+RECORDED = (
+    *("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"),
+    *("effect", "ssim", "degenerate"),
+)
 
 
 def merged_table(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

@@ -33,6 +33,10 @@ _COLUMNS = (
     "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
     "lora_triggers",  # `name:words` pairs joined by `;`: what was put before the prompt for the job's LoRAs
     "epoch",  # the file(s) a LoRA glob matched, as `mylora e4 (760 steps)`; empty for a stack without a glob
+    "reference",  # a LoRA job's no-LoRA twin: the job_id of the same job with no LoRAs; empty for a no-LoRA job
+    "effect",  # mean absolute pixel difference from the reference image, 0-255
+    "ssim",  # structural similarity to the reference image (scikit-image), 1 = identical
+    "degenerate",  # no, or why the image is unusable: flat, clipped, nonfinite; empty while not measured
 )
 
 
@@ -192,6 +196,7 @@ class RenderResult:
     worker: str
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    degenerate: str = ""  # for a failed image: `nonfinite` when the latents or pixels held NaN or inf
 
 
 def format_number(value: float) -> str:

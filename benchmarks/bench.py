@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from bench_models import (
 from bench_report import (
     FIGURE_HEADER,
     FULL_COMMAND,
+    MEMORY_COMMAND,
     QUICK_COMMAND,
     TARGETS,
     Spread,
@@ -759,39 +760,45 @@ def spread_of(results: dict, key: str) -> Spread:
     return Spread(results[key], low, high)
 
 
-def figure_details(r: dict) -> dict[str, str]:
+def figure_details(r: dict) -> dict[str, Callable[[], str]]:
+    """How each figure was made, as text; lazy, so that a run of one workload (--only) needs only its keys."""
+
     def secs(key: str) -> str:
         return spread_of(r, key).text("s", 1)
 
     return {
-        "w1.vs_bare": f"batchgen wall / bare wall (same images, batches of {r['w1.batch_size']}, no LoRA); batchgen"
-        f" {secs('w1.batchgen_seconds')}, bare {secs('w1.bare_seconds')}",
-        "w1.vs_strong": f"strong wall / batchgen wall; strong (adapters loaded once, set_adapters per state) "
+        "w1.vs_bare": lambda: (
+            f"batchgen wall / bare wall (same images, batches of {r['w1.batch_size']}, no LoRA); batchgen"
+            f" {secs('w1.batchgen_seconds')}, bare {secs('w1.bare_seconds')}"
+        ),
+        "w1.vs_strong": lambda: f"strong wall / batchgen wall; strong (adapters loaded once, set_adapters per state) "
         f"{secs('w1.strong_seconds')}, max pixel diff {r['w1.max_pixel_diff_strong']}/255",
-        "w1.vs_naive": f"naive wall / batchgen wall (continuity); naive {secs('w1.naive_seconds')}",
-        "w1.switch_share": f"`patch` stage / batchgen wall; median {r['w1.patch_seconds']:.2f} s switching",
-        "w2.overhead": f"batchgen {secs('w2.batchgen_seconds')}, bare {secs('w2.bare_seconds')}",
-        "w2.switch_share": f"median {r['w2.patch_seconds']:.2f} s switching",
-        "memory.ratio_100": (
+        "w1.vs_naive": lambda: f"naive wall / batchgen wall (continuity); naive {secs('w1.naive_seconds')}",
+        "w1.switch_share": lambda: f"`patch` stage / batchgen wall; median {r['w1.patch_seconds']:.2f} s switching",
+        "w2.overhead": lambda: f"batchgen {secs('w2.batchgen_seconds')}, bare {secs('w2.bare_seconds')}",
+        "w2.switch_share": lambda: f"median {r['w2.patch_seconds']:.2f} s switching",
+        "memory.ratio_100": lambda: (
             f"{r['memory.loras']} LoRAs, one run: peak {r['memory.batchgen_peak_mib']:.0f} MiB / (plain"
             f" {r['memory.plain_peak_mib']:.0f} + LoRA files {r['memory.lora_files_mib']:.0f} MiB); batchgen with"
             f" no LoRA {r['memory.batchgen_no_lora_peak_mib']:.0f} MiB, each LoRA adds {r['memory.per_lora_mib']:.1f}"
             f" MiB for a {r['memory.per_lora_file_mib']:.1f} MiB file"
         ),
-        "scale.local_efficiency": (
+        "scale.local_efficiency": lambda: (
             f"{r['scale.images']} W2 images at {r['scale.steps']} steps, every worker 1 thread: 1 worker "
             f"{secs('scale.local1_seconds')}, 2 local workers {secs('scale.local2_seconds')}"
         ),
-        "scale.ray_efficiency": f"2 Ray actors x 1 thread (local Ray started by the run) {secs('scale.ray2_seconds')}",
-        "startup.dry_run_s": (
+        "scale.ray_efficiency": lambda: (
+            f"2 Ray actors x 1 thread (local Ray started by the run) {secs('scale.ray2_seconds')}"
+        ),
+        "startup.dry_run_s": lambda: (
             f"`batchgen +sweep=styles --dry-run`, a fresh process each, {len(r['startup.dry_run_s_each'])} runs"
         ),
     }
 
 
-def figure_rows(results: dict, command: str) -> list[tuple[str, ...]]:
+def figure_rows(results: dict, command: str, keys: Iterable[str] = ()) -> list[tuple[str, ...]]:
     detail = figure_details(results)
-    return [figure_row(key, spread_of(results, key), detail[key], command) for key in TARGETS]
+    return [figure_row(key, spread_of(results, key), detail[key](), command) for key in (keys or TARGETS)]
 
 
 def stage_rows(runs: dict[str, BatchgenRun]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -861,7 +868,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="6 W1 states, 4 W2 steps, one run each: checks the bench itself; no BENCHMARKS.md",
     )
+    parser.add_argument(
+        "--only",
+        choices=["memory"],
+        help="run one workload and append its figures alone to BENCHMARKS.md (memory: memory.ratio_100, ~2 min)",
+    )
     args = parser.parse_args(argv)
+    if args.only == "memory":
+        return only_memory()
     if args.quick:
         global QUIET_WAIT_S
         QUIET_WAIT_S = 0.0
@@ -907,6 +921,40 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         append_markdown(results, runs, notes)
         print(f"appended: {BENCHMARKS_MD.relative_to(REPO)}")
+    return 0
+
+
+def only_memory() -> int:
+    """The memory workload alone, as `make bench` runs it: the W2 model with its 100 LoRAs, in child processes."""
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    models = BENCH_DIR / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    tokenizer = build_w1_root(models / "w1_tiny", W1_LORAS) / "main" / TINY / "tokenizer"
+    root = build_sd1_root(models / "w2", W2_MODEL, tokenizer, W2_LORAS + MEMORY_LORAS, full_size=False)
+    memory_states = [State(f"m{i:03d}", {name: 1.0}) for i, name in enumerate(MEMORY_LORAS)]
+    bodies = {
+        "w2_memory": sweep_body("w2_memory", memory_states, [PROMPT], [1], **MEMORY_SCALARS),
+        "w2_memory_none": sweep_body("w2_memory_none", [State("none")], [PROMPT], [1], **MEMORY_SCALARS),
+    }
+    config_dir = write_config_dir(BENCH_DIR / "conf" / "w2", W2_MODEL, root, W2_MODEL, bodies)
+    with watched(results, "memory"):
+        results |= lora_memory(config_dir, root, root / "main" / W2_MODEL)
+    results["bench_seconds"] = time.perf_counter() - started
+    rows = figure_rows(results, MEMORY_COMMAND, ["memory.ratio_100"])
+    print(text_table(FIGURE_HEADER, rows))
+    m, noise = results["machine"], results["noise"]["memory"]
+    section = [
+        f"\n## {results['date']}: `{MEMORY_COMMAND}`, {results['bench_seconds'] / 60:.1f} minutes\n",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. The memory workload of `{FULL_COMMAND}` alone"
+        f" (load average before {noise['load_before']:.2f}); model files {results['memory.model_files_mib']:.0f}"
+        " MiB.\n",
+        markdown_table(FIGURE_HEADER, rows),
+    ]
+    with BENCHMARKS_MD.open("a") as f:
+        f.write("\n".join(section) + "\n")
+    print(f"appended: {BENCHMARKS_MD.relative_to(REPO)}")
     return 0
 
 

@@ -322,6 +322,7 @@ def write_config(config_dir: Path, arch: Arch, root: Path, extra: dict) -> str:
         "name": arch.key,
         "prompts": [PROMPT],
         "stacks": {state: dict(loras) for state, loras in STATES},
+        "references": False,  # the same images as the diffusers contestants, no reference jobs
         "seeds": seeds(arch),
         "steps": arch.steps,
         "guidance_scale": GUIDANCE,

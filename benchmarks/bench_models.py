@@ -193,6 +193,8 @@ def write_config_dir(config_dir: Path, model: str, root: Path, checkpoint: str, 
 
 
 def sweep_body(name: str, states: list[State], prompts: list[str], seeds: list[int], **scalars: object) -> dict:
-    """A sweep: section with one stack per state, so batchgen renders exactly the given states."""
+    """A sweep: section with one stack per state, so batchgen renders exactly the given states (no reference jobs:
+    every contestant renders the same images)."""
     stacks = {state.name: dict(state.loras) for state in states}
-    return {"name": name, "prompts": list(prompts), "stacks": stacks, "seeds": list(seeds), **scalars}
+    body = {"name": name, "prompts": list(prompts), "stacks": stacks, "seeds": list(seeds), **scalars}
+    return body | {"references": False}

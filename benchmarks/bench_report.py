@@ -23,6 +23,7 @@ TARGETS: dict[str, tuple[str | None, float | None]] = {
 }
 FULL_COMMAND = "make bench"
 QUICK_COMMAND = "python benchmarks/bench.py --quick"
+MEMORY_COMMAND = "python benchmarks/bench.py --only memory"
 FIGURE_HEADER = ["figure", "median (min-max)", "target", "", "from", "command"]
 
 

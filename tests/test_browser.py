@@ -106,3 +106,73 @@ def test_report_in_headless_chromium(run_cli, tmp_path: Path) -> None:
     with Image.open(shot) as img:
         assert img.size == (1280, 900)
         assert len(img.convert("RGB").getcolors(1 << 20)) > 50  # text and thumbnails, not a blank page
+
+
+COMPARE = """
+(() => {
+  const rows = Array.from(document.querySelectorAll("table.jobs tbody tr"));
+  const lora = rows.find((tr) => tr.dataset.referenceImage && tr.dataset.effect !== "");
+  lora.querySelector("a.open").click();
+  const box = document.getElementById("compare");
+  const opened = {hidden: box.hidden, job: box.querySelector("img.job").getAttribute("src"),
+                  reference: box.querySelector("img.reference").getAttribute("src"),
+                  image: lora.dataset.image, referenceImage: lora.dataset.referenceImage,
+                  caption: box.querySelector(".caption").textContent};
+  const slider = box.querySelector("input[type=range]");
+  slider.value = "30";
+  slider.dispatchEvent(new Event("input", {bubbles: true}));
+  const clip = box.querySelector("img.over").style.clipPath;
+  document.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowRight", bubbles: true}));
+  const withImages = rows.filter((tr) => !tr.hidden && tr.dataset.image);
+  const next = withImages[(withImages.indexOf(lora) + 1) % withImages.length];
+  const stepped = box.querySelector("img.job").getAttribute("src") === next.dataset.image;
+  document.dispatchEvent(new KeyboardEvent("keydown", {key: "Escape", bubbles: true}));
+  return {opened, clip, stepped, closed: box.hidden};
+})()
+"""
+
+SORT_AND_BOUND = """
+(() => {
+  const header = Array.from(document.querySelectorAll("table.jobs th")).find((th) => th.textContent === "effect");
+  const effects = () => Array.from(document.querySelectorAll("table.jobs tbody tr"))
+    .map((tr) => tr.querySelector("td.effect").textContent);
+  header.click();
+  const ascending = effects();
+  header.click();
+  const descending = effects();
+  const bound = document.querySelector('input[data-column="effect"][data-bound="min"]');
+  bound.value = "1";
+  bound.dispatchEvent(new Event("input", {bubbles: true}));
+  const shown = Array.from(document.querySelectorAll("table.jobs tbody tr")).filter((tr) => !tr.hidden)
+    .map((tr) => parseFloat(tr.dataset.effect));
+  bound.value = "";
+  bound.dispatchEvent(new Event("input", {bubbles: true}));
+  return {ascending, descending, shown};
+})()
+"""
+
+
+def test_compare_view_sort_and_effect_filter_in_headless_chromium(run_cli, tmp_path: Path) -> None:
+    binary = find_chromium()
+    assert binary, "Chromium not found: `make test-browser` installs the Debian package, or set BATCHGEN_CHROMIUM"
+    code, _, err = run_cli("+sweep=styles", "sweep.seeds=[1]", "sweep.models=[tiny_sd1]", "sweep.slots={}",
+                           "sweep.prompts=['a castle at night']")
+    assert code == 0, err
+    run = Path("runs/styles").resolve()
+    latest = read_manifest(run)
+    measured = sorted(float(v) for v in latest["effect"] if v)
+    assert len(measured) == 5  # ink 0.5, ink 1, ink_grain, peft, lycoris against the none job
+    with Chromium(binary, tmp_path / "profile") as browser:
+        page = browser.open((run / "index.html").as_uri())
+        result = browser.evaluate(page, COMPARE)
+        opened = result["opened"]
+        assert opened["hidden"] is False and opened["job"] == opened["image"]
+        assert opened["reference"] == opened["referenceImage"] != opened["image"]
+        assert "effect " in opened["caption"] and "no reference image" not in opened["caption"]
+        assert result["clip"] == "inset(0px 70% 0px 0px)" and result["stepped"] and result["closed"]
+
+        order = browser.evaluate(page, SORT_AND_BOUND)
+        numbers = [float(v) for v in order["ascending"] if v]
+        assert numbers == measured and order["ascending"][len(numbers):] == [""] * (6 - len(numbers))
+        assert [float(v) for v in order["descending"] if v] == measured[::-1]
+        assert sorted(order["shown"]) == [v for v in measured if v >= 1]

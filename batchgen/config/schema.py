@@ -74,6 +74,9 @@ SweepConfig = make_dataclass(
         ("add_lora_triggers", bool, field(default=False)),
         # Named LoRA Block Weight vectors for `blocks:` (the extension's user presets): {MYPRESET: "1,0,0,..."}.
         ("block_presets", dict[str, str], field(default_factory=dict)),
+        # Render each LoRA job's no-LoRA twin too (same prompt text, seed, settings), so effect and ssim can be
+        # measured against it; usually the `none` stack holds them already.
+        ("references", bool, field(default=True)),
         ("batch_size", Any, field(default="auto")),
         ("grid", GridConfig, field(default_factory=GridConfig)),
     ],

@@ -20,6 +20,7 @@ from batchgen.engine.passes import PassLengths, pipeline_inputs, split_passes
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import Conditioning, PromptCache, uses_guidance
 from batchgen.engine.rows import UNET_PER_IMAGE, UNET_PER_IMAGE_OPTIONAL, BatchShape, isolate_image_rows
+from batchgen.metrics import NONFINITE, degenerate
 from batchgen.settings import batch_values
 from batchgen.spec import Job, ModelSpec, RenderResult
 
@@ -131,8 +132,12 @@ class Renderer:
         share = {stage: seconds / len(batch) for stage, seconds in stages.items()}
         for job, pixels in zip(batch, images, strict=True):
             fault = image_fault(pixels)
-            image = None if fault else to_pil(pixels)
-            yield RenderResult(job.job_id, image, sum(share.values()), self.name, fault, dict(share))
+            if not fault:
+                yield RenderResult(job.job_id, to_pil(pixels), sum(share.values()), self.name, "", dict(share))
+                continue
+            # A failed image is still measured: CI asks for no degenerate images as well as no failures.
+            kind = NONFINITE if not np.isfinite(pixels).all() else degenerate(np.asarray(to_pil(pixels)))
+            yield RenderResult(job.job_id, None, sum(share.values()), self.name, fault, dict(share), kind)
 
     def _batch_size(self) -> int:
         return min(self._oom_cap or 2**31, self._wanted_batch_size())

@@ -15,12 +15,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchgen.engine.png import a1111_parameters, encode_png
 from batchgen.manifest import atomic_write
+from batchgen.metrics import degenerate, measure, read_rgb
 from batchgen.spec import STAGES, ModelSpec, RenderResult
 
 _STOP = object()
-_VOLATILE = frozenset({"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"})
+# Not in a PNG's JSON chunk: what rendering or measuring records, and the reference link (added after PNGs first
+# had the chunk; a job's PNG bytes must not change when the code learns to measure it).
+_VOLATILE = frozenset(
+    {"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"}
+    | {"reference", "effect", "ssim", "degenerate"}
+)
 
 
 class ImageWriter:
@@ -65,12 +73,17 @@ class ImageWriter:
 
 def finish_row(run_dir: Path, models: dict[str, ModelSpec], row: dict[str, Any], result: RenderResult) -> dict:
     """Write the job's PNG (atomically) and return its completed manifest row."""
-    row, data = encode_row(models, row, result)
+    row, data = encode_row(models, row, result, run_dir)
     return store_row(run_dir, row, data)
 
 
-def encode_row(models: dict[str, ModelSpec], row: dict[str, Any], result: RenderResult) -> tuple[dict, bytes | None]:
-    """The completed row (all but the write time) and the PNG bytes, or None for a failed job."""
+def encode_row(
+    models: dict[str, ModelSpec], row: dict[str, Any], result: RenderResult, run_dir: Path | None = None
+) -> tuple[dict, bytes | None]:
+    """The completed row (all but the write time) and the PNG bytes, or None for a failed job.
+
+    With `run_dir`, a LoRA job whose reference image is already there gets its effect and ssim now (references
+    render first on each worker); the others are filled once the run ends (report.effects)."""
     # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
     job = {k: v for k, v in row.items() if k not in _VOLATILE}
     row = dict(row)
@@ -79,6 +92,7 @@ def encode_row(models: dict[str, ModelSpec], row: dict[str, Any], result: Render
     if result.image is None:
         row["status"] = "failed"
         row["error"] = result.error
+        row["degenerate"] = result.degenerate
     else:
         mark = time.perf_counter()
         row["status"] = "ok"
@@ -86,10 +100,24 @@ def encode_row(models: dict[str, ModelSpec], row: dict[str, Any], result: Render
         row["image"] = f"images/{row['job_id']}.png"
         data = encode_png(result.image, a1111_parameters(row, models[row["model"]]), job)
         row["image_sha256"] = hashlib.sha256(data).hexdigest()
+        row.update(measure_against_reference(result.image, row, run_dir))
         result.timings["write"] = time.perf_counter() - mark
     row["timings"] = dict(result.timings)
     row["seconds"] = result.seconds
     return row, data
+
+
+def measure_against_reference(image: Any, row: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    out: dict[str, Any] = {"degenerate": degenerate(pixels)}
+    if run_dir is None or not row.get("reference"):
+        return out
+    # Content-addressed and written atomically: if the file is there, it is the reference's finished image.
+    reference = run_dir / "images" / f"{row['reference']}.png"
+    if reference.is_file():
+        measured = measure(pixels, read_rgb(reference))
+        out |= {"effect": measured.effect, "ssim": measured.ssim}
+    return out
 
 
 def store_row(run_dir: Path, row: dict[str, Any], data: bytes | None) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class RenderActor:
         rows = {job.job_id: row for job, row in pairs}
         out = []
         for result in self.renderer.render([job for job, _ in pairs]):
-            row, data = encode_row(self.models, rows[result.job_id], result)
+            row, data = encode_row(self.models, rows[result.job_id], result, self.run_dir)
             if self.run_dir is not None:
                 out.append((store_row(self.run_dir, row, data), None, True))
             else:

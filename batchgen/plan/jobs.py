@@ -45,6 +45,9 @@ from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
 from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec
 
 COLUMN_SETTINGS = tuple(s.name for s in SETTINGS if s.column_after is not None)
+# The stack label of a reference job that no stack of the sweep renders (sweep.references); parentheses keep it
+# apart from any stack a user can name.
+REFERENCE_STACK = "(reference)"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Plan:
     slots: list[str]
     models: dict[str, ModelSpec]
     warnings: list[str] = field(default_factory=list)  # unusual but valid input, said before rendering
+    references_added: int = 0  # reference jobs no stack renders, added by sweep.references
 
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]
@@ -84,6 +88,7 @@ def build_plan(
     counters = {name: ChunkCounter(spec) for name, spec in specs.items()}
 
     rows: list[dict[str, Any]] = []
+    references: dict[str, dict[str, Any]] = {}  # job_id -> row of each LoRA job's no-LoRA twin
     resolved = [(spec, state) for spec in specs.values() for c in stacks for state in resolve_globs(c, spec)]
     for (spec, configured), prompt in itertools.product(resolved, prompts):
         stack = resolve_blocks(with_inline(configured, prompt.loras), spec, sweep.block_presets, _where(configured))
@@ -100,10 +105,25 @@ def build_plan(
             texts = text_payload(prompt.text, negative, setting, counters[spec.name])
             row = _row(spec, stack, prompt, negative, used, setting, missing, texts)
             rows.append({**row, "lora_triggers": ";".join(f"{name}:{words}" for name, words in added)})
+            if sweep.references and row["reference"] and row["reference"] not in references:
+                twin = _row(spec, StackState("none", ()), prompt, negative, used, setting, [], texts)
+                if twin["job_id"] != row["reference"]:  # the two payloads are built apart: keep them in step
+                    raise RuntimeError(f"reference of {row['job_id']}: {twin['job_id']} != {row['reference']}")
+                references[twin["job_id"]] = {**twin, "stack": REFERENCE_STACK, "lora_triggers": ""}
+    planned = {row["job_id"] for row in rows}
+    added_references = [row for job_id, row in references.items() if job_id not in planned]
+    rows += added_references
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)]) + syntax_warnings
-    return Plan(table=table.drop(columns="_job"), jobs=jobs, slots=slots, models=specs, warnings=warnings)
+    return Plan(
+        table=table.drop(columns="_job"),
+        jobs=jobs,
+        slots=slots,
+        models=specs,
+        warnings=warnings,
+        references_added=len(added_references),
+    )
 
 
 def select_models(sweep: SweepConfig, available: list[str]) -> list[str]:
@@ -165,6 +185,8 @@ def _row(
         payload["embeddings"] = sorted(spec.embedding(t).sha256 for t in used)
         payload["loras"] = sorted(_lora_payload(lw, spec) for lw in stack.loras)
     jid = job_id(payload)
+    # The twin without LoRAs: the same payload with none (prompt text as encoded, trigger words included).
+    reference = job_id({**payload, "loras": []}) if stack.loras and not missing else ""
     if not missing:
         job = Job(
             job_id=jid, model=spec.name, prompt=prompt.text, negative_prompt=negative, loras=stack.loras, **setting
@@ -187,6 +209,7 @@ def _row(
         "error": "; ".join(missing),
         "stack": stack.label,
         "epoch": stack.epoch,
+        "reference": reference,
         "prompt_template": prompt.template,
         **dict(prompt.slots),
         "_job": job,

@@ -30,6 +30,7 @@ from batchgen.axes import (
     weight_sort_key,
     without_trigger_words,
 )
+from batchgen.metrics import NOT_DEGENERATE
 from batchgen.report.files import save_png
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
 
@@ -268,6 +269,17 @@ def _draw_placeholder(canvas: Image.Image, origin: tuple[int, int], layout: _Lay
     draw_lines(draw, lines, face, box, line_h, fill=REASON_FILL)
 
 
+def _draw_degenerate_mark(canvas: Image.Image, origin: tuple[int, int], layout: _Layout) -> None:
+    """A red frame and a red corner triangle over a degenerate image: visible at any zoom, image still readable."""
+    x0, y0 = origin
+    w, h = layout.cell_w, layout.cell_h
+    draw = ImageDraw.Draw(canvas)
+    stroke = max(1, min(w, h) // 32)
+    draw.rectangle((x0, y0, x0 + w - 1, y0 + h - 1), outline=MARK_FILL, width=stroke)
+    side = max(4, min(w, h) // 6)
+    draw.polygon([(x0 + w - side, y0), (x0 + w - 1, y0), (x0 + w - 1, y0 + side)], fill=MARK_FILL)
+
+
 def _paste_image(canvas: Image.Image, origin: tuple[int, int], layout: _Layout, path: Path) -> bool:
     """Paste centred in the cell (smaller images keep their pixels, not stretched); False if unreadable."""
     try:
@@ -384,10 +396,14 @@ def paginate(layout: _Layout, layers: int, columns: int, rows: int, max_pixels: 
 Sources = dict[tuple[str, str, str], Path | str]
 
 
-def _cell_sources(rows: pd.DataFrame, values: pd.DataFrame, spec: _GridSpec, run_dir: Path) -> Sources:
-    """(layer, column, row) -> image path to paste, or the reason there is none."""
+def _cell_sources(
+    rows: pd.DataFrame, values: pd.DataFrame, spec: _GridSpec, run_dir: Path
+) -> tuple[Sources, set[tuple[str, str, str]]]:
+    """(layer, column, row) -> image path to paste, or the reason there is none; and the cells whose image is
+    degenerate (flat, clipped), which get a mark."""
     cells = values.groupby([_LAYER, spec.x, spec.y], sort=False).indices
     sources: Sources = {}
+    marked: set[tuple[str, str, str]] = set()
     for layer in spec.layers:
         for col in spec.columns:
             for row in spec.rows:
@@ -396,7 +412,9 @@ def _cell_sources(rows: pd.DataFrame, values: pd.DataFrame, spec: _GridSpec, run
                 # with a replaced file) share a cell, and the last one shows.
                 picked = None if positions is None else rows.iloc[positions[-1]]
                 sources[(layer, col, row)] = _cell_source(run_dir, picked)
-    return sources
+                if picked is not None and text(picked.get("degenerate")) not in ("", NOT_DEGENERATE):
+                    marked.add((layer, col, row))
+    return sources, marked
 
 
 def _readable(sources: Sources) -> tuple[Sources, list[tuple[int, int]]]:
@@ -448,7 +466,13 @@ def _draw_page_labels(
 
 
 def _render_page(
-    spec: _GridSpec, page: _Page, sources: Sources, layout: _Layout, faces: tuple[Font, Font], labels: _Labels
+    spec: _GridSpec,
+    page: _Page,
+    sources: Sources,
+    marked: set[tuple[str, str, str]],
+    layout: _Layout,
+    faces: tuple[Font, Font],
+    labels: _Labels,
 ) -> Image.Image:
     face, small = faces
     canvas = Image.new("RGB", layout.size(len(page.layers), len(page.columns), len(page.rows)), BACKGROUND)
@@ -458,17 +482,21 @@ def _render_page(
         for ci, col in enumerate(page.columns):
             for ri, row in enumerate(page.rows):
                 origin = (left + ci * layout.cell_w, layout.top + ri * layout.cell_h)
-                source = sources[(spec.layers[layer], spec.columns[col], spec.rows[row])]
+                key = (spec.layers[layer], spec.columns[col], spec.rows[row])
+                source = sources[key]
                 if isinstance(source, str) or not _paste_image(canvas, origin, layout, source):
                     reason = source if isinstance(source, str) else "unreadable image"
                     _draw_placeholder(canvas, origin, layout, reason, small)
+                elif key in marked:
+                    _draw_degenerate_mark(canvas, origin, layout)
     return canvas
 
 
 def _render_grid(
     rows: pd.DataFrame, values: pd.DataFrame, spec: _GridSpec, run_dir: Path, max_pixels: float
 ) -> list[Image.Image]:
-    sources, sizes = _readable(_cell_sources(rows, values, spec, run_dir))
+    found, marked = _cell_sources(rows, values, spec, run_dir)
+    sources, sizes = _readable(found)
     cell = _cell_size(sizes, rows)
     font_size = max(MIN_FONT, min(cell) // 12)
     faces = (font(font_size), font(max(MIN_FONT, font_size * 2 // 3)))
@@ -480,7 +508,7 @@ def _render_grid(
         width = layout.size(len(spec.layers), len(spec.columns), len(spec.rows))[0]
         lines = wrap_label(spec.title, faces[0], width - 2 * layout.pad, TITLE_LINES)
         layout = replace(layout, title_h=len(lines) * layout.line_h + 2 * layout.pad)
-    return [_render_page(spec, page, sources, layout, faces, labels) for page in pages]
+    return [_render_page(spec, page, sources, marked, layout, faces, labels) for page in pages]
 
 
 # ---------------------------------------------------------------- public

@@ -1,0 +1,122 @@
+"""`batchgen check RUN_DIR`: assertions on a finished run for CI, e.g. every LoRA does something, nothing broke.
+
+Reads each job's latest row; measurements a run lacks (a reference that landed after its job) are computed in
+memory, never written: a check changes nothing in the run directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from batchgen.errors import BatchgenError
+from batchgen.manifest import MANIFEST, latest_positions, read_manifest
+from batchgen.metrics import NOT_DEGENERATE
+from batchgen.report.effects import with_measurements
+from batchgen.report.summary import latest_invocation
+from batchgen.report.text import text
+
+# A LoRA job takes part in --min-effect when every weight it has (UNet and text encoder) is at least this: at
+# lower weights a LoRA may rightly do next to nothing.
+MIN_EFFECT_WEIGHT = 0.5
+_WEIGHTS = re.compile(r":(?P<unet>[^:/;]+)(?:/(?P<te>[^:;]+))?(?::lbw=[^;]+)?(?:;|$)")
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    run_dir: Path
+    min_effect: float | None = None
+    no_degenerate: bool = False
+    max_failed: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    problems: list[str]  # one line per offending job, then any count that is over its limit
+    summary: str
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+
+def check_run(request: CheckRequest) -> CheckResult:
+    run_dir = Path(request.run_dir)
+    _check_request(request, run_dir)
+    rows = read_manifest(run_dir)
+    latest = with_measurements(rows, run_dir).iloc[latest_positions(rows, run_dir)]
+    problems: list[str] = []
+    said: list[str] = []
+    if request.min_effect is not None:
+        tested = _lora_jobs(latest)
+        if tested.empty:
+            raise BatchgenError(
+                f"{run_dir}: --min-effect: no ok LoRA job with every weight >= {MIN_EFFECT_WEIGHT} in this run; "
+                "check a run with LoRA stacks, or drop --min-effect"
+            )
+        unmeasured = tested[tested["effect"] == ""]
+        if not unmeasured.empty and _references_off(run_dir):
+            raise BatchgenError(
+                f"{run_dir}: --min-effect needs reference images, and this run was rendered with "
+                "sweep.references=false; render it again with sweep.references=true (the default) to add them"
+            )
+        for _, row in tested.iterrows():
+            if not row["effect"]:
+                problems.append(
+                    f"effect not measured (its reference {row['reference'] or '?'} has no image): {_where(row)}"
+                )
+            elif float(row["effect"]) < request.min_effect:
+                problems.append(f"effect {float(row['effect']):.3f} < {request.min_effect:g}: {_where(row)}")
+        said.append(f"{len(tested)} LoRA jobs checked for effect >= {request.min_effect:g}")
+    if request.no_degenerate:
+        bad = latest[~latest["degenerate"].isin(["", NOT_DEGENERATE])]
+        problems += [f"degenerate ({row['degenerate']}): {_where(row)}" for _, row in bad.iterrows()]
+        said.append(f"{int((latest['degenerate'] != '').sum())} images checked for degenerate")
+    if request.max_failed is not None:
+        failed = latest[latest["status"] == "failed"]
+        if len(failed) > request.max_failed:
+            problems += [f"failed ({row['error']}): {_where(row)}" for _, row in failed.iterrows()]
+            problems.append(f"{len(failed)} failed jobs, more than --max-failed {request.max_failed}")
+        said.append(f"{len(failed)} failed (at most {request.max_failed})")
+    verdict = f"{len(problems)} problems" if problems else "ok"
+    return CheckResult(problems, f"check {run_dir}: {verdict}; {', '.join(said)}")
+
+
+def _check_request(request: CheckRequest, run_dir: Path) -> None:
+    if request.min_effect is None and not request.no_degenerate and request.max_failed is None:
+        raise BatchgenError("check: nothing to check; give --min-effect N, --no-degenerate and/or --max-failed N")
+    if request.min_effect is not None and not request.min_effect >= 0:
+        raise BatchgenError(f"--min-effect {request.min_effect}: give a pixel difference from 0 to 255")
+    if request.max_failed is not None and request.max_failed < 0:
+        raise BatchgenError(f"--max-failed {request.max_failed}: give a count of 0 or more")
+    if not (run_dir / MANIFEST).is_file():
+        raise BatchgenError(f"{run_dir}: no {MANIFEST} here; pass a run directory such as runs/styles")
+
+
+def _lora_jobs(latest: pd.DataFrame) -> pd.DataFrame:
+    ok = latest[(latest["status"] == "ok") & (latest["loras"] != "")]
+    strong = ok["loras"].map(lambda loras: min(_weights(loras), default=0.0) >= MIN_EFFECT_WEIGHT)
+    return ok[strong]
+
+
+def _weights(loras: str) -> list[float]:
+    out = []
+    for match in _WEIGHTS.finditer(loras):
+        out += [float(match["unet"]), float(match["te"] if match["te"] is not None else match["unet"])]
+    return out
+
+
+def _references_off(run_dir: Path) -> bool:
+    latest = latest_invocation(run_dir)
+    sweep = (latest.config.get("sweep") or {}) if latest is not None else {}
+    return sweep.get("references") is False
+
+
+def _where(row: pd.Series) -> str:
+    return (
+        f'model {text(row.get("model"))}, stack {text(row.get("stack"))}, prompt "{text(row.get("prompt"))}", '
+        f"seed {text(row.get('seed'))} (job {text(row.get('job_id'))})"
+    )
