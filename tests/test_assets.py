@@ -216,3 +216,15 @@ def test_bases_read_from_widths_with_the_messages_users_see(tmp_path: Path) -> N
     assert str(error.value) == f"{path}: clip_l/clip_g widths [768, 1024] are not SDXL's 768 and 1280"
     assert listing(["SD1 (768)", "SD2 (1024)", "SDXL (2048)"]) == "SD1 (768), SD2 (1024) or SDXL (2048)"
     assert listing(["a"]) == "a" and listing(["a", "b"]) == "a or b"
+
+
+def test_list_names_a_refused_files_path_once(run_cli, tmp_path: Path, tiny_cache: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "empty.safetensors").write_bytes(b"")
+    loras = f"models.tiny_sd1.loras=[{tiny_root('tiny_sd1', tiny_cache) / 'lora'},{folder}]"
+    code, out, err = run_cli("+sweep=styles", loras, "sweep.models=[tiny_sd1]", "--list")
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("  refused lora  empty  ")]
+    assert line.count(str(folder / "empty.safetensors")) == 1
+    assert line.startswith(f"  refused lora  empty  {folder / 'empty.safetensors'}: ")

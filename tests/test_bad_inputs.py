@@ -290,7 +290,30 @@ def invalid_yaml(c: Case):
 
 
 def unknown_key(c: Case):
-    return ["sweep.colour=red"], "config: Could not override 'sweep.colour'."
+    # not Hydra's advice to append: the schema has no such key
+    return ["sweep.colour=red"], "override 'sweep.colour=red': sweep has no key 'colour'; its keys are name, models,"
+
+
+def unknown_key_near_a_real_one(c: Case):
+    return ["sweep.seed=3"], "override 'sweep.seed=3': sweep has no key 'seed'; did you mean 'seeds'?"
+
+
+def appended_key_the_schema_lacks(c: Case):
+    return ["+sweep.seed=3"], "override '+sweep.seed=3': sweep has no key 'seed'; did you mean 'seeds'?"
+
+
+def appended_run_key_the_schema_lacks(c: Case):
+    return ["+run.thread=1"], "override '+run.thread=1': run has no key 'thread'; did you mean 'threads'?"
+
+
+def unknown_model_key(c: Case):
+    return ["models.tiny_sd1.lora=[x]"], (
+        "override 'models.tiny_sd1.lora=[x]': models.tiny_sd1 has no key 'lora'; did you mean 'loras'?"
+    )
+
+
+def unknown_key_on_an_axis(c: Case):
+    return ["sweep.seed=1,2"], "override 'sweep.seed=1,2': sweep has no key 'seed'; did you mean 'seeds'?"
 
 
 def wrong_type(c: Case):
@@ -399,6 +422,11 @@ CASES = [
     checkpoint_of_unknown_type,
     invalid_yaml,
     unknown_key,
+    unknown_key_near_a_real_one,
+    appended_key_the_schema_lacks,
+    appended_run_key_the_schema_lacks,
+    unknown_model_key,
+    unknown_key_on_an_axis,
     wrong_type,
     negative_steps,
     zero_steps,

@@ -27,6 +27,7 @@ from batchgen.config.hydra_errors import (
     override_message,
     yaml_message,
 )
+from batchgen.config.override_keys import check_override_key
 from batchgen.config.schema import Composed, Config
 from batchgen.errors import BatchgenError
 
@@ -63,6 +64,7 @@ def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
     for override in parsed:
         if not override.key_or_group.strip("+~"):
             raise BatchgenError(f"override '{override.input_line}': no key before '='; write key=value")
+        check_override_key(override.key_or_group.lstrip("+~"), override.input_line)
         if not override.is_sweep_override():
             plain.append(override.input_line)
             continue
