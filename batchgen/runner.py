@@ -117,7 +117,9 @@ def list_assets(plan: Plan, out: TextIO) -> None:
             out.write(f"  lora  {lora.name}  {summary}  {lora.path}{tags}\n")
         for refused in spec.refused:
             label = f"<{refused.name}>" if refused.kind == "embedding" else refused.name
-            out.write(f"  refused {refused.kind}  {label}  {refused.path}: {refused.reason}\n")
+            # Most reasons are errors that already start with the path; the line names it once.
+            reason = refused.reason.removeprefix(f"{refused.path}: ")
+            out.write(f"  refused {refused.kind}  {label}  {refused.path}: {reason}\n")
 
 
 def render(
@@ -139,6 +141,7 @@ def _render(
     composed: Composed, plan: Plan, executor: Executor, out: TextIO, err: TextIO, retry_failed: bool
 ) -> Outcome:
     from batchgen.report.curves import strength_plots
+    from batchgen.report.effects import fill_measurements
     from batchgen.report.grids import build_grids
     from batchgen.report.index import build_index
 
@@ -197,8 +200,6 @@ def _render(
         raise
     finally:
         manifest.close()
-    from batchgen.report.effects import fill_measurements
-
     fill_measurements(run_dir)  # LoRA jobs whose reference landed after them
     table = merged_table(plan.table, run_dir)
     grid = cfg.sweep.grid

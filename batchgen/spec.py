@@ -52,6 +52,9 @@ def _with_settings(columns: tuple[str, ...]) -> tuple[str, ...]:
 
 
 MANIFEST_COLUMNS = _with_settings(_COLUMNS)
+# The stack of a reference job that no stack of the sweep renders (sweep.references); the parentheses keep it
+# apart from any stack a user can name.
+REFERENCE_STACK = "(reference)"
 STAGES = ("load", "patch", "encode", "denoise", "decode", "write")
 
 

@@ -129,7 +129,8 @@ def test_a_blocks_sweep_from_the_command_line_is_one_grid_per_model(run_cli, tmp
 
     code, _, err = run_cli(
         "+sweep=styles", "sweep.seeds=[1,2]", "sweep.prompts=['a castle at night']", "sweep.slots={}",
-        "~sweep.stacks.none", "~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.lycoris",
+        "~sweep.stacks.none", "sweep.references=false", "~sweep.stacks.ink", "~sweep.stacks.ink_grain",
+        "~sweep.stacks.lycoris",
         "~sweep.stacks.peft", "+sweep.stacks.b={ink: {weight: [0.6, 1.0], blocks: [ALL, OUTD]}}",
         "sweep.grid.x=blocks:ink", "sweep.grid.y=seed", "+sweep.grid.z=weight:ink",
     )  # fmt: skip

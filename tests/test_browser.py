@@ -24,7 +24,8 @@ ARGS = ("+sweep=styles", "sweep.seeds=[1]", "sweep.prompts=['<grainy> cat','a ca
 
 LOAD_ALL_IMAGES = """
 (async () => {
-  const images = Array.from(document.images);
+  // the compare view's images get their src when it opens
+  const images = Array.from(document.images).filter((img) => !img.closest("#compare"));
   images.forEach((img) => { img.loading = "eager"; });  // lazy thumbnails below the fold load now
   const settle = (img) => img.complete ? Promise.resolve() :
     new Promise((done) => { img.addEventListener("load", done); img.addEventListener("error", done); });
@@ -81,7 +82,7 @@ def test_report_in_headless_chromium(run_cli, tmp_path: Path) -> None:
     table = read_manifest(run)
     ok, skipped = int((table["status"] == "ok").sum()), int((table["status"] == "skipped").sum())
     assert (ok, skipped) == (18, 6)
-    grids = len(list((run / "grids").glob("*.png")))
+    grids = len(list((run / "grids").glob("*.png"))) + len(list((run / "plots").glob("*.png")))
 
     with Chromium(binary, tmp_path / "profile") as browser:
         page = browser.open((run / "index.html").as_uri())

@@ -95,7 +95,7 @@ def test_render_resume_and_new_weight(run_cli) -> None:
     (run / "index.html").unlink()
     # x=seed, y=stack leaves model (2) x prompt (3) as the grids
     code, out, _ = run_cli("report", str(run), "--x", "seed", "--y", "stack")
-    assert code == 0 and out == f"6 grids, {run / 'index.html'}\n"
+    assert code == 0 and out == f"6 grids, 2 strength plots, {run / 'index.html'}\n"
     assert 'src="images/' in (run / "index.html").read_text()
     invocations = list((run / ".batchgen").iterdir())
     assert len(invocations) == 1
@@ -130,6 +130,7 @@ def test_missing_image_is_rendered_again(run_cli) -> None:
 
 def test_png_parameters_follow_a1111(run_cli) -> None:
     args = (*SMALL, *NO_LORAS, "~sweep.stacks.none", "+sweep.stacks.s={ink: 0.5}", "sweep.models=[tiny_sd1]")
+    args = (*args, "sweep.references=false")  # the one row is the LoRA job
     args = (*args, "sweep.prompts=['<alf> at night']")
     assert run_cli(*args)[0] == 0
     run = Path("runs/styles")
@@ -194,8 +195,8 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
         ),
         (("+sweep=styles", "sweep.stacks.ink.ink=heavy"), "sweep.stacks.ink.ink: weight 'heavy' is not a number"),
         (("+sweep=styles", "sweep.seeds=[]"), "sweep.seeds is empty; give at least one value"),
-        (("+sweep=styles", "sweep.colour=red"), "config: Could not override 'sweep.colour'."),
-        (("+sweep=styles", "sweep.colour=red,blue"), "override 'sweep.colour': unknown config key"),
+        (("+sweep=styles", "sweep.colour=red"), "override 'sweep.colour=red': sweep has no key 'colour'; its keys"),
+        (("+sweep=styles", "sweep.colour=red,blue"), "override 'sweep.colour=red,blue': sweep has no key 'colour'"),
         (("+sweep=styles", "run.out_dir=a,b"), "override 'run.out_dir=a,b': a list of values is an axis only on"),
         (("+sweep=styles", "sweep.steps=[1"), "bad override 'sweep.steps=[1':"),
         (("+sweep=styles", "sweep.steps=0"), "sweep.steps: '0' is not an integer >= 1"),
@@ -253,3 +254,19 @@ def test_failed_job_is_recorded_and_exit_code_is_1(run_cli, monkeypatch: pytest.
     monkeypatch.setattr(worker.Renderer, "_generate", real)
     code, out, _ = run_cli(*args)  # failed jobs have no ok row, so the next run renders them
     assert code == 0 and "rendered 1, failed 0, skipped 0, already done 1" in out
+
+
+def test_appending_is_accepted_where_the_user_fills_a_mapping(run_cli) -> None:
+    # New stacks, slots, LoRA triggers, block presets and grid.z (a schema key) take '+'; the dry run plans them.
+    code, out, err = run_cli(
+        *SMALL,
+        "+sweep.stacks.mine={ink: 0.3}",
+        "+sweep.slots.light=[dusk]",
+        "+sweep.lora_triggers.ink=ink drawing",
+        "+sweep.block_presets.MINE='1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1'",
+        "+sweep.grid.z=seed",
+        "--dry-run",
+    )
+    assert code == 0, err
+    # 6 stack labels + mine + (reference) for the prompts given trigger words; 3 prompts, 2 of them also with words
+    assert "  stack           8\n" in out and "  prompt          5\n" in out

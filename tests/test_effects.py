@@ -150,7 +150,8 @@ def test_check_exit_codes_and_messages(rendered: Path, run_cli) -> None:
     code, out, _ = run_cli("check", "runs/styles", "--min-effect", str(threshold))
     lines = out.splitlines()
     assert code == 1 and len(lines) == 7
-    assert all(line.startswith("effect ") and f" < {threshold:g}: model tiny_sd1, stack " in line for line in lines[:6])
+    expected = f" < {threshold:g}: model tiny_sd1, stack "
+    assert all(line.startswith("effect ") and expected in line for line in lines[:6])
     assert lines[6] == f"check runs/styles: 6 problems; 6 LoRA jobs checked for effect >= {threshold:g}"
 
     for args, message in [

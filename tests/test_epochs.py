@@ -63,20 +63,24 @@ def test_an_epoch_sweep_orders_labels_and_renders_only_a_new_epoch(run_cli, tmp_
     assert ", epoch 4, 760 steps" in next(line for line in out.splitlines() if "mylora-000004" in line)
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=e", "--dry-run")
     assert code == 0, err
-    assert "  epoch           3\n" in out and "3 new" in out
+    assert "  epoch           3\n" in out and "4 new" in out  # and the no-LoRA reference
     code, _, err = run_cli("--config-dir", str(conf), "+sweep=e")
     assert code == 0, err
-    table = pd.read_csv(tmp_path / "runs/e/manifest.csv", dtype=str, keep_default_na=False)
+    rows = pd.read_csv(tmp_path / "runs/e/manifest.csv", dtype=str, keep_default_na=False)
+    assert list(rows["stack"])[0] == "(reference)" and rows["epoch"][0] == ""  # the no-LoRA job renders first
+    table = rows.iloc[1:]
     assert list(table["epoch"]) == ["mylora e2 (380 steps)", "mylora e4 (760 steps)", "mylora e6 (1140 steps)"]
+    assert set(table["reference"]) == {rows["job_id"][0]} and (table["effect"] != "").all()
     assert list(table["loras"]) == ["mylora-000002:1", "mylora-000004:1", "mylora:1"]
     assert set(table["stack"]) == {"mylora-* 1"} and set(table["status"]) == {"ok"}
     assert table["image_sha256"].nunique() == 3
     assert sorted(p.name for p in (tmp_path / "runs/e/grids").iterdir()) == ["mine.png"]  # one grid, 3 columns
+    assert (tmp_path / "runs/e/plots/strength-mine.png").is_file()  # a curve per epoch (one point each)
     # A new epoch file lands: the next run renders only its job.
     _epoch_files(folder, source, {"mylora-000005": (5, 950, 1.2)})
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=e")
     assert code == 0, err
-    assert "e: 1 to render, 3 already done, 0 skipped" in err
+    assert "e: 1 to render, 4 already done, 0 skipped" in err
     table = pd.read_csv(tmp_path / "runs/e/manifest.csv", dtype=str, keep_default_na=False)
     assert table.iloc[-1]["epoch"] == "mylora e5 (950 steps)"
 
@@ -105,4 +109,4 @@ def test_a_glob_matching_for_one_model_only_skips_the_other(run_cli, tmp_path: P
     conf = write_conf(tmp_path / "conf", "e", body, models)
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=e", "--dry-run")
     assert code == 0, err
-    assert "1 new" in out and "skipped 1: no LoRA file of model tiny_sdxl matches 'mylora-*'" in out
+    assert "2 new" in out and "skipped 1: no LoRA file of model tiny_sdxl matches 'mylora-*'" in out

@@ -80,7 +80,7 @@ def test_ok_then_failed_and_failed_then_ok_read_alike_everywhere(run_cli) -> Non
     assert runner_grid != (Path("runs/reference/grids") / grid.name).read_bytes()  # two cells say why they failed
 
     code, out, _ = run_cli("report", "runs/styles")
-    assert code == 0 and out == "1 grids, runs/styles/index.html\n"
+    assert code == 0 and out == "1 grids, 1 strength plots, runs/styles/index.html\n"
     assert index_states(run) == expected
     assert grid.read_bytes() == runner_grid
 

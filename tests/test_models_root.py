@@ -36,4 +36,4 @@ def test_invokeai_models_folder(run_cli, tiny_cache: Path, tmp_path: Path) -> No
     assert any(line.startswith("  embedding  <alf>  a1111") for line in lines)
     code, out, err = run_cli("--config-dir", str(conf), "+sweep=inv", "--dry-run")
     assert code == 0, err
-    assert "jobs: 1 to render in total, 1 new" in out
+    assert "jobs: 2 to render in total, 2 new" in out  # the LoRA job and its no-LoRA reference

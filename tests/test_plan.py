@@ -45,6 +45,7 @@ def _sweep(**changes) -> SweepConfig:
         guidance_scale=7.5,
         width=64,
         height=64,
+        references=False,  # the reference jobs have tests of their own (test_references.py)
     )
     return replace(sweep, **changes)
 

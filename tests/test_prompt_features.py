@@ -115,7 +115,7 @@ def test_a_tagged_prompt_renders_the_stacked_image(run_cli, tmp_path: Path) -> N
         (conf / f"{name}.yaml").write_text(
             "# @package _global_\ndefaults:\n  - /model@models.tiny_sd1: tiny_sd1\n"
             f"sweep:\n  name: {name}\n  prompts: ['{prompt}']\n  stacks: {stacks}\n"
-            "  seeds: [1]\n  steps: 2\n  width: 64\n  height: 64\n"
+            "  seeds: [1]\n  steps: 2\n  width: 64\n  height: 64\n  references: false\n"
         )
         code, _, err = run_cli("--config-dir", str(tmp_path / "conf"), f"+sweep={name}")
         assert code == 0, err

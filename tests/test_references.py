@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchgen.config import compose_config
-from batchgen.plan.jobs import REFERENCE_STACK
 from batchgen.runner import prepare
+from batchgen.spec import REFERENCE_STACK
 
 ONE_SD1 = ("+sweep=styles", "sweep.models=[tiny_sd1]", "sweep.seeds=[1]", "~sweep.stacks.lycoris")
 SAME_JOB = ["model", "prompt", "negative_prompt", "embeddings", "seed", "steps", "guidance_scale", "width", "height"]

@@ -283,7 +283,7 @@ def test_index_links_images_grids_and_escapes_text(tmp_path):
     page = path.read_text(encoding="utf-8")
     for image in table["image"]:
         if image:
-            assert f'<a href="{image}"><img src="{image}" loading="lazy" width="64"' in page
+            assert f'<a class="open" href="{image}"><img src="{image}" loading="lazy" width="64"' in page
     for grid in grids:
         assert f'src="grids/{grid.name}"' in page
     assert "&lt;alf&gt;" in page and "<alf>" not in page
@@ -485,3 +485,19 @@ def test_report_modules_import_no_torch():
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_degenerate_image_gets_a_red_frame_and_corner_and_the_others_do_not(tmp_path):
+    table = make_run(tmp_path)
+    flagged = job_index(table, model="tiny_sd1", stack=STACKS[1], style=STYLES[0])
+    table["degenerate"] = "no"
+    table.loc[flagged, "degenerate"] = "flat"
+    grid = grid_for(report.build_grids(table, tmp_path, "stack", "prompt", ["style"]), "tiny_sd1.png")
+    for (col, stack), (row, style) in itertools.product(enumerate(STACKS), enumerate(STYLES)):
+        i = job_index(table, model="tiny_sd1", stack=stack, style=style)
+        x, y = cell_centre(grid, col, row, 3, 2)
+        corner = (x + CELL // 2 - 2, y - CELL // 2 + 1)  # inside the top-right triangle
+        edge = (x, y + CELL // 2 - 1)  # the bottom edge, on the frame
+        assert grid.getpixel((x, y)) == colour(i)  # the image itself stays readable
+        expected = report.MARK_FILL if i == flagged else colour(i)
+        assert (grid.getpixel(corner), grid.getpixel(edge)) == (expected, expected), (stack, style)

@@ -106,7 +106,7 @@ def test_links_to_odd_file_names_are_url_quoted(tmp_path):
     (tmp_path / "images" / "a b#1.png").write_bytes((tmp_path / table.loc[0, "image"]).read_bytes())
     table.loc[0, "image"] = "images/a b#1.png"
     page = build_index(table, tmp_path, []).read_text(encoding="utf-8")
-    assert '<a href="images/a%20b%231.png"><img src="images/a%20b%231.png"' in page
+    assert '<a class="open" href="images/a%20b%231.png"><img src="images/a%20b%231.png"' in page
 
 
 # ---------------------------------------------------------------- batchgen report RUN_DIR
@@ -143,15 +143,16 @@ def test_report_rebuilds_from_the_manifest_with_the_recorded_axes(cli, tmp_path)
     write_manifest(run, pd.concat([table, rerun], ignore_index=True))  # job 4 failed, then rendered
     record_invocation(run, {"sweep": {"name": "styles", "grid": {"x": "style", "y": "stack", "z": None}}}, [])
     code, out, err = cli("report", "runs/styles")
-    assert (code, err) == (0, "")
-    assert out == "2 grids, runs/styles/index.html\n"
+    # a run from before batchgen measured: its ok images get `degenerate` now (solid colours: flat)
+    assert (code, err) == (0, "measured 11 images (effect, ssim, degenerate) into the manifest\n")
+    assert out == "2 grids, 2 strength plots, runs/styles/index.html\n"
     assert sorted(p.name for p in (run / "grids").iterdir()) == ["tiny_sd1.png", "tiny_sdxl.png"]
     with Image.open(run / "grids" / "tiny_sd1.png") as img:
         assert img.width == 160 + 2 * 64  # x is the recorded style axis: two columns
     rows = page_rows((run / "index.html").read_text(encoding="utf-8"))
     assert len(rows) == 12 and not rows[4].startswith('<tr class="failed"')
     code, out, _ = cli("report", "runs/styles", "--x", "seed", "--y", "stack", "--z", "style")
-    assert code == 0 and out == "2 grids, runs/styles/index.html\n"
+    assert code == 0 and out == "2 grids, 2 strength plots, runs/styles/index.html\n"
     with Image.open(run / "grids" / "tiny_sd1.png") as img:
         assert img.width == 160 + 2 * 64 + 64 // 8  # one seed column in each of two style sub-grids
 
@@ -199,10 +200,11 @@ def test_report_from_pngs_rebuilds_the_manifest(cli, tmp_path):
     table = png_only_run(run)
     Image.new("RGB", (8, 8)).save(run / "images" / "foreign.png")
     code, out, err = cli("report", "runs/lost", "--from-pngs")
-    assert code == 0 and out == "1 grids, runs/lost/index.html\n"
+    assert code == 0 and out == "1 grids, 1 strength plots, runs/lost/index.html\n"
     assert err == (
         "batchgen: ignored runs/lost/images/foreign.png: no 'batchgen' text chunk\n"
         "rebuilt runs/lost/manifest.csv: 5 jobs from their PNGs\n"
+        "measured 5 images (effect, ssim, degenerate) into the manifest\n"
     )
     manifest = read_manifest(run)
     assert list(manifest.columns) == [*MANIFEST_COLUMNS, "style"]

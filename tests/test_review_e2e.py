@@ -43,7 +43,7 @@ def test_render_then_review_report_diff_and_recover(run_cli) -> None:
     assert "<h3>This invocation</h3>" in page and page.count('data-status="ok"') == 18
     (run / "index.html").unlink()
     code, out, _ = run_cli("report", "runs/styles")  # the recorded axes, weight:ink included
-    assert code == 0 and out == "4 grids, runs/styles/index.html\n"
+    assert code == 0 and out == "4 grids, 1 strength plots, runs/styles/index.html\n"
     assert sorted(p.name for p in (run / "grids").iterdir()) == GRIDS
 
     shutil.copytree(run, "runs/copy")
@@ -52,7 +52,10 @@ def test_render_then_review_report_diff_and_recover(run_cli) -> None:
 
     (run / "manifest.csv").rename(run / "manifest.old.csv")
     code, out, err = run_cli("report", "runs/styles", "--from-pngs")
-    assert code == 0 and err == "rebuilt runs/styles/manifest.csv: 18 jobs from their PNGs\n"
+    assert code == 0 and err == (
+        "rebuilt runs/styles/manifest.csv: 18 jobs from their PNGs\n"
+        "measured 18 images (effect, ssim, degenerate) into the manifest\n"  # the PNGs do not carry the numbers
+    )
     recovered = read_manifest(run).drop(columns=VOLATILE).set_index("job_id").sort_index()
     original = table.drop(columns=VOLATILE).set_index("job_id").sort_index()
     assert list(recovered.columns) == list(original.columns)

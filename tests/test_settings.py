@@ -122,7 +122,7 @@ def test_manifest_columns_keep_their_order() -> None:
         *("job_id", "status", "model", "base", "prompt", "negative_prompt", "embeddings", "loras", "seed", "steps"),
         *("guidance_scale", "width", "height", "scheduler", "image", "image_sha256", "seconds", "worker"),
         *("finished_at", "error", "stack", "prompt_template", "timings", "clip_skip", "prompt_syntax"),
-        *("pad_prompts", "lora_triggers", "epoch"),
+        *("pad_prompts", "lora_triggers", "epoch", "reference", "effect", "ssim", "degenerate"),
     )
 
 

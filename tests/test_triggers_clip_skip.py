@@ -159,6 +159,7 @@ def test_triggers_and_clip_skip_render_what_diffusers_renders(run_cli, tmp_path:
     from tests.test_oracle import MAX_PIXEL_DIFF, _reference_image, _reference_pipeline
 
     body = "  prompts: ['a castle at night']\n  stacks: {ink: {ink: 0.8}}\n  lora_triggers: {ink: ink drawing}\n"
+    body += "  references: false\n"  # the LoRA jobs only: each against diffusers
     write_conf(tmp_path / "conf", "t", body + "  clip_skip: [1, 2]\n" + SMALL, {model: None})
     code, _, err = run_cli("--config-dir", str(tmp_path / "conf"), "+sweep=t")
     assert code == 0, err
@@ -190,7 +191,8 @@ def test_metadata_triggers_are_read_listed_and_added(run_cli, tmp_path: Path, ti
     frequency = {"10_inkystyle": {"inkystyle": 6, "castle": 2}}
     save_file(load_file(source), folder / "ink.safetensors", {"ss_tag_frequency": json.dumps(frequency)})
     main = next(tiny_cache.glob("*/tiny_sd1/main/tiny_sd1"))
-    body = "  prompts: ['a castle']\n  stacks: {ink: {ink: 1.0}}\n  add_lora_triggers: true\n" + SMALL
+    body = "  prompts: ['a castle']\n  stacks: {ink: {ink: 1.0}}\n  add_lora_triggers: true\n  references: false\n"
+    body += SMALL
     write_conf(tmp_path / "conf", "t", body, {"mine": f"base: sd-1\ncheckpoint: {main}\nloras: [{folder}]\n"})
     code, out, err = run_cli("--config-dir", str(tmp_path / "conf"), "+sweep=t", "--list")
     assert code == 0, err

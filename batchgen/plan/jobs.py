@@ -42,12 +42,9 @@ from batchgen.plan.stacks import (
 from batchgen.plan.syntax import check_syntax, text_payload
 from batchgen.plan.values import check_batch_size, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
-from batchgen.spec import MANIFEST_COLUMNS, Job, LoraWeight, ModelSpec
+from batchgen.spec import MANIFEST_COLUMNS, REFERENCE_STACK, Job, LoraWeight, ModelSpec
 
 COLUMN_SETTINGS = tuple(s.name for s in SETTINGS if s.column_after is not None)
-# The stack label of a reference job that no stack of the sweep renders (sweep.references); parentheses keep it
-# apart from any stack a user can name.
-REFERENCE_STACK = "(reference)"
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,10 @@ class Plan:
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]
         columns += [*self.slots, *AXES]
-        return {c: int(self.table[c].nunique()) for c in columns}
+        counts = {c: int(self.table[c].nunique()) for c in columns}
+        if "epoch" in counts:  # a reference job has no epoch: "" is not one more
+            counts["epoch"] = int(self.table["epoch"].loc[self.table["epoch"] != ""].nunique())
+        return counts
 
 
 def build_plan(

@@ -33,6 +33,7 @@ from batchgen.axes import (
 from batchgen.metrics import NOT_DEGENERATE
 from batchgen.report.files import save_png
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
+from batchgen.spec import REFERENCE_STACK
 
 AXES = BASE_AXES
 REST = "other LoRAs"  # group key standing in for `stack` when a LoRA's weight is on the grid
@@ -535,8 +536,12 @@ def build_grids(
     check_grid(x, y, z, slots, lora_names(_column(table, "loras")))
     max_pixels = check_max_megapixels(max_megapixels) * 1e6
     run_dir = Path(run_dir)
-    table = table.reset_index(drop=True)
     on_grid = [a for a in (x, y, z) if a]
+    if "stack" not in on_grid:
+        # Added references are there to be measured against; with stack off the axes they would split every grid
+        # in two. On a stack axis they are a column of their own.
+        table = table[_column(table, "stack") != REFERENCE_STACK]
+    table = table.reset_index(drop=True)
     keys = _group_keys(table, on_grid, slots)
     names = list(dict.fromkeys([*on_grid, *keys]))
     values = pd.DataFrame({name: _axis_column(table, name, on_grid) for name in names})
