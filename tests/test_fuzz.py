@@ -1,9 +1,12 @@
-"""Property tests: random LoRA and TI files and random overrides get an answer or a clean BatchgenError, never a
-traceback. A file that passes inspection must also load in the engine: validation may not let a bad file through
-to fail later at render time. `make fuzz` runs many more examples (HYPOTHESIS_PROFILE=fuzz)."""
+"""Property tests on outcomes, not just "no traceback". A random LoRA or TI file is either refused with one line
+naming the file and the reason, or accepted, and then everything it yields is finite, floating point and shaped
+for its module (a LoRA with NaN, inf or integer tensors is never accepted). A random override either composes and
+plans, with stable job_ids and a job count that scales with the one axis it changed, or fails with one line
+naming it. Seeded in `make test`; `make fuzz` runs many more examples (HYPOTHESIS_PROFILE=fuzz)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -22,6 +25,7 @@ from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import inspect_lora
 from batchgen.config import compose_config
 from batchgen.errors import BatchgenError
+from batchgen.runner import prepare
 from batchgen.spec import EmbeddingFile, LoraFile
 from batchgen.tiny import tiny_root
 
@@ -100,13 +104,23 @@ def test_random_lora_tensors_are_accepted_and_load_or_are_refused(sd1, spec: dic
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.safetensors"
         save_file({key: _tensor(*value) for key, value in spec.items()}, str(path))
+        nonfinite = any(special and dtype.is_floating_point for _, dtype, special in spec.values())
+        integer = any(not dtype.is_floating_point for _, dtype, _ in spec.values())
         try:
             inspect_lora(LoraFile("fuzz", path), arch, HashCache(None))
         except BatchgenError as e:
-            assert str(path) in str(e) and "\n" not in str(e)
+            message = str(e)
+            # one line: the file, then the key or the reason
+            assert message.startswith(f"{path}: ") and len(message) > len(f"{path}: ") + 8 and "\n" not in message
             return
+        assert not nonfinite and not integer, f"accepted a file with NaN/inf or integer tensors: {spec}"
         layers = load_lora_layers(path, components, unet_config, "cpu")  # accepted files must load
         assert layers
+        for ref, layer in layers.items():
+            weight = components[ref.component].get_submodule(ref.path).weight
+            delta = layer.delta(weight.detach().float())
+            assert delta.dtype == weight.dtype == torch.float32 and delta.shape == weight.shape, ref
+            assert torch.isfinite(delta).all(), ref
 
 
 header_values = st.fixed_dictionaries(
@@ -148,7 +162,7 @@ def test_random_safetensors_bytes_are_refused_cleanly(sd1, raw: bytes, kind: str
             else:
                 inspect_embedding(EmbeddingFile("fuzz", path), HashCache(None))
         except BatchgenError as e:
-            assert "\n" not in str(e)
+            assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
 
 
 ti_tensors = st.dictionaries(
@@ -176,10 +190,15 @@ def test_random_embeddings_are_read_or_refused(tiny_cache: Path, spec: dict) -> 
         try:
             ti = inspect_embedding(EmbeddingFile("fuzz", path), HashCache(None))
         except BatchgenError as e:
-            assert "\n" not in str(e)
+            assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
             return
         vectors = embedding_vectors(read_state_dict(path), path)  # what the engine registers
         assert sum(v.shape[0] for v in vectors.values()) >= ti.vectors
+        widths = {"sd-1": {768}, "sd-2": {1024}, "sdxl": {768, 1280}}[ti.base]
+        for vector in vectors.values():
+            # (a tensor the reader does not take, beside the vectors, may hold anything)
+            assert vector.dtype.is_floating_point and torch.isfinite(vector).all()
+            assert vector.ndim == 2 and vector.shape[0] >= 1 and vector.shape[1] in widths
 
 
 override_keys = st.sampled_from(
@@ -217,6 +236,22 @@ def test_random_overrides_compose_or_fail_cleanly(
 ) -> None:
     override = f"{prefix}{key}{op}{value}"
     try:
-        compose_config(["+sweep=styles", override])
+        composed = compose_config(["+sweep=styles", override])
+        first, second = prepare(composed), prepare(composed)
     except BatchgenError as e:
-        assert "\n" not in str(e)
+        message = str(e)
+        assert "\n" not in message
+        # named: the override or its key (a bare "=value" has no key to name)
+        assert override in message or key.split(".")[-1] in message or not key, message
+        return
+    assert list(first.table["job_id"]) == list(second.table["job_id"])  # job_ids stable from plan to plan
+    base = _base_plan()
+    counts, base_counts = first.axis_counts(), base.axis_counts()
+    axis = {"sweep.steps": "steps", "sweep.seeds": "seed", "sweep.width": "width"}.get(key)
+    if axis is not None:  # one axis changed: the job count scales by its length alone
+        assert len(first.table) * base_counts[axis] == len(base.table) * counts[axis], override
+
+
+@functools.cache
+def _base_plan():
+    return prepare(compose_config(["+sweep=styles"]))

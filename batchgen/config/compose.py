@@ -98,7 +98,7 @@ def compose_config(overrides: list[str], config_dir: Path | None = None) -> Comp
     except MissingConfigException as e:
         raise BatchgenError(missing_config_message(e, packaged, config_dir)) from None
     except (HydraException, OmegaConfBaseException) as e:
-        raise BatchgenError(override_message(e, plain) or f"config: {first_line(e)}") from None
+        raise BatchgenError(override_message(e, plain) or _unplaced(first_line(e), plain)) from None
     except yaml.YAMLError as e:
         raise BatchgenError(yaml_message(e)) from None
     except (ValueError, TypeError, AssertionError) as e:  # Hydra checks some override shapes with bare asserts
@@ -119,6 +119,12 @@ def compose_config(overrides: list[str], config_dir: Path | None = None) -> Comp
     if not isinstance(typed, Config) or not isinstance(container, dict):
         raise TypeError(f"composition gave {type(typed).__name__}, not batchgen's Config; the schema was not applied")
     return Composed(config=typed, container=container, overrides=list(overrides))
+
+
+def _unplaced(reason: str, overrides: list[str]) -> str:
+    """An error Hydra does not tie to one override: name the overrides given, which are where to look."""
+    given = " ".join(overrides)
+    return f"config: {reason}" + (f" (with the overrides {given})" if given else "")
 
 
 def _init_hydra(packaged: Path, config_dir: Path | None) -> None:
