@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -57,6 +58,9 @@ def render_command(
         bool, typer.Option("--retry-failed", help="Render only the jobs whose last row is failed.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Render a sweep larger than run.max_jobs.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show diffusers', transformers' and torch's own notices and bars.")
+    ] = False,
 ) -> None:
     from omegaconf import OmegaConf
 
@@ -170,9 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     # Models, tokenizers and configs come from local folders only; this also stops libraries phoning home.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in args
+    if not verbose:
+        quiet_third_party()
     try:
-        # Outside standalone mode click returns the code of a typer.Exit instead of raising it.
-        code = app(args=argv, prog_name="batchgen", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not verbose:
+                # diffusers' and transformers' deprecation notices are about their API, not the user's sweep
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            # Outside standalone mode click returns the code of a typer.Exit instead of raising it.
+            code = app(args=args, prog_name="batchgen", standalone_mode=False)
     except BatchgenError as e:
         sys.stderr.write(f"batchgen: error: {e}\n")
         return e.exit_code
@@ -202,6 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"batchgen: internal error: {name}: {text} (traceback in {report}; please report it)\n")
         return 1
     return code if isinstance(code, int) else 0
+
+
+def quiet_third_party() -> None:
+    """Libraries' own notices (torchvision missing, checkpoint shards written) and progress bars stay off the
+    console, which shows batchgen's lines only; set before the libraries are imported, and only where the user
+    has not set these variables."""
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ):
+        os.environ.setdefault(name, value)
 
 
 def _save_traceback() -> str:

@@ -127,3 +127,30 @@ def test_a_dry_run_of_the_styles_sweep_imports_no_torch_once_its_pickles_are_kno
         assert result.returncode == 0, result.stderr
     assert "jobs: 72 to render in total, 72 new, 0 already done, 0 skipped" in result.stdout
     assert result.stdout.splitlines()[-1] == "heavy: []"
+
+
+ONE_IMAGE = ("+sweep=styles", "sweep.models=[tiny_sd1]", "sweep.seeds=[1]", "sweep.steps=1", "sweep.slots={}")
+OUR_LINES = ("styles: ", "render: ", "stages: ", "batchgen: warning: ")
+
+
+@pytest.mark.slow
+def test_a_first_run_on_a_fresh_machine_prints_only_batchgens_lines(tmp_path: Path) -> None:
+    # A fresh cache: the tiny model is built (libraries write shards with progress bars, transformers notes that
+    # torchvision is missing) and rendered; none of that reaches the console unless --verbose.
+    args = [*ONE_IMAGE, "sweep.prompts=['a castle']", "~sweep.stacks.lycoris", "~sweep.stacks.peft"]
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_VERBOSITY", "_PROGRESS_BARS"))}
+    quiet = subprocess.run(
+        [sys.executable, "-m", "batchgen.cli", *args],
+        cwd=tmp_path, env=env | {"BATCHGEN_CACHE": str(tmp_path / "quiet")}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    lines = [line for line in (quiet.stdout + quiet.stderr).splitlines() if line]
+    assert lines and all(line.startswith(OUR_LINES) for line in lines), lines
+    loud = subprocess.run(
+        [sys.executable, "-m", "batchgen.cli", *args, "--dry-run", "--verbose"],
+        cwd=tmp_path, env=env | {"BATCHGEN_CACHE": str(tmp_path / "loud")}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert loud.returncode == 0, loud.stderr
+    assert "Writing model shards" in loud.stderr or "[transformers]" in loud.stderr
