@@ -62,6 +62,10 @@ def render_command(
         bool, typer.Option("--verbose", help="Also show diffusers', transformers' and torch's own notices and bars.")
     ] = False,
 ) -> None:
+    if not (dry_run or cfg or list_):
+        from batchgen.cpuload import choose_wait_policy
+
+        choose_wait_policy()  # before torch loads: libgomp reads the policy once, when it starts
     from omegaconf import OmegaConf
 
     from batchgen.config import compose_config

@@ -159,3 +159,32 @@ def test_choosing_an_executor_imports_neither_ray_nor_submitit() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "[]\n"
+
+
+def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from batchgen import cpuload
+
+    env: dict[str, str] = {}
+    monkeypatch.setattr(cpuload, "busy_cpus", lambda: 0.1)
+    assert cpuload.choose_wait_policy(env) is None and env == {}
+    monkeypatch.setattr(cpuload, "busy_cpus", lambda: 1.0)
+    assert cpuload.choose_wait_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert cpuload.choose_wait_policy(mine) is None and mine == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice
+    monkeypatch.undo()
+    # The measurement itself: a busy loop in another process reads as about one busy CPU, this process's own
+    # work does not count.
+    quiet = cpuload.busy_cpus(0.3)
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = cpuload.busy_cpus(0.5)
+    finally:
+        loop.kill()
+    assert quiet is not None and busy is not None
+    assert busy - quiet > 0.6, (quiet, busy)

@@ -27,7 +27,7 @@ FORBIDDEN = {
     "report": {"cli", "runner", "config", "plan", "executors", "engine", "tiny"},
     "tiny": {"cli", "runner", "config", "plan", "executors", "engine", "manifest", "report"},
 }
-LAYER_OF = {"progress": "runner", "runlock": "runner"}  # the runner's own helpers
+LAYER_OF = {"progress": "runner", "runlock": "runner", "cpuload": "runner"}  # the runner's own helpers
 
 
 def _layer(module: str) -> str:

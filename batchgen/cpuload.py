@@ -1,0 +1,62 @@
+"""How torch's OpenMP threads wait, chosen from how busy the CPUs are when a render starts.
+
+By default libgomp's threads spin between parallel regions, which is fastest on a quiet machine. When another
+process wants the same cores, spinning threads take turns with it and with each other: a sweep that renders in 20 s
+alone took 44 s beside one busy process and 77 s beside two on 2 cores. Passive waiting (the threads sleep) brings
+that to 22 s and 38 s, but costs about 30% on a quiet machine, so it is chosen only when the CPUs are busy.
+The thread count is left alone: CPU pixels depend on it, and an image must not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+# Other processes keeping this much of one CPU busy make spinning threads lose more than sleeping ones.
+BUSY_CPUS = 0.5
+SAMPLE_S = 0.15
+
+
+def busy_cpus(sample_s: float = SAMPLE_S) -> float | None:
+    """CPUs kept busy by other processes over a short sample (from /proc/stat, less this process); None when
+    the system does not say."""
+    try:
+        before, own_before = _cpu_ticks(), _own_ticks()
+        time.sleep(sample_s)
+        after, own_after = _cpu_ticks(), _own_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = after[0] - before[0]
+    if total <= 0:
+        return None
+    cpus = os.cpu_count() or 1
+    busy = (after[1] - before[1]) - (own_after - own_before)
+    return max(0.0, busy / total * cpus)
+
+
+def choose_wait_policy(environ: dict[str, str] | None = None) -> str | None:
+    """Set OMP_WAIT_POLICY=PASSIVE in `environ` (default os.environ) before torch starts its threads, when other
+    processes keep the CPUs busy and the user has not chosen a policy. Returns the policy set, if any."""
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ:
+        return None
+    busy = busy_cpus()
+    if busy is None or busy < BUSY_CPUS:
+        return None
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"  # inherited by spawned workers too
+    return "PASSIVE"
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(all ticks, busy ticks) summed over the CPUs."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]), sum(fields[:8]) - idle
+
+
+def _own_ticks() -> int:
+    # utime and stime of this process (all its threads), fields 14 and 15 of /proc/self/stat
+    text = Path("/proc/self/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
