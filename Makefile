@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # apt-get needs root; as another user it goes through sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install install-dev run test test-fast test-browser fuzz lint bench bench-gpu clean
+.PHONY: help install install-dev run test test-fast test-browser fuzz soak lint bench bench-gpu clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ test-browser: install-dev ## Check index.html in headless Chromium (apt-get inst
 
 fuzz: install-dev ## The property tests with 3000 cases each (make test runs 60)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_fuzz.py
+
+soak: install-dev ## SIGKILL a 2-worker render at 20 seeded random points, resume, check nothing lost (a few minutes)
+	$(BIN)/python -m tests.soak 20
 
 lint: install-dev ## ruff check at 119 columns
 	$(BIN)/ruff check .

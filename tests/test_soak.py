@@ -1,0 +1,15 @@
+"""The short kill -9 soak (4 random points) that `make test` runs; `make soak` runs 20 (tests/soak.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.soak import soak
+
+
+@pytest.mark.slow
+def test_four_kill_points_lose_and_duplicate_nothing(tiny_cache: Path, tmp_path: Path) -> None:
+    summary = soak(4, seed=1, work=tmp_path, cache=tiny_cache)
+    assert summary.startswith("soak: 4 kill -9 points (seed 1), 72 jobs each exactly one ok row, ")
