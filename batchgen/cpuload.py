@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Other processes keeping this much of one CPU busy make spinning threads lose more than sleeping ones.
 BUSY_CPUS = 0.5
-SAMPLE_S = 0.15
+SAMPLE_S = 0.1
 
 
 def busy_cpus(sample_s: float = SAMPLE_S) -> float | None:

@@ -23,11 +23,11 @@ from batchgen.manifest import read_manifest, sha256_file
 SWEEP = ("+sweep=styles", "sweep.steps=4", "executor.devices=2", "run.threads=1")
 
 
-def _render(run_dir: Path, cache: Path, kill_after: float | None) -> int | None:
+def _render(run_dir: Path, cache: Path, kill_after: float | None, sweep: tuple[str, ...]) -> int | None:
     """Render into run_dir; with kill_after, SIGKILL the whole process group then. The exit code, or None if
     killed."""
     env = os.environ | {"BATCHGEN_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "batchgen.cli", *SWEEP, f"run.out_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "batchgen.cli", *sweep, f"run.out_dir={run_dir}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         return proc.wait(timeout=kill_after)
@@ -44,18 +44,19 @@ def _hashes(run_dir: Path) -> dict[str, str]:
     return dict(zip(ok["job_id"], ok["image_sha256"], strict=True))
 
 
-def soak(points: int, seed: int, work: Path, cache: Path) -> str:
-    """Returns the one-line summary; raises AssertionError naming what was lost, duplicated or changed."""
+def soak(points: int, seed: int, work: Path, cache: Path, sweep: tuple[str, ...] = SWEEP, longest: float = 9.0) -> str:
+    """Returns the one-line summary; raises AssertionError naming what was lost, duplicated or changed. Kills land
+    between 0.5 s and `longest` s after a start."""
     rng = random.Random(seed)
     reference, run = work / "reference", work / "soaked"
-    assert _render(reference, cache, None) == 0
+    assert _render(reference, cache, None, sweep) == 0
     expected = _hashes(reference)
     started = time.perf_counter()
-    assert _render(run, cache, None if points == 0 else 0.0) in (None, 0)  # a kill before anything happened
+    assert _render(run, cache, None if points == 0 else 0.0, sweep) in (None, 0)  # a kill before anything ran
     kills = 1 if points else 0
     done_at_kill = []
     while kills < points:
-        code = _render(run, cache, rng.uniform(0.5, 9.0))
+        code = _render(run, cache, rng.uniform(0.5, longest), sweep)
         done_at_kill.append(len(_hashes(run)) if (run / "manifest.csv").is_file() else 0)
         if code == 0:  # finished before its kill: start over, so that every point lands in a live render
             for path in sorted(run.rglob("*"), reverse=True):
@@ -63,7 +64,7 @@ def soak(points: int, seed: int, work: Path, cache: Path) -> str:
             continue
         assert code is None, f"a render exited {code}"
         kills += 1
-    assert _render(run, cache, None) == 0  # resume to the end
+    assert _render(run, cache, None, sweep) == 0  # resume to the end
     table = read_manifest(run)
     ok = table[table["status"] == "ok"]
     duplicated = ok["job_id"][ok["job_id"].duplicated()].tolist()
