@@ -46,7 +46,7 @@ test-browser: install-dev ## Check index.html in headless Chromium (apt-get inst
 fuzz: install-dev ## The property tests with 3000 cases each (make test runs 60)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_fuzz.py
 
-soak: install-dev ## SIGKILL a 2-worker render at 20 seeded random points, resume, check nothing lost (a few minutes)
+soak: install-dev ## SIGKILL renders (2 local workers; 2 Ray actors) at 20 seeded random points each, resume, check
 	$(BIN)/python -m tests.soak 20
 
 lint: install-dev ## ruff check at 119 columns

@@ -1,9 +1,9 @@
 """Kill -9 soak: render a sweep, SIGKILL the renderer (and its workers) at seeded random moments, resume each time,
 then check that nothing was lost or duplicated and that the images are those of an uninterrupted run.
 
-`make soak` runs 20 points (python -m tests.soak 20); tests/test_soak.py runs 4. Random moments cover start-up and
-model loading, rendering, PNG writes, manifest appends and the gaps between work units; the local executor runs 2
-workers of 1 thread each, so a kill also takes workers mid-unit.
+`make soak` runs 20 points with the local executor (2 workers of 1 thread, so a kill also takes workers mid-unit)
+and 20 with Ray (2 actors), python -m tests.soak 20; tests/test_soak.py runs 4 local ones. Random moments cover
+start-up and model loading, rendering, PNG writes, manifest appends and the gaps between work units.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import pandas as pd
 from batchgen.manifest import read_manifest, sha256_file
 
 SWEEP = ("+sweep=styles", "sweep.steps=4", "executor.devices=2", "run.threads=1")
+# Ray: a local Ray the run starts, 2 actors; killing the driver's process group takes Ray's own processes with it.
+RAY_SWEEP = ("+sweep=styles", "sweep.steps=4", "executor=ray", "executor.actors=2", "run.threads=1")
 
 
 def _render(run_dir: Path, cache: Path, kill_after: float | None, sweep: tuple[str, ...]) -> int | None:
@@ -89,8 +91,13 @@ def main(argv: list[str]) -> int:
 
     points = int(argv[0]) if argv else 20
     seed = int(argv[1]) if len(argv) > 1 else 0
+    parts = []
     with tempfile.TemporaryDirectory(prefix="batchgen-soak-") as tmp:
-        print(soak(points, seed, Path(tmp), Path(tmp) / "cache"))
+        for label, sweep, longest in (("local, 2 workers", SWEEP, 9.0), ("Ray, 2 actors", RAY_SWEEP, 15.0)):
+            work = Path(tmp) / label.split(",")[0]
+            summary = soak(points, seed, work, Path(tmp) / "cache", sweep, longest)
+            parts.append(f"{label}: " + summary.removeprefix("soak: "))
+    print("soak: " + " | ".join(parts))
     return 0
 
 
