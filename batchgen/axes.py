@@ -97,7 +97,7 @@ def title(axis: str) -> str:
     return axis
 
 
-def _entries(loras_cell: str) -> list[tuple[str, str, str]]:
+def lora_entries(loras_cell: str) -> list[tuple[str, str, str]]:
     """(name, weight, block weights) per entry of a `loras` cell."""
     out = []
     for entry in (loras_cell or "").split(";"):
@@ -109,7 +109,7 @@ def _entries(loras_cell: str) -> list[tuple[str, str, str]]:
 
 
 def _pairs(loras_cell: str) -> list[tuple[str, str]]:
-    return [(name, weight) for name, weight, _ in _entries(loras_cell)]
+    return [(name, weight) for name, weight, _ in lora_entries(loras_cell)]
 
 
 def weight_label(loras_cell: str, name: str) -> str:
@@ -122,7 +122,7 @@ def weight_label(loras_cell: str, name: str) -> str:
 
 def blocks_label(loras_cell: str, name: str) -> str:
     """`ink OUTD` (its preset or vector), `ink` without block weights, `no ink` when the stack lacks it."""
-    for lora, _, blocks in _entries(loras_cell):
+    for lora, _, blocks in lora_entries(loras_cell):
         if lora == name:
             return f"{name} {blocks}" if blocks else name
     return f"no {name}"
@@ -145,7 +145,7 @@ def stack_label(loras_cell: str, without: Iterable[str] = (), without_blocks: It
     skip, plain = set(without), set(without_blocks)
     parts = [
         f"{lora} {weight}" + (f" lbw={blocks}" if blocks and lora not in plain else "")
-        for lora, weight, blocks in _entries(loras_cell)
+        for lora, weight, blocks in lora_entries(loras_cell)
         if lora not in skip
     ]
     return " + ".join(parts) if parts else "none"

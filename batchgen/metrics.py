@@ -56,7 +56,3 @@ def measure(image: np.ndarray, reference: np.ndarray) -> Measured:
     window -= 1 - window % 2
     ssim = float(structural_similarity(image, reference, channel_axis=-1, data_range=255, win_size=window))
     return Measured(effect=round(effect, 4), ssim=round(ssim, 4))
-
-
-def measure_files(image: Path, reference: Path) -> Measured:
-    return measure(read_rgb(image), read_rgb(reference))

@@ -198,3 +198,24 @@ def test_degenerate_rules() -> None:
     assert (measured.effect, measured.ssim) == (0.0, 1.0)
     with pytest.raises(ValueError, match="image is 16x16, its reference 16x8"):
         measure(noise, noise[:8])
+
+
+def test_curves_label_block_presets_split_weights_and_epochs_and_skip_stacks_of_two() -> None:
+    rows = [
+        ("ink:0.5:lbw=OUTD", "", "2.0"),
+        ("ink:1:lbw=OUTD", "", "4.0"),
+        ("ink:1/0.2", "", "3.0"),
+        ("mylora-000002:1", "mylora e2 (380 steps)", "5.0"),
+        ("grain:0.6;ink:0.8", "", "9.0"),  # two LoRAs: no single weight for the x axis
+        ("ink:1", "", ""),  # not measured
+    ]
+    table = pd.DataFrame(
+        [
+            {"model": "m", "status": "ok", "loras": loras, "epoch": epoch, "effect": effect}
+            for loras, epoch, effect in rows
+        ]
+    )
+    lines = curves(table)["m"]
+    assert sorted(lines) == ["ink lbw=OUTD", "ink te=0.2", "mylora e2 (380 steps)"]
+    assert [(p.weight, p.median) for p in lines["ink lbw=OUTD"]] == [(0.5, 2.0), (1.0, 4.0)]
+    assert [(p.weight, p.median) for p in lines["ink te=0.2"]] == [(1.0, 3.0)]

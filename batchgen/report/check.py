@@ -6,12 +6,12 @@ memory, never written: a check changes nothing in the run directory.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from batchgen.axes import lora_entries
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, latest_positions, read_manifest
 from batchgen.metrics import NOT_DEGENERATE
@@ -22,7 +22,6 @@ from batchgen.report.text import text
 # A LoRA job takes part in --min-effect when every weight it has (UNet and text encoder) is at least this: at
 # lower weights a LoRA may rightly do next to nothing.
 MIN_EFFECT_WEIGHT = 0.5
-_WEIGHTS = re.compile(r":(?P<unet>[^:/;]+)(?:/(?P<te>[^:;]+))?(?::lbw=[^;]+)?(?:;|$)")
 
 
 @dataclass(frozen=True)
@@ -103,10 +102,8 @@ def _lora_jobs(latest: pd.DataFrame) -> pd.DataFrame:
 
 
 def _weights(loras: str) -> list[float]:
-    out = []
-    for match in _WEIGHTS.finditer(loras):
-        out += [float(match["unet"]), float(match["te"] if match["te"] is not None else match["unet"])]
-    return out
+    """Every UNet and text-encoder weight of a `loras` cell (`ink:0.5;grain:1/0.2`)."""
+    return [float(w) for _, weight, _ in lora_entries(loras) for w in weight.split("/")]
 
 
 def _references_off(run_dir: Path) -> bool:

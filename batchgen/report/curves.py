@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from batchgen.axes import lora_entries
 from batchgen.report.files import write_atomic
 from batchgen.report.text import text
-
-# `name:w`, `name:unet/te`, then `:lbw=PRESET` (LoraWeight.label, the manifest's notation)
-_LORA = re.compile(r"^(?P<name>[^:;]+):(?P<unet>[^:/;]+)(?:/(?P<te>[^:;]+))?(?::lbw=(?P<blocks>[^;]+))?$")
 
 
 @dataclass(frozen=True)
@@ -35,15 +33,15 @@ def curves(table: pd.DataFrame) -> dict[str, dict[str, list[Point]]]:
     for _, row in table.iterrows():
         if text(row.get("status")) != "ok" or not text(row.get("effect")):
             continue
-        match = _LORA.match(text(row.get("loras")))
-        if match is None:
+        entries = lora_entries(text(row.get("loras")))
+        if len(entries) != 1:
             continue
-        label = text(row.get("epoch")) or match["name"]
-        if match["te"] is not None:
-            label += f" te={match['te']}"
-        if match["blocks"]:
-            label += f" lbw={match['blocks']}"
-        effects.setdefault((text(row["model"]), label, float(match["unet"])), []).append(float(row["effect"]))
+        ((name, weight, blocks),) = entries
+        unet, _, te = weight.partition("/")  # `0.5`, or `unet/te` for a split weight
+        label = text(row.get("epoch")) or name
+        label += f" te={te}" if te else ""
+        label += f" lbw={blocks}" if blocks else ""
+        effects.setdefault((text(row["model"]), label, float(unet)), []).append(float(row["effect"]))
     out: dict[str, dict[str, list[Point]]] = {}
     for (model, label, weight), values in sorted(effects.items()):
         point = Point(weight, statistics.median(values), min(values), max(values), len(values))
