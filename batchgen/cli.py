@@ -58,6 +58,7 @@ def render_command(
         bool, typer.Option("--retry-failed", help="Render only the jobs whose last row is failed.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Render a sweep larger than run.max_jobs.")] = False,
+    # Read by main() from the raw arguments: the libraries' quiet settings must be in place before click parses.
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Also show diffusers', transformers' and torch's own notices and bars.")
     ] = False,
