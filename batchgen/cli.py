@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from batchgen.errors import BatchgenError, Stopped
+from batchgen.library_log import VERBOSE_ENV, routed
 
 RENDER = "render"
 SUBCOMMANDS = ("report", "diff", "check")
@@ -81,7 +82,8 @@ def render_command(
         executor_options(composed.config.executor)
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
-    plan = prepare(composed, all_assets=list_)
+    with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet
+        plan = prepare(composed, all_assets=list_)
     for warning in plan.warnings:
         sys.stderr.write(f"batchgen: warning: {warning}\n")
     if list_:
@@ -180,9 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = sys.argv[1:] if argv is None else list(argv)
-    verbose = "--verbose" in args
-    if not verbose:
+    verbose = "--verbose" in args or os.environ.get(VERBOSE_ENV) == "1"
+    previous = os.environ.get(VERBOSE_ENV)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # spawned workers and Ray actors inherit it: library_log leaves them loud
+    else:
         quiet_third_party()
+    try:
+        return _main(args, verbose)
+    finally:
+        if previous is None:
+            os.environ.pop(VERBOSE_ENV, None)
+        else:
+            os.environ[VERBOSE_ENV] = previous
+
+
+def _main(args: list[str], verbose: bool) -> int:
     try:
         with warnings.catch_warnings():
             if not verbose:
@@ -223,16 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def quiet_third_party() -> None:
-    """Libraries' own notices (torchvision missing, checkpoint shards written) and progress bars stay off the
-    console, which shows batchgen's lines only; set before the libraries are imported, and only where the user
-    has not set these variables."""
-    for name, value in (
-        ("TRANSFORMERS_VERBOSITY", "error"),
-        ("DIFFUSERS_VERBOSITY", "error"),
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-    ):
-        os.environ.setdefault(name, value)
+    """Libraries' progress bars ("Writing model shards") stay off the console, which shows batchgen's lines only;
+    set before the libraries are imported, and only where the user has not set it. Their warnings and notices go
+    to the run's log (batchgen.library_log)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _save_traceback() -> str:

@@ -20,6 +20,8 @@ from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
 from batchgen.executors.base import Executor, ExecutorRequest
 from batchgen.executors.registry import executor_options, make_executor
+from batchgen.library_log import LOG as LIBRARY_LOG
+from batchgen.library_log import routed
 from batchgen.manifest import (
     Manifest,
     completed_jobs,
@@ -133,7 +135,7 @@ def render(
     # A bad executor setting is a config error: found before anything is written.
     executor = make_executor(cfg.executor, cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
-    with RunLock(run_dir), stop_signals():
+    with RunLock(run_dir), routed(run_dir / LIBRARY_LOG), stop_signals():
         return _render(composed, plan, executor, out or sys.stdout, err or sys.stderr, retry_failed)
 
 

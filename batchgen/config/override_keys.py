@@ -67,4 +67,3 @@ class _UserKeys:
     """`models.NAME`: any NAME, then the fields of the value's dataclass."""
 
     value: Any
-

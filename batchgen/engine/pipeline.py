@@ -14,6 +14,7 @@ import torch
 from batchgen.assets.architecture import COMPONENTS
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
+from batchgen.library_log import settle
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import LoraWeight, ModelSpec
 
@@ -26,22 +27,11 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
-def quiet_libraries() -> None:
-    """diffusers and transformers draw their own progress bars and warn about choices we make on purpose
-    (no safety checker, no torchvision); batchgen reports progress itself."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    for module in (diffusers_logging, transformers_logging):
-        module.set_verbosity_error()
-        module.disable_progress_bar()
-
-
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     """A diffusers pipeline from a local folder or single file; never touches the network."""
     from diffusers import DiffusionPipeline
 
-    quiet_libraries()
+    settle()  # the libraries' notices go where batchgen.library_log routes them
     if spec.single_file is not None:
         pipe = load_single_file(spec, dtype)
         pipe.set_progress_bar_config(disable=True)

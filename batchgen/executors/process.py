@@ -15,8 +15,10 @@ def worker_main(wid: int, slot, settings: tuple, inbox, outbox) -> None:
 
         from batchgen.engine.worker import Renderer
         from batchgen.engine.writer import ImageWriter
+        from batchgen.library_log import LOG, route
 
         models, run_dir, dtype, batch_size, compile_unet = settings
+        route(run_dir / LOG)  # for this process's life
         if slot.threads:
             torch.set_num_threads(slot.threads)
         renderer = Renderer(models, slot.device, dtype, slot.name, batch_size, compile_unet)

@@ -50,8 +50,10 @@ class RenderActor:
         import torch
 
         from batchgen.engine.worker import Renderer
+        from batchgen.library_log import LOG, route
 
         self.models, dtype, batch_size, compile_unet = settings
+        route(None if run_dir is None else run_dir / LOG)  # an actor on another node has no run directory
         torch.set_num_threads(threads)
         # Ray narrows CUDA_VISIBLE_DEVICES to the actor's GPU, which is then always device 0.
         device = "cuda:0" if torch.cuda.is_available() else "cpu"

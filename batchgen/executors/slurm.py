@@ -171,8 +171,10 @@ def render_unit(settings: tuple, name: str, threads: int, run_dir: Path, unit: P
 
     from batchgen.engine.worker import Renderer
     from batchgen.engine.writer import finish_row
+    from batchgen.library_log import LOG, route
 
     models, dtype, batch_size, compile_unet = settings
+    route(run_dir / LOG)
     torch.set_num_threads(threads)
     # SLURM narrows CUDA_VISIBLE_DEVICES to the job's GPUs, so its first is always device 0.
     device = "cuda:0" if torch.cuda.is_available() else "cpu"

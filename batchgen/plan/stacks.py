@@ -82,9 +82,7 @@ def resolve_globs(state: StackState, spec: ModelSpec) -> list[StackState]:
             loras[f.name] = dataclasses.replace(lw, name=f.name)
             globbed.append((f.name, lw.name))
             labels.append(epoch_label(f, lw.name))
-        out.append(
-            StackState(state.stack, tuple(loras[n] for n in sorted(loras)), tuple(globbed), " + ".join(labels))
-        )
+        out.append(StackState(state.stack, tuple(loras[n] for n in sorted(loras)), tuple(globbed), " + ".join(labels)))
     return out
 
 

@@ -52,7 +52,10 @@ def build_tiny(name: str, dest: Path) -> None:
     """Build the pipeline, textual inversions and LoRAs of tiny model ``name`` into folder ``dest``."""
     import torch
 
+    from batchgen.library_log import settle
+
     _check_name(name)
+    settle()
     dest = Path(dest)
     sdxl = name == "tiny_sdxl"
     # Library init draws from the global RNG before we overwrite it; fork so the caller's state survives.

@@ -1,0 +1,70 @@
+"""Libraries' warnings go to the run's .batchgen/libraries.log, not the console; the ones that change the images are
+said again in batchgen's own one-line form."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from batchgen import library_log
+from tests.confs import SMALL, write_conf
+
+REPORT = (
+    "\x1b[1mCLIPTextModel LOAD REPORT\x1b[0m from: /m/text_encoder\n"
+    "Key | Status\n text_model.final_layer_norm.weight | MISSING\n"
+)
+
+
+def test_routed_warnings_reach_the_log_and_the_ones_that_matter_the_console(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(library_log.VERBOSE_ENV, raising=False)
+    log, console = tmp_path / ".batchgen" / "libraries.log", io.StringIO()
+    logger = logging.getLogger("transformers.modeling_utils")
+    before = list(logging.getLogger("transformers").handlers)
+    with library_log.routed(log, console):
+        logger.warning("Some config attributes were passed but are not expected and will be ignored")
+        logger.warning(REPORT)
+        logger.warning(REPORT)  # said once
+        warnings.warn("`foo` is deprecated", FutureWarning, stacklevel=1)
+    assert console.getvalue() == (
+        "batchgen: warning: /m/text_encoder: CLIPTextModel lacks weights the model needs; they were initialised at "
+        f"random, so its images will be noise: give a complete model folder or file (the list is in {log})\n"
+    )
+    text = log.read_text()
+    assert "transformers.modeling_utils WARNING: Some config attributes were passed" in text
+    assert "CLIPTextModel LOAD REPORT from: /m/text_encoder" in text and "\x1b" not in text
+    assert "FutureWarning: `foo` is deprecated" in text
+    assert logging.getLogger("transformers").handlers == before  # undone
+
+
+def test_verbose_leaves_the_libraries_alone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(library_log.VERBOSE_ENV, "1")
+    log, console = tmp_path / "libraries.log", io.StringIO()
+    with library_log.routed(log, console):
+        logging.getLogger("diffusers.models").warning(REPORT)
+    assert console.getvalue() == "" and not log.exists()
+
+
+def test_a_text_encoder_missing_weights_is_said_on_the_console(run_cli, tiny_cache: Path, tmp_path: Path) -> None:
+    tiny = next(tiny_cache.glob("*/tiny_sd1")) / "main" / "tiny_sd1"
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    weights = broken / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["final_layer_norm.weight"]
+    save_file(tensors, weights)
+    conf = write_conf(tmp_path / "conf", "b", "  prompts: ['a castle']\n" + SMALL, {"b": f"base: sd-1\ncheckpoint: {broken}\n"})
+    out_dir = tmp_path / "run"
+    code, _, err = run_cli("--config-dir", str(conf), "+sweep=b", f"run.out_dir={out_dir}")
+    assert code == 0, err
+    said = [line for line in err.splitlines() if line.startswith("batchgen: warning:")]
+    assert said == [
+        f"batchgen: warning: {broken / 'text_encoder'}: CLIPTextModel lacks weights the model needs; they were "
+        "initialised at random, so its images will be noise: give a complete model folder or file (the list is in "
+        f"{out_dir / '.batchgen' / 'libraries.log'})"
+    ]
+    assert "final_layer_norm.weight" in (out_dir / ".batchgen" / "libraries.log").read_text()
