@@ -57,7 +57,8 @@ def test_a_text_encoder_missing_weights_is_said_on_the_console(run_cli, tiny_cac
     tensors = load_file(weights)
     del tensors["final_layer_norm.weight"]
     save_file(tensors, weights)
-    conf = write_conf(tmp_path / "conf", "b", "  prompts: ['a castle']\n" + SMALL, {"b": f"base: sd-1\ncheckpoint: {broken}\n"})
+    model = f"base: sd-1\ncheckpoint: {broken}\n"
+    conf = write_conf(tmp_path / "conf", "b", "  prompts: ['a castle']\n" + SMALL, {"b": model})
     out_dir = tmp_path / "run"
     code, _, err = run_cli("--config-dir", str(conf), "+sweep=b", f"run.out_dir={out_dir}")
     assert code == 0, err
