@@ -57,6 +57,7 @@ from bench_report import (
     FULL_COMMAND,
     MEMORY_COMMAND,
     QUICK_COMMAND,
+    SCALING_COMMAND,
     TARGETS,
     Spread,
     figure_row,
@@ -299,6 +300,25 @@ def render_bare(root: Path | None, checkpoint: Path, jobs: list[Job], scalars: d
 
 
 # --- batchgen --------------------------------------------------------------------------------------------------------
+
+
+def run_batchgen_process(config_dir: Path, sweep: str, out_dir: Path, extra: tuple[str, ...] = ()) -> BatchgenRun:
+    """The same call as `run_batchgen`, as a fresh `python -m batchgen.cli` process timed from its start to its
+    exit: every contestant pays its own imports and model loads, which an in-process call would have warm."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cache = out_dir.with_name(out_dir.name + "-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    argv = ["--config-dir", str(config_dir), f"+sweep={sweep}", f"run.out_dir={out_dir}", *extra]
+    env = os.environ | {"BATCHGEN_CACHE": str(cache)}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "batchgen.cli", *argv], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise BenchError(f"batchgen {' '.join(argv)} exited {done.returncode}:\n{tail(done.stdout + done.stderr)}")
+    table = pd.read_csv(out_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    return BatchgenRun(seconds, table, out_dir, done.stdout, done.stderr)
 
 
 def run_batchgen(config_dir: Path, sweep: str, out_dir: Path, extra: tuple[str, ...] = ()) -> BatchgenRun:
@@ -647,17 +667,21 @@ def workload_w2(
 
 
 def workload_scaling(config_dir: Path, images: int, steps: int, repeats: int, results: dict, notes: list[str]) -> None:
-    """The W2 images (at SCALE_SCALARS steps) with one worker, two local workers and two Ray actors, every worker
+    """The W2 images (at SCALE_SCALARS steps) with 1 and 2 local workers and 1 and 2 Ray actors, every worker
     1 thread (run.threads=1, which the local and Ray executors pass to each worker's torch): equal thread budgets
-    per worker, so the figure measures the executor and not two workers sharing one thread pool."""
+    per worker, so the figure measures the executor and not two workers sharing one thread pool. Each run is a
+    fresh batchgen process (a user's command), so one worker pays its imports as two spawned workers do; each
+    executor is compared with itself at one worker (Ray's start-up is Ray's, not the scaling's)."""
     one_thread = ("run.threads=1",)
     options = {
         "scale.local1": ("executor.devices=1", *one_thread),
         "scale.local2": ("executor.devices=2", *one_thread),
+        "scale.ray1": ("executor=ray", "executor.actors=1", *one_thread),
         "scale.ray2": ("executor=ray", "executor.actors=2", *one_thread),
     }
+    runs_dir = BENCH_DIR / "runs"
     contestants = {
-        label: (lambda out=BENCH_DIR / "runs" / label, extra=extra: run_batchgen(config_dir, "w2_scale", out, extra))
+        label: (lambda out=runs_dir / label, extra=extra: run_batchgen_process(config_dir, "w2_scale", out, extra))
         for label, extra in options.items()
     }
     runs = sample(results, contestants, repeats)
@@ -674,7 +698,8 @@ def workload_scaling(config_dir: Path, images: int, steps: int, repeats: int, re
         record_seconds(results, f"{label}_seconds", runs[label])
     # Efficiency = one worker's time / (N workers' time x N), paired run by run.
     record_ratio(results, "scale.local_efficiency", [t / 2 for t in one], seconds_of(runs["scale.local2"]))
-    record_ratio(results, "scale.ray_efficiency", [t / 2 for t in one], seconds_of(runs["scale.ray2"]))
+    ray_one = [t / 2 for t in seconds_of(runs["scale.ray1"])]
+    record_ratio(results, "scale.ray_efficiency", ray_one, seconds_of(runs["scale.ray2"]))
     contention_notes(results, notes, list(runs))
     results |= {"scale.images": images, "scale.steps": steps, "scale.threads_per_worker": 1}
 
@@ -788,7 +813,8 @@ def figure_details(r: dict) -> dict[str, Callable[[], str]]:
             f"{secs('scale.local1_seconds')}, 2 local workers {secs('scale.local2_seconds')}"
         ),
         "scale.ray_efficiency": lambda: (
-            f"2 Ray actors x 1 thread (local Ray started by the run) {secs('scale.ray2_seconds')}"
+            f"1 Ray actor's wall / (2 x 2 actors' wall), every actor 1 thread, local Ray started by each run: "
+            f"1 actor {secs('scale.ray1_seconds')}, 2 actors {secs('scale.ray2_seconds')}"
         ),
         "startup.dry_run_s": lambda: (
             f"`batchgen +sweep=styles --dry-run`, a fresh process each, {len(r['startup.dry_run_s_each'])} runs"
@@ -870,12 +896,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["memory"],
-        help="run one workload and append its figures alone to BENCHMARKS.md (memory: memory.ratio_100, ~2 min)",
+        choices=["memory", "scaling"],
+        help="run one workload and append its figures alone to BENCHMARKS.md (memory: memory.ratio_100, ~2 min;"
+        " scaling: scale.local_efficiency and scale.ray_efficiency, ~12 min)",
     )
     args = parser.parse_args(argv)
-    if args.only == "memory":
-        return only_memory()
+    if args.only:
+        return only_workload(args.only)
     if args.quick:
         global QUIET_WAIT_S
         QUIET_WAIT_S = 0.0
@@ -884,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     # PEFT warns on every extra adapter and diffusers/transformers on choices made on purpose; the naive loop
     # would otherwise flood the table with them.
     warnings.filterwarnings("ignore")
-    from batchgen.engine.pipeline import quiet_libraries
+    from bench_models import quiet_libraries
 
     quiet_libraries()
     started = time.perf_counter()
@@ -924,33 +951,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def only_memory() -> int:
-    """The memory workload alone, as `make bench` runs it: the W2 model with its 100 LoRAs, in child processes."""
+def only_workload(name: str) -> int:
+    """One workload alone, as `make bench` runs it, its figures appended to BENCHMARKS.md as their own section:
+    memory (the W2 model with its 100 LoRAs, in child processes) or scaling (the W2 images, fresh processes)."""
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    notes: list[str] = []
     models = BENCH_DIR / "models"
     shutil.rmtree(models, ignore_errors=True)
     tokenizer = build_w1_root(models / "w1_tiny", W1_LORAS) / "main" / TINY / "tokenizer"
     root = build_sd1_root(models / "w2", W2_MODEL, tokenizer, W2_LORAS + MEMORY_LORAS, full_size=False)
-    memory_states = [State(f"m{i:03d}", {name: 1.0}) for i, name in enumerate(MEMORY_LORAS)]
-    bodies = {
-        "w2_memory": sweep_body("w2_memory", memory_states, [PROMPT], [1], **MEMORY_SCALARS),
-        "w2_memory_none": sweep_body("w2_memory_none", [State("none")], [PROMPT], [1], **MEMORY_SCALARS),
-    }
+    if name == "memory":
+        memory_states = [State(f"m{i:03d}", {lora: 1.0}) for i, lora in enumerate(MEMORY_LORAS)]
+        bodies = {
+            "w2_memory": sweep_body("w2_memory", memory_states, [PROMPT], [1], **MEMORY_SCALARS),
+            "w2_memory_none": sweep_body("w2_memory_none", [State("none")], [PROMPT], [1], **MEMORY_SCALARS),
+        }
+        command, keys = MEMORY_COMMAND, ["memory.ratio_100"]
+    else:
+        states = w2_states(W2_LORAS)
+        bodies = {"w2_scale": sweep_body("w2_scale", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **SCALE_SCALARS)}
+        command, keys = SCALING_COMMAND, ["scale.local_efficiency", "scale.ray_efficiency"]
     config_dir = write_config_dir(BENCH_DIR / "conf" / "w2", W2_MODEL, root, W2_MODEL, bodies)
-    with watched(results, "memory"):
-        results |= lora_memory(config_dir, root, root / "main" / W2_MODEL)
+    if name == "memory":
+        with watched(results, "memory"):
+            results |= lora_memory(config_dir, root, root / "main" / W2_MODEL)
+        what = f"model files {results['memory.model_files_mib']:.0f} MiB"
+    else:
+        images = len(expand_jobs(w2_states(W2_LORAS), [PROMPT], W2_SEEDS))
+        workload_scaling(config_dir, images, SCALE_SCALARS["steps"], REPEATS, results, notes)
+        what = f"{REPEATS} runs per contestant, palindrome order, medians (min-max), ratios paired run by run"
     results["bench_seconds"] = time.perf_counter() - started
-    rows = figure_rows(results, MEMORY_COMMAND, ["memory.ratio_100"])
+    rows = figure_rows(results, command, keys)
     print(text_table(FIGURE_HEADER, rows))
-    m, noise = results["machine"], results["noise"]["memory"]
+    m = results["machine"]
+    loads = ", ".join(f"{label} {noise['load_before']:.2f}" for label, noise in results["noise"].items())
     section = [
-        f"\n## {results['date']}: `{MEMORY_COMMAND}`, {results['bench_seconds'] / 60:.1f} minutes\n",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. The memory workload of `{FULL_COMMAND}` alone"
-        f" (load average before {noise['load_before']:.2f}); model files {results['memory.model_files_mib']:.0f}"
-        " MiB.\n",
+        f"\n## {results['date']}: `{command}`, {results['bench_seconds'] / 60:.1f} minutes\n",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. The {name} workload of `{FULL_COMMAND}` alone;"
+        f" {what}. Load average before each run: {loads}.\n",
         markdown_table(FIGURE_HEADER, rows),
+        *(f"\nNote: {note}" for note in notes),
     ]
     with BENCHMARKS_MD.open("a") as f:
         f.write("\n".join(section) + "\n")

@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         torch.set_num_threads(CPU_THREADS)
     warnings.filterwarnings("ignore")  # PEFT and diffusers warn about choices made here on purpose
-    from batchgen.engine.pipeline import quiet_libraries
+    from bench_models import quiet_libraries
 
     quiet_libraries()
     started = time.perf_counter()

@@ -40,6 +40,16 @@ class Job:
     seed: int
 
 
+def quiet_libraries() -> None:
+    """The contestants' libraries without their notices and progress bars: the bench prints its own table."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for module in (diffusers_logging, transformers_logging):
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+
+
 def expand_jobs(states: list[State], prompts: list[str], seeds: list[int]) -> list[Job]:
     # State outermost, then prompt, then seed: batchgen's own render order, so batches line up with bare's.
     return [Job(s, p, seed) for s in states for p in prompts for seed in seeds]

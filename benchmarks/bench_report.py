@@ -24,6 +24,7 @@ TARGETS: dict[str, tuple[str | None, float | None]] = {
 FULL_COMMAND = "make bench"
 QUICK_COMMAND = "python benchmarks/bench.py --quick"
 MEMORY_COMMAND = "python benchmarks/bench.py --only memory"
+SCALING_COMMAND = "python benchmarks/bench.py --only scaling"
 FIGURE_HEADER = ["figure", "median (min-max)", "target", "", "from", "command"]
 
 
