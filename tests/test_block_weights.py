@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from batchgen.assets.bases import SHIPPED_CONFIGS
+from batchgen.assets.bases.record import SHIPPED_CONFIGS
 from batchgen.assets.block_weights import BLOCK_IDS, PRESETS, block_of, long_ids, module_weight, parse_blocks
 from batchgen.assets.lora_formats.sgm import sgm_table, to_sgm
 from batchgen.errors import BatchgenError

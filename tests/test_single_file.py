@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from batchgen.assets.bases import SHIPPED_CONFIGS, checkpoint_base
+from batchgen.assets.bases import checkpoint_base
+from batchgen.assets.bases.record import SHIPPED_CONFIGS
 from batchgen.assets.safetensors_header import Header, TensorInfo
 from batchgen.assets.single_file import check_single_file
 from batchgen.errors import BatchgenError

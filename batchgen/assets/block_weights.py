@@ -26,25 +26,12 @@ import numbers
 import re
 from collections.abc import Mapping, Sequence
 
+from batchgen.assets.bases import BASES, SD1
 from batchgen.errors import BatchgenError
 from batchgen.settings import did_you_mean
 
-
-def _numbered(prefix: str, count: int) -> tuple[str, ...]:
-    return tuple(f"{prefix}{n:02d}" for n in range(count))
-
-
-_SD_26 = ("BASE", *_numbered("IN", 12), "M00", *_numbered("OUT", 12))
-_SD_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *_numbered("OUT", 12)[3:])
-_XL_20 = ("BASE", *_numbered("IN", 9), "M00", *_numbered("OUT", 9))
-_XL_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *_numbered("OUT", 6))
-
-# base -> vector length -> block ids in vector order; the last length is the long one every vector expands to.
-BLOCK_IDS: dict[str, dict[int, tuple[str, ...]]] = {
-    "sd-1": {17: _SD_17, 26: _SD_26},
-    "sd-2": {17: _SD_17, 26: _SD_26},
-    "sdxl": {12: _XL_12, 20: _XL_20},
-}
+# base -> vector length -> block ids in vector order, as each base module declares them.
+BLOCK_IDS: dict[str, Mapping[int, tuple[str, ...]]] = {base.name: base.block_ids for base in BASES if base.block_ids}
 
 # The extension's default presets (DEF_WEIGHT_PRESET), all 17-vectors in the SD1/SD2 order. Its FLUXALL (61 ones)
 # is left out: batchgen has no Flux base.
@@ -60,7 +47,7 @@ PRESETS: dict[str, tuple[float, ...]] = {
     "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
     "ALL0.5": (0.5,) * 17,
 }
-_PRESET_IDS = _SD_17  # the block ids of every built-in preset
+_PRESET_IDS = SD1.block_ids[17]  # the block ids of every built-in preset: the extension's SD1 17-vector
 
 # The extension's special entries (case-sensitive): R and U draw a random weight per image, X... takes the prompt's
 # extra weight (X, X+0.5, X-1).

@@ -4,7 +4,7 @@ configs shipped with batchgen, tokenizers from a local folder or the Hugging Fac
 A single file holds only weights in the original (CompVis / SGM) layout; diffusers needs a config per component and
 the tokenizer files to build a pipeline around them. The configs are facts about each base and ship in
 `batchgen/model_configs/<base>/`; the tokenizers (a few MB of vocabulary) do not, and are looked up locally where
-assets/bases.py says each base's live.
+each base's module in assets/bases/ says they live.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchgen.assets.bases import BASES, BY_NAME, SHIPPED_CONFIGS, checkpoint_base, listing
+from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 from batchgen.spec import SingleFile
 
 UNET_PREFIX = "model.diffusion_model."
-_SDXL_REFINER_KEY = "conditioner.embedders.0.model.text_projection"
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -42,8 +41,10 @@ def check_single_file(
             f"{where}.checkpoint: {checkpoint} is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
             f"keys of {listing(b.label for b in BASES)}); give a diffusers folder"
         )
-    if _SDXL_REFINER_KEY in header.tensors:
-        raise BatchgenError(f"{where}.checkpoint: {checkpoint} is an SDXL refiner; batchgen renders base models only")
+    for known in BASES:
+        for key, reason in known.refused_checkpoint_keys.items():
+            if key in header.tensors:
+                raise BatchgenError(f"{where}.checkpoint: {checkpoint} is {reason}")
     conv_in = header.tensors.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
         raise BatchgenError(
@@ -78,7 +79,7 @@ def check_single_file(
 
 def _config_dir(config: str | None, base: str, where: str) -> Path:
     """A folder in diffusers' layout holding model_index.json and each component's config.json."""
-    folder = Path(config).expanduser() if config else SHIPPED_CONFIGS / base
+    folder = Path(config).expanduser() if config else BY_NAME[base].shipped_configs
     if not (folder / "model_index.json").is_file():
         raise BatchgenError(
             f"{where}.config: {folder} has no model_index.json; name a diffusers folder (configs are enough) or "

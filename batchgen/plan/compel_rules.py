@@ -8,10 +8,11 @@ imports torch: the engine raises those (batchgen.engine.compel_text).
 
 from __future__ import annotations
 
+from batchgen.assets.bases import BASES
 from batchgen.errors import BatchgenError
 
-# Per base, the clip skips (A1111's count) compel has a layer for.
-COMPEL_CLIP_SKIPS: dict[str, tuple[int, ...]] = {"sd-1": (1, 2), "sd-2": (1, 2), "sdxl": (1,)}
+# Per base, the clip skips (A1111's count) compel has a layer for, as each base module declares them.
+COMPEL_CLIP_SKIPS: dict[str, tuple[int, ...]] = {b.name: b.compel_clip_skips for b in BASES if b.compel_clip_skips}
 
 
 def check_compel(base: str, clip_skip: int, where: str) -> None:

@@ -1,5 +1,6 @@
-"""The SD versions ("bases") batchgen renders, each one's facts in one record, and how a checkpoint, a textual
-inversion or a LoRA tells which base it is for. No torch: only names and widths are read.
+"""The SD versions ("bases") batchgen renders: one module per base declares its record (record.Base), BASES lists
+them, and the functions here tell from a checkpoint, a textual inversion or a LoRA which base it is for. No torch:
+only names and widths are read.
 """
 
 from __future__ import annotations
@@ -9,74 +10,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchgen.assets.bases import sd1, sd2, sdxl
+from batchgen.assets.bases.record import Base
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 
-
-@dataclass(frozen=True)
-class Base:
-    name: str  # what model configs write: base: sd-1
-    label: str  # how messages name it
-    cross_attention_width: int  # what the UNet's cross-attention reads: the text embedding's width
-    text_encoders: Mapping[str, int]  # pipeline component -> hidden width
-    embedding_widths: tuple[int, ...]  # a textual inversion's vector width per text encoder
-    # Single-file checkpoints: the key prefix of the text encoder, and where its tokenizers live in the Hugging Face
-    # cache ({tokenizer component: (repo id, subfolder), most common first}).
-    checkpoint_text_encoder_prefix: str
-    tokenizer_repos: Mapping[str, tuple[tuple[str, str], ...]]
-
-
-SD1 = Base(
-    name="sd-1",
-    label="SD1",
-    cross_attention_width=768,
-    text_encoders={"text_encoder": 768},
-    embedding_widths=(768,),
-    checkpoint_text_encoder_prefix="cond_stage_model.transformer.",
-    tokenizer_repos={
-        "tokenizer": (
-            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
-            ("runwayml/stable-diffusion-v1-5", "tokenizer"),
-            ("CompVis/stable-diffusion-v1-4", "tokenizer"),
-            ("openai/clip-vit-large-patch14", ""),
-        )
-    },
-)
-SD2 = Base(
-    name="sd-2",
-    label="SD2",
-    cross_attention_width=1024,
-    text_encoders={"text_encoder": 1024},
-    embedding_widths=(1024,),
-    checkpoint_text_encoder_prefix="cond_stage_model.model.",
-    tokenizer_repos={
-        "tokenizer": (
-            ("stabilityai/stable-diffusion-2-1", "tokenizer"),
-            ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
-            ("stabilityai/stable-diffusion-2", "tokenizer"),
-        )
-    },
-)
-SDXL = Base(
-    name="sdxl",
-    label="SDXL",
-    cross_attention_width=2048,
-    # The first encoder is CLIP-L, as wide as SD1's; only the second (OpenCLIP bigG) tells SDXL apart.
-    text_encoders={"text_encoder": 768, "text_encoder_2": 1280},
-    embedding_widths=(768, 1280),  # clip_l, clip_g
-    checkpoint_text_encoder_prefix="conditioner.embedders.1.model.",
-    tokenizer_repos={
-        "tokenizer": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),),
-        "tokenizer_2": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),),
-    },
-)
-
-BASES: tuple[Base, ...] = (SD1, SD2, SDXL)
+# The registry: one module per base, in the order messages list them.
+BASES: tuple[Base, ...] = (sd1.BASE, sd2.BASE, sdxl.BASE)
+SD1, SDXL = sd1.BASE, sdxl.BASE
 BASE_NAMES: tuple[str, ...] = tuple(base.name for base in BASES)
 BY_NAME: Mapping[str, Base] = {base.name: base for base in BASES}
 
-# Component configs for building a pipeline around a single file, one diffusers-layout folder per base name.
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
 
 def listing(words: Iterable[str]) -> str:

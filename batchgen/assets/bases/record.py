@@ -1,0 +1,40 @@
+"""What one base declares: the record each module in batchgen/assets/bases/ fills in. No torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Component configs for building a pipeline around a single file, one diffusers-layout folder per base name.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent.parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class Base:
+    name: str  # what model configs write: base: sd-1
+    label: str  # how messages name it
+    pipeline_class: str  # the diffusers pipeline (model_index.json's _class_name of its shipped configs)
+    cross_attention_width: int  # what the UNet's cross-attention reads: the text embedding's width
+    text_encoders: Mapping[str, int]  # pipeline component -> hidden width
+    embedding_widths: tuple[int, ...]  # a textual inversion's vector width per text encoder
+    # Single-file checkpoints: the key prefix of the text encoder, and where its tokenizers live in the Hugging Face
+    # cache ({tokenizer component: (repo id, subfolder), most common first}).
+    checkpoint_text_encoder_prefix: str
+    tokenizer_repos: Mapping[str, tuple[tuple[str, str], ...]]
+    # LoRA Block Weight: vector length -> block ids in vector order; the longest is the full vector every shorter
+    # one expands to. Empty: the extension defines no blocks for the base.
+    block_ids: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    # The clip skips (A1111's count) compel has an encoder layer for; empty: compel is not set up for the base.
+    compel_clip_skips: tuple[int, ...] = ()
+    # A single file holding one of these keys is refused with the reason (a refiner, say).
+    refused_checkpoint_keys: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def shipped_configs(self) -> Path:
+        return SHIPPED_CONFIGS / self.name
+
+
+def numbered(prefix: str, count: int) -> tuple[str, ...]:
+    """IN00, IN01, ...: the LoRA Block Weight extension's block names."""
+    return tuple(f"{prefix}{n:02d}" for n in range(count))

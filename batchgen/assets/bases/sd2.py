@@ -1,0 +1,23 @@
+"""Stable Diffusion 2.x: one OpenCLIP-H text encoder, 1024-wide cross-attention, SD1's UNet layout."""
+
+from batchgen.assets.bases import sd1
+from batchgen.assets.bases.record import Base
+
+BASE = Base(
+    name="sd-2",
+    label="SD2",
+    pipeline_class="StableDiffusionPipeline",
+    cross_attention_width=1024,
+    text_encoders={"text_encoder": 1024},
+    embedding_widths=(1024,),
+    checkpoint_text_encoder_prefix="cond_stage_model.model.",
+    tokenizer_repos={
+        "tokenizer": (
+            ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+            ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+            ("stabilityai/stable-diffusion-2", "tokenizer"),
+        )
+    },
+    block_ids=sd1.BLOCK_IDS,
+    compel_clip_skips=(1, 2),
+)

@@ -1,0 +1,53 @@
+"""The base registry: one module per base under batchgen/assets/bases/, each listed in BASES, each record agreeing
+with the component configs batchgen ships for it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from batchgen.assets import bases
+from batchgen.assets.block_weights import BLOCK_IDS
+from batchgen.plan.compel_rules import COMPEL_CLIP_SKIPS
+
+MODULES = sorted(
+    p.stem for p in Path(bases.__file__).parent.glob("*.py") if p.stem not in ("__init__", "record")
+)
+
+
+def test_every_base_module_is_registered_once() -> None:
+    declared = [importlib.import_module(f"batchgen.assets.bases.{name}").BASE for name in MODULES]
+    assert MODULES == ["sd1", "sd2", "sdxl"]
+    assert sorted(b.name for b in declared) == sorted(bases.BASE_NAMES) == ["sd-1", "sd-2", "sdxl"]
+    assert sorted(map(id, bases.BASES)) == sorted(map(id, declared))  # the modules' own records, each once
+
+
+@pytest.mark.parametrize("base", bases.BASES, ids=lambda b: b.name)
+def test_a_base_record_agrees_with_its_shipped_configs(base: bases.Base) -> None:
+    folder = base.shipped_configs
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == base.pipeline_class
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == base.cross_attention_width
+    for component, width in base.text_encoders.items():
+        assert json.loads((folder / component / "config.json").read_text())["hidden_size"] == width
+    assert sorted(c for c in index if c.startswith("text_encoder")) == sorted(base.text_encoders)
+
+
+@pytest.mark.parametrize("base", bases.BASES, ids=lambda b: b.name)
+def test_a_base_record_feeds_block_weights_and_compel(base: bases.Base) -> None:
+    assert BLOCK_IDS[base.name] == base.block_ids
+    full = base.block_ids[max(base.block_ids)]
+    assert full[0] == "BASE" and "M00" in full and len(set(full)) == len(full)
+    for ids in base.block_ids.values():
+        assert set(ids) <= set(full)  # a short vector names a subset of the full one's blocks
+    assert COMPEL_CLIP_SKIPS[base.name] == base.compel_clip_skips and 1 in base.compel_clip_skips
+
+
+def test_levels_of_the_unet_give_the_block_counts() -> None:
+    # 12 input/output blocks for SD1/SD2's 4 levels, 9 for SDXL's 3: the extension's 26- and 20-vectors.
+    assert {b.name: max(b.block_ids) for b in bases.BASES} == {"sd-1": 26, "sd-2": 26, "sdxl": 20}
+    assert bases.BY_NAME["sd-2"].block_ids is bases.BY_NAME["sd-1"].block_ids
