@@ -216,7 +216,7 @@ class PromptCache:
         return self._compel_text
 
     def _encode(self, texts: list[str], mode: tuple[bool, int]) -> list[_Encoded]:
-        """Texts that fit in one chunk go through diffusers' encode_prompt together; longer ones chunk by chunk."""
+        """Texts that fit in one chunk go through diffusers' encode_prompt one by one; longer ones chunk by chunk."""
         truncate, clip_skip = mode
         chunks = {text: self._chunk_ids(text) for text in texts}
         # diffusers' SD1/SD2 encode_prompt reads a skipped layer through `text_encoder.text_model`, which
@@ -231,7 +231,9 @@ class PromptCache:
                     "77 (run.truncate_prompts=true)",
                     file=sys.stderr,
                 )
-        encoded = dict(zip(short, self._encode_short(short, clip_skip), strict=True)) if short else {}
+        # One text per encoder call: on some CPUs (Intel with AMX) a text's rows round differently beside other
+        # texts in one matrix product, so a batch of texts would make a prompt's encoding depend on its neighbours.
+        encoded = {text: self._encode_short([text], clip_skip)[0] for text in short}
         for text in texts:
             if text not in encoded:
                 ids = [c[:1] for c in chunks[text]] if truncate else chunks[text]
