@@ -321,6 +321,29 @@ def run_batchgen_process(config_dir: Path, sweep: str, out_dir: Path, extra: tup
     return BatchgenRun(seconds, table, out_dir, done.stdout, done.stderr)
 
 
+def run_halves(config_dir: Path, sweep: str, out_dir: Path, extra: tuple[str, ...], seeds: list[int]) -> BatchgenRun:
+    """One independent batchgen process per seed, all started at once, timed until the last exits: what two
+    workers could reach on this machine with no executor at all (the cores' shared caches, memory bandwidth and
+    clock limit it, not batchgen)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        parts = list(
+            pool.map(
+                lambda seed: run_batchgen_process(
+                    config_dir, sweep, out_dir / f"seed{seed}", (*extra, f"sweep.seeds=[{seed}]")
+                ),
+                seeds,
+            )
+        )
+    seconds = time.perf_counter() - start
+    for seed, part in zip(seeds, parts, strict=True):
+        part.table["image"] = f"seed{seed}/" + part.table["image"]  # relative to out_dir, as verify() reads it
+    table = pd.concat([part.table for part in parts], ignore_index=True)
+    return BatchgenRun(seconds, table, out_dir, "", "")
+
+
 def run_batchgen(config_dir: Path, sweep: str, out_dir: Path, extra: tuple[str, ...] = ()) -> BatchgenRun:
     """One `batchgen --config-dir DIR +sweep=NAME run.out_dir=OUT` call in this process, timed around main()."""
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -684,6 +707,10 @@ def workload_scaling(config_dir: Path, images: int, steps: int, repeats: int, re
         label: (lambda out=runs_dir / label, extra=extra: run_batchgen_process(config_dir, "w2_scale", out, extra))
         for label, extra in options.items()
     }
+    # The machine's own ceiling: two independent 1-worker processes, one per seed, side by side.
+    halves = ("executor.devices=1", *one_thread)
+    halves_dir = runs_dir / "scale.halves"
+    contestants["scale.halves"] = lambda: run_halves(config_dir, "w2_scale", halves_dir, halves, W2_SEEDS)
     runs = sample(results, contestants, repeats)
     base = None
     for label, pairs in runs.items():
@@ -698,6 +725,8 @@ def workload_scaling(config_dir: Path, images: int, steps: int, repeats: int, re
         record_seconds(results, f"{label}_seconds", runs[label])
     # Efficiency = one worker's time / (N workers' time x N), paired run by run.
     record_ratio(results, "scale.local_efficiency", [t / 2 for t in one], seconds_of(runs["scale.local2"]))
+    record_seconds(results, "scale.halves_seconds", runs["scale.halves"])
+    record_ratio(results, "scale.ceiling_efficiency", [t / 2 for t in one], seconds_of(runs["scale.halves"]))
     ray_one = [t / 2 for t in seconds_of(runs["scale.ray1"])]
     record_ratio(results, "scale.ray_efficiency", ray_one, seconds_of(runs["scale.ray2"]))
     contention_notes(results, notes, list(runs))
@@ -811,6 +840,10 @@ def figure_details(r: dict) -> dict[str, Callable[[], str]]:
         "scale.local_efficiency": lambda: (
             f"{r['scale.images']} W2 images at {r['scale.steps']} steps, every worker 1 thread: 1 worker "
             f"{secs('scale.local1_seconds')}, 2 local workers {secs('scale.local2_seconds')}"
+        ),
+        "scale.ceiling_efficiency": lambda: (
+            f"the same with no executor: two independent 1-worker batchgen processes side by side, one per seed "
+            f"(the most 2 workers can reach on these cores) {secs('scale.halves_seconds')}"
         ),
         "scale.ray_efficiency": lambda: (
             f"1 Ray actor's wall / (2 x 2 actors' wall), every actor 1 thread, local Ray started by each run: "
@@ -972,7 +1005,7 @@ def only_workload(name: str) -> int:
     else:
         states = w2_states(W2_LORAS)
         bodies = {"w2_scale": sweep_body("w2_scale", states, [PROMPT], W2_SEEDS, batch_size=W2_BATCH, **SCALE_SCALARS)}
-        command, keys = SCALING_COMMAND, ["scale.local_efficiency", "scale.ray_efficiency"]
+        command, keys = SCALING_COMMAND, ["scale.local_efficiency", "scale.ray_efficiency", "scale.ceiling_efficiency"]
     config_dir = write_config_dir(BENCH_DIR / "conf" / "w2", W2_MODEL, root, W2_MODEL, bodies)
     if name == "memory":
         with watched(results, "memory"):
