@@ -59,8 +59,10 @@ def test_verdicts_against_targets():
         "memory.ratio_100",
         "scale.local_efficiency",
         "scale.ray_efficiency",
+        "scale.ceiling_efficiency",
         "startup.dry_run_s",
     ]
+    assert report.verdict("scale.ceiling_efficiency", 0.5) == "reported"
 
 
 def test_markdown_row_names_its_command():
