@@ -71,9 +71,8 @@ def render_command(
     from omegaconf import OmegaConf
 
     from batchgen.config import compose_config
-    from batchgen.executors.registry import executor_options
-    from batchgen.runner import dry_run as print_dry_run
-    from batchgen.runner import list_assets, prepare, render
+    from batchgen.executors.registry import executor_options, make_executor
+    from batchgen.runner import prepare
 
     composed = compose_config(list(overrides or []), config_dir)
     if cfg:
@@ -82,8 +81,23 @@ def render_command(
         executor_options(composed.config.executor)
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
-    with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet
-        plan = prepare(composed, all_assets=list_)
+    executor = None
+    if not (dry_run or list_):
+        executor = make_executor(composed.config.executor, composed.config.run.threads)
+        executor.start_early()  # workers import their libraries while this process plans
+    try:
+        with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet
+            plan = prepare(composed, all_assets=list_)
+        _render_plan(composed, plan, executor, list_, dry_run, yes, retry_failed)
+    finally:
+        if executor is not None:
+            executor.discard()
+
+
+def _render_plan(composed, plan, executor, list_: bool, dry_run: bool, yes: bool, retry_failed: bool) -> None:
+    from batchgen.runner import dry_run as print_dry_run
+    from batchgen.runner import list_assets, render
+
     for warning in plan.warnings:
         sys.stderr.write(f"batchgen: warning: {warning}\n")
     if list_:
@@ -98,7 +112,7 @@ def render_command(
             f"the sweep has {len(plan.jobs)} jobs to render, more than run.max_jobs={limit}; pass --yes to render "
             "them all, or raise run.max_jobs"
         )
-    outcome = render(composed, plan, retry_failed=retry_failed)
+    outcome = render(composed, plan, retry_failed=retry_failed, executor=executor)
     raise typer.Exit(outcome.exit_code)
 
 

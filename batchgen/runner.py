@@ -130,10 +130,11 @@ def render(
     out: TextIO | None = None,
     err: TextIO | None = None,
     retry_failed: bool = False,
+    executor: Executor | None = None,
 ) -> Outcome:
     cfg = composed.config
     # A bad executor setting is a config error: found before anything is written.
-    executor = make_executor(cfg.executor, cfg.run.threads)
+    executor = executor or make_executor(cfg.executor, cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
     with RunLock(run_dir), routed(run_dir / LIBRARY_LOG), stop_signals():
         return _render(composed, plan, executor, out or sys.stdout, err or sys.stderr, retry_failed)

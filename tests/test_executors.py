@@ -188,3 +188,54 @@ def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(mon
         loop.kill()
     assert quiet is not None and busy is not None
     assert busy - quiet > 0.6, (quiet, busy)
+
+
+@pytest.mark.slow
+def test_workers_started_before_planning_are_stopped_when_the_run_is_refused(run_cli) -> None:
+    import multiprocessing
+
+    # Two local workers start importing while the parent plans; an error after planning must not leave them behind.
+    code, _, err = run_cli("+sweep=styles", "executor.devices=2", "run.max_jobs=3")
+    assert code == 2 and err.startswith("batchgen: error: the sweep has 72 jobs to render"), err
+    assert multiprocessing.active_children() == []
+
+
+def test_an_early_pool_binds_the_request_and_hands_its_spares_to_the_workers(monkeypatch) -> None:
+    from batchgen.executors import local
+
+    spawned: list[int] = []
+
+    class FakeProcess:
+        def __init__(self, wid: int) -> None:
+            self.wid, self.alive = wid, True
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+        def terminate(self) -> None:
+            self.alive = False
+
+        def join(self, timeout: float) -> None:
+            pass
+
+    class FakeQueue(list):
+        def put(self, item) -> None:
+            self.append(item)
+
+    def spawn(self, wid: int):
+        spawned.append(wid)
+        return FakeProcess(wid), FakeQueue()
+
+    monkeypatch.setattr(local.ProcessPool, "_spawn", spawn)
+    slots = [local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)]
+    pool = local.ProcessPool(slots)
+    pool.start_spares()
+    spares = {wid: process for wid, (process, _) in pool.spares.items()}
+    pool.settings = ("models", "run_dir", "fp32", 2, False)
+    spares[1].alive = False  # died while importing: replaced
+    pool.start(0)
+    pool.start(1)
+    assert spawned == [0, 1, 1]
+    assert pool.processes[0] is spares[0] and pool.processes[1] is not spares[1]
+    assert list(pool.inboxes[0]) == list(pool.inboxes[1]) == [("models", "run_dir", "fp32", 2, False)]
+    assert pool.spares == {}

@@ -45,6 +45,15 @@ class Executor(Protocol):
         """What the run's first line adds after the run directory (", 2 workers"), or ""."""
         ...
 
+    def start_early(self) -> None:
+        """Called before planning when a render will follow: start what takes long to start (worker processes and
+        their imports), loading no model. A no-op where nothing pays."""
+        ...
+
+    def discard(self) -> None:
+        """Stop what start_early started and run() did not take over (planning failed, nothing to render)."""
+        ...
+
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         """Render every job of the request; each finished row goes to `sink`, in this process, in finish order."""
         ...

@@ -91,15 +91,30 @@ class LocalExecutor:
 
     def __init__(self, options: LocalOptions, threads: int | None) -> None:
         self.slots = visible_slots(options.devices, threads)
+        self._early: ProcessPool | None = None
 
     def note(self, jobs: int) -> str:
         return f", {len(self.slots)} workers" if len(self.slots) > 1 and jobs > 1 else ""
 
+    def start_early(self) -> None:
+        # Worker processes spend seconds importing torch and diffusers: let them do it while this process plans.
+        if len(self.slots) > 1 and self._early is None:
+            self._early = ProcessPool(self.slots)
+            self._early.start_spares()
+
+    def discard(self) -> None:
+        if self._early is not None:
+            self._early.close()
+            self._early = None
+
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         if len(self.slots) == 1 or len(request.jobs) == 1:
+            self.discard()
             _run_here(request, self.slots[0], sink)
-        else:
-            dispatch(request, ProcessPool(request, self.slots), [slot.name for slot in self.slots], sink)
+            return
+        pool, self._early = self._early or ProcessPool(self.slots), None
+        pool.bind(request)
+        dispatch(request, pool, [slot.name for slot in self.slots], sink)
 
 
 def _run_here(request: ExecutorRequest, slot: Slot, sink: Sink) -> None:
@@ -126,24 +141,39 @@ def _run_here(request: ExecutorRequest, slot: Slot, sink: Sink) -> None:
 class ProcessPool:
     """Spawned worker processes: units go down a queue per worker, messages come back on one shared queue."""
 
-    def __init__(self, request: ExecutorRequest, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot]) -> None:
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")  # forking a process that holds torch threads is unsafe
         self.outbox = self.ctx.Queue()
-        self.settings = (request.models, request.run_dir, request.dtype, request.batch_size, request.compile_unet)
+        self.settings: tuple | None = None
         self.slots = slots
         self.processes: dict[int, Any] = {}
         self.inboxes: dict[int, Any] = {}
+        self.spares: dict[int, tuple[Any, Any]] = {}  # started before the request was known, not yet given work
+
+    def start_spares(self) -> None:
+        """One process per slot, importing its libraries; each waits for the run's settings (`start`)."""
+        for wid in range(len(self.slots)):
+            self.spares[wid] = self._spawn(wid)
+
+    def bind(self, request: ExecutorRequest) -> None:
+        self.settings = (request.models, request.run_dir, request.dtype, request.batch_size, request.compile_unet)
 
     def start(self, wid: int) -> None:
+        process, inbox = self.spares.pop(wid, (None, None))
+        if process is None or not process.is_alive():
+            process, inbox = self._spawn(wid)  # no spare, or it died importing: a fresh one
+        inbox.put(self.settings)
+        self.processes[wid], self.inboxes[wid] = process, inbox
+
+    def _spawn(self, wid: int) -> tuple[Any, Any]:
         from batchgen.executors.process import worker_main
 
         inbox = self.ctx.Queue()
-        args = (wid, self.slots[wid], self.settings, inbox, self.outbox)
-        process = self.ctx.Process(target=worker_main, args=args, daemon=True)
+        process = self.ctx.Process(target=worker_main, args=(wid, self.slots[wid], inbox, self.outbox), daemon=True)
         process.start()
-        self.processes[wid], self.inboxes[wid] = process, inbox
+        return process, inbox
 
     def send(self, wid: int, unit: Pairs) -> None:
         self.inboxes[wid].put(unit)
@@ -165,10 +195,12 @@ class ProcessPool:
         return messages
 
     def close(self) -> list[dict[str, Any]]:
-        for process in self.processes.values():
+        everyone = [*self.processes.values(), *(process for process, _ in self.spares.values())]
+        self.spares.clear()
+        for process in everyone:
             if process.is_alive():
                 process.terminate()  # images are written atomically: a kill mid-write leaves none
-        for process in self.processes.values():
+        for process in everyone:
             process.join(timeout=10)
         return [m[2] for m in self._drain() if m[0] == "row"]
 

@@ -7,16 +7,26 @@ import traceback
 from typing import Any
 
 
-def worker_main(wid: int, slot, settings: tuple, inbox, outbox) -> None:
+def worker_main(wid: int, slot, inbox, outbox) -> None:
+    """The first message on `inbox` is the run's settings (None: not needed after all); the process may be
+    started before they are known, and imports its libraries meanwhile."""
     # Ctrl-C reaches the whole process group; only the parent decides what happens to the run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        from batchgen.library_log import LOG, route, settle
+
+        unroute = route(None)  # the libraries' import-time notices: no run directory is known yet
+        settle()
         import torch
 
         from batchgen.engine.worker import Renderer
         from batchgen.engine.writer import ImageWriter
-        from batchgen.library_log import LOG, route
 
+        warm_up_pipelines()
+        settings = inbox.get()
+        unroute()
+        if settings is None:
+            return
         models, run_dir, dtype, batch_size, compile_unet = settings
         route(run_dir / LOG)  # for this process's life
         if slot.threads:
@@ -40,3 +50,13 @@ def worker_main(wid: int, slot, settings: tuple, inbox, outbox) -> None:
     except Exception as e:  # reported as failed rows by the parent, which then replaces this worker
         outbox.put(("crash", wid, f"worker {slot.name} crashed: {type(e).__name__}: {e}"))
         traceback.print_exc()
+
+
+def warm_up_pipelines() -> None:
+    """Import the pipeline classes every base uses (their modules are most of diffusers' import time)."""
+    import diffusers
+
+    from batchgen.assets.bases import BASES
+
+    for base in BASES:
+        getattr(diffusers, base.pipeline_class)

@@ -97,6 +97,12 @@ class RayExecutor:
         self.ray_options = options
         self.threads = threads or options.cpus_per_actor
 
+    def start_early(self) -> None:
+        pass  # actors and jobs take the run's settings when they are made
+
+    def discard(self) -> None:
+        pass
+
     def note(self, jobs: int) -> str:
         return ""
 

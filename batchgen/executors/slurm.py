@@ -77,6 +77,12 @@ class SlurmExecutor:
         self.slurm = options
         self.threads = threads or options.cpus_per_task
 
+    def start_early(self) -> None:
+        pass  # actors and jobs take the run's settings when they are made
+
+    def discard(self) -> None:
+        pass
+
     def note(self, jobs: int) -> str:
         return ""
 
