@@ -392,6 +392,25 @@ def single_file_without_config(c: Case):
     )
 
 
+def flux_single_file(c: Case):
+    # a ComfyUI-layout FLUX.1 file keeps its transformer under model.diffusion_model. as SD files keep the UNet
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(c.tmp / "f.sft"))
+    (c.tmp / "f.sft").rename(c.tmp / "flux1-dev.safetensors")
+    return [f"models.tiny_sd1.checkpoint={c.tmp}/flux1-dev.safetensors", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.checkpoint: {c.tmp}/flux1-dev.safetensors is a checkpoint for FLUX.1; batchgen renders "
+        "SD1, SD2 or SDXL only, not flux yet"
+    )
+
+
+def sd3_single_file(c: Case):
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2, 2)}, str(c.tmp / "s"))
+    (c.tmp / "s").rename(c.tmp / "sd3.5_large.safetensors")
+    return [f"models.tiny_sd1.checkpoint={c.tmp}/sd3.5_large.safetensors", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.checkpoint: {c.tmp}/sd3.5_large.safetensors is a checkpoint for SD3/SD3.5; "
+        "batchgen renders SD1, SD2 or SDXL only, not sd-3 yet"
+    )
+
+
 CASES = [
     zero_byte,
     truncated,
@@ -441,6 +460,8 @@ CASES = [
     tilde_on_missing_key,
     checkpoint_not_a_pipeline,
     single_file_without_config,
+    flux_single_file,
+    sd3_single_file,
 ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.assets.architecture import Architecture
-from batchgen.assets.bases import lora_base
+from batchgen.assets.bases import lora_base, unrendered_base
 from batchgen.assets.block_weights import BLOCK_IDS, block_of
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
@@ -69,6 +69,11 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
 
     shapes, metadata = lora_shapes(lora.path, hashes)
+    unrendered = unrendered_base(shapes)
+    if unrendered is not None:  # its keys are no SD1/SD2/SDXL family's: skipped, never a key-mapping error
+        base, label = unrendered
+        info = replace(lora, sha256=hashes.file_sha256(lora.path), format=f"{label} LoRA", base=base)
+        return info, None
     try:
         fmt, groups = group_by_module(shapes, metadata)
     except ValueError as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing
+from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing, unrendered_base
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 from batchgen.spec import SingleFile
@@ -31,6 +31,12 @@ def check_single_file(
     where: str,
 ) -> SingleFile:
     """What the engine needs to build a pipeline around the file; every problem is an error here, before a load."""
+    unrendered = unrendered_base(header.tensors)  # FLUX and SD3 files keep their transformer under UNET_PREFIX too
+    if unrendered is not None:
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} is a checkpoint for {unrendered[1]}; batchgen renders "
+            f"{listing(b.label for b in BASES)} only, not {unrendered[0]} yet"
+        )
     if not any(key.startswith(UNET_PREFIX) for key in header.tensors):
         if any(key.startswith("unet.") for key in header.tensors):
             raise BatchgenError(

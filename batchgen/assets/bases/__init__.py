@@ -23,6 +23,26 @@ BY_NAME: Mapping[str, Base] = {base.name: base for base in BASES}
 
 
 
+# Bases batchgen tells apart by their LoRAs' key names but does not render yet (issue 19): (base, what it is,
+# a key pattern), the first match wins. FLUX's blocks: double_blocks / single_blocks (kohya, BFL, ComfyUI, XLabs),
+# single_transformer_blocks (diffusers); SD3's: joint_blocks (kohya, SGM). Both name their double-stream blocks
+# transformer_blocks in diffusers, so such a file without FLUX's single blocks is one or the other.
+UNRENDERED: tuple[tuple[str, str, re.Pattern[str]], ...] = (
+    ("flux", "FLUX.1", re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]")),
+    ("sd-3", "SD3/SD3.5", re.compile(r"(?:^|[._])joint_blocks[._]")),
+    ("sd-3 or flux", "SD3 or FLUX.1", re.compile(r"^(?:base_model\.model\.)?transformer\.transformer_blocks\.")),
+)
+
+
+def unrendered_base(keys: Iterable[object]) -> tuple[str, str] | None:
+    """(base, label) when a LoRA's keys are those of a base batchgen does not render yet, else None."""
+    names = [key for key in keys if isinstance(key, str)]
+    for base, label, pattern in UNRENDERED:
+        if any(pattern.search(name) for name in names):
+            return base, label
+    return None
+
+
 def listing(words: Iterable[str]) -> str:
     """'a, b or c', as messages list the bases."""
     words = list(words)
