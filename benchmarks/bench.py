@@ -825,8 +825,10 @@ def figure_details(r: dict) -> dict[str, Callable[[], str]]:
             f"batchgen wall / bare wall (same images, batches of {r['w1.batch_size']}, no LoRA); batchgen"
             f" {secs('w1.batchgen_seconds')}, bare {secs('w1.bare_seconds')}"
         ),
-        "w1.vs_strong": lambda: f"strong wall / batchgen wall; strong (adapters loaded once, set_adapters per state) "
-        f"{secs('w1.strong_seconds')}, max pixel diff {r['w1.max_pixel_diff_strong']}/255",
+        "w1.vs_strong": lambda: (
+            f"strong wall / batchgen wall; strong (adapters loaded once, set_adapters per state) "
+            f"{secs('w1.strong_seconds')}, max pixel diff {r['w1.max_pixel_diff_strong']}/255"
+        ),
         "w1.vs_naive": lambda: f"naive wall / batchgen wall (continuity); naive {secs('w1.naive_seconds')}",
         "w1.switch_share": lambda: f"`patch` stage / batchgen wall; median {r['w1.patch_seconds']:.2f} s switching",
         "w2.overhead": lambda: f"batchgen {secs('w2.batchgen_seconds')}, bare {secs('w2.bare_seconds')}",

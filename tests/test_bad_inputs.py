@@ -379,8 +379,7 @@ def checkpoint_not_a_pipeline(c: Case):
     (c.tmp / "notapipe").mkdir()
     (c.tmp / "notapipe" / "readme.txt").write_text("hi")
     return [f"models.tiny_sd1.checkpoint={c.tmp}/notapipe", "models.tiny_sd1.builtin=null"], (
-        f"models.tiny_sd1.checkpoint: {c.tmp}/notapipe is a folder without model_index.json, not a diffusers "
-        "pipeline"
+        f"models.tiny_sd1.checkpoint: {c.tmp}/notapipe is a folder without model_index.json, not a diffusers pipeline"
     )
 
 

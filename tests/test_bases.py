@@ -13,9 +13,7 @@ from batchgen.assets import bases
 from batchgen.assets.block_weights import BLOCK_IDS
 from batchgen.plan.compel_rules import COMPEL_CLIP_SKIPS
 
-MODULES = sorted(
-    p.stem for p in Path(bases.__file__).parent.glob("*.py") if p.stem not in ("__init__", "record")
-)
+MODULES = sorted(p.stem for p in Path(bases.__file__).parent.glob("*.py") if p.stem not in ("__init__", "record"))
 
 
 def test_every_base_module_is_registered_once() -> None:

@@ -156,8 +156,13 @@ SORT_AND_BOUND = """
 def test_compare_view_sort_and_effect_filter_in_headless_chromium(run_cli, tmp_path: Path) -> None:
     binary = find_chromium()
     assert binary, "Chromium not found: `make test-browser` installs the Debian package, or set BATCHGEN_CHROMIUM"
-    code, _, err = run_cli("+sweep=styles", "sweep.seeds=[1]", "sweep.models=[tiny_sd1]", "sweep.slots={}",
-                           "sweep.prompts=['a castle at night']")
+    code, _, err = run_cli(
+        "+sweep=styles",
+        "sweep.seeds=[1]",
+        "sweep.models=[tiny_sd1]",
+        "sweep.slots={}",
+        "sweep.prompts=['a castle at night']",
+    )
     assert code == 0, err
     run = Path("runs/styles").resolve()
     latest = read_manifest(run)
@@ -174,6 +179,6 @@ def test_compare_view_sort_and_effect_filter_in_headless_chromium(run_cli, tmp_p
 
         order = browser.evaluate(page, SORT_AND_BOUND)
         numbers = [float(v) for v in order["ascending"] if v]
-        assert numbers == measured and order["ascending"][len(numbers):] == [""] * (6 - len(numbers))
+        assert numbers == measured and order["ascending"][len(numbers) :] == [""] * (6 - len(numbers))
         assert [float(v) for v in order["descending"] if v] == measured[::-1]
         assert sorted(order["shown"]) == [v for v in measured if v >= 1]

@@ -51,9 +51,7 @@ def test_a_full_disk_stops_the_run_with_the_manifest_valid_and_the_next_run_resu
     assert not list(Path("runs/styles").glob("**/.*.tmp"))
 
 
-def test_a_read_only_run_directory_is_refused_before_any_model_loads(
-    run_cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_read_only_run_directory_is_refused_before_any_model_loads(run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     from batchgen.engine import worker
 
     real_open = os.open

@@ -22,7 +22,6 @@ BASE_NAMES: tuple[str, ...] = tuple(base.name for base in BASES)
 BY_NAME: Mapping[str, Base] = {base.name: base for base in BASES}
 
 
-
 # Bases batchgen tells apart by their LoRAs' key names but does not render yet (issue 19): (base, what it is,
 # a key pattern), the first match wins. FLUX's blocks: double_blocks / single_blocks (kohya, BFL, ComfyUI, XLabs),
 # single_transformer_blocks (diffusers); SD3's: joint_blocks (kohya, SGM). Both name their double-stream blocks
