@@ -49,8 +49,9 @@ fuzz: install-dev ## The property tests with 3000 cases each (make test runs 60)
 soak: install-dev ## SIGKILL renders (2 local workers; 2 Ray actors) at 20 seeded random points each, resume, check
 	$(BIN)/python -m tests.soak 20
 
-lint: install-dev ## ruff check at 119 columns
+lint: install-dev ## ruff check and ruff format --check at 119 columns
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install-dev ## Run the benchmark (Ray included) and append figures to BENCHMARKS.md
 	$(BIN)/python benchmarks/bench.py
