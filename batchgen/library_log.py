@@ -90,6 +90,7 @@ def route(log: Path | None, stream: TextIO | None = None) -> Callable[[], None]:
         logger.addHandler(sink)
         logger.addHandler(resay)
         logger.propagate = False
+    levels = {module: module.get_verbosity() for module in _library_modules()}  # a caller's choice survives
     detach_library_handlers()
     logging.captureWarnings(True)
     catcher = warnings.catch_warnings()
@@ -105,6 +106,8 @@ def route(log: Path | None, stream: TextIO | None = None) -> Callable[[], None]:
             logger.propagate = propagate
         for module in _library_modules():
             module.enable_default_handler()  # detached here or by a later detach_library_handlers
+            if module in levels:
+                module.set_verbosity(levels[module])
         sink.close()
 
     return undo

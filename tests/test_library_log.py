@@ -41,6 +41,22 @@ def test_routed_warnings_reach_the_log_and_the_ones_that_matter_the_console(tmp_
     assert set(logging.getLogger("transformers").handlers) == set(before)  # undone; a detached default returns last
 
 
+def test_routing_leaves_the_libraries_verbosity_as_it_found_it(tmp_path: Path, monkeypatch) -> None:
+    import transformers.utils.logging as transformers_logging
+
+    monkeypatch.delenv(library_log.VERBOSE_ENV, raising=False)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    before = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # as a program embedding batchgen (the bench) may set it
+    try:
+        with library_log.routed(tmp_path / "libraries.log", io.StringIO()):
+            library_log.settle()
+            assert transformers_logging.get_verbosity() == logging.WARNING  # routed: warnings reach the log
+        assert transformers_logging.get_verbosity() == logging.ERROR
+    finally:
+        transformers_logging.set_verbosity(before)
+
+
 def test_verbose_leaves_the_libraries_alone(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(library_log.VERBOSE_ENV, "1")
     log, console = tmp_path / "libraries.log", io.StringIO()
