@@ -383,31 +383,34 @@ def checkpoint_not_a_pipeline(c: Case):
     )
 
 
-def single_file_without_config(c: Case):
-    save_file({"some.weight": torch.zeros(2, 2)}, str(c.tmp / "model.safetensors"))
-    return [f"models.tiny_sd1.checkpoint={c.tmp}/model.safetensors", "models.tiny_sd1.builtin=null"], (
-        f"models.tiny_sd1.checkpoint: {c.tmp}/model.safetensors is not a Stable Diffusion checkpoint this "
-        "batchgen can read (no UNet keys of SD1, SD2 or SDXL); give a diffusers folder"
+def _single_file(c: Case, name: str, key: str, message: str):
+    """A single file holding one tensor `key`, given as tiny_sd1's checkpoint; the expected error after the path."""
+    save_file({key: torch.zeros(2, 2)}, str(c.tmp / name))
+    return [f"models.tiny_sd1.checkpoint={c.tmp}/{name}", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.checkpoint: {c.tmp}/{name} {message}"
     )
+
+
+def single_file_without_config(c: Case):
+    return _single_file(
+        c, "model.safetensors", "some.weight", "is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
+        "keys of SD1, SD2 or SDXL); give a diffusers folder"
+    )  # fmt: skip
 
 
 def flux_single_file(c: Case):
     # a ComfyUI-layout FLUX.1 file keeps its transformer under model.diffusion_model. as SD files keep the UNet
-    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(c.tmp / "f.sft"))
-    (c.tmp / "f.sft").rename(c.tmp / "flux1-dev.safetensors")
-    return [f"models.tiny_sd1.checkpoint={c.tmp}/flux1-dev.safetensors", "models.tiny_sd1.builtin=null"], (
-        f"models.tiny_sd1.checkpoint: {c.tmp}/flux1-dev.safetensors is a checkpoint for FLUX.1; batchgen renders "
-        "SD1, SD2 or SDXL only, not flux yet"
-    )
+    return _single_file(
+        c, "flux1-dev.safetensors", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+        "is a checkpoint for FLUX.1; batchgen renders SD1, SD2 or SDXL only, not flux yet",
+    )  # fmt: skip
 
 
 def sd3_single_file(c: Case):
-    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2, 2)}, str(c.tmp / "s"))
-    (c.tmp / "s").rename(c.tmp / "sd3.5_large.safetensors")
-    return [f"models.tiny_sd1.checkpoint={c.tmp}/sd3.5_large.safetensors", "models.tiny_sd1.builtin=null"], (
-        f"models.tiny_sd1.checkpoint: {c.tmp}/sd3.5_large.safetensors is a checkpoint for SD3/SD3.5; "
-        "batchgen renders SD1, SD2 or SDXL only, not sd-3 yet"
-    )
+    return _single_file(
+        c, "sd3.5_large.safetensors", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+        "is a checkpoint for SD3/SD3.5; batchgen renders SD1, SD2 or SDXL only, not sd-3 yet",
+    )  # fmt: skip
 
 
 CASES = [
