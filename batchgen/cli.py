@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -17,6 +17,11 @@ from typer.core import TyperGroup
 
 from batchgen.errors import BatchgenError, Stopped
 from batchgen.library_log import VERBOSE_ENV, routed
+
+if TYPE_CHECKING:  # the modules behind these types import hydra and pandas: start-up pays them only when needed
+    from batchgen.config import Composed
+    from batchgen.executors.base import Executor
+    from batchgen.plan import Plan
 
 RENDER = "render"
 SUBCOMMANDS = ("report", "diff", "check")
@@ -94,7 +99,15 @@ def render_command(
             executor.discard()
 
 
-def _render_plan(composed, plan, executor, list_: bool, dry_run: bool, yes: bool, retry_failed: bool) -> None:
+def _render_plan(
+    composed: Composed,
+    plan: Plan,
+    executor: Executor | None,
+    list_: bool,
+    dry_run: bool,
+    yes: bool,
+    retry_failed: bool,
+) -> None:
     from batchgen.runner import dry_run as print_dry_run
     from batchgen.runner import list_assets, render
 

@@ -72,11 +72,11 @@ def test_prompts_encode_once_per_text_encoder_state(tiny_cache: Path) -> None:
     assert len(results) == 3 * 3 * 3 and all(not r.error for r in results)
     # 3 prompts x 2 text-encoder states (none, ink te=1.0): UNet-only changes and seeds reuse the encoding
     cache = renderer._loaded.prompts
-    # (plus the negative prompt once per state), each state's texts in one text-encoder call per batch
+    # (plus the negative prompt once per state), each new text encoded by the batch that first needs it
     assert cache.misses == 2 * (3 + 1)
     # per state 9 jobs, prompt-major, in batches of 4: the first batch brings two prompts and the negative, the
     # second the third prompt; the other ink state shares the text-encoder state and encodes nothing
-    assert cache.calls == 2 * 2
+    assert cache.rounds == 2 * 2
     # cached embeddings carry no autograd history, which would keep every encoder activation alive
     assert all(e.hidden.grad_fn is None and e.hidden.is_inference() for e in cache._entries.values())
 

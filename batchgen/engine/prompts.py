@@ -112,11 +112,12 @@ class PromptCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, _Encoded] = OrderedDict()
         self.misses = 0  # texts encoded
-        self.calls = 0  # text-encoder calls
+        self.rounds = 0  # batches (and empty-text fills) that had texts to encode
         self._shape = BatchShape()
         self._compel_text = None
         self._state: tuple | None = None  # the text-encoder state of the last batch
-        # The pooled projection sees one row per text: run it per text so a text encodes the same in any batch.
+        # The pooled projection sees one row per chunk: run it per chunk so a long text's first chunk pools the same
+        # whatever the text's length.
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
             if encoder is not None and hasattr(encoder, "text_projection"):
@@ -143,7 +144,7 @@ class PromptCache:
             for unit, encoded in zip(missing, self._encode_units(missing, mode), strict=True):
                 self._entries[(unit, state, mode)] = encoded
             self.misses += len(missing)
-            self.calls += 1
+            self.rounds += 1
         out = []
         for job, sides in zip(batch, schedules, strict=True):
             for side in sides:
@@ -185,7 +186,7 @@ class PromptCache:
         if ("", state, mode) not in self._entries:  # needed by long prompts only
             self._entries[("", state, mode)] = self._encode([""], mode)[0]
             self.misses += 1
-            self.calls += 1
+            self.rounds += 1
         return self._entries[("", state, mode)].hidden
 
     def _encode_units(self, units: list[Unit], mode: tuple[bool, int]) -> list[_Encoded]:
@@ -231,9 +232,7 @@ class PromptCache:
                     "77 (run.truncate_prompts=true)",
                     file=sys.stderr,
                 )
-        # One text per encoder call: on some CPUs (Intel with AMX) a text's rows round differently beside other
-        # texts in one matrix product, so a batch of texts would make a prompt's encoding depend on its neighbours.
-        encoded = {text: self._encode_short([text], clip_skip)[0] for text in short}
+        encoded = {text: self._encode_short(text, clip_skip) for text in short}
         for text in texts:
             if text not in encoded:
                 ids = [c[:1] for c in chunks[text]] if truncate else chunks[text]
@@ -340,27 +339,22 @@ class PromptCache:
         return _Encoded(torch.cat(hidden, dim=-1).to(dtype), pooled)
 
     @torch.inference_mode()
-    def _encode_short(self, texts: list[str], clip_skip: int) -> list[_Encoded]:
+    def _encode_short(self, text: str, clip_skip: int) -> _Encoded:
+        """One text in its own encoder call: on some CPUs (Intel with AMX) a text's rows round differently beside
+        other texts in one matrix product, so encoding texts together would make a prompt depend on its
+        neighbours."""
         # inference_mode also matters for memory: a cached tensor with autograd history would keep every
         # text-encoder activation of its prompt alive.
         device = self._device()
-        self._shape.images = len(texts)
         skip = clip_skip - 1 or None  # diffusers counts layers skipped past its default; A1111 counts from 1
-        try:
-            if hasattr(self.pipe, "text_encoder_2"):
-                hidden, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt=texts,
-                    device=device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=False,
-                    clip_skip=skip,
-                )
-            else:
-                hidden, _ = self.pipe.encode_prompt(texts, device, 1, False, clip_skip=skip)
-                pooled = None
-        finally:
-            self._shape.images = 1
-        return [_Encoded(hidden[i : i + 1], None if pooled is None else pooled[i : i + 1]) for i in range(len(texts))]
+        if hasattr(self.pipe, "text_encoder_2"):
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=[text], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                clip_skip=skip,
+            )  # fmt: skip
+            return _Encoded(hidden, pooled)
+        hidden, _ = self.pipe.encode_prompt([text], device, 1, False, clip_skip=skip)
+        return _Encoded(hidden, None)
 
 
 def _emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

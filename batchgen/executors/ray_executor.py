@@ -98,7 +98,7 @@ class RayExecutor:
         self.threads = threads or options.cpus_per_actor
 
     def start_early(self) -> None:
-        pass  # actors and jobs take the run's settings when they are made
+        pass  # actors are made with the run's settings, which planning gives
 
     def discard(self) -> None:
         pass

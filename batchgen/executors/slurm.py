@@ -78,7 +78,7 @@ class SlurmExecutor:
         self.threads = threads or options.cpus_per_task
 
     def start_early(self) -> None:
-        pass  # actors and jobs take the run's settings when they are made
+        pass  # a SLURM job is submitted with its unit and the run's settings; nothing can start before
 
     def discard(self) -> None:
         pass
