@@ -231,11 +231,11 @@ def test_an_early_pool_binds_the_request_and_hands_its_spares_to_the_workers(mon
     pool = local.ProcessPool(slots)
     pool.start_spares()
     spares = {wid: process for wid, (process, _) in pool.spares.items()}
-    pool.settings = ("models", "run_dir", "fp32", 2, False)
+    pool.bind(ExecutorRequest([], {}, {}, Path("run"), "fp32", 2, False))
     spares[1].alive = False  # died while importing: replaced
     pool.start(0)
     pool.start(1)
     assert spawned == [0, 1, 1]
     assert pool.processes[0] is spares[0] and pool.processes[1] is not spares[1]
-    assert list(pool.inboxes[0]) == list(pool.inboxes[1]) == [("models", "run_dir", "fp32", 2, False)]
+    assert list(pool.inboxes[0]) == list(pool.inboxes[1]) == [({}, Path("run"), "fp32", 2, False)]
     assert pool.spares == {}
