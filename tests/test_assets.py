@@ -206,7 +206,7 @@ def test_bases_read_from_widths_with_the_messages_users_see(tmp_path: Path) -> N
     from batchgen.assets.bases import BASE_NAMES, cross_attention_base, embedding_base, listing
 
     path = tmp_path / "ti.pt"
-    assert BASE_NAMES == ("sd-1", "sd-2", "sdxl")
+    assert BASE_NAMES == ("sd-1", "sd-2", "sdxl", "sd-3", "flux")
     assert [embedding_base(w, path) for w in ([768], [1024], [768, 1280])] == ["sd-1", "sd-2", "sdxl"]
     assert [cross_attention_base(w) for w in (768, 1024, 2048, 1280)] == ["sd-1", "sd-2", "sdxl", None]
     with pytest.raises(BatchgenError) as error:

@@ -18,8 +18,8 @@ MODULES = sorted(p.stem for p in Path(bases.__file__).parent.glob("*.py") if p.s
 
 def test_every_base_module_is_registered_once() -> None:
     declared = [importlib.import_module(f"batchgen.assets.bases.{name}").BASE for name in MODULES]
-    assert MODULES == ["sd1", "sd2", "sdxl"]
-    assert sorted(b.name for b in declared) == sorted(bases.BASE_NAMES) == ["sd-1", "sd-2", "sdxl"]
+    assert MODULES == ["flux", "sd1", "sd2", "sd3", "sdxl"]
+    assert sorted(b.name for b in declared) == sorted(bases.BASE_NAMES) == ["flux", "sd-1", "sd-2", "sd-3", "sdxl"]
     assert sorted(map(id, bases.BASES)) == sorted(map(id, declared))  # the modules' own records, each once
 
 
@@ -28,14 +28,26 @@ def test_a_base_record_agrees_with_its_shipped_configs(base: bases.Base) -> None
     folder = base.shipped_configs
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == base.pipeline_class
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    assert unet["cross_attention_dim"] == base.cross_attention_width
+    assert bases.pipeline_base(index) == (base.name if base.denoiser == "transformer" or base.name == "sdxl" else None)
+    assert base.denoiser in index
+    denoiser = json.loads((folder / base.denoiser / "config.json").read_text())
+    assert denoiser.get("cross_attention_dim") == base.cross_attention_width
     for component, width in base.text_encoders.items():
-        assert json.loads((folder / component / "config.json").read_text())["hidden_size"] == width
+        config = json.loads((folder / component / "config.json").read_text())
+        assert config.get("hidden_size", config.get("d_model")) == width
     assert sorted(c for c in index if c.startswith("text_encoder")) == sorted(base.text_encoders)
+    if base.denoiser == "transformer":
+        # What reads the encoders: the pooled CLIP vector(s) and T5's sequence.
+        t5 = base.text_encoders[max(base.text_encoders)]
+        assert denoiser["joint_attention_dim"] == t5
+        clips = [w for c, w in base.text_encoders.items() if w != t5]
+        assert denoiser["pooled_projection_dim"] == (clips[0] if base.guidance == "distilled" else sum(clips))
 
 
-@pytest.mark.parametrize("base", bases.BASES, ids=lambda b: b.name)
+UNET_BASES = [b for b in bases.BASES if b.denoiser == "unet"]
+
+
+@pytest.mark.parametrize("base", UNET_BASES, ids=lambda b: b.name)
 def test_a_base_record_feeds_block_weights_and_compel(base: bases.Base) -> None:
     assert BLOCK_IDS[base.name] == base.block_ids
     full = base.block_ids[max(base.block_ids)]
@@ -47,5 +59,14 @@ def test_a_base_record_feeds_block_weights_and_compel(base: bases.Base) -> None:
 
 def test_levels_of_the_unet_give_the_block_counts() -> None:
     # 12 input/output blocks for SD1/SD2's 4 levels, 9 for SDXL's 3: the extension's 26- and 20-vectors.
-    assert {b.name: max(b.block_ids) for b in bases.BASES} == {"sd-1": 26, "sd-2": 26, "sdxl": 20}
+    assert {b.name: max(b.block_ids) for b in UNET_BASES} == {"sd-1": 26, "sd-2": 26, "sdxl": 20}
     assert bases.BY_NAME["sd-2"].block_ids is bases.BY_NAME["sd-1"].block_ids
+
+
+def test_transformer_bases_encode_their_own_prompts_and_have_no_blocks_or_compel() -> None:
+    for base in bases.BASES:
+        assert (base.denoiser == "transformer") == base.pipeline_encodes_prompts
+    transformer = [b.name for b in bases.BASES if b.denoiser == "transformer"]
+    assert transformer == ["sd-3", "flux"]
+    assert not any(b.name in BLOCK_IDS or b.name in COMPEL_CLIP_SKIPS for b in bases.BASES if b.name in transformer)
+    assert bases.DENOISERS == ("unet", "transformer")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from batchgen.assets.architecture import COMPONENTS, ModuleRef, module_shapes
+from batchgen.assets.architecture import ModuleRef, module_shapes
 from batchgen.assets.bases import lora_base
 from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
 from batchgen.assets.lora_formats.kohya import kohya_names
@@ -167,7 +167,7 @@ def _build(unet: dict[str, Any], *encoders: tuple[dict[str, Any], bool]) -> Mode
     parts: dict[str, torch.nn.Module] = {}
     with torch.device("meta"):
         parts["unet"] = UNet2DConditionModel(**unet)
-        for component, (text, projected) in zip(COMPONENTS[1:], encoders, strict=False):
+        for component, (text, projected) in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):
             cls = CLIPTextModelWithProjection if projected else CLIPTextModel
             parts[component] = cls(CLIPTextConfig(**text))
     return Model(parts, dict(parts["unet"].config))

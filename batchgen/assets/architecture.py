@@ -16,9 +16,9 @@ from batchgen.errors import BatchgenError
 if TYPE_CHECKING:
     import torch
 
-# The pipeline components a LoRA patches.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# The pipeline components a LoRA patches: a denoiser (UNet, or the MMDiT of SD3/FLUX) and the text encoders.
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Architecture:
 
     base: str
     modules: dict[str, dict[str, tuple[int, ...]]]  # component -> module path -> weight shape
-    unet_config: dict[str, Any]
+    unet_config: dict[str, Any]  # the denoiser's config (a UNet's, or a transformer's)
 
 
 def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -52,6 +52,8 @@ def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def model_architecture(checkpoint: Path, base: str) -> Architecture:
     if not checkpoint.is_dir():
         raise BatchgenError(f"{checkpoint}: LoRAs need a diffusers folder checkpoint to map their keys")
+    if (checkpoint / "transformer" / "config.json").is_file():
+        return _transformer_architecture(checkpoint, base)
     unet_config = json.loads((checkpoint / "unet" / "config.json").read_text())
     index = json.loads((checkpoint / "model_index.json").read_text())
     encoders = {}
@@ -83,3 +85,24 @@ def _meta_shapes(checkpoint: Path, unet_config: dict, encoders: dict[str, bool])
             cls = CLIPTextModelWithProjection if projected else CLIPTextModel
             modules[component] = module_shapes(cls(config))
     return modules
+
+
+def _transformer_architecture(checkpoint: Path, base: str) -> Architecture:
+    """An MMDiT pipeline's modules on the meta device: no plain-Python table covers them, so LoRAs for SD3 and FLUX
+    pay for importing torch, diffusers and transformers at planning (a dry run without LoRAs does not)."""
+    import diffusers
+    import torch
+    import transformers
+
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    config = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    with torch.device("meta"):
+        modules["transformer"] = module_shapes(getattr(diffusers, config["_class_name"]).from_config(config))
+        for component in _TEXT_ENCODERS:
+            entry = index.get(component)
+            if not (isinstance(entry, list) and entry[1] and (checkpoint / component / "config.json").is_file()):
+                continue  # SD3 without T5: diffusers writes [null, null]
+            text_config = transformers.AutoConfig.from_pretrained(str(checkpoint / component), local_files_only=True)
+            modules[component] = module_shapes(getattr(transformers, entry[1])(text_config))
+    return Architecture(base=base, modules=modules, unet_config=config)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchgen.assets.architecture import model_architecture
-from batchgen.assets.bases import BASE_NAMES, checkpoint_base, unet_config_base
+from batchgen.assets.bases import BASE_NAMES, BASES, BY_NAME, checkpoint_base, pipeline_base, unet_config_base
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
 from batchgen.assets.epochs import is_glob, matching
 from batchgen.assets.hashing import HashCache
@@ -21,6 +21,7 @@ from batchgen.assets.single_file import check_single_file
 from batchgen.errors import BatchgenError
 from batchgen.spec import ModelSpec, Refused, SingleFile
 
+_TRANSFORMER_BASES = frozenset(b.name for b in BASES if b.denoiser == "transformer")
 # .bin is left out: in a diffusers folder it is one component's weights, never a whole model.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -130,9 +131,15 @@ def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
 
 def _folder_base(checkpoint: Path) -> str | None:
     try:
-        return _config_base(checkpoint / "unet" / "config.json")[0]
+        return _index_base(checkpoint) or _config_base(checkpoint / "unet" / "config.json")[0]
     except (OSError, ValueError):
         return None
+
+
+def _index_base(checkpoint: Path) -> str | None:
+    """The base a folder's pipeline class names, when only one base has it; ValueError for invalid JSON."""
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    return pipeline_base(index) if isinstance(index, dict) else None
 
 
 def _config_base(config: Path) -> tuple[str | None, object]:
@@ -191,9 +198,21 @@ def inspect_assets(
 
 
 def _check_base(checkpoint: Path, base: str, where: str) -> None:
-    """The UNet's cross-attention width tells the SD version; a mismatch would give skipped or broken jobs."""
+    """The pipeline class, or else the UNet's cross-attention width, tells the SD version; a mismatch would give
+    skipped or broken jobs."""
+    if not checkpoint.is_dir():
+        return
+    try:
+        by_class = _index_base(checkpoint)
+    except ValueError:
+        raise BatchgenError(f"{checkpoint / 'model_index.json'}: not valid JSON; re-download the checkpoint") from None
+    if by_class is not None or base in _TRANSFORMER_BASES:
+        if by_class != base:
+            found = f"is {by_class}" if by_class else f"is no {BY_NAME[base].label} pipeline"
+            raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} {found} (its model_index.json); fix base")
+        return
     config = checkpoint / "unet" / "config.json"
-    if not checkpoint.is_dir() or not config.is_file():
+    if not config.is_file():
         return
     try:
         found, width = _config_base(config)

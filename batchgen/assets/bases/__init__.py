@@ -10,16 +10,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchgen.assets.bases import sd1, sd2, sdxl
+from batchgen.assets.bases import flux, sd1, sd2, sd3, sdxl
 from batchgen.assets.bases.record import Base
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 
 # The registry: one module per base, in the order messages list them.
-BASES: tuple[Base, ...] = (sd1.BASE, sd2.BASE, sdxl.BASE)
+BASES: tuple[Base, ...] = (sd1.BASE, sd2.BASE, sdxl.BASE, sd3.BASE, flux.BASE)
 SD1, SDXL = sd1.BASE, sdxl.BASE
 BASE_NAMES: tuple[str, ...] = tuple(base.name for base in BASES)
 BY_NAME: Mapping[str, Base] = {base.name: base for base in BASES}
+# The components that denoise, one per base kind; a LoRA's weight for them is its `unet` weight.
+DENOISERS: tuple[str, ...] = tuple(dict.fromkeys(base.denoiser for base in BASES))
+
+
+def pipeline_base(index: Mapping[str, object]) -> str | None:
+    """The base whose pipeline class a diffusers folder's model_index.json names; None when no base, or more than
+    one, has that class (SD1 and SD2 share StableDiffusionPipeline: their UNet config tells them apart)."""
+    owners = [base.name for base in BASES if base.pipeline_class == index.get("_class_name")]
+    return owners[0] if len(owners) == 1 else None
 
 
 # Bases batchgen tells apart by their LoRAs' key names but does not render yet (issue 19): (base, what it is,
@@ -55,7 +64,7 @@ _CROSS_ATTENTION_KEY = re.compile(r"model\.diffusion_model\..*\.attn2\.to_k\.wei
 
 def cross_attention_base(width: object) -> str | None:
     """The base whose UNet cross-attention reads this width (a diffusers config's cross_attention_dim)."""
-    return next((base.name for base in BASES if base.cross_attention_width == width), None)
+    return next((base.name for base in BASES if width is not None and base.cross_attention_width == width), None)
 
 
 def checkpoint_base(header: Header) -> tuple[str | None, int | None]:
@@ -115,8 +124,11 @@ def lora_base(layers: Iterable[LayerEvidence]) -> str | None:
     A 768-wide text encoder alone fits SD1 and SDXL's first encoder; it reads as SD1, since an SDXL LoRA that
     trains the text encoder trains both.
     """
-    candidates = set(BASE_NAMES)
-    informed = False
+    layers = list(layers)
+    # A transformer's layers say MMDiT; otherwise only the UNet bases remain (their text encoders overlap).
+    transformer = any(layer.component == "transformer" for layer in layers)
+    candidates = {base.name for base in BASES if (base.denoiser == "transformer") == transformer}
+    informed = transformer
     for allowed in _allowed_bases(layers):
         candidates &= allowed
         informed = True
@@ -130,11 +142,20 @@ def lora_base(layers: Iterable[LayerEvidence]) -> str | None:
 def _allowed_bases(layers: Iterable[LayerEvidence]) -> Iterable[set[str]]:
     """For each fact a layer states about the base, the set of bases it allows."""
     for layer in layers:
+        owners = {base.name for base in BASES if any(_names_block(layer.name, b) for b in base.lora_block_names)}
+        if owners:
+            yield owners
         if layer.two_text_encoders:
             yield {base.name for base in BASES if len(base.text_encoders) == 2}
         if layer.in_width is None:
             continue
+        if layer.component == "transformer":
+            continue  # its widths are the model's size, not its base's
         if layer.component == "unet" and layer.name.endswith(_CROSS_ATTENTION_INPUTS):
             yield {base.name for base in BASES if base.cross_attention_width == layer.in_width}
         elif layer.component != "unet" and layer.name.endswith(_TEXT_HIDDEN_INPUTS):
             yield {base.name for base in BASES if base.text_encoders.get(layer.component) == layer.in_width}
+
+
+def _names_block(name: str, block: str) -> bool:
+    return name.startswith(f"{block}_") or f"_{block}_" in name

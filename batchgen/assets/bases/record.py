@@ -15,7 +15,7 @@ class Base:
     name: str  # what model configs write: base: sd-1
     label: str  # how messages name it
     pipeline_class: str  # the diffusers pipeline (model_index.json's _class_name of its shipped configs)
-    cross_attention_width: int  # what the UNet's cross-attention reads: the text embedding's width
+    cross_attention_width: int | None  # what the UNet's cross-attention reads; None: the base has no UNet
     text_encoders: Mapping[str, int]  # pipeline component -> hidden width
     embedding_widths: tuple[int, ...]  # a textual inversion's vector width per text encoder
     # Single-file checkpoints: the key prefix of the text encoder, and where its tokenizers live in the Hugging Face
@@ -29,6 +29,19 @@ class Base:
     compel_clip_skips: tuple[int, ...] = ()
     # A single file holding one of these keys is refused with the reason (a refiner, say).
     refused_checkpoint_keys: Mapping[str, str] = field(default_factory=dict)
+    # The pipeline component that denoises: "unet", or "transformer" for the MMDiT/flow-matching bases.
+    denoiser: str = "unet"
+    # True: the pipeline's own encode_prompt conditions it (T5 included), so A1111 weights, BREAK, schedules,
+    # compel and clip skip are refused at planning; False: batchgen's CLIP encoding (engine/prompts.py).
+    pipeline_encodes_prompts: bool = False
+    # How guidance_scale is read: "cfg" (a negative-prompt pass) or "distilled" (FLUX.1-dev's guidance input; no
+    # negative prompt, no second pass).
+    guidance: str = "cfg"
+    # Module names that only this base's LoRAs have (FLUX's single blocks): they tell a transformer LoRA's base.
+    lora_block_names: tuple[str, ...] = ()
+    # What the base's reference pipelines use by default, for README and the packaged configs (a sweep's own
+    # values still win: changing a default under existing sweeps would change pixels under unchanged job ids).
+    defaults: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def shipped_configs(self) -> Path:

@@ -1,0 +1,24 @@
+"""Stable Diffusion 3 / 3.5 (medium and large): CLIP-L, OpenCLIP-bigG and an optional T5-XXL, a flow-matching
+MMDiT with real classifier-free guidance."""
+
+from batchgen.assets.bases.record import Base
+
+BASE = Base(
+    name="sd-3",
+    label="SD3/SD3.5",
+    pipeline_class="StableDiffusion3Pipeline",
+    cross_attention_width=None,
+    # The two CLIPs' penultimate states (768 + 1280) are zero-padded to T5's 4096 and joined with T5's tokens.
+    text_encoders={"text_encoder": 768, "text_encoder_2": 1280, "text_encoder_3": 4096},
+    embedding_widths=(),
+    checkpoint_text_encoder_prefix="",
+    tokenizer_repos={
+        "tokenizer": (("stabilityai/stable-diffusion-3.5-large", "tokenizer"),),
+        "tokenizer_2": (("stabilityai/stable-diffusion-3.5-large", "tokenizer_2"),),
+        "tokenizer_3": (("stabilityai/stable-diffusion-3.5-large", "tokenizer_3"),),
+    },
+    denoiser="transformer",
+    pipeline_encodes_prompts=True,
+    lora_block_names=("joint_blocks",),
+    defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 256},
+)
