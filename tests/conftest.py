@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from batchgen.tiny import ensure_tiny
+from batchgen.tiny import TINY_MODELS, ensure_tiny
 
 # A few hundred generated cases in `make test`, the same ones every run (derandomized: a CI failure reproduces);
 # `make fuzz` runs HYPOTHESIS_PROFILE=fuzz for many more, freshly drawn.
@@ -19,11 +19,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """BATCHGEN_CACHE for the whole session, with both tiny models built."""
+    """BATCHGEN_CACHE for the whole session, with every tiny model built."""
     cache = tmp_path_factory.mktemp("batchgen-cache")
     previous = os.environ.get("BATCHGEN_CACHE")
     os.environ["BATCHGEN_CACHE"] = str(cache)
-    for name in ("tiny_sd1", "tiny_sdxl"):
+    for name in TINY_MODELS:
         ensure_tiny(name, cache)
     yield cache
     if previous is None:

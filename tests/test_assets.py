@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from batchgen.assets.bases import unrendered_base
+from batchgen.assets.bases import unread_lora
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding
 from batchgen.assets.hashing import HashCache
 from batchgen.errors import BatchgenError
@@ -231,48 +231,55 @@ def test_list_names_a_refused_files_path_once(run_cli, tmp_path: Path, tiny_cach
     assert line.startswith(f"  refused lora  empty  {folder / 'empty.safetensors'}: ")
 
 
-UNRENDERED_LORAS = {
+OTHER_BASE_LORAS = {
     # kohya FLUX (sd-scripts), BFL/ComfyUI FLUX, diffusers FLUX, XLabs FLUX, kohya SD3, diffusers SD3-or-FLUX
-    "flux_kohya": ("lora_unet_double_blocks_0_img_attn_qkv", "flux", "FLUX.1"),
-    "flux_bfl": ("diffusion_model.single_blocks.3.linear1", "flux", "FLUX.1"),
-    "flux_diffusers": ("transformer.single_transformer_blocks.0.attn.to_q", "flux", "FLUX.1"),
-    "flux_xlabs": ("double_blocks.0.processor.proj_lora1", "flux", "FLUX.1"),
-    "sd3_kohya": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd-3", "SD3/SD3.5"),
-    "dit_diffusers": ("transformer.transformer_blocks.0.attn.add_q_proj", "sd-3 or flux", "SD3 or FLUX.1"),
+    "flux_kohya": ("lora_unet_double_blocks_0_img_attn_qkv", "flux"),
+    "flux_bfl": ("diffusion_model.single_blocks.3.linear1", "flux"),
+    "flux_diffusers": ("transformer.single_transformer_blocks.0.attn.to_q", "flux"),
+    "flux_xlabs": ("double_blocks.0.processor.proj_lora1", "flux"),
+    "sd3_kohya": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd-3"),
+    "dit_diffusers": ("transformer.transformer_blocks.0.attn.add_q_proj", "flux or sd-3"),
 }
 
 
-def test_loras_of_bases_not_rendered_yet_are_refused_by_name_and_skip_their_jobs(
+# Each layout's own LoRA suffixes: XLabs processors, diffusers/PEFT, kohya and BFL.
+SUFFIXES = {
+    "processor": ("down.weight", "up.weight"),
+    "transformer.": ("lora_A.weight", "lora_B.weight"),
+    "_": ("lora_down.weight", "lora_up.weight"),
+}
+
+
+def test_loras_of_mmdit_bases_are_refused_on_unet_models_and_skip_their_jobs(
     run_cli, tmp_path: Path, tiny_cache: Path
 ) -> None:
     folder = tmp_path / "dit"
     folder.mkdir()
-    for name, (module, _, _) in UNRENDERED_LORAS.items():
-        save_file(
-            {f"{module}.lora_down.weight": torch.ones(2, 64), f"{module}.lora_up.weight": torch.ones(64, 2)},
-            str(folder / f"{name}.safetensors"),
-        )
+    for name, (module, _) in OTHER_BASE_LORAS.items():
+        down, up = SUFFIXES[next(kind for kind in SUFFIXES if kind in module)]
+        tensors = {f"{module}.{down}": torch.ones(2, 64), f"{module}.{up}": torch.ones(64, 2)}
+        save_file(tensors, str(folder / f"{name}.safetensors"))
     own = tiny_root("tiny_sdxl", tiny_cache) / "lora"
     args = ("+sweep=styles", f"models.tiny_sdxl.loras=[{folder},{own}]", f"models.tiny_sd1.loras=[{folder}]")
     code, out, err = run_cli(*args, "--list")
     assert code == 0, err
-    for name, (module, base, label) in UNRENDERED_LORAS.items():
-        assert unrendered_base([f"{module}.lora_down.weight"]) == (base, label)
+    for name, (_, base) in OTHER_BASE_LORAS.items():
         for model, model_base in (("tiny_sd1", "sd-1"), ("tiny_sdxl", "sdxl")):
             assert (
                 f"  refused lora  {name}  {folder / f'{name}.safetensors'}: LoRA '{name}' is {base}, model {model} "
-                f"is {model_base} (batchgen renders sd-1, sd-2, sdxl only, not {base} yet)"
+                f"is {model_base}"
             ) in out.splitlines(), out
     # a stack naming one is skipped on the model that has it; every other job renders
     stack = "+sweep.stacks.f={flux_kohya: 1.0}"
     code, out, err = run_cli(*args, stack, "sweep.prompts=[a castle]", "sweep.seeds=[1]", "--dry-run")
     # SD1/SDXL LoRAs in every family batchgen reads are none of these
     kohya_sd1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
-    assert unrendered_base([kohya_sd1]) is None
-    assert unrendered_base(["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]) is None
-    assert unrendered_base(["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"]) is None
+    assert unread_lora([kohya_sd1]) is None
+    assert unread_lora(["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]) is None
+    assert unread_lora(["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"]) is None
+    assert unread_lora(["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"]) == ("sd-3", "SD3/SD3.5 kohya")
     assert err == (
         "batchgen: error: sweep.stacks.f: LoRA 'flux_kohya' is flux, and no model of this sweep is (tiny_sd1 is sd-1, "
-        "tiny_sdxl is sdxl); remove it from the stack (batchgen does not render flux yet)\n"
+        "tiny_sdxl is sdxl); remove it from the stack or render a flux model\n"
     )
     assert code == 2 and out == ""

@@ -402,14 +402,16 @@ def flux_single_file(c: Case):
     # a ComfyUI-layout FLUX.1 file keeps its transformer under model.diffusion_model. as SD files keep the UNet
     return _single_file(
         c, "flux1-dev.safetensors", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-        "is a checkpoint for FLUX.1; batchgen renders SD1, SD2 or SDXL only, not flux yet",
+        "is a checkpoint for FLUX.1; batchgen reads single files of SD1, SD2 or SDXL only: give FLUX.1 as a "
+        "diffusers folder",
     )  # fmt: skip
 
 
 def sd3_single_file(c: Case):
     return _single_file(
         c, "sd3.5_large.safetensors", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
-        "is a checkpoint for SD3/SD3.5; batchgen renders SD1, SD2 or SDXL only, not sd-3 yet",
+        "is a checkpoint for SD3/SD3.5; batchgen reads single files of SD1, SD2 or SDXL only: give SD3/SD3.5 as a "
+        "diffusers folder",
     )  # fmt: skip
 
 

@@ -37,4 +37,4 @@ def test_wheel_contains_conf(tmp_path: Path) -> None:
     assert "batchgen/cli.py" in names and "batchgen/plan/jobs.py" in names
     # Single-file checkpoints need the per-base component configs shipped inside the package.
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "batchgen" / "model_configs").rglob("*.json")}
-    assert len(shipped) == 16 and shipped <= names
+    assert len(shipped) == 29 and shipped <= names  # 16 for SD1, SD2 and SDXL, 6 for FLUX.1, 7 for SD3

@@ -25,6 +25,7 @@ from batchgen.tiny import (
     LYCORIS_KINDS,
     TINY_MODELS,
     TINY_VERSION,
+    UNET_TINY,
     build_tiny,
     cache_root,
     ensure_tiny,
@@ -63,7 +64,7 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=TINY_MODELS)
+@pytest.fixture(scope="module", params=UNET_TINY)
 def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -292,8 +293,8 @@ def test_cache_root_default_is_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 @pytest.mark.parametrize("call", [tiny_root, ensure_tiny, lambda n: build_tiny(n, Path("unused"))])
 def test_unknown_name_lists_valid_names(call) -> None:
-    with pytest.raises(ValueError, match="tiny_sd1, tiny_sdxl"):
-        call("tiny_sd3")
+    with pytest.raises(ValueError, match="tiny_sd1, tiny_sdxl, tiny_sd3, tiny_flux$"):
+        call("tiny_sd4")
 
 
 def test_import_does_not_load_torch() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.assets.architecture import Architecture
-from batchgen.assets.bases import lora_base, unrendered_base
+from batchgen.assets.bases import decided, listing, lora_bases, unread_lora
 from batchgen.assets.block_weights import BLOCK_IDS, block_of
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
@@ -69,9 +69,14 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
 
     shapes, metadata = lora_shapes(lora.path, hashes)
-    unrendered = unrendered_base(shapes)
-    if unrendered is not None:  # its keys are no SD1/SD2/SDXL family's: skipped, never a key-mapping error
-        base, label = unrendered
+    unread = unread_lora(shapes)
+    if unread is not None:  # a layout no family reads: another base's model skips it, its own base's cannot use it
+        base, label = unread
+        if base == arch.base:
+            raise BatchgenError(
+                f"{lora.path}: a {label} LoRA, whose key layout batchgen does not read yet; convert it to diffusers "
+                "naming (diffusers' load_lora_weights then save_lora_weights writes it)"
+            )
         info = replace(lora, sha256=hashes.file_sha256(lora.path), format=f"{label} LoRA", base=base)
         return info, None
     try:
@@ -79,7 +84,8 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     except ValueError as e:
         raise BatchgenError(f"{lora.path}: {e}") from None
     _check_ranks(groups, lora.path)
-    base = lora_base(layer_evidence(groups, fmt))
+    allowed = lora_bases(layer_evidence(groups, fmt))
+    base = decided(allowed)
     info = replace(
         lora,
         sha256=hashes.file_sha256(lora.path),
@@ -93,6 +99,8 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     )
     if base is not None and base != arch.base:
         return info, None
+    if allowed and arch.base not in allowed:  # undecided among other bases (SD3 or FLUX, on an SDXL model)
+        return replace(info, base=listing(sorted(allowed))), None
     mapped, unmapped = map_to_modules(groups, fmt, arch.modules, arch.unet_config)
     if unmapped:
         raise BatchgenError(

@@ -187,8 +187,6 @@ def inspect_assets(
             continue
         if mapped is None:
             reason = f"LoRA '{lora.name}' is {info.base}, model {spec.name} is {spec.base}"
-            if info.base not in BASE_NAMES:
-                reason += f" (batchgen renders {', '.join(BASE_NAMES)} only, not {info.base} yet)"
             refused.append(Refused("lora", lora.name, lora.path, reason, base=info.base))
             continue
         usable.append(info)

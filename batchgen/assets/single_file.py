@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing, unrendered_base
+from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing, mmdit_checkpoint_base
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 from batchgen.spec import SingleFile
@@ -31,11 +31,12 @@ def check_single_file(
     where: str,
 ) -> SingleFile:
     """What the engine needs to build a pipeline around the file; every problem is an error here, before a load."""
-    unrendered = unrendered_base(header.tensors)  # FLUX and SD3 files keep their transformer under UNET_PREFIX too
-    if unrendered is not None:
+    unet_bases = [b for b in BASES if b.denoiser == "unet"]
+    mmdit = mmdit_checkpoint_base(header.tensors)  # FLUX and SD3 files keep their transformer under UNET_PREFIX too
+    if mmdit is not None:
         raise BatchgenError(
-            f"{where}.checkpoint: {checkpoint} is a checkpoint for {unrendered[1]}; batchgen renders "
-            f"{listing(b.label for b in BASES)} only, not {unrendered[0]} yet"
+            f"{where}.checkpoint: {checkpoint} is a checkpoint for {BY_NAME[mmdit].label}; batchgen reads single "
+            f"files of {listing(b.label for b in unet_bases)} only: give {BY_NAME[mmdit].label} as a diffusers folder"
         )
     if not any(key.startswith(UNET_PREFIX) for key in header.tensors):
         if any(key.startswith("unet.") for key in header.tensors):
@@ -45,9 +46,9 @@ def check_single_file(
             )
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is not a Stable Diffusion checkpoint this batchgen can read (no UNet "
-            f"keys of {listing(b.label for b in BASES)}); give a diffusers folder"
+            f"keys of {listing(b.label for b in unet_bases)}); give a diffusers folder"
         )
-    for known in BASES:
+    for known in unet_bases:
         for key, reason in known.refused_checkpoint_keys.items():
             if key in header.tensors:
                 raise BatchgenError(f"{where}.checkpoint: {checkpoint} is {reason}")
@@ -59,7 +60,7 @@ def check_single_file(
         )
     found, width = checkpoint_base(header)
     if found is None:
-        widths = listing(f"{b.label} ({b.cross_attention_width})" for b in BASES)
+        widths = listing(f"{b.label} ({b.cross_attention_width})" for b in unet_bases)
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} has a UNet with cross-attention width {width}, not one of {widths}; "
             "give a diffusers folder"

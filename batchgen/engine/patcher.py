@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from batchgen.assets.architecture import ModuleRef, module_shapes
+from batchgen.assets.bases import DENOISERS
 from batchgen.assets.block_weights import module_weight
 from batchgen.assets.lora_layers import LayerPatch
 from batchgen.assets.loras import read_lora_layers
@@ -51,7 +52,7 @@ class WeightPatcher:
         wanted: dict[ModuleRef, list[Contribution]] = {}
         for lw in stack:
             for ref in self.loras[lw.name]:
-                weight = lw.unet if ref.component == "unet" else lw.text_encoder
+                weight = lw.unet if ref.component in DENOISERS else lw.text_encoder
                 if lw.blocks:
                     # The extension's rule: the module's block weight times the LoRA's.
                     weight *= module_weight(lw.blocks, self.base, ref.component, ref.path)

@@ -151,7 +151,8 @@ class LoraStacks:
         self.spec = spec
         self.device = pipe.device
         self.components = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
-        self.unet_config = dict(pipe.unet.config)
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        self.unet_config = dict(denoiser.config)
         self.patcher = WeightPatcher(self.components, Path(spec.checkpoint), spec.base)
         self.current: tuple[LoraWeight, ...] | None = None
 

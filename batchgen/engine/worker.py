@@ -7,15 +7,18 @@ each image with its own generator, and the few layers whose rounding depends on 
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from batchgen.assets.bases import BY_NAME
+from batchgen.engine.mmdit import PipelinePrompts, guided, isolate_images
 from batchgen.engine.passes import PassLengths, pipeline_inputs, split_passes
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import Conditioning, PromptCache, uses_guidance
@@ -35,10 +38,11 @@ class _Loaded:
     pipe: object
     loras: LoraStacks
     scheduler: SchedulerSwitch
-    prompts: PromptCache
+    prompts: PromptCache | PipelinePrompts
     decode_clock: _Clock
     shape: BatchShape
     passes: PassLengths
+    guided: Callable[[Job], bool]  # whether the job's pipeline call runs a negative-prompt pass
 
 
 @dataclass
@@ -159,23 +163,31 @@ class Renderer:
             self._loaded = None
             gc.collect()  # release the previous model before the next one claims memory (a full pass: 0.2 s)
         spec = self.models[name]
+        base = BY_NAME[spec.base]
         pipe = load_pipeline(spec, self.device, self.dtype)
         register_embeddings(pipe, spec)
         shape = BatchShape()
-        # Before compile, so the compiled graph holds the per-image split.
-        isolate_image_rows(pipe.unet, shape, UNET_PER_IMAGE, optional=UNET_PER_IMAGE_OPTIONAL)
         passes = PassLengths()
-        split_passes(pipe.unet, passes)
+        # Before compile, so the compiled graph holds the per-image split.
+        if base.denoiser == "transformer":
+            isolate_images(pipe.transformer, shape)
+            prompts: PromptCache | PipelinePrompts = PipelinePrompts(pipe, base)
+            uses = functools.partial(guided, base)
+        else:
+            isolate_image_rows(pipe.unet, shape, UNET_PER_IMAGE, optional=UNET_PER_IMAGE_OPTIONAL)
+            split_passes(pipe.unet, passes)
+            prompts, uses = PromptCache(pipe), functools.partial(uses_guidance, pipe)
+            if self.device.startswith("cuda"):
+                pipe.unet.to(memory_format=torch.channels_last)
         # The VAE's small convolutions round by batch too; decoding image by image costs nothing measurable.
         pipe.vae.enable_slicing()
-        if self.device.startswith("cuda"):
-            pipe.unet.to(memory_format=torch.channels_last)
         if self.compile_unet:
-            pipe.unet = torch.compile(pipe.unet)
+            setattr(pipe, base.denoiser, torch.compile(getattr(pipe, base.denoiser)))
         clock = _Clock()
         _time_decode(pipe, clock)
         loras = LoraStacks(pipe, spec)
-        self._loaded = _Loaded(name, pipe, loras, SchedulerSwitch(pipe), PromptCache(pipe), clock, shape, passes)
+        scheduler = SchedulerSwitch(pipe)
+        self._loaded = _Loaded(name, pipe, loras, scheduler, prompts, clock, shape, passes, uses)
         stages["load"] = time.perf_counter() - mark
         return self._loaded
 
@@ -184,7 +196,7 @@ class Renderer:
         job, pipe = batch[0], loaded.pipe
         # One CPU generator per image: each image's noise depends only on its own seed, on any device.
         generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
-        embeds, switch = pipeline_inputs(conds, loaded.passes, uses_guidance(pipe, job))
+        embeds, switch = pipeline_inputs(conds, loaded.passes, loaded.guided(job))
         if switch is not None:
             embeds["callback_on_step_end"] = switch
         try:

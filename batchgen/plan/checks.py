@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from batchgen.assets.bases import BASE_NAMES
 from batchgen.assets.epochs import is_glob, matching
 from batchgen.axes import check_grid
 from batchgen.config import SweepConfig
@@ -146,7 +145,7 @@ def _check_usable(specs: dict[str, ModelSpec], kind: str, name: str, where: str,
         base = bases.pop()
         label = f"LoRA '{name}'" if kind == "lora" else f"embedding <{name}>"
         models = ", ".join(f"{s.name} is {s.base}" for s in specs.values())
-        fix = f"or render an {base} model" if base in BASE_NAMES else f"(batchgen does not render {base} yet)"
+        fix = f"or render {'an' if base[0] in 'as' else 'a'} {base} model"
         raise BatchgenError(
             f"{where}: {label} is {base}, and no model of this sweep is ({models}); remove it from the {place} {fix}"
         )

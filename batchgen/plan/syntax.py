@@ -9,6 +9,7 @@ from typing import Any
 
 from batchgen.assets.tokens import ChunkCounter
 from batchgen.errors import BatchgenError
+from batchgen.plan.base_rules import check_base_rules
 from batchgen.plan.compel_rules import check_compel
 from batchgen.plan.prompts import PromptVariant
 from batchgen.prompt_syntax import check, id_part
@@ -26,6 +27,7 @@ def check_syntax(
     texts = [(p.text, p.where) for p in prompts]
     texts += [(p.negative_prompt, f"{p.where} (its negative prompt)") for p in prompts if p.negative_prompt]
     texts.append((negative, "sweep.negative_prompt"))
+    check_base_rules(texts, specs, settings)
     warnings: dict[str, None] = {}
     for syntax in syntaxes:
         for text, where in texts:

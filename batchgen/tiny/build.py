@@ -12,7 +12,10 @@ from batchgen.tiny.loras import write_loras
 from batchgen.tiny.models import build_pipeline
 
 TINY_VERSION = "v3"  # v3: tiny_sd1 final layer norm with a learned-looking bias (A1111 emphasis)
-TINY_MODELS = ("tiny_sd1", "tiny_sdxl")
+TINY_MODELS = ("tiny_sd1", "tiny_sdxl", "tiny_sd3", "tiny_flux")
+UNET_TINY = ("tiny_sd1", "tiny_sdxl")
+# The MMDiT ones: their pipelines and LoRAs come from transformer_models.py and transformer_loras.py.
+TRANSFORMER_TINY = ("tiny_sd3", "tiny_flux")
 
 
 def cache_root() -> Path:
@@ -57,10 +60,16 @@ def build_tiny(name: str, dest: Path) -> None:
     _check_name(name)
     settle()
     dest = Path(dest)
-    sdxl = name == "tiny_sdxl"
     # Library init draws from the global RNG before we overwrite it; fork so the caller's state survives.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        pipe = build_pipeline(name, dest / "main" / name, sdxl)
+        if name in TRANSFORMER_TINY:
+            from batchgen.tiny.transformer_loras import write_transformer_loras
+            from batchgen.tiny.transformer_models import build_flux_pipeline, build_sd3_pipeline
+
+            build = build_flux_pipeline if name == "tiny_flux" else build_sd3_pipeline
+            write_transformer_loras(build(name, dest / "main" / name), dest / "lora", name)
+            return
+        pipe = build_pipeline(name, dest / "main" / name, name == "tiny_sdxl")
         write_embeddings(dest / "embedding", name)
         write_loras(pipe, dest / "lora", name)
 

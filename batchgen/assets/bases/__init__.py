@@ -31,24 +31,33 @@ def pipeline_base(index: Mapping[str, object]) -> str | None:
     return owners[0] if len(owners) == 1 else None
 
 
-# Bases batchgen tells apart by their LoRAs' key names but does not render yet (issue 19): (base, what it is,
-# a key pattern), the first match wins. FLUX's blocks: double_blocks / single_blocks (kohya, BFL, ComfyUI, XLabs),
-# single_transformer_blocks (diffusers); SD3's: joint_blocks (kohya, SGM). Both name their double-stream blocks
-# transformer_blocks in diffusers, so such a file without FLUX's single blocks is one or the other.
-UNRENDERED: tuple[tuple[str, str, re.Pattern[str]], ...] = (
-    ("flux", "FLUX.1", re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]")),
-    ("sd-3", "SD3/SD3.5", re.compile(r"(?:^|[._])joint_blocks[._]")),
-    ("sd-3 or flux", "SD3 or FLUX.1", re.compile(r"^(?:base_model\.model\.)?transformer\.transformer_blocks\.")),
+# LoRA layouts batchgen tells apart by their key names but does not read yet: (base, what it is, a key pattern).
+# kohya and SGM name SD3's MMDiT blocks joint_blocks, with fused projections; diffusers/PEFT SD3 files are read.
+UNREAD_LORAS: tuple[tuple[str, str, re.Pattern[str]], ...] = (
+    ("sd-3", "SD3/SD3.5 kohya", re.compile(r"(?:^|[._])joint_blocks[._]")),
 )
 
 
-def unrendered_base(keys: Iterable[object]) -> tuple[str, str] | None:
-    """(base, label) when a LoRA's keys are those of a base batchgen does not render yet, else None."""
+def unread_lora(keys: Iterable[object]) -> tuple[str, str] | None:
+    """(base, label) when a LoRA's keys are a layout batchgen does not read yet, else None."""
     names = [key for key in keys if isinstance(key, str)]
-    for base, label, pattern in UNRENDERED:
+    for base, label, pattern in UNREAD_LORAS:
         if any(pattern.search(name) for name in names):
             return base, label
     return None
+
+
+# Single files of the MMDiT bases, by their transformer's block names (BFL/ComfyUI FLUX.1 layouts, SGM's SD3).
+_MMDIT_CHECKPOINT = (
+    ("flux", re.compile(r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.")),
+    ("sd-3", re.compile(r"(?:^|\.)joint_blocks\.\d+\.")),
+)
+
+
+def mmdit_checkpoint_base(keys: Iterable[object]) -> str | None:
+    """The base of a single-file SD3 or FLUX.1 checkpoint (whole or transformer only), else None."""
+    names = [key for key in keys if isinstance(key, str)]
+    return next((base for base, pattern in _MMDIT_CHECKPOINT if any(pattern.search(n) for n in names)), None)
 
 
 def listing(words: Iterable[str]) -> str:
@@ -124,16 +133,22 @@ def lora_base(layers: Iterable[LayerEvidence]) -> str | None:
     A 768-wide text encoder alone fits SD1 and SDXL's first encoder; it reads as SD1, since an SDXL LoRA that
     trains the text encoder trains both.
     """
+    return decided(lora_bases(layers))
+
+
+def lora_bases(layers: Iterable[LayerEvidence]) -> frozenset[str]:
+    """The bases a LoRA's layers allow: a transformer's layers say SD3 or FLUX, anything else a UNet base (their
+    text encoders overlap); names and widths narrow that down. Empty when the layers disagree."""
     layers = list(layers)
-    # A transformer's layers say MMDiT; otherwise only the UNet bases remain (their text encoders overlap).
     transformer = any(layer.component == "transformer" for layer in layers)
     candidates = {base.name for base in BASES if (base.denoiser == "transformer") == transformer}
-    informed = transformer
     for allowed in _allowed_bases(layers):
         candidates &= allowed
-        informed = True
-    if not informed or not candidates:
-        return None
+    return frozenset(candidates)
+
+
+def decided(candidates: frozenset[str]) -> str | None:
+    """The one base of a set lora_bases gave, None when it holds none or several (SD1 and SDXL: SD1)."""
     if len(candidates) == 1:
         return next(iter(candidates))
     return SD1.name if candidates == {SD1.name, SDXL.name} else None

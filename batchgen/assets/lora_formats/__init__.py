@@ -1,5 +1,7 @@
-"""Map the tensor keys of a LoRA file to modules of a diffusers SD pipeline: one converter per key family.
+"""Map the tensor keys of a LoRA file to modules of a diffusers pipeline: one converter per key family.
 
+* flux.py: FLUX.1 files named after Black Forest Labs' modules (kohya ``lora_unet_double_blocks_``, BFL/ComfyUI
+  ``diffusion_model.double_blocks.``, XLabs processors), their fused projections split onto diffusers' own.
 * kohya.py: kohya / LyCORIS names (``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``), UNet paths in
   diffusers' or the original SGM layout (sgm.py).
 * peft.py: diffusers / PEFT names (``unet.<path>.lora_A.weight``, older ``lora.down.weight`` and
@@ -19,12 +21,14 @@ from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.bases import LayerEvidence
-from batchgen.assets.lora_formats import kohya, peft
+from batchgen.assets.lora_formats import flux, kohya, peft
 from batchgen.assets.lora_layers import delta_dims
 
-# The key families, asked in this order whether a file's keys are theirs; PEFT takes whatever is left. Each module
-# has recognises(keys), parse_key(key), locator(modules, unet_config) and component_of(prefix).
-FORMATS: dict[str, ModuleType] = {"kohya": kohya, "peft": peft}
+# The key families, asked in this order whether a file's keys are theirs (FLUX's kohya names start as SD's do, so it
+# asks first); PEFT takes whatever is left. Each module has recognises(keys), parse_key(key),
+# locator(modules, unet_config) and component_of(prefix), and may have split(groups, modules) for groups that patch
+# several modules at once.
+FORMATS: dict[str, ModuleType] = {"flux": flux, "kohya": kohya, "peft": peft}
 
 
 def detect_format(keys: list[object]) -> str:
@@ -34,7 +38,7 @@ def detect_format(keys: list[object]) -> str:
 def group_by_module(
     state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None
 ) -> tuple[str, dict[str, dict[str, Any]]]:
-    """(format, {file module prefix: {layer suffix: tensor}}); format is "kohya" or "peft".
+    """(format, {file module prefix: {layer suffix: tensor}}); format is a key of FORMATS.
 
     kohya prefixes are the file's module names (``lora_unet_...``); peft prefixes are ``<component>.<path>`` with
     ``base_model.model.`` and attention-processor naming removed, and get an ``alpha`` per module from diffusers'
@@ -79,7 +83,10 @@ def map_to_modules(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA key format {fmt!r}; expected {' or '.join(FORMATS)}")
-    locate = FORMATS[fmt].locator(modules, unet_config)
+    family = FORMATS[fmt]
+    if hasattr(family, "split"):
+        groups = family.split(groups, modules)
+    locate = family.locator(modules, unet_config)
     mapped: dict[ModuleRef, dict[str, Any]] = {}
     owners: dict[ModuleRef, str] = {}
     unmapped: list[str] = []
