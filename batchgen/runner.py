@@ -86,7 +86,7 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
     skipped = int((plan.table["status"] == "skipped").sum())
     out.write(f"sweep {composed.config.sweep.name}: {len(plan.table)} combinations -> {run_dir}\n")
     for axis, count in plan.axis_counts().items():
-        out.write(f"  {axis:<16}{count}\n")
+        out.write(f"  {axis:<14}  {count}\n")  # a long name keeps two spaces before its count
     out.write(
         f"jobs: {len(plan.jobs)} to render in total, {len(todo)} new, {len(plan.jobs) - len(todo)} already done, "
         f"{skipped} skipped\n"

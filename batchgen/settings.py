@@ -19,6 +19,7 @@ from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 PROMPT_SYNTAXES = ("a1111", "compel", "plain")  # batchgen.prompt_syntax reads them
+MAX_SEQUENCE_LENGTH = 512  # what diffusers' SD3 and FLUX.1 pipelines accept
 MAX_CLIP_SKIP = 12  # SD1's encoder has 12 layers; A1111's setting stops there too
 
 
@@ -100,6 +101,16 @@ def syntaxes(value: Any, key: str) -> list[str]:
                 f"choose one of: {', '.join(PROMPT_SYNTAXES)}"
             )
     return [str(v) for v in values]
+
+
+def sequence_lengths(value: Any, key: str) -> list[int]:
+    values = ints(value, key, minimum=0)
+    for v in values:
+        if v > MAX_SEQUENCE_LENGTH:
+            raise BatchgenError(
+                f"{key}: {v} is more tokens than T5 reads in SD3 and FLUX.1; use 1 to {MAX_SEQUENCE_LENGTH}"
+            )
+    return values
 
 
 def flag(value: Any, key: str) -> list[bool]:
@@ -324,6 +335,21 @@ SETTINGS: tuple[Setting, ...] = (
         grid=False,
         diff=False,
         a1111=A1111("Pad conds", "True", omit_at_default=True),
+    ),
+    # How many T5 tokens SD3 and FLUX.1 read (diffusers' max_sequence_length); 0 is the pipeline's own default
+    # (512 FLUX.1, 256 SD3). Bases without T5 do not read it: hashed by its effect, so their jobs keep their ids.
+    Setting(
+        name="max_sequence_length",
+        key="sweep.max_sequence_length",
+        type=int,
+        check=sequence_lengths,
+        default=0,
+        axis=True,
+        job_id=JobId.EFFECT,
+        batch=True,
+        column_after="degenerate",
+        grid=True,
+        diff=False,
     ),
 )
 

@@ -35,7 +35,7 @@ def test_every_model_composes(model: str, monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("BATCHGEN_SDXL", str(tmp_path / "sdxl"))
     composed = compose_config(["+sweep=styles", f"+model@models.extra={model}"])
     extra = composed.config.models["extra"]
-    assert extra.base in ("sd-1", "sdxl")
+    assert extra.base in ("sd-1", "sdxl", "sd-3", "flux")
     assert extra.checkpoint in (model, str(tmp_path / model.replace("15", "15")))
 
 
@@ -178,7 +178,7 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
     [
         (
             ("+sweep=nope",),
-            "sweep config 'nope' not found; available: styles (add your own folder with --config-dir)",
+            "sweep config 'nope' not found; available: next, styles (add your own folder with --config-dir)",
         ),
         (("+sweep=styles", "sweep.models=[sd3]"), "sweep.models: unknown model 'sd3'"),
         (
@@ -200,7 +200,7 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
         (("+sweep=styles", "run.out_dir=a,b"), "override 'run.out_dir=a,b': a list of values is an axis only on"),
         (("+sweep=styles", "sweep.steps=[1"), "bad override 'sweep.steps=[1':"),
         (("+sweep=styles", "sweep.steps=0"), "sweep.steps: '0' is not an integer >= 1"),
-        ((), "no sweep selected: add +sweep=NAME (available: styles)"),
+        ((), "no sweep selected: add +sweep=NAME (available: next, styles)"),
         (
             ("+sweep=styles", "sweep.negative_prompt=[a, b]"),
             "override 'sweep.negative_prompt=[a, b]': Cannot convert 'list' to string: '['a', 'b']'; give "

@@ -13,8 +13,11 @@ import torch
 from PIL import Image
 
 from batchgen.tiny import tiny_root
+from tests.confs import SMALL, write_conf
 from tests.reference import render_row
 
+NO_LORAS = ("~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.pastel", "~sweep.stacks.sketch",
+            "~sweep.stacks.split")  # fmt: skip
 MAX_PIXEL_DIFF = 2  # out of 255: diffusers' adapters add x @ A @ B where batchgen fuses W + B @ A
 SWEEP = (
     "+sweep=next",
@@ -175,3 +178,67 @@ def test_a_stack_sequence_restores_every_weight_bit_for_bit(model: str, tiny_cac
     assert min(touched[:2]) > 0
     after = {(c, k): v for c, m in components.items() for k, v in m.state_dict().items()}
     assert all(torch.equal(before[key].view(torch.uint8), after[key].view(torch.uint8)) for key in before)
+
+
+def test_max_sequence_length_reaches_t5_as_diffusers_reads_it(run_cli, tiny_cache: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    code, _, err = run_cli(*SWEEP, *NO_LORAS, "sweep.max_sequence_length=[0,77]")
+    assert code == 0, err
+    table = pd.read_csv("runs/next/manifest.csv", dtype=str, keep_default_na=False)
+    assert sorted(table["max_sequence_length"]) == ["0", "0", "77", "77"]
+    for model, rows in table.groupby("model"):
+        root = tiny_root(model, tiny_cache)
+        pipe = DiffusionPipeline.from_pretrained(str(root / "main" / model), local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = {}
+        for _, row in rows.iterrows():
+            length = int(row["max_sequence_length"])
+            theirs = pipe(
+                prompt=row["prompt"],
+                negative_prompt=row["negative_prompt"],
+                num_inference_steps=int(row["steps"]),
+                guidance_scale=float(row["guidance_scale"]),
+                width=64,
+                height=64,
+                generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
+                **({"max_sequence_length": length} if length else {}),
+            ).images[0]
+            images[length] = np.asarray(Image.open(Path("runs/next") / row["image"]).convert("RGB"))
+            assert np.array_equal(images[length], np.asarray(theirs)), (model, length)
+        assert not np.array_equal(images[0], images[77])  # the transformer attends to T5's padding too
+
+
+def test_png_parameters_say_what_forge_says_for_flux(rendered) -> None:
+    run, table = rendered
+    params = {}
+    for _, row in table.loc[(table["status"] == "ok") & (table["loras"] == "ink:1")].iterrows():
+        params[row["model"]] = Image.open(run / row["image"]).text["parameters"].splitlines()[-1]
+    assert params["tiny_flux"].startswith(
+        "Steps: 4, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 3, Size: 64x64, Model hash: "
+    )
+    assert params["tiny_sd3"].startswith(
+        "Steps: 4, Sampler: Euler, CFG scale: 3.5, Seed: 3, Size: 64x64, Model hash: "
+    )
+
+
+def test_an_sd3_folder_without_t5_renders_as_diffusers_does(run_cli, tmp_path: Path, tiny_cache: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    source = tiny_root("tiny_sd3", tiny_cache) / "main" / "tiny_sd3"
+    folder = tmp_path / "sd35-no-t5"
+    folder.mkdir()
+    for entry in source.iterdir():
+        if entry.name not in ("text_encoder_3", "tokenizer_3"):
+            (folder / entry.name).symlink_to(entry)
+    conf = write_conf(tmp_path / "conf", "not5", SMALL, {"not5": f"base: sd-3\ncheckpoint: {folder}\n"})
+    code, _, err = run_cli("--config-dir", str(conf), "+sweep=not5", "sweep.prompts=[a fox]", "sweep.guidance_scale=4")
+    assert code == 0, err
+    (row,) = pd.read_csv("runs/not5/manifest.csv", dtype=str, keep_default_na=False).to_dict("records")
+    pipe = DiffusionPipeline.from_pretrained(str(source), text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ours = np.asarray(Image.open(Path("runs/not5") / row["image"]).convert("RGB"))
+    assert np.array_equal(ours, np.asarray(render_row(pipe, row)))
+    with_t5 = DiffusionPipeline.from_pretrained(str(source), local_files_only=True)
+    with_t5.set_progress_bar_config(disable=True)
+    assert not np.array_equal(ours, np.asarray(render_row(with_t5, row)))

@@ -67,6 +67,7 @@ def test_styles_counts_and_order() -> None:
         "scheduler": 1,
         "clip_skip": 1,
         "prompt_syntax": 1,
+        "max_sequence_length": 1,
     }
     # model outermost, then LoRA state: each model's rows are contiguous, each stack's rows too
     assert list(plan.table["model"].drop_duplicates()) == ["sd1", "xl"]

@@ -32,6 +32,7 @@ OFF_DEFAULT: dict[str, tuple[Any, str | None]] = {
     "truncate_prompts": (True, None),
     "prompt_syntax": ("plain", None),
     "pad_prompts": (True, "Pad conds: True"),
+    "max_sequence_length": (77, None),
 }
 # job_ids the planner gave before the settings table (main at 3a41902): the base sweep, then one setting changed.
 BASE_ID = "5e216825c598e6fe"
@@ -47,6 +48,7 @@ IDS_BEFORE = {
     # Hashed through their effect, which a one-chunk prompt without syntax does not feel: the id stays.
     "prompt_syntax": BASE_ID,
     "pad_prompts": BASE_ID,
+    "max_sequence_length": BASE_ID,  # SD1 has no T5 (tests/test_mmdit_plan.py: a FLUX.1 job's id changes)
 }
 BASE = {"models": ["sd1"], "prompts": ["a castle at night"], "slots": {}, "stacks": {}, "seeds": [1]}
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -123,6 +125,7 @@ def test_manifest_columns_keep_their_order() -> None:
         *("guidance_scale", "width", "height", "scheduler", "image", "image_sha256", "seconds", "worker"),
         *("finished_at", "error", "stack", "prompt_template", "timings", "clip_skip", "prompt_syntax"),
         *("pad_prompts", "lora_triggers", "epoch", "reference", "effect", "ssim", "degenerate"),
+        "max_sequence_length",
     )
 
 
@@ -163,6 +166,7 @@ def test_grid_axes_keep_their_order() -> None:
         *("model", "stack", "prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler"),
         "clip_skip",
         "prompt_syntax",
+        "max_sequence_length",
         "epoch",
     )
 

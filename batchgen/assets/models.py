@@ -62,6 +62,8 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         key = "config" if cfg.config else "tokenizer" if cfg.tokenizer else "prediction_type"
         raise BatchgenError(f"{where}.{key}: only single-file checkpoints take it; a diffusers folder has its own")
     _check_base(checkpoint, cfg.base, where)
+    if checkpoint.is_dir():
+        _check_text_encoders(checkpoint, cfg.base, where)
     if cfg.variant is not None:
         _check_variant(checkpoint, cfg.variant, where)
     embedding_dirs = [_inside(p, root, root, f"{where}.embeddings") for p in cfg.embeddings]
@@ -218,6 +220,27 @@ def _check_base(checkpoint: Path, base: str, where: str) -> None:
         raise BatchgenError(f"{config}: not valid JSON; re-download the checkpoint") from None
     if found and found != base:
         raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
+
+
+def _check_text_encoders(checkpoint: Path, base: str, where: str) -> None:
+    """Every text encoder the base conditions on is in the folder (a FLUX.1 folder without T5 would fail only at
+    load, minutes in); one the base may go without (SD3's T5) may be absent."""
+    record = BY_NAME[base]
+    if not record.pipeline_encodes_prompts:
+        return  # SD1/SD2/SDXL folders are checked by diffusers' own loader, as before
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    for component in record.text_encoders:
+        entry = index.get(component)
+        present = isinstance(entry, list) and bool(entry[0]) and (checkpoint / component / "config.json").is_file()
+        if present or component in record.optional_text_encoders:
+            continue
+        tokenizer = component.replace("text_encoder", "tokenizer")
+        repo = record.tokenizer_repos[tokenizer][0][0] if tokenizer in record.tokenizer_repos else "the base's"
+        name = record.encoder_names.get(component, component)
+        raise BatchgenError(
+            f"{where}.checkpoint: {checkpoint} has no {component}/ ({name}), which {record.label} conditions on; "
+            f"copy {component}/ and {tokenizer}/ from {repo} into it"
+        )
 
 
 def _root(cfg: ModelSource, builtin_root: Callable[[str], Path], where: str, base: str) -> Path | None:

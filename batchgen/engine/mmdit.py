@@ -55,10 +55,15 @@ class PipelinePrompts:
             for key in [key for key in self._entries if key[1] not in (state, ())]:
                 del self._entries[key]
             self._state = state
+        lengths = {job.max_sequence_length for job in batch}
+        if len(lengths) != 1:
+            raise RuntimeError("a batch mixes max_sequence_length; batches must be cut by batch_key")
+        length = lengths.pop()
+        state = (*state, ("max_sequence_length", length)) if length else state
         sides = [[job.prompt, job.negative_prompt] if guided(self.base, job) else [job.prompt] for job in batch]
         missing = [t for t in dict.fromkeys(t for texts in sides for t in texts) if (t, state) not in self._entries]
         for text in missing:
-            self._entries[(text, state)] = self._encode(text)
+            self._entries[(text, state)] = self._encode(text, length)
         if missing:
             self.misses += len(missing)
             self.rounds += 1
@@ -75,22 +80,23 @@ class PipelinePrompts:
         return out
 
     @torch.inference_mode()
-    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence [1, tokens, width], pooled [1, width]) as the pipeline computes them for this text."""
-        device = self.pipe.text_encoder.device  # batchgen never offloads; _execution_device walks every module
+    def _encode(self, text: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence [1, tokens, width], pooled [1, width]) as the pipeline computes them for this text; `length`
+        0 keeps the pipeline's default max_sequence_length."""
+        # batchgen never offloads, so the text encoder's device is where encoding runs (_execution_device walks
+        # every module for offload hooks).
+        common = {
+            "prompt": text,
+            "prompt_2": None,
+            "device": self.pipe.text_encoder.device,
+            "num_images_per_prompt": 1,
+        }
+        if length:
+            common["max_sequence_length"] = length
         if self.base.guidance == "distilled":
-            prompt, pooled, _ = self.pipe.encode_prompt(
-                prompt=text, prompt_2=None, device=device, num_images_per_prompt=1
-            )
+            prompt, pooled, _ = self.pipe.encode_prompt(**common)
             return prompt, pooled
-        prompt, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=text,
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+        prompt, _, pooled, _ = self.pipe.encode_prompt(**common, prompt_3=None, do_classifier_free_guidance=False)
         return prompt, pooled
 
 

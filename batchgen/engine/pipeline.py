@@ -12,6 +12,7 @@ from unittest import mock
 import torch
 
 from batchgen.assets.architecture import COMPONENTS
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.library_log import settle
@@ -43,6 +44,10 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
         extra = {"safety_checker": None, "requires_safety_checker": False}
     if spec.variant is not None:
         extra["variant"] = spec.variant
+    for component in BY_NAME[spec.base].optional_text_encoders:
+        if not (Path(spec.checkpoint) / component / "config.json").is_file():
+            # A folder without SD3's T5: diffusers conditions on zeros in its place when told it is absent.
+            extra[component] = extra[component.replace("text_encoder", "tokenizer")] = None
     pipe = DiffusionPipeline.from_pretrained(str(spec.checkpoint), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

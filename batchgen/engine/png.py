@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL.PngImagePlugin import PngInfo
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.safetensors_header import read_header
 from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -21,6 +22,8 @@ JSON_CHUNK = "batchgen"
 _CHUNK = 1 << 20
 
 
+# SD3's and FLUX.1's own schedulers, by the sampler name Forge and A1111 give them.
+_FLOW_SAMPLERS = {"FlowMatchEulerDiscreteScheduler": "Euler"}
 # A1111's infotext starts with these keys, in this order; the other settings' keys follow in the table's order.
 A1111_FIRST = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")
 
@@ -38,6 +41,10 @@ def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
     fields += [("Model hash", spec.checkpoint_sha256[:10]), ("Model", spec.name)]
     first = {key: i for i, key in enumerate(A1111_FIRST)}
     fields.sort(key=lambda item: first.get(item[0], len(first)))  # stable: the rest keep the table's order
+    if BY_NAME[spec.base].guidance == "distilled":
+        # As Forge writes FLUX.1: no real CFG (scale 1), the transformer's guidance input beside it.
+        at = next(i for i, (key, _) in enumerate(fields) if key == "CFG scale")
+        fields[at : at + 1] = [("CFG scale", "1"), ("Distilled CFG Scale", fields[at][1])]
     if loras:
         hashes = ", ".join(f"{_alias(name)}: {a1111_lora_hash(spec.lora(name))}" for name, _ in loras)
         fields.append(("Lora hashes", hashes))
@@ -68,6 +75,8 @@ def _checkpoint_sampler(checkpoint: str) -> str | None:
         config = json.loads((Path(checkpoint) / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
         return None
+    if config.get("_class_name") in _FLOW_SAMPLERS:
+        return _FLOW_SAMPLERS[config["_class_name"]]
     karras = bool(config.get("use_karras_sigmas"))
     for choice in SCHEDULERS.values():
         if choice.cls == config.get("_class_name") and bool(choice.kwargs.get("use_karras_sigmas")) == karras:

@@ -20,9 +20,17 @@ from batchgen.spec import ModelSpec
 
 def check_base_rules(
     texts: Sequence[tuple[str, str]], specs: dict[str, ModelSpec], settings: dict[str, list[Any]]
-) -> None:
+) -> list[str]:
     """Raise BatchgenError for the first setting or text a selected model's base cannot render; `texts` are
-    (text, config key) pairs."""
+    (text, config key) pairs. Returns warnings for settings no selected model reads."""
+    warnings = []
+    lengths = [length for length in settings["max_sequence_length"] if length]
+    if lengths and not any(BY_NAME[spec.base].pipeline_encodes_prompts for spec in specs.values()):
+        names = ", ".join(f"{spec.name} is {BY_NAME[spec.base].label}" for spec in specs.values())
+        warnings.append(
+            f"sweep.max_sequence_length: {lengths[0]} has no effect here: no model of this sweep has T5 to read it "
+            f"({names}); its jobs render as at 0"
+        )
     for spec in specs.values():
         base = BY_NAME[spec.base]
         if not base.pipeline_encodes_prompts:
@@ -47,3 +55,4 @@ def check_base_rules(
                         "written (no weights, BREAK or prompt editing); set sweep.prompt_syntax=plain to pass it "
                         "as written, or remove the syntax"
                     )
+    return warnings

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.block_weights import long_ids
 from batchgen.assets.tokens import ChunkCounter
 from batchgen.axes import with_trigger_words
@@ -103,6 +104,8 @@ def build_plan(
         for values in itertools.product(*axes.values()):
             setting = dict(zip(axes, values, strict=True))
             texts = text_payload(prompt.text, negative, setting, counters[spec.name])
+            if setting["max_sequence_length"] and BY_NAME[spec.base].pipeline_encodes_prompts:
+                texts["max_sequence_length"] = setting["max_sequence_length"]  # only T5 reads it
             row = _row(spec, stack, prompt, negative, used, setting, missing, texts)
             rows.append({**row, "lora_triggers": ";".join(f"{name}:{words}" for name, words in added)})
             if sweep.references and row["reference"] and row["reference"] not in references:

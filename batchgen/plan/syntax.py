@@ -27,8 +27,7 @@ def check_syntax(
     texts = [(p.text, p.where) for p in prompts]
     texts += [(p.negative_prompt, f"{p.where} (its negative prompt)") for p in prompts if p.negative_prompt]
     texts.append((negative, "sweep.negative_prompt"))
-    check_base_rules(texts, specs, settings)
-    warnings: dict[str, None] = {}
+    warnings = dict.fromkeys(check_base_rules(texts, specs, settings))
     for syntax in syntaxes:
         for text, where in texts:
             warnings.update(dict.fromkeys(check(text, syntax, where)))

@@ -161,7 +161,7 @@ def _allowed_bases(layers: Iterable[LayerEvidence]) -> Iterable[set[str]]:
         if owners:
             yield owners
         if layer.two_text_encoders:
-            yield {base.name for base in BASES if len(base.text_encoders) == 2}
+            yield {base.name for base in BASES if len(base.text_encoders) >= 2}
         if layer.in_width is None:
             continue
         if layer.component == "transformer":

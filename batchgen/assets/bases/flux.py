@@ -26,6 +26,7 @@ BASE = Base(
     # dev is guidance-distilled: guidance_scale is an input of the transformer and there is no negative pass.
     # schnell has no guidance input; diffusers then ignores the value.
     guidance="distilled",
+    encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     lora_block_names=("double_blocks", "single_blocks", "single_transformer_blocks"),
     defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 512},
 )

@@ -37,6 +37,9 @@ class Base:
     # How guidance_scale is read: "cfg" (a negative-prompt pass) or "distilled" (FLUX.1-dev's guidance input; no
     # negative prompt, no second pass).
     guidance: str = "cfg"
+    # Text encoders a diffusers folder may leave out (SD3's T5, as diffusers allows), and what each encoder is.
+    optional_text_encoders: tuple[str, ...] = ()
+    encoder_names: Mapping[str, str] = field(default_factory=dict)
     # Module names that only this base's LoRAs have (FLUX's single blocks): they tell a transformer LoRA's base.
     lora_block_names: tuple[str, ...] = ()
     # What the base's reference pipelines use by default, for README and the packaged configs (a sweep's own

@@ -19,6 +19,9 @@ BASE = Base(
     },
     denoiser="transformer",
     pipeline_encodes_prompts=True,
+    # diffusers conditions on zeros where T5 would be: SD3 runs without it, at some cost in prompt following.
+    optional_text_encoders=("text_encoder_3",),
+    encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-bigG", "text_encoder_3": "T5-XXL"},
     lora_block_names=("joint_blocks",),
     defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 256},
 )
