@@ -399,19 +399,20 @@ def single_file_without_config(c: Case):
 
 
 def flux_single_file(c: Case):
-    # a ComfyUI-layout FLUX.1 file keeps its transformer under model.diffusion_model. as SD files keep the UNet
-    return _single_file(
-        c, "flux1-dev.safetensors", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-        "is a checkpoint for FLUX.1; batchgen reads single files of SD1, SD2 or SDXL only: give FLUX.1 as a "
-        "diffusers folder",
-    )  # fmt: skip
+    # a ComfyUI-layout FLUX.1 file keeps its transformer under model.diffusion_model. as SD files keep the UNet;
+    # read as FLUX.1 (tests/test_flux_single_file.py), it is no model for an SD1 config
+    path = c.tmp / "flux1-dev.safetensors"
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(path))
+    return [f"models.tiny_sd1.checkpoint={path}", "models.tiny_sd1.builtin=null"], (
+        f"models.tiny_sd1.base: 'sd-1' but {path} is a FLUX.1 checkpoint; fix base"
+    )
 
 
 def sd3_single_file(c: Case):
     return _single_file(
         c, "sd3.5_large.safetensors", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
-        "is a checkpoint for SD3/SD3.5; batchgen reads single files of SD1, SD2 or SDXL only: give SD3/SD3.5 as a "
-        "diffusers folder",
+        "is a checkpoint for SD3/SD3.5; batchgen reads single files of SD1, SD2, SDXL or FLUX.1 only: give SD3/SD3.5 "
+        "as a diffusers folder",
     )  # fmt: skip
 
 

@@ -58,12 +58,14 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
             f"{where}.checkpoint: {checkpoint} is a folder without model_index.json, not a diffusers pipeline"
         )
     single = _check_single_file(checkpoint, cfg, where) if checkpoint.is_file() else None
+    if single is not None and BY_NAME[cfg.base].pipeline_encodes_prompts:
+        _check_text_encoders(single.config_dir, cfg.base, f"{where}.config")
     if single is None and (cfg.config or cfg.tokenizer or cfg.prediction_type):
         key = "config" if cfg.config else "tokenizer" if cfg.tokenizer else "prediction_type"
         raise BatchgenError(f"{where}.{key}: only single-file checkpoints take it; a diffusers folder has its own")
     _check_base(checkpoint, cfg.base, where)
     if checkpoint.is_dir():
-        _check_text_encoders(checkpoint, cfg.base, where)
+        _check_text_encoders(checkpoint, cfg.base, f"{where}.checkpoint")
     if cfg.variant is not None:
         _check_variant(checkpoint, cfg.variant, where)
     embedding_dirs = [_inside(p, root, root, f"{where}.embeddings") for p in cfg.embeddings]
@@ -222,7 +224,7 @@ def _check_base(checkpoint: Path, base: str, where: str) -> None:
         raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is {found} (cross-attention {width}); fix base")
 
 
-def _check_text_encoders(checkpoint: Path, base: str, where: str) -> None:
+def _check_text_encoders(checkpoint: Path, base: str, where: str) -> None:  # where: the key naming the folder
     """Every text encoder the base conditions on is in the folder (a FLUX.1 folder without T5 would fail only at
     load, minutes in); one the base may go without (SD3's T5) may be absent."""
     record = BY_NAME[base]
@@ -238,7 +240,7 @@ def _check_text_encoders(checkpoint: Path, base: str, where: str) -> None:
         repo = record.tokenizer_repos[tokenizer][0][0] if tokenizer in record.tokenizer_repos else "the base's"
         name = record.encoder_names.get(component, component)
         raise BatchgenError(
-            f"{where}.checkpoint: {checkpoint} has no {component}/ ({name}), which {record.label} conditions on; "
+            f"{where}: {checkpoint} has no {component}/ ({name}), which {record.label} conditions on; "
             f"copy {component}/ and {tokenizer}/ from {repo} into it"
         )
 

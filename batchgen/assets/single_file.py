@@ -33,10 +33,13 @@ def check_single_file(
     """What the engine needs to build a pipeline around the file; every problem is an error here, before a load."""
     unet_bases = [b for b in BASES if b.denoiser == "unet"]
     mmdit = mmdit_checkpoint_base(header.tensors)  # FLUX and SD3 files keep their transformer under UNET_PREFIX too
+    if mmdit == "flux":
+        return _flux_single_file(checkpoint, header, base, config, where)
     if mmdit is not None:
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is a checkpoint for {BY_NAME[mmdit].label}; batchgen reads single "
-            f"files of {listing(b.label for b in unet_bases)} only: give {BY_NAME[mmdit].label} as a diffusers folder"
+            f"files of {listing(b.label for b in (*unet_bases, BY_NAME['flux']))} only: give "
+            f"{BY_NAME[mmdit].label} as a diffusers folder"
         )
     if not any(key.startswith(UNET_PREFIX) for key in header.tensors):
         if any(key.startswith("unet.") for key in header.tensors):
@@ -149,3 +152,54 @@ def _cached_tokenizer(candidates: tuple[tuple[str, str], ...]) -> Path | None:
             if isinstance(hit, str) and _is_tokenizer(Path(hit).parent):
                 return Path(hit).parent
     return None
+
+
+def _flux_single_file(checkpoint: Path, header: Header, base: str, config: str | None, where: str) -> SingleFile:
+    """A FLUX.1 transformer in BFL's layout, alone or in a ComfyUI whole-model file. Its text encoders and VAE come
+    from `config:`, a diffusers FLUX.1 folder (the file's own copies of them, if any, are not read): T5-XXL and the
+    VAE are the same for every FLUX.1 fine-tune, and a folder of them is what diffusers users already have."""
+    if base != "flux":
+        raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is a FLUX.1 checkpoint; fix base")
+    fix = (
+        "give config: a diffusers FLUX.1 folder with its text encoders, tokenizers and VAE (its transformer/ needs "
+        "only config.json), e.g. black-forest-labs/FLUX.1-dev downloaded without transformer/*.safetensors"
+    )
+    if not config:
+        raise BatchgenError(f"{where}.config: {checkpoint} is read for FLUX.1's transformer alone; {fix}")
+    folder = Path(config).expanduser()
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        raise BatchgenError(f"{where}.config: {index_path} is missing or not JSON; {fix}") from None
+    if index.get("_class_name") != BY_NAME[base].pipeline_class:
+        found = index.get("_class_name")
+        raise BatchgenError(f"{where}.config: {folder} is a {found} folder, not a FluxPipeline; {fix}")
+    for component in ("transformer", "vae", "scheduler"):
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        if not (folder / component / name).is_file():
+            raise BatchgenError(f"{where}.config: {folder / component / name} is missing; {fix}")
+    if not any((folder / "vae").glob("*.safetensors")):
+        raise BatchgenError(f"{where}.config: {folder / 'vae'} has no weights (*.safetensors); {fix}")
+    _check_flux_layout(checkpoint, header, folder / "transformer" / "config.json", where)
+    return SingleFile(config_dir=folder, tokenizers=())
+
+
+def _check_flux_layout(checkpoint: Path, header: Header, config: Path, where: str) -> None:
+    """Every weight of the configured transformer is in the file at its shape, read from the header: a file that
+    does not fit fails here, not after minutes of loading."""
+    import diffusers  # lazy: only a FLUX.1 single file pays for building its transformer on the meta device
+    import torch
+
+    from batchgen.assets.flux_checkpoint import convert_flux_checkpoint, transformer_keys
+    from batchgen.assets.loras import Shape
+
+    settings = json.loads(config.read_text())
+    with torch.device("meta"):
+        model = getattr(diffusers, settings.get("_class_name", "FluxTransformer2DModel")).from_config(settings)
+    target = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    try:
+        shapes = {key: Shape(tuple(info.shape)) for key, info in header.tensors.items()}
+        convert_flux_checkpoint(transformer_keys(shapes), target)
+    except ValueError as e:
+        raise BatchgenError(f"{where}.checkpoint: {checkpoint}: {e}; is {config} this model's config?") from None

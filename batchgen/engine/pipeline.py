@@ -34,7 +34,8 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
 
     settle()  # the libraries' notices go where batchgen.library_log routes them
     if spec.single_file is not None:
-        pipe = load_single_file(spec, dtype)
+        load = load_flux_single_file if spec.base == "flux" else load_single_file
+        pipe = load(spec, dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     index = json.loads((Path(spec.checkpoint) / "model_index.json").read_text())
@@ -83,6 +84,28 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype):
             return cls.from_single_file(
                 str(spec.checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **extra
             )
+
+
+def load_flux_single_file(spec: ModelSpec, dtype: torch.dtype):
+    """A BFL-layout FLUX.1 transformer file, converted by batchgen (assets/flux_checkpoint.py), inside the rest of
+    the pipeline from the `config:` folder (planning checked that every weight is there at its shape)."""
+    import diffusers
+
+    from batchgen.assets.flux_checkpoint import convert_flux_checkpoint, transformer_keys
+
+    single = spec.single_file
+    if single is None:
+        raise ValueError(f"{spec.checkpoint} is a diffusers folder (from_pretrained), not a single file")
+    config = json.loads((single.config_dir / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        transformer = getattr(diffusers, config.get("_class_name", "FluxTransformer2DModel")).from_config(config)
+    target = {key: tuple(value.shape) for key, value in transformer.state_dict().items()}
+    state = checkpoint_state_dict(Path(spec.checkpoint))
+    weights = {k: v.to(dtype) for k, v in convert_flux_checkpoint(transformer_keys(state), target).items()}
+    transformer.load_state_dict(weights, strict=True, assign=True)
+    return diffusers.FluxPipeline.from_pretrained(
+        str(single.config_dir), transformer=transformer.eval(), dtype=dtype, local_files_only=True
+    )
 
 
 @contextlib.contextmanager

@@ -22,14 +22,14 @@ a fused or reordered module reach a module unsplit.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
-from batchgen.assets.lora_formats.peft import _scalar_like
-from batchgen.assets.lora_layers import LAYER_SUFFIXES, delta_dims, layer_kinds
+from batchgen.assets.lora_formats.fused import cut, swap_halves, with_alpha
+from batchgen.assets.lora_formats.fused import rows as _rows  # noqa: F401  (flux_checkpoint.py imports it here)
+from batchgen.assets.lora_layers import LAYER_SUFFIXES
 
 # BFL name inside double block i -> diffusers path inside transformer_blocks.{i}; "#q" is one part of a fused Linear.
 _DOUBLE = {
@@ -84,6 +84,9 @@ _FUSED = {
     "linear1.qkv": ("q", "k", "v"),
 }
 _SHIFT_SCALE = "final_layer.adaLN_modulation.1"
+# What messages say batchgen cuts apart or reorders.
+_OVER_FUSED = "FLUX's fused qkv/linear1"
+_OVER_SWAPPED = "the shift/scale halves of FLUX's final modulation"
 
 # File module names, BFL-dotted, per block kind ("" for top level), and spelled with "_" as kohya writes them.
 _NAMES = {kind: {name.split("#")[0] for name in table} - {"linear1.qkv"} for kind, (_, table) in _BLOCKS.items()}
@@ -215,97 +218,19 @@ def split(
     shapes = modules.get("transformer", {})
     result: dict[str, dict[str, Any]] = {}
     for prefix, tensors in groups.items():
-        tensors = _with_alpha(tensors)
+        tensors = with_alpha(tensors)
         block = _BLOCK["."].match(prefix)
         parts = _FUSED.get(block[3]) if block else None
         if parts is None:
             if prefix == _SHIFT_SCALE:
-                result[f"{prefix}#scale_shift"] = _swap_halves(prefix, tensors)
+                result[f"{prefix}#scale_shift"] = swap_halves(prefix, tensors, _OVER_SWAPPED)
             else:
                 result[prefix] = tensors
             continue
         sizes = [shapes.get(_diffusers_path(f"{prefix}#{part}") or "", (None,))[0] for part in parts]
-        if None in sizes or sum(sizes) != delta_dims(tensors)[0]:
+        cuts = cut(prefix, tensors, sizes, _OVER_FUSED)
+        if cuts is None:
             result[prefix] = tensors
             continue
-        rows = _row_dims(prefix, tensors, fused=True)
-        start = 0
-        for part, size in zip(parts, sizes, strict=True):
-            result[f"{prefix}#{part}"] = {
-                suffix: _rows(value, start, start + size, rows[suffix]) if suffix in rows else value
-                for suffix, value in tensors.items()
-            }
-            start += size
+        result.update({f"{prefix}#{part}": part_tensors for part, part_tensors in zip(parts, cuts, strict=True)})
     return result
-
-
-def _with_alpha(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """A LoRA without alpha gets alpha = rank: kohya reads a missing alpha so, XLabs' processors apply no scale,
-    and diffusers loads both (and BFL lora_A/lora_B files) at PEFT's default lora_alpha = r."""
-    tensors = dict(tensors)
-    down = tensors.get("lora_down.weight")
-    if down is not None and "alpha" not in tensors:
-        tensors["alpha"] = _scalar_like(down, float(tuple(down.shape)[0]))
-    return tensors
-
-
-def _row_dims(prefix: str, tensors: Mapping[str, Any], fused: bool) -> dict[str, int]:
-    """{suffix: dim holding ΔW's output rows} of the tensors that own rows; the others serve every row."""
-    inner = layer_kinds(tensors)[-1]
-    out_rows = delta_dims(tensors)[0]
-    if inner == "lora":
-        dims = {"lora_up.weight": 0}
-    elif inner == "loha":
-        side = 1 if "hada_t1" in tensors else 0  # Tucker factors are rank-first: [r, out]
-        dims = {"hada_w1_a": side, "hada_w2_a": side}
-    elif inner == "full":
-        dims = {suffix: 0 for suffix in ("diff", "diff_b") if suffix in tensors}
-    elif inner == "lokr" and not fused and _even(tensors.get("lokr_w1", tensors.get("lokr_w1_a"))):
-        # kron(w1, w2) row-block r is w1's row r: swapping w1's halves swaps ΔW's. No such cut fits q/k/v in general.
-        dims = {"lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a": 0}
-    else:
-        raise ValueError(_cannot(prefix, "LoKr layer" if inner == "lokr" else f"{inner} layer", fused))
-    scale = tensors.get("dora_scale")
-    if scale is not None:
-        shape = tuple(scale.shape)
-        if shape[0] == out_rows and math.prod(shape) == out_rows:
-            dims["dora_scale"] = 0  # one magnitude per output row: it goes with its row
-        elif fused:
-            # Per-input magnitudes divide by column norms over all fused rows; a part's own norm would differ.
-            # (Reordering rows, as the swap does, leaves those norms as they are.)
-            raise ValueError(_cannot(prefix, "DoRA layer with per-input magnitudes", fused))
-    return dims
-
-
-def _cannot(prefix: str, what: str, fused: bool) -> str:
-    where = "FLUX's fused qkv/linear1" if fused else "the shift/scale halves of FLUX's final modulation"
-    return f"{prefix}: batchgen cannot split a {what} over {where}; convert it to LoRA (e.g. with kohya's tools)"
-
-
-def _swap_halves(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
-    if delta_dims(tensors)[0] is None:
-        return tensors  # no layer to reorder: the layer types say what is missing
-    dims = _row_dims(prefix, tensors, fused=False)
-    swapped = dict(tensors)
-    for suffix, dim in dims.items():
-        value = tensors[suffix]
-        rows = tuple(value.shape)[dim]
-        if hasattr(value, "dtype"):
-            import torch  # tensors at hand, so torch is loaded already
-
-            half = rows // 2
-            swapped[suffix] = torch.cat([value.narrow(dim, half, rows - half), value.narrow(dim, 0, half)], dim=dim)
-    return swapped  # a shape-only stand-in keeps its shape
-
-
-def _rows(value: Any, start: int, stop: int, dim: int) -> Any:
-    """Rows start:stop along `dim`: a view of a tensor, or a stand-in of the same class with that shape."""
-    if hasattr(value, "narrow"):
-        return value.narrow(dim, start, stop - start)
-    shape = list(value.shape)
-    shape[dim] = stop - start
-    return type(value)(tuple(shape))
-
-
-def _even(value: Any) -> bool:
-    return value is not None and tuple(value.shape)[0] % 2 == 0
