@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import pandas as pd
 
 from batchgen.assets.hashing import HashCache
-from batchgen.assets.models import ModelSource, inspect_assets, resolve_model, scan_checkpoints
+from batchgen.assets.models import ModelSource, denoiser_variant, inspect_assets, resolve_model, scan_checkpoints
 from batchgen.axes import check_max_megapixels
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
@@ -103,7 +103,8 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
 def list_assets(plan: Plan, out: TextIO) -> None:
     """One line per asset, per model: what it is, what it fits, where it lives; then what was refused and why."""
     for spec in plan.models.values():
-        out.write(f"{spec.name} ({spec.base})  {spec.checkpoint}\n")
+        variant = denoiser_variant(spec.config_dir, spec.base)
+        out.write(f"{spec.name} ({spec.base}{f', {variant}' if variant else ''})  {spec.checkpoint}\n")
         for layout, base, path in scan_checkpoints(spec.models_root) if spec.models_root else []:
             out.write(f"  checkpoint  {path.name}  {layout}, {base}  {path}\n")
         for ti in spec.embeddings:

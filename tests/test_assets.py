@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from batchgen.assets.bases import unread_lora
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding
 from batchgen.assets.hashing import HashCache
 from batchgen.errors import BatchgenError
@@ -272,12 +271,6 @@ def test_loras_of_mmdit_bases_are_refused_on_unet_models_and_skip_their_jobs(
     # a stack naming one is skipped on the model that has it; every other job renders
     stack = "+sweep.stacks.f={flux_kohya: 1.0}"
     code, out, err = run_cli(*args, stack, "sweep.prompts=[a castle]", "sweep.seeds=[1]", "--dry-run")
-    # SD1/SDXL LoRAs in every family batchgen reads are none of these
-    kohya_sd1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
-    assert unread_lora([kohya_sd1]) is None
-    assert unread_lora(["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]) is None
-    assert unread_lora(["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"]) is None
-    assert unread_lora(["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"]) == ("sd-3", "SD3/SD3.5 kohya")
     assert err == (
         "batchgen: error: sweep.stacks.f: LoRA 'flux_kohya' is flux, and no model of this sweep is (tiny_sd1 is sd-1, "
         "tiny_sdxl is sdxl); remove it from the stack or render a flux model\n"

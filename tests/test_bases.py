@@ -70,3 +70,22 @@ def test_transformer_bases_encode_their_own_prompts_and_have_no_blocks_or_compel
     assert transformer == ["sd-3", "flux"]
     assert not any(b.name in BLOCK_IDS or b.name in COMPEL_CLIP_SKIPS for b in bases.BASES if b.name in transformer)
     assert bases.DENOISERS == ("unet", "transformer")
+
+
+def test_variants_are_told_from_the_denoiser_config() -> None:
+    flux, sd3 = bases.BY_NAME["flux"], bases.BY_NAME["sd-3"]
+    dev = json.loads((flux.shipped_configs / "transformer" / "config.json").read_text())
+    assert flux.variant(dev) == "dev"
+    assert flux.variant({**dev, "guidance_embeds": False}) == "schnell"  # FLUX.1-schnell's config
+    large = json.loads((sd3.shipped_configs / "transformer" / "config.json").read_text())
+    assert sd3.variant(large) == "3.5 large"
+    assert sd3.variant({**large, "num_layers": 24, "qk_norm": None}) == "3 medium"
+    assert sd3.variant({**large, "num_layers": 2}) is None  # the tiny one
+    assert bases.BY_NAME["sdxl"].variant({}) is None  # a base without variants
+
+
+def test_list_names_the_variant(run_cli) -> None:
+    code, out, err = run_cli("+sweep=next", "--list")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert [line.split("  ")[0] for line in lines] == ["tiny_sd3 (sd-3)", "tiny_flux (flux, dev)"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.assets.architecture import Architecture
-from batchgen.assets.bases import decided, listing, lora_bases, unread_lora
+from batchgen.assets.bases import decided, listing, lora_bases
 from batchgen.assets.block_weights import BLOCK_IDS, block_of
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
@@ -69,16 +69,6 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
 
     shapes, metadata = lora_shapes(lora.path, hashes)
-    unread = unread_lora(shapes)
-    if unread is not None:  # a layout no family reads: another base's model skips it, its own base's cannot use it
-        base, label = unread
-        if base == arch.base:
-            raise BatchgenError(
-                f"{lora.path}: a {label} LoRA, whose key layout batchgen does not read yet; convert it to diffusers "
-                "naming (diffusers' load_lora_weights then save_lora_weights writes it)"
-            )
-        info = replace(lora, sha256=hashes.file_sha256(lora.path), format=f"{label} LoRA", base=base)
-        return info, None
     try:
         fmt, groups = group_by_module(shapes, metadata)
     except ValueError as e:

@@ -140,6 +140,16 @@ def _folder_base(checkpoint: Path) -> str | None:
         return None
 
 
+def denoiser_variant(config_dir: Path, base: str) -> str | None:
+    """The release of an SD3/FLUX.1 model (dev or schnell, 3.5 large...) from its transformer config, for --list."""
+    record = BY_NAME[base]
+    try:
+        config = json.loads((config_dir / record.denoiser / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.variant(config) if isinstance(config, dict) else None
+
+
 def _index_base(checkpoint: Path) -> str | None:
     """The base a folder's pipeline class names, when only one base has it; ValueError for invalid JSON."""
     index = json.loads((checkpoint / "model_index.json").read_text())

@@ -31,22 +31,6 @@ def pipeline_base(index: Mapping[str, object]) -> str | None:
     return owners[0] if len(owners) == 1 else None
 
 
-# LoRA layouts batchgen tells apart by their key names but does not read yet: (base, what it is, a key pattern).
-# kohya and SGM name SD3's MMDiT blocks joint_blocks, with fused projections; diffusers/PEFT SD3 files are read.
-UNREAD_LORAS: tuple[tuple[str, str, re.Pattern[str]], ...] = (
-    ("sd-3", "SD3/SD3.5 kohya", re.compile(r"(?:^|[._])joint_blocks[._]")),
-)
-
-
-def unread_lora(keys: Iterable[object]) -> tuple[str, str] | None:
-    """(base, label) when a LoRA's keys are a layout batchgen does not read yet, else None."""
-    names = [key for key in keys if isinstance(key, str)]
-    for base, label, pattern in UNREAD_LORAS:
-        if any(pattern.search(name) for name in names):
-            return base, label
-    return None
-
-
 # Single files of the MMDiT bases, by their transformer's block names (BFL/ComfyUI FLUX.1 layouts, SGM's SD3).
 _MMDIT_CHECKPOINT = (
     ("flux", re.compile(r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.")),

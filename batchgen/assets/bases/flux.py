@@ -28,5 +28,6 @@ BASE = Base(
     guidance="distilled",
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     lora_block_names=("double_blocks", "single_blocks", "single_transformer_blocks"),
+    variants={"dev": {"guidance_embeds": True}, "schnell": {"guidance_embeds": False}},
     defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 512},
 )

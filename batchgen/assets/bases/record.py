@@ -42,9 +42,19 @@ class Base:
     encoder_names: Mapping[str, str] = field(default_factory=dict)
     # Module names that only this base's LoRAs have (FLUX's single blocks): they tell a transformer LoRA's base.
     lora_block_names: tuple[str, ...] = ()
+    # The releases of the base, told apart by their denoiser's config: {variant: config values it has}, the first
+    # whose values all match wins (FLUX.1 dev has the guidance input, schnell not).
+    variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     # What the base's reference pipelines use by default, for README and the packaged configs (a sweep's own
     # values still win: changing a default under existing sweeps would change pixels under unchanged job ids).
     defaults: Mapping[str, object] = field(default_factory=dict)
+
+    def variant(self, denoiser_config: Mapping[str, object]) -> str | None:
+        """Which release a denoiser config is, None when no variant's values all match."""
+        for name, values in self.variants.items():
+            if all(denoiser_config.get(key) == value for key, value in values.items()):
+                return name
+        return None
 
     @property
     def shipped_configs(self) -> Path:

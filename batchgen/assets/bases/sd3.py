@@ -23,5 +23,11 @@ BASE = Base(
     optional_text_encoders=("text_encoder_3",),
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-bigG", "text_encoder_3": "T5-XXL"},
     lora_block_names=("joint_blocks",),
+    # SD3.5 medium adds a second image attention (MMDiT-X) to its first 13 blocks; large and SD3 medium have none.
+    variants={
+        "3.5 large": {"num_layers": 38, "qk_norm": "rms_norm"},
+        "3.5 medium": {"num_layers": 24, "qk_norm": "rms_norm"},
+        "3 medium": {"num_layers": 24, "qk_norm": None},
+    },
     defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 256},
 )

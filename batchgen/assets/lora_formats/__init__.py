@@ -2,6 +2,8 @@
 
 * flux.py: FLUX.1 files named after Black Forest Labs' modules (kohya ``lora_unet_double_blocks_``, BFL/ComfyUI
   ``diffusion_model.double_blocks.``, XLabs processors), their fused projections split onto diffusers' own.
+* sd3.py: SD3/SD3.5 files named after the original SGM MMDiT modules (kohya ``lora_unet_joint_blocks_``, SGM/ComfyUI
+  ``diffusion_model.joint_blocks.``), their fused q/k/v split likewise; fused.py holds the row surgery both share.
 * kohya.py: kohya / LyCORIS names (``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``), UNet paths in
   diffusers' or the original SGM layout (sgm.py).
 * peft.py: diffusers / PEFT names (``unet.<path>.lora_A.weight``, older ``lora.down.weight`` and
@@ -21,14 +23,14 @@ from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.bases import LayerEvidence
-from batchgen.assets.lora_formats import flux, kohya, peft
+from batchgen.assets.lora_formats import flux, kohya, peft, sd3
 from batchgen.assets.lora_layers import delta_dims
 
-# The key families, asked in this order whether a file's keys are theirs (FLUX's kohya names start as SD's do, so it
-# asks first); PEFT takes whatever is left. Each module has recognises(keys), parse_key(key),
+# The key families, asked in this order whether a file's keys are theirs (FLUX's and SD3's kohya names start as SD's
+# do, so they ask first); PEFT takes whatever is left. Each module has recognises(keys), parse_key(key),
 # locator(modules, unet_config) and component_of(prefix), and may have split(groups, modules) for groups that patch
 # several modules at once.
-FORMATS: dict[str, ModuleType] = {"flux": flux, "kohya": kohya, "peft": peft}
+FORMATS: dict[str, ModuleType] = {"flux": flux, "sd3": sd3, "kohya": kohya, "peft": peft}
 
 
 def detect_format(keys: list[object]) -> str:

@@ -67,7 +67,11 @@ _TOP = {
     "final_layer.adaLN_modulation.1#scale_shift": "norm_out.linear",  # [shift; scale] in SGM, as FLUX's
 }
 # A fused Linear's parts in the order its rows hold them.
-_FUSED = {"x_block.attn.qkv": ("q", "k", "v"), "x_block.attn2.qkv": ("q", "k", "v"), "context_block.attn.qkv": ("q", "k", "v")}
+_FUSED = {
+    "x_block.attn.qkv": ("q", "k", "v"),
+    "x_block.attn2.qkv": ("q", "k", "v"),
+    "context_block.attn.qkv": ("q", "k", "v"),
+}
 _FINAL_MODULATION = "final_layer.adaLN_modulation.1"
 _CONTEXT_MODULATION = "context_block.adaLN_modulation.1"
 # What messages say batchgen cuts apart or reorders.
