@@ -231,12 +231,14 @@ def test_list_names_a_refused_files_path_once(run_cli, tmp_path: Path, tiny_cach
 
 
 OTHER_BASE_LORAS = {
-    # kohya FLUX (sd-scripts), BFL/ComfyUI FLUX, diffusers FLUX, XLabs FLUX, kohya SD3, diffusers SD3-or-FLUX
+    # kohya FLUX (sd-scripts), BFL/ComfyUI FLUX, diffusers FLUX, XLabs FLUX, kohya SD3, SGM/ComfyUI SD3,
+    # diffusers SD3-or-FLUX
     "flux_kohya": ("lora_unet_double_blocks_0_img_attn_qkv", "flux"),
     "flux_bfl": ("diffusion_model.single_blocks.3.linear1", "flux"),
     "flux_diffusers": ("transformer.single_transformer_blocks.0.attn.to_q", "flux"),
     "flux_xlabs": ("double_blocks.0.processor.proj_lora1", "flux"),
     "sd3_kohya": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd-3"),
+    "sd3_sgm": ("diffusion_model.joint_blocks.0.context_block.mlp.fc1", "sd-3"),
     "dit_diffusers": ("transformer.transformer_blocks.0.attn.add_q_proj", "flux or sd-3"),
 }
 

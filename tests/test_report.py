@@ -56,7 +56,7 @@ def test_unknown_x_axis_raises_with_choices(tmp_path):
     expected = (
         "sweep.grid.x: unknown axis 'foo'; choose one of: "
         "model, stack, prompt, seed, steps, guidance_scale, width, height, scheduler, clip_skip, prompt_syntax, "
-        "epoch, style, weight:grain, weight:ink, blocks:grain, blocks:ink"
+        "max_sequence_length, epoch, style, weight:grain, weight:ink, blocks:grain, blocks:ink"
     )
     with pytest.raises(BatchgenError, match=f"^{re.escape(expected)}$"):
         report.build_grids(table, tmp_path, "foo", "prompt", ["style"])
@@ -67,7 +67,7 @@ def test_unknown_y_axis_raises(tmp_path):
     expected = (
         "sweep.grid.y: unknown axis 'style' (did you mean 'steps'?); choose one of: "
         "model, stack, prompt, seed, steps, guidance_scale, width, height, scheduler, clip_skip, prompt_syntax, "
-        "epoch, weight:grain, weight:ink, blocks:grain, blocks:ink"
+        "max_sequence_length, epoch, weight:grain, weight:ink, blocks:grain, blocks:ink"
     )
     with pytest.raises(BatchgenError, match=f"^{re.escape(expected)}$"):
         report.build_grids(table, tmp_path, "stack", "style", [])
@@ -349,8 +349,8 @@ def test_weight_axis_of_a_lora_no_stack_uses_raises(tmp_path):
     table = make_run(tmp_path, models=["m"], stacks=WEIGHTS)
     expected = (
         "sweep.grid.x: unknown axis 'weight:inq' (did you mean 'weight:ink'?); choose one of: model, stack, prompt, "
-        "seed, steps, guidance_scale, width, height, scheduler, clip_skip, prompt_syntax, epoch, style, weight:grain, "
-        "weight:ink, blocks:grain, blocks:ink"
+        "seed, steps, guidance_scale, width, height, scheduler, clip_skip, prompt_syntax, max_sequence_length, epoch, "
+        "style, weight:grain, weight:ink, blocks:grain, blocks:ink"
     )
     with pytest.raises(BatchgenError, match=f"^{re.escape(expected)}$"):
         report.build_grids(table, tmp_path, "weight:inq", "style", ["style"])

@@ -13,7 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from batchgen.assets.lora_formats.flux import _BLOCKS, _FUSED, _SHIFT_SCALE, _TOP, _rows
+from batchgen.assets.lora_formats.flux import BLOCKS, FUSED, SHIFT_SCALE, TOP
+from batchgen.assets.lora_formats.fused import rows
 
 # The roots a transformer's keys may sit under: ComfyUI's whole-model files, ai-toolkit's, BFL's (none).
 _ROOTS = ("model.diffusion_model.", "diffusion_model.")
@@ -73,18 +74,18 @@ def _convert(module: str, param: str, value: Any, target: Mapping[str, tuple[int
         name = _top(module)
         if name is None:
             return None
-        if module == _SHIFT_SCALE:  # [shift; scale] in BFL, [scale; shift] in diffusers
+        if module == SHIFT_SCALE:  # [shift; scale] in BFL, [scale; shift] in diffusers
             half = tuple(value.shape)[0] // 2
             return {f"{name}.{param}": _swapped(value, half)}
         return {f"{name}.{param}": value}
     kind, index, rest = block.groups()
-    root, table = _BLOCKS[kind]
+    root, table = BLOCKS[kind]
     inside = f"{root}.{index}"
     if rest in _NORMS[kind] and param == "scale":
         return {f"{inside}.{_NORMS[kind][rest]}.weight": value}
     if rest in table:
         return {f"{inside}.{table[rest]}.{param}": value}
-    parts = _FUSED.get(rest)
+    parts = FUSED.get(rest)
     if parts is None or rest == "linear1.qkv":
         return None
     names = [f"{inside}.{table[f'{rest}#{part}']}.{param}" for part in parts]
@@ -92,14 +93,14 @@ def _convert(module: str, param: str, value: Any, target: Mapping[str, tuple[int
         return None
     out, start = {}, 0
     for name in names:
-        rows = target[name][0]
-        out[name] = _rows(value, start, start + rows, 0)
-        start += rows
+        size = target[name][0]
+        out[name] = rows(value, start, start + size, 0)
+        start += size
     return out if start == tuple(value.shape)[0] else None
 
 
 def _top(module: str) -> str | None:
-    return _TOP.get(module) or _TOP.get(f"{module}#scale_shift")
+    return TOP.get(module) or TOP.get(f"{module}#scale_shift")
 
 
 def _swapped(value: Any, half: int) -> Any:
@@ -107,5 +108,5 @@ def _swapped(value: Any, half: int) -> Any:
         return value  # a shape-only stand-in: the swap keeps its shape
     import torch  # a real tensor: torch is loaded already
 
-    rows = tuple(value.shape)[0]
-    return torch.cat([value.narrow(0, half, rows - half), value.narrow(0, 0, half)])
+    count = tuple(value.shape)[0]
+    return torch.cat([value.narrow(0, half, count - half), value.narrow(0, 0, half)])

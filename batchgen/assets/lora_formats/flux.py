@@ -28,7 +28,6 @@ from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.lora_formats.fused import cut, swap_halves, with_alpha
-from batchgen.assets.lora_formats.fused import rows as _rows  # noqa: F401  (flux_checkpoint.py imports it here)
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
 
 # BFL name inside double block i -> diffusers path inside transformer_blocks.{i}; "#q" is one part of a fused Linear.
@@ -61,7 +60,7 @@ _SINGLE = {
     "linear2": "proj_out",
     "modulation.lin": "norm.linear",
 }
-_TOP = {
+TOP = {
     "img_in": "x_embedder",
     "txt_in": "context_embedder",
     "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
@@ -75,22 +74,22 @@ _TOP = {
     # swaps the base weight's halves), so a LoRA's output rows are swapped too; "#scale_shift" names that order.
     "final_layer.adaLN_modulation.1#scale_shift": "norm_out.linear",
 }
-_BLOCKS = {"double_blocks": ("transformer_blocks", _DOUBLE), "single_blocks": ("single_transformer_blocks", _SINGLE)}
+BLOCKS = {"double_blocks": ("transformer_blocks", _DOUBLE), "single_blocks": ("single_transformer_blocks", _SINGLE)}
 # A fused Linear's parts in the order its rows hold them.
-_FUSED = {
+FUSED = {
     "img_attn.qkv": ("q", "k", "v"),
     "txt_attn.qkv": ("q", "k", "v"),
     "linear1": ("q", "k", "v", "mlp"),
     "linear1.qkv": ("q", "k", "v"),
 }
-_SHIFT_SCALE = "final_layer.adaLN_modulation.1"
+SHIFT_SCALE = "final_layer.adaLN_modulation.1"
 # What messages say batchgen cuts apart or reorders.
 _OVER_FUSED = "FLUX's fused qkv/linear1"
 _OVER_SWAPPED = "the shift/scale halves of FLUX's final modulation"
 
 # File module names, BFL-dotted, per block kind ("" for top level), and spelled with "_" as kohya writes them.
-_NAMES = {kind: {name.split("#")[0] for name in table} - {"linear1.qkv"} for kind, (_, table) in _BLOCKS.items()}
-_NAMES[""] = {name.split("#")[0] for name in _TOP}
+_NAMES = {kind: {name.split("#")[0] for name in table} - {"linear1.qkv"} for kind, (_, table) in BLOCKS.items()}
+_NAMES[""] = {name.split("#")[0] for name in TOP}
 _SPELLED = {
     sep: {kind: {name.replace(".", sep): name for name in names} for kind, names in _NAMES.items()} for sep in "._"
 }
@@ -169,9 +168,9 @@ def _diffusers_path(prefix: str) -> str | None:
     block = _BLOCK["."].match(prefix)
     if block:
         kind, index, rest = block.groups()
-        root, table = _BLOCKS[kind]
+        root, table = BLOCKS[kind]
         return f"{root}.{index}.{table[rest]}" if rest in table else None
-    return _TOP.get(prefix)
+    return TOP.get(prefix)
 
 
 def component_of(prefix: str) -> tuple[str, bool] | None:
@@ -220,9 +219,9 @@ def split(
     for prefix, tensors in groups.items():
         tensors = with_alpha(tensors)
         block = _BLOCK["."].match(prefix)
-        parts = _FUSED.get(block[3]) if block else None
+        parts = FUSED.get(block[3]) if block else None
         if parts is None:
-            if prefix == _SHIFT_SCALE:
+            if prefix == SHIFT_SCALE:
                 result[f"{prefix}#scale_shift"] = swap_halves(prefix, tensors, _OVER_SWAPPED)
             else:
                 result[prefix] = tensors
