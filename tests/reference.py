@@ -25,6 +25,27 @@ def render_row(pipe, row) -> object:
     ).images[0]
 
 
+def render_with_adapters(pipe, row, denoiser: str, files) -> object:
+    """`render_row` with the row's LoRAs loaded as diffusers adapters at their weights (`unet/text` weights as
+    batchgen writes them), unloaded after; `files(name)` is what load_lora_weights reads for a LoRA."""
+    names, weights = [], []
+    for entry in filter(None, row["loras"].split(";")):
+        name, weight = entry.split(":")
+        unet, _, te = weight.partition("/")
+        names.append(name)
+        text = float(te or unet)
+        weights.append({denoiser: float(unet), "text_encoder": text, "text_encoder_2": text})
+        pipe.load_lora_weights(files(name), adapter_name=name)
+    if names:
+        parts = pipe.get_list_adapters()
+        weights = [{k: v for k, v in w.items() if n in parts.get(k, [])} for n, w in zip(names, weights, strict=True)]
+        pipe.set_adapters(names, adapter_weights=weights)
+    image = render_row(pipe, row)
+    if names:
+        pipe.unload_lora_weights()
+    return image
+
+
 def clip_skipped_embeds(pipe, prompt: str, negative: str, skip: int) -> dict:
     """diffusers 0.42 applies clip_skip to the prompt only, the negative keeps the last layer (its PRs #13796 and
     #13973 to change that were closed); A1111 skips layers for both. So both texts go through diffusers' own

@@ -14,7 +14,7 @@ from PIL import Image
 
 from batchgen.tiny import tiny_root
 from tests.confs import SMALL, write_conf
-from tests.reference import render_row
+from tests.reference import render_row, render_with_adapters
 
 NO_LORAS = ("~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.pastel", "~sweep.stacks.sketch",
             "~sweep.stacks.split")  # fmt: skip
@@ -32,21 +32,9 @@ SWEEP = (
 
 
 def _reference(pipe, root: Path, row: pd.Series) -> np.ndarray:
-    names, weights = [], []
-    for entry in filter(None, row["loras"].split(";")):
-        name, weight = entry.split(":")
-        unet, _, te = weight.partition("/")
-        names.append(name)
-        text = float(te or unet)
-        weights.append({"transformer": float(unet), "text_encoder": text, "text_encoder_2": text})
-        pipe.load_lora_weights(_readable(root / "lora" / f"{name}.safetensors", pipe.transformer), adapter_name=name)
-    if names:
-        parts = pipe.get_list_adapters()
-        weights = [{k: v for k, v in w.items() if n in parts.get(k, [])} for n, w in zip(names, weights, strict=True)]
-        pipe.set_adapters(names, adapter_weights=weights)
-    image = render_row(pipe, row)
-    if names:
-        pipe.unload_lora_weights()
+    image = render_with_adapters(
+        pipe, row, "transformer", lambda name: _readable(root / "lora" / f"{name}.safetensors", pipe.transformer)
+    )
     return np.asarray(image, dtype=np.int16)
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from batchgen.tiny import tiny_root
-from tests.reference import load_embedding, render_row
+from tests.reference import load_embedding, render_with_adapters
 
 MAX_PIXEL_DIFF = 2  # out of 255: float tolerance between two correct implementations
 
@@ -38,20 +38,7 @@ def _reference_pipeline(model: str, cache: Path):
 
 
 def _reference_image(pipe, root: Path, row: pd.Series) -> np.ndarray:
-    names, weights = [], []
-    for entry in filter(None, row["loras"].split(";")):
-        name, weight = entry.split(":")
-        unet, _, te = weight.partition("/")
-        names.append(name)
-        weights.append({"unet": float(unet), "text_encoder": float(te or unet), "text_encoder_2": float(te or unet)})
-        pipe.load_lora_weights(str(root / "lora" / f"{name}.safetensors"), adapter_name=name)
-    if names:
-        parts = pipe.get_list_adapters()
-        weights = [{k: v for k, v in w.items() if n in parts.get(k, [])} for n, w in zip(names, weights, strict=True)]
-        pipe.set_adapters(names, adapter_weights=weights)
-    image = render_row(pipe, row)
-    if names:
-        pipe.unload_lora_weights()
+    image = render_with_adapters(pipe, row, "unet", lambda name: str(root / "lora" / f"{name}.safetensors"))
     return np.asarray(image, dtype=np.int16)
 
 

@@ -93,21 +93,22 @@ def _sharpen_cross_attention(unet: torch.nn.Module) -> None:
                 linear.weight.mul_(_CROSS_ATTENTION_VALUE_GAIN)
 
 
-def _vae(sdxl: bool, seed: str) -> torch.nn.Module:
+def tiny_vae(seed: str, latent_channels: int = 4, **config: Any) -> torch.nn.Module:
+    """The tiny VAE of every base; `config` adds what a base's VAE has of its own (scaling, shift, no quant convs)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        # Four blocks so that latents are 1/8 of the image, as in real SD.
+        # Four blocks so that latents are 1/8 of the image, as in the real models.
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.13025 if sdxl else 0.18215,
+        **config,
     ).eval()
     reinit(vae, seeded_generator(seed))
     return vae
@@ -132,7 +133,7 @@ def build_pipeline(name: str, folder: Path, sdxl: bool) -> DiffusionPipeline:
 
     tokenizer = load_tokenizer(folder / "tokenizer", EOS)
     common = {
-        "vae": _vae(sdxl, f"{name}/vae"),
+        "vae": tiny_vae(f"{name}/vae", scaling_factor=0.13025 if sdxl else 0.18215),
         "text_encoder": _text_encoder(tokenizer, 768, False, f"{name}/text_encoder"),
         "tokenizer": tokenizer,
         "unet": _unet(sdxl, f"{name}/unet"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from batchgen.tiny.models import _text_encoder
-from batchgen.tiny.noise import reinit, seeded_generator
+from batchgen.tiny.models import _text_encoder, tiny_vae
+from batchgen.tiny.noise import seeded_generator
 from batchgen.tiny.t5 import T5_WIDTH, reinit_except, t5_encoder, write_t5_tokenizer
 from batchgen.tiny.tokenizer import EOS, SDXL_PAD, load_tokenizer, write_bpe_files
 
@@ -39,26 +39,8 @@ _SD3_GAINS = _Gains(qk_norm=2.0, value=2.0, out=2.0, pooled=2.0)
 
 
 def _vae(scaling_factor: float, shift_factor: float, seed: str) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        # Four blocks so that latents are 1/8 of the image, as in real FLUX and SD3.
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=_LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-    reinit(vae, seeded_generator(seed))
-    return vae
+    flow = {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    return tiny_vae(seed, _LATENT_CHANNELS, **flow, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _reinit_transformer(transformer: torch.nn.Module, seed: str, gains: _Gains) -> None:
