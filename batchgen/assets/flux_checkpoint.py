@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgen.assets.lora_formats.flux import BLOCKS, FUSED, SHIFT_SCALE, TOP
-from batchgen.assets.lora_formats.fused import rows
+from batchgen.assets.lora_formats.fused import halves_swapped, rows
 
 # The roots a transformer's keys may sit under: ComfyUI's whole-model files, ai-toolkit's, BFL's (none).
 _ROOTS = ("model.diffusion_model.", "diffusion_model.")
@@ -75,8 +75,7 @@ def _convert(module: str, param: str, value: Any, target: Mapping[str, tuple[int
         if name is None:
             return None
         if module == SHIFT_SCALE:  # [shift; scale] in BFL, [scale; shift] in diffusers
-            half = tuple(value.shape)[0] // 2
-            return {f"{name}.{param}": _swapped(value, half)}
+            return {f"{name}.{param}": halves_swapped(value)}
         return {f"{name}.{param}": value}
     kind, index, rest = block.groups()
     root, table = BLOCKS[kind]
@@ -101,12 +100,3 @@ def _convert(module: str, param: str, value: Any, target: Mapping[str, tuple[int
 
 def _top(module: str) -> str | None:
     return TOP.get(module) or TOP.get(f"{module}#scale_shift")
-
-
-def _swapped(value: Any, half: int) -> Any:
-    if not hasattr(value, "narrow"):
-        return value  # a shape-only stand-in: the swap keeps its shape
-    import torch  # a real tensor: torch is loaded already
-
-    count = tuple(value.shape)[0]
-    return torch.cat([value.narrow(0, half, count - half), value.narrow(0, 0, half)])

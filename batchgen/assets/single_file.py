@@ -5,12 +5,17 @@ A single file holds only weights in the original (CompVis / SGM) layout; diffuse
 the tokenizer files to build a pipeline around them. The configs are facts about each base and ship in
 `batchgen/model_configs/<base>/`; the tokenizers (a few MB of vocabulary) do not, and are looked up locally where
 each base's module in assets/bases/ says they live.
+
+An SD3 or FLUX.1 file is read for its transformer alone (converted by batchgen: sd3_checkpoint.py,
+flux_checkpoint.py), the rest of the pipeline coming from a diffusers folder named by `config:`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing, mmdit_checkpoint_base
 from batchgen.assets.safetensors_header import Header
@@ -19,6 +24,8 @@ from batchgen.spec import SingleFile
 
 UNET_PREFIX = "model.diffusion_model."
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The diffusers transformer of each MMDiT base, for a transformer/config.json without _class_name.
+TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sd-3": "SD3Transformer2DModel"}
 
 
 def check_single_file(
@@ -33,14 +40,8 @@ def check_single_file(
     """What the engine needs to build a pipeline around the file; every problem is an error here, before a load."""
     unet_bases = [b for b in BASES if b.denoiser == "unet"]
     mmdit = mmdit_checkpoint_base(header.tensors)  # FLUX and SD3 files keep their transformer under UNET_PREFIX too
-    if mmdit == "flux":
-        return _flux_single_file(checkpoint, header, base, config, where)
     if mmdit is not None:
-        raise BatchgenError(
-            f"{where}.checkpoint: {checkpoint} is a checkpoint for {BY_NAME[mmdit].label}; batchgen reads single "
-            f"files of {listing(b.label for b in (*unet_bases, BY_NAME['flux']))} only: give "
-            f"{BY_NAME[mmdit].label} as a diffusers folder"
-        )
+        return _transformer_single_file(checkpoint, header, mmdit, base, config, where)
     if not any(key.startswith(UNET_PREFIX) for key in header.tensors):
         if any(key.startswith("unet.") for key in header.tensors):
             raise BatchgenError(
@@ -154,52 +155,71 @@ def _cached_tokenizer(candidates: tuple[tuple[str, str], ...]) -> Path | None:
     return None
 
 
-def _flux_single_file(checkpoint: Path, header: Header, base: str, config: str | None, where: str) -> SingleFile:
-    """A FLUX.1 transformer in BFL's layout, alone or in a ComfyUI whole-model file. Its text encoders and VAE come
-    from `config:`, a diffusers FLUX.1 folder (the file's own copies of them, if any, are not read): T5-XXL and the
-    VAE are the same for every FLUX.1 fine-tune, and a folder of them is what diffusers users already have."""
-    if base != "flux":
-        raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is a FLUX.1 checkpoint; fix base")
+def convert_transformer(base: str, state: Mapping[str, Any], target: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """{diffusers key: tensor} of the transformer in a single file of an MMDiT base (whole-model or transformer
+    only, tensors or shape stand-ins), by batchgen's own converter for the base; ValueError where it does not fit
+    `target`, the configured model's {key: shape}."""
+    if base == "flux":
+        from batchgen.assets.flux_checkpoint import convert_flux_checkpoint, transformer_keys
+
+        return convert_flux_checkpoint(transformer_keys(state), target)
+    from batchgen.assets.sd3_checkpoint import convert_sd3_checkpoint
+    from batchgen.assets.sd3_checkpoint import transformer_keys as sd3_keys
+
+    return convert_sd3_checkpoint(sd3_keys(state), target)
+
+
+def _transformer_single_file(
+    checkpoint: Path, header: Header, found: str, base: str, config: str | None, where: str
+) -> SingleFile:
+    """An MMDiT transformer in its original layout (FLUX.1's BFL, SD3's SGM), alone or in a ComfyUI whole-model
+    file. Its text encoders and VAE come from `config:`, a diffusers folder of the base (the file's own copies of
+    them, if any, are not read): they are the same for every fine-tune of a base, and a folder of them is what
+    diffusers users already have."""
+    record = BY_NAME[found]
+    if base != found:
+        raise BatchgenError(f"{where}.base: '{base}' but {checkpoint} is a {record.label} checkpoint; fix base")
+    example = record.tokenizer_repos["tokenizer"][0][0]  # the base's reference release
     fix = (
-        "give config: a diffusers FLUX.1 folder with its text encoders, tokenizers and VAE (its transformer/ needs "
-        "only config.json), e.g. black-forest-labs/FLUX.1-dev downloaded without transformer/*.safetensors"
+        f"give config: a diffusers {record.label} folder with its text encoders, tokenizers and VAE (its "
+        f"transformer/ needs only config.json), e.g. {example} downloaded without transformer/*.safetensors"
     )
     if not config:
-        raise BatchgenError(f"{where}.config: {checkpoint} is read for FLUX.1's transformer alone; {fix}")
+        raise BatchgenError(f"{where}.config: {checkpoint} is read for {record.label}'s transformer alone; {fix}")
     folder = Path(config).expanduser()
     index_path = folder / "model_index.json"
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         raise BatchgenError(f"{where}.config: {index_path} is missing or not JSON; {fix}") from None
-    if index.get("_class_name") != BY_NAME[base].pipeline_class:
-        found = index.get("_class_name")
-        raise BatchgenError(f"{where}.config: {folder} is a {found} folder, not a FluxPipeline; {fix}")
+    if index.get("_class_name") != record.pipeline_class:
+        raise BatchgenError(
+            f"{where}.config: {folder} is a {index.get('_class_name')} folder, not a {record.pipeline_class}; {fix}"
+        )
     for component in ("transformer", "vae", "scheduler"):
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         if not (folder / component / name).is_file():
             raise BatchgenError(f"{where}.config: {folder / component / name} is missing; {fix}")
     if not any((folder / "vae").glob("*.safetensors")):
         raise BatchgenError(f"{where}.config: {folder / 'vae'} has no weights (*.safetensors); {fix}")
-    _check_flux_layout(checkpoint, header, folder / "transformer" / "config.json", where)
+    _check_transformer_layout(checkpoint, header, base, folder / "transformer" / "config.json", where)
     return SingleFile(config_dir=folder, tokenizers=())
 
 
-def _check_flux_layout(checkpoint: Path, header: Header, config: Path, where: str) -> None:
+def _check_transformer_layout(checkpoint: Path, header: Header, base: str, config: Path, where: str) -> None:
     """Every weight of the configured transformer is in the file at its shape, read from the header: a file that
     does not fit fails here, not after minutes of loading."""
-    import diffusers  # lazy: only a FLUX.1 single file pays for building its transformer on the meta device
+    import diffusers  # lazy: only an MMDiT single file pays for building its transformer on the meta device
     import torch
 
-    from batchgen.assets.flux_checkpoint import convert_flux_checkpoint, transformer_keys
     from batchgen.assets.loras import Shape
 
     settings = json.loads(config.read_text())
     with torch.device("meta"):
-        model = getattr(diffusers, settings.get("_class_name", "FluxTransformer2DModel")).from_config(settings)
+        model = getattr(diffusers, settings.get("_class_name", TRANSFORMER_CLASSES[base])).from_config(settings)
     target = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     try:
         shapes = {key: Shape(tuple(info.shape)) for key, info in header.tensors.items()}
-        convert_flux_checkpoint(transformer_keys(shapes), target)
+        convert_transformer(base, shapes, target)
     except ValueError as e:
         raise BatchgenError(f"{where}.checkpoint: {checkpoint}: {e}; is {config} this model's config?") from None

@@ -34,7 +34,7 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
 
     settle()  # the libraries' notices go where batchgen.library_log routes them
     if spec.single_file is not None:
-        load = load_flux_single_file if spec.base == "flux" else load_single_file
+        load = load_transformer_single_file if BY_NAME[spec.base].denoiser == "transformer" else load_single_file
         pipe = load(spec, dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
@@ -45,10 +45,7 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
         extra = {"safety_checker": None, "requires_safety_checker": False}
     if spec.variant is not None:
         extra["variant"] = spec.variant
-    for component in BY_NAME[spec.base].optional_text_encoders:
-        if not (Path(spec.checkpoint) / component / "config.json").is_file():
-            # A folder without SD3's T5: diffusers conditions on zeros in its place when told it is absent.
-            extra[component] = extra[component.replace("text_encoder", "tokenizer")] = None
+    extra.update(_absent_text_encoders(Path(spec.checkpoint), spec.base))
     pipe = DiffusionPipeline.from_pretrained(str(spec.checkpoint), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -86,25 +83,41 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype):
             )
 
 
-def load_flux_single_file(spec: ModelSpec, dtype: torch.dtype):
-    """A BFL-layout FLUX.1 transformer file, converted by batchgen (assets/flux_checkpoint.py), inside the rest of
-    the pipeline from the `config:` folder (planning checked that every weight is there at its shape)."""
+def _absent_text_encoders(folder: Path, base: str) -> dict[str, None]:
+    """None for each text encoder (and its tokenizer) the base may go without and the folder has not."""
+    absent: dict[str, None] = {}
+    for component in BY_NAME[base].optional_text_encoders:
+        if not (folder / component / "config.json").is_file():
+            # A folder without SD3's T5: diffusers conditions on zeros in its place when told it is absent.
+            absent[component] = absent[component.replace("text_encoder", "tokenizer")] = None
+    return absent
+
+
+def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype):
+    """An SD3 or FLUX.1 transformer file in its original layout, converted by batchgen (assets/sd3_checkpoint.py,
+    assets/flux_checkpoint.py), inside the rest of the pipeline from the `config:` folder (planning checked that
+    every weight is there at its shape)."""
     import diffusers
 
-    from batchgen.assets.flux_checkpoint import convert_flux_checkpoint, transformer_keys
+    from batchgen.assets.single_file import TRANSFORMER_CLASSES, convert_transformer
 
     single = spec.single_file
     if single is None:
         raise ValueError(f"{spec.checkpoint} is a diffusers folder (from_pretrained), not a single file")
     config = json.loads((single.config_dir / "transformer" / "config.json").read_text())
     with torch.device("meta"):
-        transformer = getattr(diffusers, config.get("_class_name", "FluxTransformer2DModel")).from_config(config)
+        transformer = getattr(diffusers, config.get("_class_name", TRANSFORMER_CLASSES[spec.base])).from_config(config)
     target = {key: tuple(value.shape) for key, value in transformer.state_dict().items()}
     state = checkpoint_state_dict(Path(spec.checkpoint))
-    weights = {k: v.to(dtype) for k, v in convert_flux_checkpoint(transformer_keys(state), target).items()}
+    weights = {k: v.to(dtype) for k, v in convert_transformer(spec.base, state, target).items()}
     transformer.load_state_dict(weights, strict=True, assign=True)
-    return diffusers.FluxPipeline.from_pretrained(
-        str(single.config_dir), transformer=transformer.eval(), dtype=dtype, local_files_only=True
+    pipeline = getattr(diffusers, BY_NAME[spec.base].pipeline_class)
+    return pipeline.from_pretrained(
+        str(single.config_dir),
+        transformer=transformer.eval(),
+        dtype=dtype,
+        local_files_only=True,
+        **_absent_text_encoders(single.config_dir, spec.base),
     )
 
 

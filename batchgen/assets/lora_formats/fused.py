@@ -68,6 +68,18 @@ def swap_halves(prefix: str, tensors: dict[str, Any], over: str) -> dict[str, An
     return swapped  # a shape-only stand-in keeps its shape
 
 
+def halves_swapped(value: Any) -> Any:
+    """A base weight or bias with its two row halves swapped ([shift; scale] to [scale; shift]); a shape-only
+    stand-in comes back as it is (the swap keeps its shape)."""
+    if not hasattr(value, "narrow"):
+        return value
+    import torch  # a real tensor: torch is loaded already
+
+    count = tuple(value.shape)[0]
+    half = count // 2
+    return torch.cat([value.narrow(0, half, count - half), value.narrow(0, 0, half)])
+
+
 def rows(value: Any, start: int, stop: int, dim: int) -> Any:
     """Rows start:stop along `dim`: a view of a tensor, or a stand-in of the same class with that shape."""
     if hasattr(value, "narrow"):

@@ -34,7 +34,7 @@ from batchgen.assets.lora_formats.kohya import _TEXT_MODEL_CHILDREN
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
 
 # SGM name inside joint block i -> diffusers path inside transformer_blocks.{i}; "#q" is one part of a fused Linear.
-_JOINT = {
+JOINT = {
     "x_block.attn.qkv#q": "attn.to_q",
     "x_block.attn.qkv#k": "attn.to_k",
     "x_block.attn.qkv#v": "attn.to_v",
@@ -56,7 +56,7 @@ _JOINT = {
     "context_block.adaLN_modulation.1": "norm1_context.linear",
     "context_block.adaLN_modulation.1#scale_shift": "norm1_context.linear",
 }
-_TOP = {
+TOP = {
     "x_embedder.proj": "pos_embed.proj",  # the patch embedding, a Conv2d
     "context_embedder": "context_embedder",
     "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
@@ -67,19 +67,19 @@ _TOP = {
     "final_layer.adaLN_modulation.1#scale_shift": "norm_out.linear",  # [shift; scale] in SGM, as FLUX's
 }
 # A fused Linear's parts in the order its rows hold them.
-_FUSED = {
+FUSED = {
     "x_block.attn.qkv": ("q", "k", "v"),
     "x_block.attn2.qkv": ("q", "k", "v"),
     "context_block.attn.qkv": ("q", "k", "v"),
 }
 _FINAL_MODULATION = "final_layer.adaLN_modulation.1"
-_CONTEXT_MODULATION = "context_block.adaLN_modulation.1"
+CONTEXT_MODULATION = "context_block.adaLN_modulation.1"
 # What messages say batchgen cuts apart or reorders.
 _OVER_FUSED = "SD3's fused qkv"
 _OVER_SWAPPED = "the shift/scale halves of SD3's final modulations"
 
 # File module names, SGM-dotted, in a block and at top level, and spelled with "_" as kohya writes them.
-_NAMES = {"joint_blocks": {name.split("#")[0] for name in _JOINT}, "": {name.split("#")[0] for name in _TOP}}
+_NAMES = {"joint_blocks": {name.split("#")[0] for name in JOINT}, "": {name.split("#")[0] for name in TOP}}
 _SPELLED = {
     sep: {kind: {name.replace(".", sep): name for name in names} for kind, names in _NAMES.items()} for sep in "._"
 }
@@ -140,12 +140,13 @@ def _diffusers_path(prefix: str) -> str | None:
     block = _BLOCK["."].match(prefix)
     if block:
         index, rest = block.groups()
-        return f"transformer_blocks.{index}.{_JOINT[rest]}" if rest in _JOINT else None
-    return _TOP.get(prefix)
+        return f"transformer_blocks.{index}.{JOINT[rest]}" if rest in JOINT else None
+    return TOP.get(prefix)
 
 
-def _pre_only(transformer: Mapping[str, tuple[int, ...]], index: str) -> bool:
-    """Whether the model's joint block `index` is its last, whose context stream only feeds the joint attention."""
+def pre_only(transformer: Mapping[str, tuple[int, ...]], index: str) -> bool:
+    """Whether the model's joint block `index` is its last, whose context stream only feeds the joint attention;
+    `transformer` holds the model's modules by path."""
     block = f"transformer_blocks.{index}"
     return f"{block}.norm1_context.linear" in transformer and f"{block}.ff_context.net.0.proj" not in transformer
 
@@ -179,8 +180,8 @@ def locator(
         if prefix in found:
             return found[prefix]
         block = _BLOCK["."].match(prefix)
-        if block and block[2].split("#")[0] == _CONTEXT_MODULATION:
-            if block[2].endswith("#scale_shift") != _pre_only(transformer, block[1]):
+        if block and block[2].split("#")[0] == CONTEXT_MODULATION:
+            if block[2].endswith("#scale_shift") != pre_only(transformer, block[1]):
                 return None  # a full block's modulation swapped, or the last block's not
         path = _diffusers_path(prefix)
         return ModuleRef("transformer", path) if path in transformer else None
@@ -201,9 +202,9 @@ def split(
     for prefix, tensors in groups.items():
         tensors = with_alpha(tensors)
         block = _BLOCK["."].match(prefix)
-        parts = _FUSED.get(block[2]) if block else None
+        parts = FUSED.get(block[2]) if block else None
         if parts is None:
-            last = block is not None and block[2] == _CONTEXT_MODULATION and _pre_only(shapes, block[1])
+            last = block is not None and block[2] == CONTEXT_MODULATION and pre_only(shapes, block[1])
             if prefix == _FINAL_MODULATION or last:
                 result[f"{prefix}#scale_shift"] = swap_halves(prefix, tensors, _OVER_SWAPPED)
             else:
