@@ -11,7 +11,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchgen.assets.architecture import model_architecture
-from batchgen.assets.bases import BASE_NAMES, BASES, BY_NAME, checkpoint_base, pipeline_base, unet_config_base
+from batchgen.assets.bases import (
+    BASE_NAMES,
+    BASES,
+    BY_NAME,
+    checkpoint_base,
+    mmdit_checkpoint_base,
+    pipeline_base,
+    unet_config_base,
+)
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
 from batchgen.assets.epochs import is_glob, matching
 from batchgen.assets.hashing import HashCache
@@ -126,7 +134,8 @@ def scan_checkpoints(models_root: Path) -> list[tuple[str, str, Path]]:
                 found.append(("diffusers", _folder_base(entry) or "?", entry))
             elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
                 try:
-                    base = checkpoint_base(_single_file_header(entry))[0]
+                    header = _single_file_header(entry)
+                    base = checkpoint_base(header)[0] or mmdit_checkpoint_base(header.tensors)
                 except BatchgenError:
                     base = None
                 found.append(("single file", base or "?", entry))
