@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
-from batchgen.assets.lora_formats.fused import cut, swap_halves, with_alpha
+from batchgen.assets.lora_formats.fused import Layout, split_groups
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
 
 # BFL name inside double block i -> diffusers path inside transformer_blocks.{i}; "#q" is one part of a fused Linear.
@@ -209,27 +209,14 @@ def locator(
 def split(
     groups: Mapping[str, Mapping[str, Any]], modules: Mapping[str, Mapping[str, tuple[int, ...]]]
 ) -> dict[str, dict[str, Any]]:
-    """The groups with each fused one replaced by one per part (``<prefix>#<part>``), rows sized by the parts'
-    modules, and the final modulation's rows in diffusers' order (``final_layer.adaLN_modulation.1#scale_shift``);
-    every LoRA has an alpha. Idempotent: split prefixes are never split again. A fused group whose parts the model
-    lacks, or whose rows they do not add up to, stays whole and so maps nowhere. Raises ValueError for a layer whose
-    ΔW rows cannot be cut apart (LoKr, DoRA with per-input magnitudes)."""
+    """The groups with BFL's fused q/k/v and linear1 cut into diffusers' projections and the final modulation's
+    halves in diffusers' order (fused.split_groups)."""
     shapes = modules.get("transformer", {})
-    result: dict[str, dict[str, Any]] = {}
-    for prefix, tensors in groups.items():
-        tensors = with_alpha(tensors)
-        block = _BLOCK["."].match(prefix)
-        parts = FUSED.get(block[3]) if block else None
-        if parts is None:
-            if prefix == SHIFT_SCALE:
-                result[f"{prefix}#scale_shift"] = swap_halves(prefix, tensors, _OVER_SWAPPED)
-            else:
-                result[prefix] = tensors
-            continue
-        sizes = [shapes.get(_diffusers_path(f"{prefix}#{part}") or "", (None,))[0] for part in parts]
-        cuts = cut(prefix, tensors, sizes, _OVER_FUSED)
-        if cuts is None:
-            result[prefix] = tensors
-            continue
-        result.update({f"{prefix}#{part}": part_tensors for part, part_tensors in zip(parts, cuts, strict=True)})
-    return result
+    layout = Layout(
+        fused_parts=lambda prefix: FUSED.get(block[3]) if (block := _BLOCK["."].match(prefix)) else None,
+        reordered=lambda prefix: prefix == SHIFT_SCALE,
+        path_of=_diffusers_path,
+        over_fused=_OVER_FUSED,
+        over_swapped=_OVER_SWAPPED,
+    )
+    return split_groups(groups, shapes, layout)

@@ -10,7 +10,8 @@ family cuts or reorders (``"FLUX's fused qkv/linear1"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from batchgen.assets.lora_formats.peft import _scalar_like
@@ -25,6 +26,45 @@ def with_alpha(tensors: Mapping[str, Any]) -> dict[str, Any]:
     if down is not None and "alpha" not in tensors:
         tensors["alpha"] = _scalar_like(down, float(tuple(down.shape)[0]))
     return tensors
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a family cuts and reorders: a file module's fused parts (None: not fused), whether its halves are
+    [shift; scale], the diffusers path of a ``<prefix>#<part>``, and how messages name the two."""
+
+    fused_parts: Callable[[str], Sequence[str] | None]
+    reordered: Callable[[str], bool]
+    path_of: Callable[[str], str | None]
+    over_fused: str
+    over_swapped: str
+
+
+def split_groups(
+    groups: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]], layout: Layout
+) -> dict[str, dict[str, Any]]:
+    """The groups with each fused one replaced by one per part (``<prefix>#<part>``), rows sized by the parts'
+    modules in `shapes` ({path: weight shape}), and [shift; scale] modulations in diffusers' row order
+    (``<prefix>#scale_shift``); every LoRA has an alpha. Idempotent: split prefixes are never split again. A fused
+    group whose parts the model lacks, or whose rows they do not add up to, stays whole and so maps nowhere. Raises
+    ValueError for a layer whose ΔW rows cannot be cut apart (LoKr, DoRA with per-input magnitudes)."""
+    result: dict[str, dict[str, Any]] = {}
+    for prefix, tensors in groups.items():
+        tensors = with_alpha(tensors)
+        parts = layout.fused_parts(prefix)
+        if parts is None:
+            if layout.reordered(prefix):
+                result[f"{prefix}#scale_shift"] = swap_halves(prefix, tensors, layout.over_swapped)
+            else:
+                result[prefix] = tensors
+            continue
+        sizes = [shapes.get(layout.path_of(f"{prefix}#{part}") or "", (None,))[0] for part in parts]
+        cuts = cut(prefix, tensors, sizes, layout.over_fused)
+        if cuts is None:
+            result[prefix] = tensors
+            continue
+        result.update({f"{prefix}#{part}": part_tensors for part, part_tensors in zip(parts, cuts, strict=True)})
+    return result
 
 
 def cut(
