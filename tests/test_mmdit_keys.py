@@ -75,3 +75,25 @@ def test_a_flux_lora_does_not_fit_sd3_and_the_reverse() -> None:
         mapped, unmapped = map_to_modules(groups, fmt, other.modules, other.unet_config)
         # 3072 against 2432 wide: nothing of one fits the other, so it is refused, never half applied
         assert len(unmapped) > 0.9 * len(groups)
+
+
+def test_an_undecided_transformer_lora_that_fits_nothing_is_the_other_bases(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from batchgen.assets.hashing import HashCache
+    from batchgen.assets.loras import inspect_lora
+    from batchgen.spec import LoraFile
+
+    sd3, flux = _architecture("sd-3"), _architecture("flux")
+    path = tmp_path / "sd35_style.safetensors"
+    tensors = {}
+    for key, shape in _peft_keys(sd3, ("transformer",)).items():
+        if ".transformer_blocks.0." in key:
+            tensors[key] = torch.zeros(shape.shape)
+    save_file(tensors, str(path))
+    hashes = HashCache(tmp_path / "hashes.json")
+    info, mapped = inspect_lora(LoraFile("sd35_style", path), flux, hashes)
+    assert (info.base, mapped) == ("sd-3", None)  # skipped on FLUX.1, as an SD3 LoRA
+    info, mapped = inspect_lora(LoraFile("sd35_style", path), sd3, hashes)
+    assert info.base is None and len(mapped) == 14  # undecided by name, and it fits SD3.5-large: used

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.assets.architecture import Architecture
-from batchgen.assets.bases import decided, listing, lora_bases
+from batchgen.assets.bases import BY_NAME, decided, listing, lora_bases
 from batchgen.assets.block_weights import BLOCK_IDS, block_of
 from batchgen.assets.files import asset_files
 from batchgen.assets.hashing import HashCache
@@ -92,6 +92,11 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     if allowed and arch.base not in allowed:  # undecided among other bases (SD3 or FLUX, on an SDXL model)
         return replace(info, base=listing(sorted(allowed))), None
     mapped, unmapped = map_to_modules(groups, fmt, arch.modules, arch.unet_config)
+    mmdit = BY_NAME[arch.base].denoiser == "transformer"
+    if unmapped and mmdit and len(allowed) > 1 and len(unmapped) == len(groups):
+        # Undecided by its names (SD3's MMDiT blocks are named as FLUX's double blocks are) and no layer fits this
+        # model: it is the other base's, so its jobs are skipped here as any other base's LoRA's are.
+        return replace(info, base=listing(sorted(allowed - {arch.base}))), None
     if unmapped:
         raise BatchgenError(
             f"{lora.path}: {len(unmapped)} of {len(groups)} layers map to no module of this {arch.base} model, "
