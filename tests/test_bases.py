@@ -29,7 +29,7 @@ def test_a_base_record_agrees_with_its_shipped_configs(base: bases.Base) -> None
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == base.pipeline_class
     assert bases.pipeline_base(index) == (base.name if base.denoiser == "transformer" or base.name == "sdxl" else None)
-    assert base.denoiser in index
+    assert index[base.denoiser][1] == base.denoiser_class
     denoiser = json.loads((folder / base.denoiser / "config.json").read_text())
     assert denoiser.get("cross_attention_dim") == base.cross_attention_width
     for component, width in base.text_encoders.items():

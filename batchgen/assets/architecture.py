@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.module_table import clip_text_shapes, unet_shapes
 from batchgen.errors import BatchgenError
 
@@ -87,18 +88,26 @@ def _meta_shapes(checkpoint: Path, unet_config: dict, encoders: dict[str, bool])
     return modules
 
 
+def meta_denoiser(config: dict[str, Any], base: str) -> torch.nn.Module:
+    """The base's denoiser as its config describes it, built on the meta device: every shape, no memory."""
+    import diffusers  # lazy: only what builds a model pays for diffusers
+    import torch
+
+    cls = getattr(diffusers, config.get("_class_name") or BY_NAME[base].denoiser_class)
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
 def _transformer_architecture(checkpoint: Path, base: str) -> Architecture:
     """An MMDiT pipeline's modules on the meta device: no plain-Python table covers them, so LoRAs for SD3 and FLUX
     pay for importing torch, diffusers and transformers at planning (a dry run without LoRAs does not)."""
-    import diffusers
     import torch
     import transformers
 
     index = json.loads((checkpoint / "model_index.json").read_text())
     config = json.loads((checkpoint / "transformer" / "config.json").read_text())
-    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    modules: dict[str, dict[str, tuple[int, ...]]] = {"transformer": module_shapes(meta_denoiser(config, base))}
     with torch.device("meta"):
-        modules["transformer"] = module_shapes(getattr(diffusers, config["_class_name"]).from_config(config))
         for component in _TEXT_ENCODERS:
             entry = index.get(component)
             if not (isinstance(entry, list) and entry[1] and (checkpoint / component / "config.json").is_file()):

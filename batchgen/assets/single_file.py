@@ -25,7 +25,6 @@ from batchgen.spec import SingleFile
 UNET_PREFIX = "model.diffusion_model."
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 # The diffusers transformer of each MMDiT base, for a transformer/config.json without _class_name.
-TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sd-3": "SD3Transformer2DModel"}
 
 
 def check_single_file(
@@ -209,14 +208,10 @@ def _transformer_single_file(
 def _check_transformer_layout(checkpoint: Path, header: Header, base: str, config: Path, where: str) -> None:
     """Every weight of the configured transformer is in the file at its shape, read from the header: a file that
     does not fit fails here, not after minutes of loading."""
-    import diffusers  # lazy: only an MMDiT single file pays for building its transformer on the meta device
-    import torch
-
+    from batchgen.assets.architecture import meta_denoiser  # lazy: only an MMDiT single file builds one
     from batchgen.assets.loras import Shape
 
-    settings = json.loads(config.read_text())
-    with torch.device("meta"):
-        model = getattr(diffusers, settings.get("_class_name", TRANSFORMER_CLASSES[base])).from_config(settings)
+    model = meta_denoiser(json.loads(config.read_text()), base)
     target = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     try:
         shapes = {key: Shape(tuple(info.shape)) for key, info in header.tensors.items()}

@@ -19,7 +19,7 @@ import torch
 
 from batchgen.assets.bases import Base
 from batchgen.engine.prompts import Conditioning, Embeds, text_encoder_state
-from batchgen.engine.rows import BatchShape
+from batchgen.engine.rows import BatchShape, by_image
 from batchgen.spec import Job
 
 # The transformer arguments that carry one row per image (per guidance half); the rest (FLUX's position ids,
@@ -111,17 +111,14 @@ def isolate_images(transformer: torch.nn.Module, shape: BatchShape) -> None:
             return forward(*args, **kwargs)
         if args or kwargs.get("return_dict", True):
             raise RuntimeError("batchgen runs the transformer image by image; it expects diffusers' keyword call")
-        rows = kwargs["hidden_states"].shape[0]
-        # diffusers stacks guidance halves as [uncond x n, cond x n]: image i owns rows i, i+n, ...
-        owned = torch.arange(rows, device=kwargs["hidden_states"].device).view(-1, n).t()
-        parts = []
-        for index in owned:
+        hidden = kwargs["hidden_states"]
+        rows = hidden.shape[0]
+
+        def one(index: torch.Tensor) -> torch.Tensor:
             part = {k: (v[index] if k in _PER_ROW and _batched(v, rows) else v) for k, v in kwargs.items()}
-            parts.append(forward(**part)[0])
-        out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
-        for index, part in zip(owned, parts, strict=True):
-            out[index] = part
-        return (out,)
+            return forward(**part)[0]
+
+        return (by_image(rows, n, hidden.device, one),)
 
     transformer.forward = run
 

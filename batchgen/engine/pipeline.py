@@ -11,7 +11,7 @@ from unittest import mock
 
 import torch
 
-from batchgen.assets.architecture import COMPONENTS
+from batchgen.assets.architecture import COMPONENTS, meta_denoiser
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
@@ -99,14 +99,13 @@ def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype):
     every weight is there at its shape)."""
     import diffusers
 
-    from batchgen.assets.single_file import TRANSFORMER_CLASSES, convert_transformer
+    from batchgen.assets.single_file import convert_transformer
 
     single = spec.single_file
     if single is None:
         raise ValueError(f"{spec.checkpoint} is a diffusers folder (from_pretrained), not a single file")
     config = json.loads((single.config_dir / "transformer" / "config.json").read_text())
-    with torch.device("meta"):
-        transformer = getattr(diffusers, config.get("_class_name", TRANSFORMER_CLASSES[spec.base])).from_config(config)
+    transformer = meta_denoiser(config, spec.base)
     target = {key: tuple(value.shape) for key, value in transformer.state_dict().items()}
     state = checkpoint_state_dict(Path(spec.checkpoint))
     weights = {k: v.to(dtype) for k, v in convert_transformer(spec.base, state, target).items()}
@@ -192,8 +191,7 @@ class LoraStacks:
         self.spec = spec
         self.device = pipe.device
         self.components = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        self.unet_config = dict(denoiser.config)
+        self.unet_config = dict(getattr(pipe, BY_NAME[spec.base].denoiser).config)
         self.patcher = WeightPatcher(self.components, Path(spec.checkpoint), spec.base)
         self.current: tuple[LoraWeight, ...] | None = None
 

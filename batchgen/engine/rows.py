@@ -9,6 +9,7 @@ batching changes speed and never pixels. Their cost is a handful of tiny matmuls
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,19 @@ def _per_image(forward, shape: BatchShape):
             # image's result, computed as a batch of one computes it, serves them all.
             first = forward(blocks[:, 0].contiguous(), *args, **kwargs)
             return first.unsqueeze(1).expand(first.shape[0], n, *first.shape[1:]).reshape(x.shape[0], *first.shape[1:])
-        owned = torch.arange(x.shape[0], device=x.device).view(-1, n).t()
-        parts = [forward(x[rows], *args, **kwargs) for rows in owned]
-        out = torch.empty((x.shape[0], *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
-        for rows, part in zip(owned, parts, strict=True):
-            out[rows] = part
-        return out
+        return by_image(x.shape[0], n, x.device, lambda rows: forward(x[rows], *args, **kwargs))
 
     return run
+
+
+def by_image(
+    rows: int, images: int, device: torch.device, run: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`run(index)` on each image's rows alone, the results put back in place. diffusers stacks guidance halves as
+    [uncond x n, cond x n]: image i owns rows i, i+n, ..."""
+    owned = torch.arange(rows, device=device).view(-1, images).t()
+    parts = [run(index) for index in owned]
+    out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
+    for index, part in zip(owned, parts, strict=True):
+        out[index] = part
+    return out

@@ -22,6 +22,7 @@ BASE = Base(
         ),
     },
     denoiser="transformer",
+    denoiser_class="FluxTransformer2DModel",
     pipeline_encodes_prompts=True,
     # dev is guidance-distilled: guidance_scale is an input of the transformer and there is no negative pass.
     # schnell has no guidance input; diffusers then ignores the value.

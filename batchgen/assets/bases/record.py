@@ -31,6 +31,7 @@ class Base:
     refused_checkpoint_keys: Mapping[str, str] = field(default_factory=dict)
     # The pipeline component that denoises: "unet", or "transformer" for the MMDiT/flow-matching bases.
     denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"  # its diffusers class, when a config does not name it
     # True: the pipeline's own encode_prompt conditions it (T5 included), so A1111 weights, BREAK, schedules,
     # compel and clip skip are refused at planning; False: batchgen's CLIP encoding (engine/prompts.py).
     pipeline_encodes_prompts: bool = False

@@ -18,6 +18,7 @@ BASE = Base(
         "tokenizer_3": (("stabilityai/stable-diffusion-3.5-large", "tokenizer_3"),),
     },
     denoiser="transformer",
+    denoiser_class="SD3Transformer2DModel",
     pipeline_encodes_prompts=True,
     # diffusers conditions on zeros where T5 would be: SD3 runs without it, at some cost in prompt following.
     optional_text_encoders=("text_encoder_3",),
