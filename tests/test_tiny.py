@@ -32,6 +32,7 @@ from batchgen.tiny import (
     tiny_root,
     write_lycoris,
 )
+from batchgen.tiny.build import RECORDED_VERSIONS, pin_library_versions
 from tests.reference import load_embedding
 
 PROMPT = "a portrait of a cat"
@@ -369,6 +370,24 @@ def test_two_builds_are_byte_identical(name: str, root: Path, second_build: Buil
     assert len(first) >= 15
     assert list(first) == list(second)
     assert first == second
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_saved_configs_name_the_recorded_library_releases(model: str, tiny_cache: Path) -> None:
+    found = {}
+    for file in tiny_root(model, tiny_cache).rglob("*.json"):
+        found |= {k: v for k, v in json.loads(file.read_text()).items() if k in RECORDED_VERSIONS}
+    assert found == RECORDED_VERSIONS  # whatever transformers/diffusers built them: job_ids hash these bytes
+
+
+def test_pinning_a_version_keeps_the_other_bytes(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    written = '{\n  "_class_name": "X",\n  "_diffusers_version": "9.9.9",\n  "n":  1}\n'
+    (tmp_path / "a" / "config.json").write_text(written)
+    (tmp_path / "b.txt").write_text('"transformers_version": "9"')
+    pin_library_versions(tmp_path)
+    assert (tmp_path / "a" / "config.json").read_text() == written.replace("9.9.9", "0.42.1")
+    assert (tmp_path / "b.txt").read_text() == '"transformers_version": "9"'
 
 
 def test_build_leaves_the_global_rng_alone(second_build: Build) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,9 @@ TINY_MODELS = ("tiny_sd1", "tiny_sdxl", "tiny_sd3", "tiny_flux")
 UNET_TINY = ("tiny_sd1", "tiny_sdxl")
 # The MMDiT ones: their pipelines and LoRAs come from transformer_models.py and transformer_loras.py.
 TRANSFORMER_TINY = ("tiny_sd3", "tiny_flux")
+# The library releases the saved configs name, whatever release builds them: a folder's content hash is part of every
+# job_id, so an upgraded transformers (5.24.0 -> 5.25.0 wrote one different string) would change every tiny job's id.
+RECORDED_VERSIONS = {"_diffusers_version": "0.42.1", "transformers_version": "5.24.0"}
 
 
 def cache_root() -> Path:
@@ -68,10 +72,25 @@ def build_tiny(name: str, dest: Path) -> None:
 
             build = build_flux_pipeline if name == "tiny_flux" else build_sd3_pipeline
             write_transformer_loras(build(name, dest / "main" / name), dest / "lora", name)
-            return
-        pipe = build_pipeline(name, dest / "main" / name, name == "tiny_sdxl")
-        write_embeddings(dest / "embedding", name)
-        write_loras(pipe, dest / "lora", name)
+        else:
+            pipe = build_pipeline(name, dest / "main" / name, name == "tiny_sdxl")
+            write_embeddings(dest / "embedding", name)
+            write_loras(pipe, dest / "lora", name)
+    pin_library_versions(dest)
+
+
+def pin_library_versions(folder: Path) -> None:
+    """Rewrite the release strings in every JSON file under ``folder`` to :data:`RECORDED_VERSIONS`, in place.
+
+    Only the quoted value changes, so the rest of each file keeps the bytes its library wrote.
+    """
+    for file in sorted(Path(folder).rglob("*.json")):
+        text = file.read_text(encoding="utf-8")
+        pinned = text
+        for key, version in RECORDED_VERSIONS.items():
+            pinned = re.sub(rf'("{re.escape(key)}": )"[^"]*"', rf'\1"{version}"', pinned)
+        if pinned != text:
+            file.write_text(pinned, encoding="utf-8")
 
 
 def _check_name(name: str) -> None:
