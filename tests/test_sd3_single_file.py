@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from batchgen.assets.sd3_checkpoint import convert_sd3_checkpoint, transformer_keys
 from batchgen.tiny import tiny_root
 from tests.confs import SMALL, write_conf
+from tests.reference import assert_same_weights_render_alike
 
 # SGM's module names (sd3_impls.py / SGM's mmdit.py) beside the diffusers modules whose rows they stack, as
 # diffusers' convert_sd3_transformer_checkpoint_to_diffusers reads them; written out here apart from batchgen's
@@ -216,13 +217,11 @@ def test_a_single_file_renders_what_its_diffusers_folder_renders(
     table = pd.read_csv("runs/sd3/manifest.csv", dtype=str, keep_default_na=False)
     assert len(table) == 8 and set(table["status"]) == {"ok"}
     # The PNGs' parameters name the model; the pixels must be the same.
-    pixels = {
-        (r["model"], r["loras"]): Image.open(Path("runs/sd3") / r["image"]).convert("RGB").tobytes()
-        for _, r in table.iterrows()
-    }
-    for loras in ("", "ink:0.8", "grain:1", "pastel:1"):
-        assert pixels[("file", loras)] == pixels[("folder", loras)], loras
-    assert len(set(pixels.values())) == 4  # the LoRAs change the image
+    images = {(r["model"], r["loras"]): Image.open(Path("runs/sd3") / r["image"]) for _, r in table.iterrows()}
+    stacks = ("", "ink:0.8", "grain:1", "pastel:1")
+    for loras in stacks:
+        assert_same_weights_render_alike(images[("file", loras)], images[("folder", loras)], loras)
+    assert len({images[("folder", loras)].tobytes() for loras in stacks}) == 4  # the LoRAs change the image
 
 
 def test_a_config_folder_without_t5_renders_as_diffusers_does_without_it(
@@ -244,10 +243,9 @@ def test_a_config_folder_without_t5_renders_as_diffusers_does_without_it(
     assert code == 0, err
     table = pd.read_csv("runs/sd3/manifest.csv", dtype=str, keep_default_na=False)
     assert set(table["status"]) == {"ok"}
-    pixels = {
-        r["model"]: Image.open(Path("runs/sd3") / r["image"]).convert("RGB").tobytes() for _, r in table.iterrows()
-    }
-    assert pixels["file_no_t5"] == pixels["folder_no_t5"] != pixels["folder"]
+    images = {r["model"]: Image.open(Path("runs/sd3") / r["image"]) for _, r in table.iterrows()}
+    assert_same_weights_render_alike(images["file_no_t5"], images["folder_no_t5"], "without T5")
+    assert images["folder_no_t5"].tobytes() != images["folder"].tobytes()
 
 
 def _refusal(run_cli, tmp_path: Path, model: str) -> str:
