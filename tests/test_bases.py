@@ -63,13 +63,23 @@ def test_levels_of_the_unet_give_the_block_counts() -> None:
     assert bases.BY_NAME["sd-2"].block_ids is bases.BY_NAME["sd-1"].block_ids
 
 
-def test_transformer_bases_encode_their_own_prompts_and_have_no_blocks_or_compel() -> None:
+def test_transformer_bases_encode_their_own_prompts_and_have_no_compel() -> None:
     for base in bases.BASES:
         assert (base.denoiser == "transformer") == base.pipeline_encodes_prompts
+        # A base whose blocks are not the CompVis UNet's says how its modules fall into them.
+        assert (base.module_block is not None) == (base.denoiser == "transformer" and bool(base.block_ids))
     transformer = [b.name for b in bases.BASES if b.denoiser == "transformer"]
     assert transformer == ["sd-3", "flux"]
-    assert not any(b.name in BLOCK_IDS or b.name in COMPEL_CLIP_SKIPS for b in bases.BASES if b.name in transformer)
+    assert not any(b.name in COMPEL_CLIP_SKIPS for b in bases.BASES if b.name in transformer)
+    assert "sd-3" not in BLOCK_IDS  # the extension has no SD3 ids
     assert bases.DENOISERS == ("unet", "transformer")
+
+
+def test_flux_block_ids_count_the_blocks_of_flux1() -> None:
+    config = json.loads((bases.BY_NAME["flux"].shipped_configs / "transformer" / "config.json").read_text())
+    ids = BLOCK_IDS["flux"][61]
+    assert sum(b.startswith("D") for b in ids) == config["num_layers"] == 19
+    assert sum(b.startswith("S") for b in ids) == config["num_single_layers"] == 38
 
 
 def test_variants_are_told_from_the_denoiser_config() -> None:

@@ -1,9 +1,11 @@
 """LoRA Block Weight vectors and block mapping, checked against the extension's own tables and, for the mapping, on
-full-size SD1, SD2 and SDXL UNets built on the meta device (no memory) from batchgen's shipped configs."""
+full-size SD1, SD2 and SDXL UNets and the FLUX.1-dev transformer built on the meta device (no memory) from
+batchgen's shipped configs."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,13 +14,24 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from batchgen.assets.bases.record import SHIPPED_CONFIGS
-from batchgen.assets.block_weights import BLOCK_IDS, PRESETS, block_of, long_ids, module_weight, parse_blocks
+from batchgen.assets.block_weights import (
+    BLOCK_IDS,
+    FLUX_PRESETS,
+    PRESETS,
+    block_of,
+    long_ids,
+    module_weight,
+    parse_blocks,
+)
+from batchgen.assets.lora_formats import group_by_module, map_to_modules
 from batchgen.assets.lora_formats.sgm import sgm_table, to_sgm
+from batchgen.assets.loras import Shape
 from batchgen.errors import BatchgenError
+from tests.test_flux_lora_keys import bfl_modules
 
 WHERE = "loras[0].blocks"
 
@@ -33,6 +46,7 @@ EXT_BLOCKID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01"
 EXT_BLOCKID20 = ["BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "M00", "OUT00",
                  "OUT01", "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08"]
 # fmt: on
+EXT_BLOCKIDFLUX = ["CLIP", "T5", "IN"] + [f"D{x:002}" for x in range(19)] + [f"S{x:002}" for x in range(38)] + ["OUT"]  # noqa: E501
 # DEF_WEIGHT_PRESET, less FLUXALL (61 ones: Flux only).
 EXT_PRESETS = """\
 NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
@@ -87,14 +101,25 @@ def test_block_ids_are_the_extensions() -> None:
         "sd-1": {17: tuple(EXT_BLOCKID17), 26: tuple(EXT_BLOCKID26)},
         "sd-2": {17: tuple(EXT_BLOCKID17), 26: tuple(EXT_BLOCKID26)},
         "sdxl": {12: tuple(EXT_BLOCKID12), 20: tuple(EXT_BLOCKID20)},
+        "flux": {61: tuple(EXT_BLOCKIDFLUX)},
     }
     assert long_ids("sd-1") == tuple(EXT_BLOCKID26)
     assert long_ids("sdxl") == tuple(EXT_BLOCKID20)
+    assert long_ids("flux") == tuple(EXT_BLOCKIDFLUX)
 
 
 def test_presets_are_the_extensions() -> None:
     assert PRESETS == ext_preset_table()
     assert list(PRESETS) == list(ext_preset_table())  # same order: messages list them as the extension does
+    assert FLUX_PRESETS == {"FLUXALL": (1,) * 61}  # f"FLUXALL:{','.join(['1']*61)}"
+
+
+def test_flux_vectors() -> None:
+    assert parse_blocks("FLUXALL", "flux", WHERE) == (1.0,) * 61
+    values = [n / 8 for n in range(61)]
+    assert parse_blocks(values, "flux", WHERE) == tuple(values)
+    assert parse_blocks(",".join(str(v) for v in values), "flux", WHERE) == tuple(values)
+    assert parse_blocks("MINE", "flux", WHERE, {"MINE": [0.5] * 61}) == (0.5,) * 61
 
 
 @pytest.mark.parametrize("name", list(ext_preset_table()))
@@ -172,6 +197,7 @@ XL_COUNTS = (
 )
 UNKNOWN = f"{WHERE}: unknown block weight preset"
 PRESET_LIST = "NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5"
+FLUX_COUNTS = "give 61 (CLIP, T5, IN, D00-D18, S00-S37, OUT)"
 SPECIAL = "the extension's random (R, U) and inherited (X) weights are not supported; give a number"
 BAD = [
     ("1,1", "sd-1", None, f"{WHERE}: 2 block weights for sd-1; {SD_COUNTS}"),
@@ -188,8 +214,18 @@ BAD = [
     ("face", "sd-1", None, f"{UNKNOWN} 'face'; presets: {PRESET_LIST}"),
     ("FACE", "sd-1", {"FACES": [1] * 17}, f"{UNKNOWN} 'FACE' (did you mean 'FACES'?); "
      f"presets: FACES, {PRESET_LIST}"),
-    ("FLUXALL", "sd-1", None, f"{WHERE}: preset 'FLUXALL' is the extension's Flux preset; batchgen renders no Flux, "
-     "give sd weights"),
+    ("FLUXALL", "sd-1", None, f"{WHERE}: preset 'FLUXALL' is for flux, not sd-1; presets for sd-1: {PRESET_LIST}"),
+    ("FLUXALL", "sdxl", {"MINE": [1] * 12}, f"{WHERE}: preset 'FLUXALL' is for flux, not sdxl; presets for sdxl: "
+     f"MINE, {PRESET_LIST}"),
+    ("ALL", "flux", None, f"{WHERE}: preset 'ALL' is for sd-1, sd-2, sdxl, not flux; presets for flux: FLUXALL"),
+    ("ALLL", "flux", None, f"{UNKNOWN} 'ALLL'; presets: FLUXALL"),
+    ("fluxall", "flux", None, f"{UNKNOWN} 'fluxall' (did you mean 'FLUXALL'?); presets: FLUXALL"),
+    ([1] * 17, "flux", None, f"{WHERE}: 17 block weights for flux (17 is the sd-1/sd-2 count); {FLUX_COUNTS}"),
+    ([1] * 26, "flux", None, f"{WHERE}: 26 block weights for flux (26 is the sd-1/sd-2 count); {FLUX_COUNTS}"),
+    ([1] * 60, "flux", None, f"{WHERE}: 60 block weights for flux; {FLUX_COUNTS}"),
+    ([1] * 61, "sd-1", None, f"{WHERE}: 61 block weights for sd-1 (61 is the flux count); {SD_COUNTS}"),
+    ([1, 1, 1, "R", *[1] * 57], "flux", None, f"{WHERE}: block weight 4 (D00) is 'R': {SPECIAL}"),
+    ([*[1] * 60, "x"], "flux", None, f"{WHERE}: block weight 61 (OUT) is 'x', not a number"),
     ("1,1,1,1,1,1,1,1,x,1,1,1", "sdxl", None, f"{WHERE}: block weight 9 (OUT02) is 'x', not a number"),
     ("1,1,1,1,1,1,1,1,,1,1,1", "sdxl", None, f"{WHERE}: block weight 9 (OUT02) is '', not a number"),
     ([1, 1, 1, True, *[1] * 8], "sdxl", None, f"{WHERE}: block weight 4 (IN07) is True, not a number"),
@@ -208,9 +244,7 @@ BAD = [
     (1.0, "sd-1", None, f"{WHERE}: blocks is float 1.0; give a preset name, comma-separated weights ('1,0,0,...') "
      "or a list of numbers"),
     ("ALL", "sd-3", None, f"{WHERE}: block weights are not defined for base 'sd-3'; the LoRA Block Weight extension "
-     "has them for sd-1, sd-2, sdxl only: remove blocks: from this LoRA"),
-    ([1] * 17, "flux", None, f"{WHERE}: block weights are not defined for base 'flux'; the LoRA Block Weight "
-     "extension has them for sd-1, sd-2, sdxl only: remove blocks: from this LoRA"),
+     "has them for sd-1, sd-2, sdxl, flux only: remove blocks: from this LoRA"),
 ]  # fmt: skip
 
 
@@ -344,6 +378,67 @@ def test_text_encoder_modules(base: str, component: str, projected: bool) -> Non
     assert ext_block("transformer_text_model_encoder_layers_0_self_attn_q_proj") == "BASE"
     assert ext_block("1_model_transformer_resblocks_0_attn_out_proj") == "BASE"
     assert ext_block("transformer_text_model_embeddings_token_embedding") is None
+
+
+# --- FLUX.1 ---------------------------------------------------------------------------------------------------------
+
+
+def ext_flux_block(key: str) -> str | None:
+    """The extension's get_flux_blocks on one key (dots already underscores); None for its "Not Merge"."""
+    if "t5xxl" in key:
+        return "T5"
+    if "clip_" in key:
+        return "CLIP"
+    match = re.search(r"_(\d+)_", key)
+    if "double_blocks" in key:
+        return f"D{match.group(1).zfill(2)}"
+    if "single_blocks" in key:
+        return f"S{match.group(1).zfill(2)}"
+    if "_in" in key:
+        return "IN"
+    if "final_layer" in key:
+        return "OUT"
+    return None
+
+
+def test_flux_modules_map_as_the_extension() -> None:
+    """Each BFL module of the full-size FLUX.1-dev transformer, reached through batchgen's LoRA key mapping (a fused
+    qkv or linear1 reaches several diffusers modules), is in the block the extension gives its BFL name."""
+    config = {k: v for k, v in _config("flux", "transformer").items() if not k.startswith("_")}
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**config)
+    linears = {n: tuple(m.weight.shape) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    state = {}
+    for module, (out_dim, in_dim) in bfl_modules().items():  # FLUX.1-dev's, as BFL names and shapes them
+        state[f"diffusion_model.{module}.lora_A.weight"] = Shape((4, in_dim))
+        state[f"diffusion_model.{module}.lora_B.weight"] = Shape((out_dim, 4))
+    fmt, groups = group_by_module(state)
+    assert len(groups) == len(bfl_modules())
+    seen: dict[str, str | None] = {}
+    for key, tensors in groups.items():
+        found, _ = map_to_modules({key: tensors}, fmt, {"transformer": linears}, None)
+        assert found, key
+        theirs = ext_flux_block(f"{key}.weight".replace(".", "_"))
+        for ref in found:
+            assert block_of("transformer", ref.path, "flux") == theirs, (key, ref.path)
+            seen[ref.path] = theirs
+    assert set(seen) == set(linears)  # every Linear of the transformer is some BFL module's
+    assert set(seen.values()) == set(long_ids("flux")) - {"CLIP", "T5"}  # every transformer block has modules
+
+
+def test_flux_text_encoders_are_clip_and_t5() -> None:
+    assert ext_flux_block("clip_l_transformer_text_model_encoder_layers_0_mlp_fc1") == "CLIP"
+    assert ext_flux_block("t5xxl_transformer_encoder_block_0_layer_0_SelfAttention_q") == "T5"
+    assert block_of("text_encoder", "text_model.encoder.layers.0.mlp.fc1", "flux") == "CLIP"
+    assert block_of("text_encoder", "final_layer_norm", "flux") == "CLIP"
+    assert block_of("text_encoder_2", "encoder.block.23.layer.1.DenseReluDense.wo", "flux") == "T5"
+    vector = parse_blocks([n / 4 for n in range(61)], "flux", WHERE)
+    assert module_weight(vector, "flux", "text_encoder", "encoder.layers.3.self_attn.q_proj") == 0.0
+    assert module_weight(vector, "flux", "text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q") == 0.25
+    assert module_weight(vector, "flux", "transformer", "x_embedder") == 0.5
+    assert module_weight(vector, "flux", "transformer", "transformer_blocks.18.attn.to_add_out") == 21 / 4
+    assert module_weight(vector, "flux", "transformer", "single_transformer_blocks.0.proj_mlp") == 22 / 4
+    assert module_weight(vector, "flux", "transformer", "norm_out.linear") == 60 / 4
 
 
 def test_module_weight() -> None:

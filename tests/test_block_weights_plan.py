@@ -113,3 +113,35 @@ def test_the_blocks_axis_is_a_grid_axis() -> None:
         grid=dataclasses.replace(_sweep().grid, x="blocks:ink", y="seed"),
     )
     assert len(plan.jobs) == 4
+
+
+FLUX = ModelSpec(
+    "fx",
+    "flux",
+    Path("/m/fx"),
+    "c3" * 32,
+    loras=(LoraFile("ink", Path("/l/fx.st"), "e" * 64, blocks=("CLIP", "D00")),),
+)
+FLUX_ZERO_S = ",".join(["1"] * 22 + ["0"] * 38 + ["1"])  # every single block 0: this LoRA has none
+
+
+def _flux_ids(blocks: list[str] | None) -> list[str]:
+    entry = {"blocks": blocks} if blocks else 1.0
+    sweep = _sweep(**{**ONE, "models": ["fx"], "stacks": {"s": {"ink": entry}}})
+    return list(build_plan(sweep, {"fx": FLUX}).table["job_id"])
+
+
+def test_flux_blocks_plan_by_the_blocks_its_file_has() -> None:
+    plain = _flux_ids(None)
+    # FLUXALL, and zeros on blocks the file has no layers in, are the plain LoRA's job; D00 at 0.5 is another.
+    assert _flux_ids(["FLUXALL", FLUX_ZERO_S]) == plain * 2
+    half = ",".join(["1"] * 3 + ["0.5"] + ["1"] * 57)
+    assert len(set(_flux_ids([half]) + plain)) == 2
+
+
+def test_an_sd_preset_on_flux_says_which_presets_flux_has() -> None:
+    with pytest.raises(BatchgenError) as e:
+        build_plan(_sweep(**{**ONE, "models": ["fx"], "stacks": {"s": {"ink": {"blocks": "OUTD"}}}}), {"fx": FLUX})
+    assert str(e.value) == (
+        "sweep.stacks.s.ink.blocks: preset 'OUTD' is for sd-1, sd-2, sdxl, not flux; presets for flux: FLUXALL"
+    )

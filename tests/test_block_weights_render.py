@@ -108,6 +108,57 @@ def test_a_block_vector_is_the_file_scaled_block_by_block(model, lora: str) -> N
     assert not np.array_equal(images["a"], images["c"])  # the blocks did something
 
 
+# FLUX.1 by the extension's get_flux_blocks on key text: kohya, BFL/ComfyUI, XLabs and diffusers/PEFT names alike.
+_FLUX_UP = ("lora_up.weight", "lora_B.weight", ".up.weight")
+_FLUX_BLOCK = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks|transformer_blocks)[._](\d+)[._]")
+
+
+def _flux_block(key: str) -> str | None:
+    if key.startswith(("lora_te1_", "text_encoder.")):
+        return "CLIP"
+    if key.startswith(("lora_te2_", "lora_te3_", "text_encoder_2.")):
+        return "T5"
+    if m := _FLUX_BLOCK.search(key):
+        return f"{'S' if m.group(1).startswith('single') else 'D'}{int(m.group(2)):02d}"
+    return None  # the tiny LoRAs have no embedder or final-layer keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", ["ink", "grain", "pastel", "sketch"])
+def test_a_flux_block_vector_is_the_file_scaled_block_by_block(lora: str, tiny_cache: Path, tmp_path: Path) -> None:
+    folder = next(tiny_cache.glob("*/tiny_flux/main/tiny_flux"))
+    source = next(tiny_cache.glob("*/tiny_flux/lora")) / f"{lora}.safetensors"
+    ids = BLOCK_IDS["flux"][61]
+    values = dict.fromkeys(ids, 1.0) | {"CLIP": 0.5, "D00": 0.5, "S00": 0.0}
+    vector = tuple(values[block] for block in ids)
+    tensors = load_file(source)
+    with safe_open(source, "pt") as f:
+        metadata = f.metadata()
+    hit = set()
+    for key in tensors:
+        block = _flux_block(key)
+        if block is not None and key.endswith(_FLUX_UP):
+            tensors[key] = tensors[key] * values[block]
+            hit.add(block)
+    assert "D00" in hit and (lora == "sketch" or "S00" in hit), hit  # XLabs trains double blocks only
+    save_file(tensors, tmp_path / "scaled.safetensors", metadata)
+    files = (LoraFile(lora, source), LoraFile("scaled", tmp_path / "scaled.safetensors"))
+    spec = ModelSpec("tiny_flux", "flux", folder, "", loras=files)
+    text = ",".join(str(v) for v in vector)
+
+    def job(i: str, lw: LoraWeight) -> Job:
+        return Job(i * 16, "tiny_flux", "a castle at night", "", 1, 2, 3.5, 64, 64, loras=(lw,))
+
+    jobs = [
+        job("a", LoraWeight(lora, 1.0, 1.0, text, parse_blocks(text, "flux", "test"))),
+        job("b", LoraWeight("scaled", 1.0, 1.0)),
+        job("c", LoraWeight(lora, 1.0, 1.0)),
+    ]
+    images = {r.job_id[0]: np.asarray(r.image) for r in Renderer({"tiny_flux": spec}, batch_size=1).render(jobs)}
+    assert np.array_equal(images["a"], images["b"])
+    assert not np.array_equal(images["a"], images["c"])  # the blocks did something
+
+
 def test_meta_sized_rule_agrees_with_the_module_mapping() -> None:
     from batchgen.assets.block_weights import block_of
 

@@ -16,6 +16,10 @@ Facts from the extension (scripts/lora_block_weight.py), kept here because batch
   norm).
 - The model type is never consulted: the built-in presets are 17-vectors and an SDXL render applies them by block id
   like any other 17-vector (see ``parse_blocks``).
+- FLUX.1 has ids of its own (BLOCKIDFLUX, 61 of them: CLIP, T5, IN, D00-D18, S00-S37, OUT) and one preset, FLUXALL;
+  a FLUX module's block comes from its BFL name (``get_flux_blocks``), which ``bases/flux.py`` reads on diffusers'
+  names. The extension turns a vector of any other length into a 26-vector even for FLUX, where that means
+  nothing: batchgen refuses it, and refuses SD presets on FLUX and FLUXALL on SD.
 No torch here: planning resolves the vector, the patcher asks ``module_weight`` per module.
 """
 
@@ -26,15 +30,14 @@ import numbers
 import re
 from collections.abc import Mapping, Sequence
 
-from batchgen.assets.bases import BASES, SD1
+from batchgen.assets.bases import BASES, BY_NAME, SD1, flux
 from batchgen.errors import BatchgenError
 from batchgen.settings import did_you_mean
 
 # base -> vector length -> block ids in vector order, as each base module declares them.
 BLOCK_IDS: dict[str, Mapping[int, tuple[str, ...]]] = {base.name: base.block_ids for base in BASES if base.block_ids}
 
-# The extension's default presets (DEF_WEIGHT_PRESET), all 17-vectors in the SD1/SD2 order. Its FLUXALL (61 ones)
-# is left out: batchgen has no Flux base.
+# The extension's default presets (DEF_WEIGHT_PRESET), all 17-vectors in the SD1/SD2 order, but FLUXALL.
 PRESETS: dict[str, tuple[float, ...]] = {
     "NONE": (0,) * 17,
     "ALL": (1,) * 17,
@@ -47,7 +50,13 @@ PRESETS: dict[str, tuple[float, ...]] = {
     "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
     "ALL0.5": (0.5,) * 17,
 }
-_PRESET_IDS = SD1.block_ids[17]  # the block ids of every built-in preset: the extension's SD1 17-vector
+_PRESET_IDS = SD1.block_ids[17]  # the block ids of every SD preset: the extension's SD1 17-vector
+FLUX_PRESETS: dict[str, tuple[float, ...]] = {"FLUXALL": (1,) * len(flux.BLOCK_IDS)}
+# Each built-in preset with the ids its vector is written in; it applies to a base that has any of them.
+_BUILT_IN: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {
+    **{name: (vector, _PRESET_IDS) for name, vector in PRESETS.items()},
+    **{name: (vector, flux.BLOCK_IDS) for name, vector in FLUX_PRESETS.items()},
+}
 
 # The extension's special entries (case-sensitive): R and U draw a random weight per image, X... takes the prompt's
 # extra weight (X, X+0.5, X-1).
@@ -55,7 +64,8 @@ _SPECIAL = re.compile(r"[RU]|X.*")
 
 
 def long_ids(base: str, where: str = "blocks") -> tuple[str, ...]:
-    """The block ids of the full vector for this base (26 for SD1/SD2, 20 for SDXL), in vector order."""
+    """The block ids of the full vector for this base (26 for SD1/SD2, 20 for SDXL, 61 for FLUX.1), in vector
+    order."""
     lengths = BLOCK_IDS.get(base)
     if lengths is None:
         raise BatchgenError(
@@ -83,9 +93,12 @@ def parse_blocks(
         if name in user_presets:
             at = f"{where}: preset '{name}'"
             return _vector(_entries(user_presets[name], at), base, at)
-        if name in PRESETS:
-            return _spread(PRESETS[name], _PRESET_IDS, ids)
-        raise BatchgenError(_unknown_preset(name, where, [*user_presets, *PRESETS]))
+        if name in _BUILT_IN:
+            vector, preset_ids = _BUILT_IN[name]
+            if set(preset_ids).isdisjoint(ids):
+                raise BatchgenError(_foreign_preset(name, base, where, [*user_presets, *_presets_for(base)]))
+            return _spread(vector, preset_ids, ids)
+        raise BatchgenError(_unknown_preset(name, where, [*user_presets, *_presets_for(base)]))
     return _vector(_entries(value, where), base, where)
 
 
@@ -93,6 +106,12 @@ def block_of(component: str, path: str, base: str) -> str | None:
     """The block id a module is weighted by, from its pipeline component and diffusers ``named_modules()`` path;
     None for modules the extension leaves at the LoRA's own weight (see the module docstring)."""
     ids = long_ids(base)
+    rule = BY_NAME[base].module_block or _sd_block
+    block = rule(component, path)
+    return block if block in ids else None
+
+
+def _sd_block(component: str, path: str) -> str | None:
     if component in ("text_encoder", "text_encoder_2"):
         # A1111 keys the encoder layers "..._text_model_encoder_layers_..." (CLIP) or "..._transformer_resblocks_..."
         # (OpenCLIP): both match BASE. The embeddings, final norm and projection match neither. transformers 5 drops
@@ -101,8 +120,7 @@ def block_of(component: str, path: str, base: str) -> str | None:
         return "BASE" if inner.split(".", 1)[0] == "encoder" else None
     if component != "unet":
         raise ValueError(f"block_of: unknown component {component!r}")
-    block = _unet_block(path)
-    return block if block in ids else None
+    return _unet_block(path)
 
 
 def module_weight(vector: Sequence[float], base: str, component: str, path: str) -> float:
@@ -132,13 +150,11 @@ def _vector(entries: list[object], base: str, where: str) -> tuple[float, ...]:
     lengths = BLOCK_IDS[base]
     ids = lengths.get(len(entries))
     if ids is None:
-        short, full = lengths
         other = [name for name, known in BLOCK_IDS.items() if len(entries) in known]
         layout = f" ({len(entries)} is the {'/'.join(other)} count)" if other else ""
-        raise BatchgenError(
-            f"{where}: {len(entries)} block weights for {base}{layout}; give {short} ({', '.join(lengths[short])}) "
-            f"or {full} ({_ranges(lengths[full])})"
-        )
+        full = max(lengths)
+        counts = [f"{n} ({_ranges(lengths[n]) if n == full else ', '.join(lengths[n])})" for n in sorted(lengths)]
+        raise BatchgenError(f"{where}: {len(entries)} block weights for {base}{layout}; give {' or '.join(counts)}")
     values = [_number(entry, i, block, where) for i, (entry, block) in enumerate(zip(entries, ids, strict=True), 1)]
     return _spread(tuple(values), ids, lengths[max(lengths)])
 
@@ -175,9 +191,17 @@ def _spread(values: tuple[float, ...], ids: tuple[str, ...], target: tuple[str, 
     return tuple(float(by_id.get(block, 0.0)) for block in target)
 
 
+def _presets_for(base: str) -> list[str]:
+    ids = long_ids(base)
+    return [name for name, (_, preset_ids) in _BUILT_IN.items() if not set(preset_ids).isdisjoint(ids)]
+
+
+def _foreign_preset(name: str, base: str, where: str, known: list[str]) -> str:
+    owners = [b for b, lengths in BLOCK_IDS.items() if not set(_BUILT_IN[name][1]).isdisjoint(lengths[max(lengths)])]
+    return f"{where}: preset '{name}' is for {', '.join(owners)}, not {base}; presets for {base}: {', '.join(known)}"
+
+
 def _unknown_preset(name: str, where: str, known: list[str]) -> str:
-    if name == "FLUXALL":
-        return f"{where}: preset 'FLUXALL' is the extension's Flux preset; batchgen renders no Flux, give sd weights"
     # Preset names are case-sensitive in the extension; a case slip is the likeliest typo.
     folded = [option for option in known if option.lower() == name.lower()]
     if folded:
@@ -188,11 +212,12 @@ def _unknown_preset(name: str, where: str, known: list[str]) -> str:
 
 
 def _ranges(ids: tuple[str, ...]) -> str:
-    """BASE, IN00-IN11, M00, OUT00-OUT11: the long vectors named compactly for messages."""
+    """BASE, IN00-IN11, M00, OUT00-OUT11 (or FLUX's CLIP, T5, IN, D00-D18, S00-S37, OUT): the long vectors named
+    compactly for messages."""
     parts: list[str] = []
     for block in ids:
         prefix = block.rstrip("0123456789")
-        if parts and parts[-1].startswith(prefix) and prefix in ("IN", "OUT"):
+        if parts and parts[-1].startswith(prefix) and prefix in ("IN", "OUT", "D", "S"):
             parts[-1] = f"{parts[-1].split('-')[0]}-{block}"
         else:
             parts.append(block)

@@ -1,6 +1,30 @@
 """FLUX.1 (dev and schnell): CLIP-L for the pooled vector, T5-XXL for the sequence, a flow-matching MMDiT."""
 
-from batchgen.assets.bases.record import Base
+import re
+
+from batchgen.assets.bases.record import Base, numbered
+
+# The LoRA Block Weight extension's FLUX.1 ids (its BLOCKIDFLUX, 61): the two text encoders, the input embedders,
+# the 19 double and 38 single blocks, the final layer.
+BLOCK_IDS = ("CLIP", "T5", "IN", *numbered("D", 19), *numbered("S", 38), "OUT")
+
+_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)(?:\.|$)")
+# The extension matches "_in" and "final_layer" in BFL names: img_in, txt_in, time_in, vector_in and guidance_in are
+# diffusers' x_embedder, context_embedder and time_text_embed; final_layer is norm_out's linear and proj_out.
+_INPUTS = ("x_embedder", "context_embedder", "time_text_embed")
+_OUTPUTS = ("norm_out", "proj_out")
+
+
+def module_block(component: str, path: str) -> str | None:
+    """The extension's block for a FLUX.1 module (its get_flux_blocks, read on diffusers' names): every layer of
+    CLIP-L is CLIP, of T5 is T5; double block n is Dnn, single block n Snn."""
+    if component in ("text_encoder", "text_encoder_2"):
+        return "CLIP" if component == "text_encoder" else "T5"
+    if match := _BLOCK.match(path):
+        return f"{'D' if match[1] == 'transformer_blocks' else 'S'}{int(match[2]):02d}"
+    top = path.split(".", 1)[0]
+    return "IN" if top in _INPUTS else "OUT" if top in _OUTPUTS else None
+
 
 BASE = Base(
     name="flux",
@@ -29,6 +53,8 @@ BASE = Base(
     guidance="distilled",
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     lora_block_names=("double_blocks", "single_blocks", "single_transformer_blocks"),
+    block_ids={len(BLOCK_IDS): BLOCK_IDS},
+    module_block=module_block,
     variants={"dev": {"guidance_embeds": True}, "schnell": {"guidance_embeds": False}},
     defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 512},
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,9 @@ class Base:
     # LoRA Block Weight: vector length -> block ids in vector order; the longest is the full vector every shorter
     # one expands to. Empty: the extension defines no blocks for the base.
     block_ids: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    # The block a module is in, from its pipeline component and diffusers path (None: outside every block, so it
+    # keeps the LoRA's weight). None here: the CompVis UNet rule of block_weights.py, which SD1, SD2 and SDXL share.
+    module_block: Callable[[str, str], str | None] | None = None
     # The clip skips (A1111's count) compel has an encoder layer for; empty: compel is not set up for the base.
     compel_clip_skips: tuple[int, ...] = ()
     # A single file holding one of these keys is refused with the reason (a refiner, say).
