@@ -168,7 +168,9 @@ def test_a_bias_a_full_diff_changed_is_restored_when_a_plain_lora_takes_the_modu
     )
     patcher.apply((LoraWeight("lora", 0.3, 0.3),))
     patcher.apply((LoraWeight("lora", 0.7, 0.7),))
-    assert bias_reads == [False, False]  # a bias no layer changed is left alone, not re-read
+    # The first patch finds W0 in place and reads nothing; the second restores the weight only: a bias no layer
+    # changed is left alone, not re-read.
+    assert bias_reads == [False]
     patcher.apply((LoraWeight("full", 1.0, 1.0),))
     assert torch.equal(model[0].bias, b0 + 1)
     patcher.apply((LoraWeight("lora", 1.0, 1.0),))
@@ -230,3 +232,43 @@ def test_pristine_compares_bits_so_a_signed_zero_is_not_taken_for_the_original(t
     store.keep(ref, model[0])
     assert store.held_bytes() == 3 * 2 * 4  # the weight kept in RAM, the bias found on disk
     assert torch.equal(store.get(ref, "weight").view(torch.int32), model[0].weight.detach().view(torch.int32))
+
+
+def test_a_stack_on_unpatched_modules_reads_no_weight_back(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, stacks, _ = loaded
+    stacks.use(_stack(("ink", 1.0)))
+    stacks.use(())  # every ink module has been kept once, and holds W0 again
+    reads: list[tuple[str, str]] = []
+    restore_into = stacks.patcher.pristine.restore_into
+    monkeypatch.setattr(
+        stacks.patcher.pristine,
+        "restore_into",
+        lambda ref, name, dest: reads.append((ref.path, name)) or restore_into(ref, name, dest),
+    )
+    stacks.use(_stack(("ink", 1.0)))
+    assert reads == []
+    stacks.use(())
+    assert len(reads) == len(stacks.patcher.loras["ink"])
+
+
+def test_a_write_that_fails_part_way_is_restored_by_the_next(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, stacks, _ = loaded
+    stacks.use(())
+    original = _snapshot(stacks)
+    stacks.use(_stack(("ink", 0.5)))
+    half = _snapshot(stacks)
+    layer = next(iter(stacks.patcher.loras["ink"].values()))
+
+    def half_written(target: torch.Tensor, alpha: float) -> None:
+        target.add_(1.0)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(layer, "add_to", half_written)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stacks.use(_stack(("ink", 1.0)))
+    monkeypatch.undo()
+    assert stacks.current is None
+    stacks.use(_stack(("ink", 0.5)))  # back to the stack before the failure: its bits, not the half-written ones
+    _assert_bitwise_equal(_snapshot(stacks), half)
+    stacks.use(())
+    _assert_bitwise_equal(_snapshot(stacks), original)

@@ -2,7 +2,8 @@
 
 Every module's target weight is computed from its pristine copy, never by adding to or subtracting from the
 current weight, so switching A -> B -> A gives exactly A's bits and removing every LoRA gives exactly W0.
-Only modules whose contributions change are touched when the stack or a weight changes.
+Only modules whose contributions change are touched when the stack or a weight changes. A module with no
+contribution holds W0 itself, so adding a stack to it reads nothing back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from batchgen.engine.pristine import PristineStore
 from batchgen.spec import LoraWeight
 
 Contribution = tuple[str, float]  # (LoRA name, weight)
+# What _applied says of a module while it is being written: equal to no stack (nan != nan), so never skipped.
+_UNKNOWN: tuple[Contribution, ...] = (("", float("nan")),)
 
 
 def load_lora_layers(
@@ -43,6 +46,8 @@ class WeightPatcher:
         self._applied: dict[ModuleRef, tuple[Contribution, ...]] = {}
         self.touched_last = 0  # modules rewritten by the last apply(): what a stack switch cost
         self._bias_changed: set[ModuleRef] = set()  # in-place writes whose bias differs from the original
+        # get_submodule walks the path with hasattr at every level; a switch rewrites the same modules again and again.
+        self._modules: dict[ModuleRef, torch.nn.Module] = {}
 
     def add(self, name: str, layers: dict[ModuleRef, LayerPatch]) -> None:
         self.loras[name] = layers
@@ -70,12 +75,18 @@ class WeightPatcher:
 
     @torch.no_grad()
     def _write(self, ref: ModuleRef, contributions: tuple[Contribution, ...]) -> None:
-        module = self.components[ref.component].get_submodule(ref.path)
+        module = self._modules.get(ref)
+        if module is None:
+            module = self._modules[ref] = self.components[ref.component].get_submodule(ref.path)
         if ref not in self.pristine:
             self.pristine.keep(ref, module)
         layers = [(self.loras[name][ref], weight) for name, weight in contributions]
+        holds_original = ref not in self._applied
+        # Until this write completes the module's bits are unknown: a failure part-way must not leave it looking
+        # original (or as its old stack), so the next write of it restores from the pristine copy first.
+        self._applied[ref] = _UNKNOWN
         if module.weight.dtype == torch.float32 and not any(layer.needs_pristine for layer, _ in layers):
-            self._write_in_place(ref, module, layers)
+            self._write_in_place(ref, module, layers, holds_original)
         else:
             self._write_via_fp32(ref, module, layers)
         if contributions:
@@ -83,13 +94,14 @@ class WeightPatcher:
         else:
             self._applied.pop(ref, None)
 
-    def _write_in_place(self, ref: ModuleRef, module: torch.nn.Module, layers: list) -> None:
+    def _write_in_place(self, ref: ModuleRef, module: torch.nn.Module, layers: list, holds_original: bool) -> None:
         """fp32 weights: restore the original bits into the weight itself, then add each delta there.
 
         No full-size temporary is allocated, and the same sequence of operations from the same bits gives the
         same result every time, which is what makes A -> B -> A exact.
         """
-        self.pristine.restore_into(ref, "weight", module.weight)
+        if not holds_original:  # a weight with no contribution already holds them (the first patch, say)
+            self.pristine.restore_into(ref, "weight", module.weight)
         has_bias = getattr(module, "bias", None) is not None
         # Only full-diff layers change a bias; a bias no layer touched still holds its original bits.
         if has_bias and ref in self._bias_changed:

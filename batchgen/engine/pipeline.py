@@ -204,5 +204,6 @@ class LoraStacks:
                 if lora is None:
                     raise KeyError(f"model {self.spec.name} has no LoRA '{lw.name}'; the planner skips such jobs")
                 self.patcher.add(lw.name, load_lora_layers(lora.path, self.components, self.unet_config, self.device))
+        self.current = None  # a switch that fails part-way leaves no stack in effect: the next use() must patch
         self.patcher.apply(stack)
         self.current = stack
