@@ -69,10 +69,10 @@ def render_command(
         bool, typer.Option("--verbose", help="Also show diffusers', transformers' and torch's own notices and bars.")
     ] = False,
 ) -> None:
-    if not (dry_run or cfg or list_):
-        from batchgen.cpuload import choose_wait_policy
+    from batchgen.cpuload import choose_wait_policy, start_sample
 
-        choose_wait_policy()  # before torch loads: libgomp reads the policy once, when it starts
+    renders = not (dry_run or cfg or list_)
+    load_sample = start_sample() if renders else None  # composing the config fills the sample's wait
     from omegaconf import OmegaConf
 
     from batchgen.config import compose_config
@@ -87,7 +87,10 @@ def render_command(
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
     executor = None
-    if not (dry_run or list_):
+    if renders:
+        # Before torch loads (composing imports none): libgomp reads the policy once, when it starts, and
+        # spawned workers inherit it.
+        choose_wait_policy(since=load_sample)
         executor = make_executor(composed.config.executor, composed.config.run.threads)
         executor.start_early()  # workers import their libraries while this process plans
     try:

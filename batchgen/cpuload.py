@@ -5,12 +5,14 @@ process wants the same cores, spinning threads take turns with it and with each 
 alone took 44 s beside one busy process and 77 s beside two on 2 cores. Passive waiting (the threads sleep) brings
 that to 22 s and 38 s, but costs about 30% on a quiet machine, so it is chosen only when the CPUs are busy.
 The thread count is left alone: CPU pixels depend on it, and an image must not depend on the machine's load.
+The sample starts when the command does and is read once the config is composed, so planning fills the wait.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Other processes keeping this much of one CPU busy make spinning threads lose more than sleeping ones.
@@ -18,30 +20,49 @@ BUSY_CPUS = 0.5
 SAMPLE_S = 0.1
 
 
-def busy_cpus(sample_s: float = SAMPLE_S) -> float | None:
-    """CPUs kept busy by other processes over a short sample (from /proc/stat, less this process); None when
-    the system does not say."""
+@dataclass(frozen=True)
+class Sample:
+    """The CPU counters when a sample began."""
+
+    began: float  # time.monotonic()
+    cpu: tuple[int, int]
+    own: int
+
+
+def start_sample() -> Sample | None:
     try:
-        before, own_before = _cpu_ticks(), _own_ticks()
-        time.sleep(sample_s)
+        return Sample(time.monotonic(), _cpu_ticks(), _own_ticks())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_cpus(sample_s: float = SAMPLE_S, since: Sample | None = None) -> float | None:
+    """CPUs kept busy by other processes over at least `sample_s` (from /proc/stat, less this process), counted
+    from `since` if given (waiting only for what is left of sample_s), else from now; None when the system does
+    not say."""
+    since = since or start_sample()
+    if since is None:
+        return None
+    time.sleep(max(0.0, since.began + sample_s - time.monotonic()))
+    try:
         after, own_after = _cpu_ticks(), _own_ticks()
     except (OSError, ValueError, IndexError):
         return None
-    total = after[0] - before[0]
+    total = after[0] - since.cpu[0]
     if total <= 0:
         return None
     cpus = os.cpu_count() or 1
-    busy = (after[1] - before[1]) - (own_after - own_before)
+    busy = (after[1] - since.cpu[1]) - (own_after - since.own)
     return max(0.0, busy / total * cpus)
 
 
-def choose_wait_policy(environ: dict[str, str] | None = None) -> str | None:
+def choose_wait_policy(environ: dict[str, str] | None = None, since: Sample | None = None) -> str | None:
     """Set OMP_WAIT_POLICY=PASSIVE in `environ` (default os.environ) before torch starts its threads, when other
     processes keep the CPUs busy and the user has not chosen a policy. Returns the policy set, if any."""
     environ = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in environ:
         return None
-    busy = busy_cpus()
+    busy = busy_cpus(since=since)
     if busy is None or busy < BUSY_CPUS:
         return None
     environ["OMP_WAIT_POLICY"] = "PASSIVE"  # inherited by spawned workers too

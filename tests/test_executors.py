@@ -168,9 +168,9 @@ def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(mon
     from batchgen import cpuload
 
     env: dict[str, str] = {}
-    monkeypatch.setattr(cpuload, "busy_cpus", lambda: 0.1)
+    monkeypatch.setattr(cpuload, "busy_cpus", lambda since=None: 0.1)
     assert cpuload.choose_wait_policy(env) is None and env == {}
-    monkeypatch.setattr(cpuload, "busy_cpus", lambda: 1.0)
+    monkeypatch.setattr(cpuload, "busy_cpus", lambda since=None: 1.0)
     assert cpuload.choose_wait_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     mine = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert cpuload.choose_wait_policy(mine) is None and mine == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice
@@ -188,6 +188,43 @@ def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(mon
         loop.kill()
     assert quiet is not None and busy is not None
     assert busy - quiet > 0.6, (quiet, busy)
+
+
+def test_a_load_sample_started_earlier_waits_only_for_what_is_left(monkeypatch) -> None:
+    import time
+
+    from batchgen import cpuload
+
+    slept: list[float] = []
+    monkeypatch.setattr(cpuload.time, "sleep", slept.append)
+    sample = cpuload.start_sample()
+    assert sample is not None
+    deadline = time.monotonic() + 0.15
+    while time.monotonic() < deadline:
+        pass
+    assert cpuload.busy_cpus(0.1, since=sample) is not None
+    assert slept == [0.0]  # 0.15 s had passed: nothing left to wait
+    fresh = cpuload.start_sample()
+    cpuload.busy_cpus(0.1, since=fresh)
+    assert 0.09 < slept[1] <= 0.1
+
+
+def test_the_render_command_chooses_the_wait_policy_after_composing_and_before_torch_loads() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import batchgen.cpuload as c\n"
+        "def chosen(environ=None, since=None):\n"
+        "    print('torch' in sys.modules, 'hydra' in sys.modules, since is not None)\n"
+        "    raise SystemExit(0)\n"
+        "c.choose_wait_policy = chosen\n"
+        "from batchgen.cli import main\n"
+        "main(['+sweep=styles'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "False True True\n"
 
 
 @pytest.mark.slow
