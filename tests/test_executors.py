@@ -206,7 +206,7 @@ def test_a_load_sample_started_earlier_waits_only_for_what_is_left(monkeypatch) 
     assert slept == [0.0]  # 0.15 s had passed: nothing left to wait
     fresh = cpuload.start_sample()
     cpuload.busy_cpus(0.1, since=fresh)
-    assert 0.09 < slept[1] <= 0.1
+    assert 0.05 < slept[1] <= 0.1  # most of the 100 ms is left: the sample had only just begun
 
 
 def test_the_render_command_chooses_the_wait_policy_after_composing_and_before_torch_loads() -> None:
