@@ -276,3 +276,79 @@ def test_an_early_pool_binds_the_request_and_hands_its_spares_to_the_workers(mon
     assert pool.processes[0] is spares[0] and pool.processes[1] is not spares[1]
     assert list(pool.inboxes[0]) == list(pool.inboxes[1]) == [({}, Path("run"), "fp32", 2, False)]
     assert pool.spares == {}
+
+
+def test_a_worker_that_says_done_is_gone_at_once_and_not_reported_again_when_it_exits() -> None:
+    import queue
+
+    from batchgen.executors import local
+
+    class FakeProcess:
+        alive = True
+        exitcode = 0
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+    class FakeOutbox:
+        def __init__(self, items: list) -> None:
+            self.items = items
+
+        def get(self, timeout: float):
+            if not self.items:
+                raise queue.Empty
+            return self.items.pop(0)
+
+        def get_nowait(self):
+            return self.get(0)
+
+    pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)])
+    first, second = FakeProcess(), FakeProcess()
+    pool.processes, pool.inboxes = {0: first, 1: second}, {0: object(), 1: object()}
+    pool.outbox = FakeOutbox([("row", 0, {"job_id": "j0"}), ("done", 0)])
+    assert pool.poll(0) == [Row(0, {"job_id": "j0"})]
+    assert pool.poll(0) == [Gone(0, "finished")]
+    assert list(pool.processes) == list(pool.inboxes) == [1]
+    first.alive = False  # its teardown ends later: no second Gone for slot 0
+    assert pool.poll(0) == []
+    second.alive, second.exitcode = False, -9
+    assert pool.poll(0) == [Gone(1, "exit code -9")]
+
+
+CPU_WHEEL_VERSION = (
+    "from typing import Optional\n__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "gpu"),
+    [
+        (CPU_WHEEL_VERSION, False),
+        (CPU_WHEEL_VERSION.replace("cuda: Optional[str] = None", "cuda: Optional[str] = '12.8'"), True),
+        (CPU_WHEEL_VERSION.replace("hip: Optional[str] = None", "hip = '6.4.1'"), True),
+        (CPU_WHEEL_VERSION.replace("hip: Optional[str] = None\n", ""), True),  # unknown layout: ask torch
+        ("cuda = (", True),
+        (None, True),  # no version.py at all
+    ],
+)
+def test_a_cpu_wheel_is_told_from_its_version_file(tmp_path: Path, text: str | None, gpu: bool) -> None:
+    from batchgen.executors.local import torch_has_gpu_build
+
+    version = tmp_path / "version.py"
+    if text is not None:
+        version.write_text(text)
+    assert torch_has_gpu_build(version) is gpu
+
+
+def test_choosing_cpu_workers_does_not_import_torch_in_the_parent() -> None:
+    import subprocess
+    import sys
+
+    # The installed wheel is the CPU one (see the Makefile): the workers are spawned before any torch import here.
+    code = (
+        "import sys\n"
+        "from batchgen.executors.local import LocalExecutor, LocalOptions\n"
+        "print([s.name for s in LocalExecutor(LocalOptions(devices=2), 1).slots], 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "['cpu0', 'cpu1'] False\n"

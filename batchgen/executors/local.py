@@ -6,9 +6,13 @@ loaded models, under the shared dispatcher (executors/base.py), which the parent
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import queue
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from batchgen.errors import BatchgenError
@@ -80,10 +84,39 @@ def plan_slots(devices: Any, cuda_count: int, cores: int, threads: int | None = 
 
 
 def visible_slots(devices: Any, threads: int | None = None) -> list[Slot]:
+    return plan_slots(devices, cuda_device_count(), os.cpu_count() or 1, threads)
+
+
+def cuda_device_count() -> int:
+    """The CUDA (or ROCm) devices torch sees. A torch built for neither sees none, and its version.py says so
+    without importing torch: that import takes a second, which spawned workers would wait for and share the
+    cores with."""
+    if "torch" not in sys.modules and not torch_has_gpu_build():
+        return 0
     import torch
 
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return plan_slots(devices, cuda, os.cpu_count() or 1, threads)
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def torch_has_gpu_build(version_file: Path | None = None) -> bool:
+    """False only where torch's version.py sets both `cuda` and `hip` to None (a CPU wheel); any doubt is True."""
+    if version_file is None:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return True
+        version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        tree = ast.parse(version_file.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return True
+    builds = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [None])[0]
+        if isinstance(target, ast.Name) and target.id in ("cuda", "hip") and getattr(node, "value", None):
+            builds[target.id] = node.value
+    return set(builds) != {"cuda", "hip"} or any(
+        not (isinstance(value, ast.Constant) and value.value is None) for value in builds.values()
+    )
 
 
 class LocalExecutor:
@@ -183,9 +216,15 @@ class ProcessPool:
 
     def poll(self, timeout: float = POLL_S) -> list[Message]:
         try:
-            return [self._message(self.outbox.get(timeout=timeout))]
+            message = self.outbox.get(timeout=timeout)
         except queue.Empty:
             pass
+        else:
+            if message[0] == "done":  # it reported every row and exits by itself; its exit is not waited for
+                self.processes.pop(message[1], None)
+                self.inboxes.pop(message[1], None)
+                return [Gone(message[1], "finished")]
+            return [self._message(message)]
         messages: list[Message] = []
         for wid, process in list(self.processes.items()):
             if not process.is_alive():

@@ -40,6 +40,8 @@ def worker_main(wid: int, slot, inbox, outbox) -> None:
                 writer.submit(rows[result.job_id], result)
             outbox.put(("idle", wid))  # the writer may still be finishing this unit's PNGs
         writer.close()
+        # Every row is on the queue: the parent goes on now rather than wait a second for torch's teardown.
+        outbox.put(("done", wid))
     except OSError as e:
         from batchgen.errors import OUTPUT_ERRNOS
 
