@@ -148,17 +148,21 @@ def test_executor_section_errors(raw, message: str) -> None:
     assert str(caught.value) == message
 
 
-def test_choosing_an_executor_imports_neither_ray_nor_submitit() -> None:
+def fresh_python(code: str) -> str:
+    """What `code` prints in a new interpreter, where no test has imported anything yet."""
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_choosing_an_executor_imports_neither_ray_nor_submitit() -> None:
     code = (
         "import sys; from batchgen.executors.registry import executor_options as o; "
         "[o({'name': n}) for n in ('local', 'ray', 'slurm')]; "
         "print(sorted(m for m in ('ray', 'submitit', 'torch') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out == "[]\n"
+    assert fresh_python(code) == "[]\n"
 
 
 def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(monkeypatch) -> None:
@@ -341,14 +345,10 @@ def test_a_cpu_wheel_is_told_from_its_version_file(tmp_path: Path, text: str | N
 
 
 def test_choosing_cpu_workers_does_not_import_torch_in_the_parent() -> None:
-    import subprocess
-    import sys
-
     # The installed wheel is the CPU one (see the Makefile): the workers are spawned before any torch import here.
     code = (
         "import sys\n"
         "from batchgen.executors.local import LocalExecutor, LocalOptions\n"
         "print([s.name for s in LocalExecutor(LocalOptions(devices=2), 1).slots], 'torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out == "['cpu0', 'cpu1'] False\n"
+    assert fresh_python(code) == "['cpu0', 'cpu1'] False\n"
