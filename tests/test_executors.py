@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import pytest
@@ -282,29 +283,33 @@ def test_an_early_pool_binds_the_request_and_hands_its_spares_to_the_workers(mon
     assert pool.spares == {}
 
 
+class FakeProcess:
+    alive = True
+    exitcode = 0
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+class FakeOutbox:
+    """A worker queue whose messages arrive on time (`get` returns them) or late (only a drain finds them)."""
+
+    def __init__(self, items: list, late: bool = False) -> None:
+        self.items, self.late = items, late
+
+    def get(self, timeout: float):
+        if self.late or not self.items:
+            raise queue.Empty
+        return self.items.pop(0)
+
+    def get_nowait(self):
+        if not self.items:
+            raise queue.Empty
+        return self.items.pop(0)
+
+
 def test_a_worker_that_says_done_is_gone_at_once_and_not_reported_again_when_it_exits() -> None:
-    import queue
-
     from batchgen.executors import local
-
-    class FakeProcess:
-        alive = True
-        exitcode = 0
-
-        def is_alive(self) -> bool:
-            return self.alive
-
-    class FakeOutbox:
-        def __init__(self, items: list) -> None:
-            self.items = items
-
-        def get(self, timeout: float):
-            if not self.items:
-                raise queue.Empty
-            return self.items.pop(0)
-
-        def get_nowait(self):
-            return self.get(0)
 
     pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)])
     first, second = FakeProcess(), FakeProcess()
@@ -317,6 +322,19 @@ def test_a_worker_that_says_done_is_gone_at_once_and_not_reported_again_when_it_
     assert pool.poll(0) == []
     second.alive, second.exitcode = False, -9
     assert pool.poll(0) == [Gone(1, "exit code -9")]
+
+
+def test_a_done_found_while_draining_a_dead_worker_is_taken_and_its_own_exit_not_reported_twice() -> None:
+    from batchgen.executors import local
+
+    pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)])
+    first, second = FakeProcess(), FakeProcess()
+    first.alive, first.exitcode, second.alive = False, -9, False
+    pool.processes, pool.inboxes = {0: first, 1: second}, {0: object(), 1: object()}
+    # Slot 0 was killed; slot 1 said done and exited before the parent read its last messages.
+    pool.outbox = FakeOutbox([("row", 1, {"job_id": "j1"}), ("done", 1)], late=True)
+    assert pool.poll(0) == [Row(1, {"job_id": "j1"}), Gone(1, "finished"), Gone(0, "exit code -9")]
+    assert pool.processes == pool.inboxes == {}
 
 
 CPU_WHEEL_VERSION = (

@@ -216,22 +216,25 @@ class ProcessPool:
 
     def poll(self, timeout: float = POLL_S) -> list[Message]:
         try:
-            message = self.outbox.get(timeout=timeout)
+            return [self._take(self.outbox.get(timeout=timeout))]
         except queue.Empty:
             pass
-        else:
-            if message[0] == "done":  # it reported every row and exits by itself; its exit is not waited for
-                self.processes.pop(message[1], None)
-                self.inboxes.pop(message[1], None)
-                return [Gone(message[1], "finished")]
-            return [self._message(message)]
         messages: list[Message] = []
         for wid, process in list(self.processes.items()):
-            if not process.is_alive():
-                messages += [self._message(m) for m in self._drain()]  # rows it sent before dying still count
-                messages.append(Gone(wid, f"exit code {process.exitcode}"))
-                del self.processes[wid], self.inboxes[wid]
+            if wid in self.processes and not process.is_alive():
+                messages += [self._take(m) for m in self._drain()]  # rows it sent before dying still count
+                if wid in self.processes:  # unless it said done before it died
+                    messages.append(self._forget(wid, f"exit code {process.exitcode}"))
         return messages
+
+    def _take(self, message: tuple) -> Message:
+        if message[0] == "done":  # it reported every row and exits by itself; its exit is not waited for
+            return self._forget(message[1], "finished")
+        return self._message(message)
+
+    def _forget(self, wid: int, why: str) -> Gone:
+        del self.processes[wid], self.inboxes[wid]
+        return Gone(wid, why)
 
     def close(self) -> list[dict[str, Any]]:
         everyone = [*self.processes.values(), *(process for process, _ in self.spares.values())]
