@@ -114,7 +114,8 @@ def list_assets(plan: Plan, out: TextIO) -> None:
             hits = ", ".join(f"{component} {n}" for component, n in lora.modules)
             tags = f"  trigger: {lora.trigger}" if lora.trigger else ""
             tags += f"  tags: {lora.tags}" if lora.tags else ""
-            summary = f"{lora.format}, rank {lora.rank}, {lora.base or 'base unknown'}, {hits}"
+            kind = f"{lora.layout} {'+'.join(lora.layer_types)}"
+            summary = f"{kind}, rank {lora.rank}, {lora.base or 'base unknown'}, {hits}"
             if lora.epoch is not None or lora.steps is not None:
                 summary += f", epoch {'?' if lora.epoch is None else lora.epoch}, {lora.steps or '?'} steps"
             out.write(f"  lora  {lora.name}  {summary}  {lora.path}{tags}\n")

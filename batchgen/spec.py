@@ -73,7 +73,11 @@ class LoraFile:
     name: str
     path: Path
     sha256: str = ""
-    format: str = ""  # kohya | peft, plus the layer types found: lora, loha, lokr, dora, full
+    format: str = ""  # the key family (flux | sd3 | kohya | peft), plus the layer types: lora, loha, lokr, dora, full
+    # What --list names: the key layout (kohya, PEFT/diffusers, BFL/ComfyUI, XLabs, SGM/ComfyUI; " + " for a mix)
+    # and the layer types (LoRA, LoCon, LoHa, LoKr, DoRA, full).
+    layout: str = ""
+    layer_types: tuple[str, ...] = ()
     base: str | None = None
     rank: int | None = None
     modules: tuple[tuple[str, int], ...] = ()  # (component, modules hit)

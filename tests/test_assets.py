@@ -137,8 +137,8 @@ def test_ti_of_another_base_is_refused_listed_and_skipped(run_cli, tmp_path: Pat
     )
     lora_lines = [line for line in lines if line.startswith("  lora  ")]
     assert len(lora_lines) == 12  # six LoRAs for each tiny model
-    assert any(line.startswith("  lora  hatch  kohya+loha, rank 4, sdxl, text_encoder ") for line in lora_lines)
-    assert any(line.startswith("  lora  peft_sketch  peft+lora, rank 4, sd-1, ") for line in lora_lines)
+    assert any(line.startswith("  lora  hatch  kohya LoHa, rank 4, sdxl, text_encoder ") for line in lora_lines)
+    assert any(line.startswith("  lora  peft_sketch  PEFT/diffusers LoRA, rank 4, sd-1, ") for line in lora_lines)
 
     code, _, _ = run_cli(*args, "sweep.prompts=['<oldschool> cat']", "sweep.seeds=[1]", "sweep.stacks={}")
     assert code == 0

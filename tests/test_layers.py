@@ -364,7 +364,7 @@ def test_the_registry_is_the_classes_and_each_suffix_has_one_owner():
     assert LAYER_TYPES == (LoRALayer, LoHaLayer, LoKrLayer, FullLayer) and WRAPPERS == (DoRALayer,)
     owned = [suffix for cls in classes for suffix in cls.suffixes() - {"alpha"}]
     assert len(owned) == len(set(owned)) and set(owned) | {"alpha"} == LAYER_SUFFIXES
-    assert sorted(REPORTED_KINDS) == sorted(cls.kind for cls in classes)
+    assert sorted(REPORTED_KINDS) == sorted([*(cls.kind for cls in classes), "locon"])  # locon: LoRA over a kernel
     assert all(set(cls.min_dims) <= cls.suffixes() for cls in classes)
     assert [min_dims(s) for s in ("lora_down.weight", "lora_mid.weight", "hada_t1", "lokr_t2", "diff_b")] == [
         2,

@@ -382,8 +382,9 @@ class DoRALayer(LayerPatch):
 LAYER_TYPES: tuple[type[LayerPatch], ...] = (LoRALayer, LoHaLayer, LoKrLayer, FullLayer)
 WRAPPERS: tuple[type[LayerPatch], ...] = (DoRALayer,)
 LAYER_SUFFIXES: frozenset[str] = frozenset().union(*(cls.suffixes() for cls in (*LAYER_TYPES, *WRAPPERS)))
-# The order --list names a file's layer types in.
-REPORTED_KINDS = ("dora", "loha", "lokr", "lora", "full")
+# The order --list names a file's layer types in, and the names LyCORIS gives them. "locon" is no class of its own:
+# a LoRA layer over a convolution's kernel (LyCORIS's LoCon, kohya's C3Lier), which a plain kohya LoRA never has.
+REPORTED_KINDS = {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "locon": "LoCon", "lora": "LoRA", "full": "full"}
 
 
 def layer_type(names: Iterable[str]) -> type[LayerPatch] | None:
@@ -402,6 +403,13 @@ def layer_kinds(names: Iterable[str]) -> tuple[str, ...]:
         return ()
     inner = _inner_type(names) if cls in WRAPPERS else None
     return (cls.kind, inner.kind) if inner is not None else (cls.kind,)
+
+
+def spans_kernel(tensors: Mapping[str, Any]) -> bool:
+    """Whether a LoRA layer patches a convolution over more than 1x1 (a Tucker core, or a down with a kernel)."""
+    down = tensors.get("lora_down.weight")
+    kernel = _shape(down)[2:] if down is not None else ()
+    return "lora_mid.weight" in tensors or math.prod(kernel) > 1
 
 
 def delta_dims(tensors: Mapping[str, Any]) -> DeltaDims:

@@ -66,7 +66,7 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     same name may be a good file for another model: its keys are then left unmapped.
     """
     # lazy: the key formats and layer types import torch, which only a sweep that uses LoRAs pays for
-    from batchgen.assets.lora_formats import group_by_module, layer_evidence, map_to_modules
+    from batchgen.assets.lora_formats import file_layout, group_by_module, layer_evidence, map_to_modules
 
     shapes, metadata = lora_shapes(lora.path, hashes)
     try:
@@ -80,6 +80,8 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         lora,
         sha256=hashes.file_sha256(lora.path),
         format="+".join([fmt, *_layer_kinds(groups)]),
+        layout=file_layout(list(shapes), fmt),
+        layer_types=_layer_types(groups),
         base=base,
         rank=_rank(groups),
         tags=_top_tags(metadata),
@@ -170,6 +172,20 @@ def _layer_kinds(groups: dict[str, dict[str, Any]]) -> list[str]:
     if "dora" in found:
         found.discard("lora")
     return [kind for kind in REPORTED_KINDS if kind in found]
+
+
+def _layer_types(groups: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The file's layer types by LyCORIS's names (LoRA, LoCon, LoHa, LoKr, DoRA, full), for --list."""
+    from batchgen.assets.lora_layers import REPORTED_KINDS, layer_kinds, spans_kernel  # lazy: torch, as above
+
+    found: set[str] = set()
+    for tensors in groups.values():
+        kinds = layer_kinds(tensors)
+        found.update("locon" if kind == "lora" and spans_kernel(tensors) else kind for kind in kinds)
+    # A LoCon file's linear layers are plain LoRA ones, and DoRA over LoRA layers is DoRA: each named once.
+    if found & {"locon", "dora"}:
+        found.discard("lora")
+    return tuple(name for kind, name in REPORTED_KINDS.items() if kind in found)
 
 
 def _rank(groups: dict[str, dict[str, Any]]) -> int | None:

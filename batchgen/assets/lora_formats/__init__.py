@@ -29,12 +29,18 @@ from batchgen.assets.lora_layers import delta_dims
 # The key families, asked in this order whether a file's keys are theirs (FLUX's and SD3's kohya names start as SD's
 # do, so they ask first); PEFT takes whatever is left. Each module has recognises(keys), parse_key(key),
 # locator(modules, unet_config) and component_of(prefix), and may have split(groups, modules) for groups that patch
-# several modules at once.
+# several modules at once, and layout_of(key), the layout a key is written in by the name its trainers go by.
 FORMATS: dict[str, ModuleType] = {"flux": flux, "sd3": sd3, "kohya": kohya, "peft": peft}
 
 
 def detect_format(keys: list[object]) -> str:
     return next(name for name, family in FORMATS.items() if family.recognises(keys))
+
+
+def file_layout(keys: list[object], fmt: str) -> str:
+    """The layouts a file's keys are written in (`kohya`, `BFL/ComfyUI`, ...), joined with " + " for a mixed file."""
+    layout_of = FORMATS[fmt].layout_of
+    return " + ".join(sorted({layout_of(key) for key in keys if isinstance(key, str)}))
 
 
 def group_by_module(

@@ -127,6 +127,13 @@ def recognises(keys: Iterable[object]) -> bool:
     return False
 
 
+def layout_of(key: str) -> str:
+    """The layout a key of this family is written in, by the name its trainers go by (--list)."""
+    if _XLABS.match(key):
+        return "XLabs"
+    return "kohya" if key.startswith(("lora_unet_", *_TE_ROOTS)) else "BFL/ComfyUI"
+
+
 def parse_key(key: str) -> tuple[str, str] | None:
     """(module prefix, layer suffix), or None for a key that is no FLUX LoRA tensor."""
     xlabs = _XLABS.match(key)

@@ -33,6 +33,11 @@ def recognises(keys: Iterable[object]) -> bool:
     return any(isinstance(key, str) and key.startswith(roots) for key in keys)
 
 
+def layout_of(key: str) -> str:
+    """The layout a key of this family is written in (--list): kohya's, with diffusers' or SGM's UNet paths."""
+    return "kohya"
+
+
 def parse_key(key: str) -> tuple[str, str] | None:
     """(module name, layer suffix), or None for a key that is no kohya LoRA tensor."""
     prefix, _, suffix = key.partition(".")

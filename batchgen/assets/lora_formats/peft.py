@@ -51,6 +51,11 @@ def recognises(keys: Iterable[object]) -> bool:
     return True
 
 
+def layout_of(key: str) -> str:
+    """The layout a key of this family is written in (--list); older diffusers names are read as PEFT's."""
+    return "PEFT/diffusers"
+
+
 def parse_key(key: str) -> tuple[str, str] | None:
     """(``<component>.<path>``, layer suffix), or None for a key that is no PEFT/diffusers LoRA tensor."""
     processor = _PROCESSOR_KEY.match(key)

@@ -107,6 +107,11 @@ def recognises(keys: Iterable[object]) -> bool:
     return False
 
 
+def layout_of(key: str) -> str:
+    """The layout a key of this family is written in, by the name its trainers go by (--list)."""
+    return "kohya" if key.startswith(("lora_unet_", *_TE_COMPONENTS)) else "SGM/ComfyUI"
+
+
 def parse_key(key: str) -> tuple[str, str] | None:
     """(module prefix, layer suffix), or None for a key that is no SD3 LoRA tensor."""
     name, suffix = next(((key[: -len(s) - 1], n) for s, n in _SUFFIXES.items() if key.endswith("." + s)), ("", ""))
