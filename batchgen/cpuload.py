@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,38 +21,57 @@ BUSY_CPUS = 0.5
 SAMPLE_S = 0.1
 
 
+def _read(path: str) -> Callable[[], str]:
+    return lambda: Path(path).read_text()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where a sample reads the time and the kernel's counters: the machine itself, or a test's fakes (a test must
+    not depend on how busy the machine running it is)."""
+
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    proc_stat: Callable[[], str] = _read("/proc/stat")
+    own_stat: Callable[[], str] = _read("/proc/self/stat")
+    cpu_count: Callable[[], int | None] = os.cpu_count
+
+
+MACHINE = Probe()
+
+
 @dataclass(frozen=True)
 class Sample:
     """The CPU counters when a sample began."""
 
-    began: float  # time.monotonic()
+    began: float  # probe.clock()
     cpu: tuple[int, int]
     own: int
 
 
-def start_sample() -> Sample | None:
+def start_sample(probe: Probe = MACHINE) -> Sample | None:
     try:
-        return Sample(time.monotonic(), _cpu_ticks(), _own_ticks())
+        return Sample(probe.clock(), _cpu_ticks(probe.proc_stat()), _own_ticks(probe.own_stat()))
     except (OSError, ValueError, IndexError):
         return None
 
 
-def busy_cpus(sample_s: float = SAMPLE_S, since: Sample | None = None) -> float | None:
+def busy_cpus(sample_s: float = SAMPLE_S, since: Sample | None = None, probe: Probe = MACHINE) -> float | None:
     """CPUs kept busy by other processes over at least `sample_s` (from /proc/stat, less this process), counted
     from `since` if given (waiting only for what is left of sample_s), else from now; None when the system does
     not say."""
-    since = since or start_sample()
+    since = since or start_sample(probe)
     if since is None:
         return None
-    time.sleep(max(0.0, since.began + sample_s - time.monotonic()))
+    probe.sleep(max(0.0, since.began + sample_s - probe.clock()))
     try:
-        after, own_after = _cpu_ticks(), _own_ticks()
+        after, own_after = _cpu_ticks(probe.proc_stat()), _own_ticks(probe.own_stat())
     except (OSError, ValueError, IndexError):
         return None
     total = after[0] - since.cpu[0]
     if total <= 0:
         return None
-    cpus = os.cpu_count() or 1
+    cpus = probe.cpu_count() or 1
     busy = (after[1] - since.cpu[1]) - (own_after - since.own)
     return max(0.0, busy / total * cpus)
 
@@ -69,15 +89,14 @@ def choose_wait_policy(environ: dict[str, str] | None = None, since: Sample | No
     return "PASSIVE"
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(all ticks, busy ticks) summed over the CPUs."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+def _cpu_ticks(proc_stat: str) -> tuple[int, int]:
+    """(all ticks, busy ticks) summed over the CPUs, from the text of /proc/stat."""
+    fields = [int(v) for v in proc_stat.splitlines()[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields[:8]), sum(fields[:8]) - idle
 
 
-def _own_ticks() -> int:
+def _own_ticks(text: str) -> int:
     # utime and stime of this process (all its threads), fields 14 and 15 of /proc/self/stat
-    text = Path("/proc/self/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])

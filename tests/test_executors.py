@@ -166,10 +166,47 @@ def test_choosing_an_executor_imports_neither_ray_nor_submitit() -> None:
     assert fresh_python(code) == "[]\n"
 
 
-def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(monkeypatch) -> None:
-    import subprocess
-    import sys
+class FakeMachine:
+    """/proc/stat, /proc/self/stat and a clock that move only when the test runs time forward: `cpus` CPUs, of which
+    other processes keep `others` busy and this process `own`, counted in the kernel's 100 ticks a second."""
 
+    def __init__(self, cpus: int, others: float, own: float) -> None:
+        self.cpus, self.others, self.own = cpus, others, own
+        self.now = 1000.0
+        self.user = self.system = self.idle = self.iowait = self.guest = self.own_ticks = 0
+        self.slept: list[float] = []
+        self.readable = True
+
+    def run(self, seconds: float) -> None:
+        ticks = round(seconds * 100)
+        busy, own = round(ticks * (self.others + self.own)), round(ticks * self.own)
+        self.user, self.system = self.user + busy - busy // 4, self.system + busy // 4
+        self.idle, self.iowait = self.idle + ticks * self.cpus - busy - 3, self.iowait + 3  # iowait is idle
+        self.guest += busy  # already inside user: must not count twice
+        self.own_ticks += own
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.run(seconds)
+
+    def proc_stat(self) -> str:
+        if not self.readable:
+            raise OSError("no /proc")
+        head = f"cpu  {self.user} 0 {self.system} {self.idle} {self.iowait} 0 0 0 {self.guest} 0"
+        return head + "\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 1 2\n"
+
+    def own_stat(self) -> str:
+        utime, stime = self.own_ticks - self.own_ticks // 3, self.own_ticks // 3
+        return f"4242 (py) thon) R 1 4242 4242 0 -1 4194304 100 0 0 0 {utime} {stime} 0 0 20 0 3 0 55 1 2"
+
+    def probe(self):
+        from batchgen.cpuload import Probe
+
+        return Probe(lambda: self.now, self.sleep, self.proc_stat, self.own_stat, lambda: self.cpus)
+
+
+def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(monkeypatch) -> None:
     from batchgen import cpuload
 
     env: dict[str, str] = {}
@@ -179,39 +216,47 @@ def test_threads_wait_passively_only_when_other_processes_keep_the_cpus_busy(mon
     assert cpuload.choose_wait_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     mine = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert cpuload.choose_wait_policy(mine) is None and mine == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice
-    monkeypatch.undo()
-    # The measurement itself: a busy loop in another process reads as about one busy CPU, this process's own
-    # work does not count.
-    quiet = cpuload.busy_cpus(0.3)
-    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        import time
-
-        time.sleep(0.3)
-        busy = cpuload.busy_cpus(0.5)
-    finally:
-        loop.kill()
-    assert quiet is not None and busy is not None
-    assert busy - quiet > 0.6, (quiet, busy)
 
 
-def test_a_load_sample_started_earlier_waits_only_for_what_is_left(monkeypatch) -> None:
-    import time
-
+def test_a_load_sample_counts_other_processes_busy_cpus_and_not_this_ones() -> None:
     from batchgen import cpuload
 
-    slept: list[float] = []
-    monkeypatch.setattr(cpuload.time, "sleep", slept.append)
+    # Another process's busy loop reads as one busy CPU of two; this process's own half CPU does not count.
+    loop = FakeMachine(cpus=2, others=1.0, own=0.5)
+    assert cpuload.busy_cpus(0.5, probe=loop.probe()) == 1.0
+    assert loop.slept == [0.5]
+    quiet = FakeMachine(cpus=2, others=0.0, own=1.5)
+    assert cpuload.busy_cpus(0.5, probe=quiet.probe()) == 0.0
+    assert cpuload.busy_cpus(0.3, probe=FakeMachine(cpus=8, others=3.0, own=2.0).probe()) == 3.0
+    unreadable = FakeMachine(cpus=2, others=1.0, own=0.0)
+    unreadable.readable = False
+    assert cpuload.start_sample(unreadable.probe()) is None
+    assert cpuload.busy_cpus(0.1, probe=unreadable.probe()) is None
+    assert cpuload.busy_cpus(0.0, probe=FakeMachine(cpus=2, others=1.0, own=0.0).probe()) is None  # no tick passed
+
+
+def test_a_load_sample_started_earlier_waits_only_for_what_is_left() -> None:
+    from batchgen import cpuload
+
+    machine = FakeMachine(cpus=2, others=1.0, own=0.0)
+    probe = machine.probe()
+    sample = cpuload.start_sample(probe)
+    assert sample is not None and sample.began == 1000.0
+    machine.run(0.15)  # planning outlasts the sample
+    assert cpuload.busy_cpus(0.1, since=sample, probe=probe) == 1.0
+    assert machine.slept == [0.0]
+    fresh = cpuload.start_sample(probe)
+    machine.run(0.02)
+    assert cpuload.busy_cpus(0.1, since=fresh, probe=probe) == 1.0
+    assert machine.slept[1] == pytest.approx(0.08)  # the sample had only just begun
+
+
+def test_the_machines_probe_reads_this_machines_counters() -> None:
+    from batchgen import cpuload
+
     sample = cpuload.start_sample()
-    assert sample is not None
-    deadline = time.monotonic() + 0.15
-    while time.monotonic() < deadline:
-        pass
-    assert cpuload.busy_cpus(0.1, since=sample) is not None
-    assert slept == [0.0]  # 0.15 s had passed: nothing left to wait
-    fresh = cpuload.start_sample()
-    cpuload.busy_cpus(0.1, since=fresh)
-    assert 0.05 < slept[1] <= 0.1  # most of the 100 ms is left: the sample had only just begun
+    assert sample is not None and sample.cpu[0] >= sample.cpu[1] >= 0 and sample.own >= 0
+    assert cpuload.MACHINE.proc_stat().startswith("cpu ")
 
 
 def test_the_render_command_chooses_the_wait_policy_after_composing_and_before_torch_loads() -> None:
