@@ -220,6 +220,16 @@ def test_bad_input_exits_2_with_one_line(run_cli, args: tuple[str, ...], message
     assert not Path("runs").exists()
 
 
+def test_a_slot_given_on_the_command_line_that_no_prompt_uses_is_one_warning(run_cli) -> None:
+    code, out, err = run_cli(*SMALL, "+sweep.slots.mood=[calm,angry]", "--dry-run")
+    assert code == 0
+    assert err == (
+        "batchgen: warning: sweep.slots.mood: no prompt contains {mood}, so its values are never rendered; put {mood} "
+        "in a prompt, or remove the slot (~sweep.slots.mood on the command line)\n"
+    )
+    assert run_cli(*SMALL, "--dry-run")[1] == out  # the same jobs as without it
+
+
 def test_models_missing_a_trigger_get_skipped_rows(run_cli) -> None:
     args = (*SMALL, *NO_LORAS, "sweep.prompts=['<grainy> cat']")
     code, out, _ = run_cli(*args)

@@ -13,7 +13,14 @@ import torch
 
 from batchgen.engine import worker
 
-ONE_MODEL = ("+sweep=styles", "sweep.models=[tiny_sd1]", "sweep.steps=2", "sweep.prompts=[a castle]")
+# The prompts replace the styles sweep's, so its {style} slot goes too (no prompt left to fill: a warning).
+ONE_MODEL = (
+    "+sweep=styles",
+    "sweep.models=[tiny_sd1]",
+    "sweep.steps=2",
+    "sweep.prompts=[a castle]",
+    "~sweep.slots.style",
+)
 NO_LORAS = ("~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.peft", "~sweep.stacks.lycoris")
 SMALL = (*ONE_MODEL, *NO_LORAS, "sweep.seeds=[1,2,3,4]")  # 4 jobs, one LoRA state
 

@@ -87,6 +87,20 @@ def test_slot_multiplies_only_prompts_using_it() -> None:
     assert list(plan.table["embeddings"]) == ["alf;cartoona", "alf", ""]
 
 
+def test_a_slot_no_prompt_uses_is_a_warning_naming_it() -> None:
+    slots = {"style": ["<cartoona> style", "ink drawing"], "mood": ["calm"], "light": ["dusk", "noon"]}
+    plan = build_plan(_sweep(models=["sd1"], stacks={}, seeds=[1], slots=slots), MODELS)
+    assert plan.warnings == [
+        f"sweep.slots.{name}: no prompt contains {{{name}}}, so its values are never rendered; put {{{name}}} in a "
+        f"prompt, or remove the slot (~sweep.slots.{name} on the command line)"
+        for name in ("mood", "light")
+    ]
+    assert len(plan.table) == 3  # the unused slots multiply nothing
+    assert build_plan(_sweep(models=["sd1"], stacks={}, seeds=[1]), MODELS).warnings == []
+    typo = build_plan(_sweep(models=["sd1"], stacks={}, seeds=[1], slots={**slots, "stlye": ["x"]}), MODELS)
+    assert typo.warnings[-1].startswith("sweep.slots.stlye: no prompt contains {stlye} (did you mean 'style'?), ")
+
+
 def test_weight_axis_from_override_list() -> None:
     plan = build_plan(_sweep(stacks={"none": {}, "ink": {"ink": [0.4, 0.6, 0.8]}}), MODELS)
     assert len(plan.table) == 2 * 4 * 3 * 2

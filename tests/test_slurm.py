@@ -26,6 +26,7 @@ SWEEP = (
     "sweep.models=[tiny_sd1]",
     "sweep.steps=2",
     "sweep.prompts=[a castle]",
+    "~sweep.slots.style",  # no prompt left to fill it
     "~sweep.stacks.ink",
     "~sweep.stacks.ink_grain",
     "~sweep.stacks.peft",

@@ -29,6 +29,7 @@ from batchgen.plan.prompts import (
     expand_prompts,
     lora_trigger_words,
     triggers,
+    unused_slot_warnings,
 )
 from batchgen.plan.prompts_file import PromptRow
 from batchgen.plan.stacks import (
@@ -119,6 +120,7 @@ def build_plan(
     table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)]) + syntax_warnings
+    warnings += unused_slot_warnings(sweep, prompts)
     return Plan(
         table=table.drop(columns="_job"),
         jobs=jobs,

@@ -75,6 +75,17 @@ def expand_prompts(sweep: SweepConfig, file_rows: Sequence[PromptRow] = ()) -> l
     return variants
 
 
+def unused_slot_warnings(sweep: SweepConfig, prompts: Sequence[PromptVariant]) -> list[str]:
+    """Slots no prompt contains multiply nothing, so their values would silently appear nowhere: one warning each."""
+    used = {name for prompt in prompts for name, _ in prompt.slots}
+    return [
+        f"sweep.slots.{name}: no prompt contains {{{name}}}{did_you_mean(name, sorted(used))}, so its values are "
+        f"never rendered; put {{{name}}} in a prompt, or remove the slot (~sweep.slots.{name} on the command line)"
+        for name in sweep.slots
+        if name not in used
+    ]
+
+
 def split_lora_tags(text: str, where: str) -> tuple[str, tuple[LoraWeight, ...]]:
     """The prompt without its <lora:...> tags, and the LoRAs they name (A1111's reading: the first number is the
     text encoder's weight and the unet's too unless a second follows; te= and unet= name them)."""
