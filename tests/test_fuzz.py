@@ -11,13 +11,14 @@ import json
 import math
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 
 from batchgen.assets.architecture import model_architecture
 from batchgen.assets.embeddings import inspect_embedding
@@ -29,8 +30,8 @@ from batchgen.runner import prepare
 from batchgen.spec import EmbeddingFile, LoraFile
 from batchgen.tiny import tiny_root
 
-# tiny SD1 modules a kohya LoRA can name, with their weight shapes
-UNET_MODULE = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+# tiny SD1 modules a kohya LoRA can name (a sound file naming them must be accepted), and two that it cannot
+UNET_MODULE = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 TE_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 CONV_MODULE = "lora_unet_down_blocks_0_resnets_0_conv1"
 MODULES = [UNET_MODULE, TE_MODULE, CONV_MODULE, "lora_unet_no_such_module", "not_a_prefix_at_all"]
@@ -98,9 +99,7 @@ FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, Heal
 @FUZZ
 @given(spec=lora_tensors)
 def test_random_lora_tensors_are_accepted_and_load_or_are_refused(sd1, spec: dict) -> None:
-    from batchgen.engine.patcher import load_lora_layers
-
-    arch, components, unet_config = sd1
+    arch = sd1[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.safetensors"
         save_file({key: _tensor(*value) for key, value in spec.items()}, str(path))
@@ -114,13 +113,34 @@ def test_random_lora_tensors_are_accepted_and_load_or_are_refused(sd1, spec: dic
             assert message.startswith(f"{path}: ") and len(message) > len(f"{path}: ") + 8 and "\n" not in message
             return
         assert not nonfinite and not integer, f"accepted a file with NaN/inf or integer tensors: {spec}"
-        layers = load_lora_layers(path, components, unet_config, "cpu")  # accepted files must load
-        assert layers
-        for ref, layer in layers.items():
-            weight = components[ref.component].get_submodule(ref.path).weight
-            delta = layer.delta(weight.detach().float())
-            assert delta.dtype == weight.dtype == torch.float32 and delta.shape == weight.shape, ref
-            assert torch.isfinite(delta).all(), ref
+        _assert_lora_loads(path, sd1)
+
+
+def _assert_lora_loads(path: Path, sd1) -> None:
+    """What an accepted LoRA must give the engine: layers whose deltas are finite fp32, shaped as their modules."""
+    from batchgen.engine.patcher import load_lora_layers
+
+    _, components, unet_config = sd1
+    layers = load_lora_layers(path, components, unet_config, "cpu")  # accepted files must load
+    assert layers, "accepted a LoRA that changes no module: its images would be labelled with it and equal none"
+    for ref, layer in layers.items():
+        weight = components[ref.component].get_submodule(ref.path).weight
+        delta = layer.delta(weight.detach().float())
+        assert delta.dtype == weight.dtype == torch.float32 and delta.shape == weight.shape, ref
+        assert torch.isfinite(delta).all(), ref
+
+
+def _assert_embedding_reads(path: Path, ti: EmbeddingFile) -> None:
+    """What an accepted TI must give the engine: at least the vectors it counts, finite, of its base's widths."""
+    from batchgen.assets.tensors import embedding_vectors, read_state_dict
+
+    vectors = embedding_vectors(read_state_dict(path), path)  # what the engine registers
+    assert sum(v.shape[0] for v in vectors.values()) >= ti.vectors
+    widths = {"sd-1": {768}, "sd-2": {1024}, "sdxl": {768, 1280}}[ti.base]
+    for vector in vectors.values():
+        # (a tensor the reader does not take, beside the vectors, may hold anything)
+        assert vector.dtype.is_floating_point and torch.isfinite(vector).all()
+        assert vector.ndim == 2 and vector.shape[0] >= 1 and vector.shape[1] in widths
 
 
 header_values = st.fixed_dictionaries(
@@ -149,20 +169,87 @@ def _raw(header: dict, data: bytes, claimed: int | None) -> bytes:
     return struct.pack("<Q", len(text) if claimed is None else claimed) + text + data
 
 
+@dataclass(frozen=True)
+class Damage:
+    """A sound file with one thing done to its bytes: `at` is a fraction of its length."""
+
+    file: str  # "lora" or "embedding"
+    how: str  # "none", "byte" (set the byte at `at` to `value`), "cut" (truncate at `at`), "append" (`value` more)
+    at: float = 0.0
+    value: int = 0
+
+
+# A kohya LoRA of the three tiny SD1 modules above, shaped for them, and an emb_params TI of two SD1 vectors.
+SOUND = {
+    "lora": {
+        f"{UNET_MODULE}.lora_down.weight": torch.full((4, 64), 0.25),
+        f"{UNET_MODULE}.lora_up.weight": torch.full((64, 4), -0.5),
+        f"{UNET_MODULE}.alpha": torch.tensor(2.0),
+        f"{TE_MODULE}.lora_down.weight": torch.full((4, 768), 0.125),
+        f"{TE_MODULE}.lora_up.weight": torch.full((768, 4), 0.5),
+        f"{CONV_MODULE}.lora_down.weight": torch.full((4, 32, 3, 3), 0.25),
+        f"{CONV_MODULE}.lora_up.weight": torch.full((32, 4, 1, 1), 0.5),
+    },
+    "embedding": {"emb_params": torch.linspace(-1, 1, 2 * 768).reshape(2, 768)},
+}
+
+
+def _damaged(damage: Damage) -> bytes:
+    data = bytearray(save(SOUND[damage.file]))
+    at = min(len(data) - 1, int(damage.at * len(data)))
+    if damage.how == "byte":
+        data[at] = damage.value
+    elif damage.how == "cut":
+        del data[at:]
+    elif damage.how == "append":
+        data += bytes(damage.value % 17)
+    return bytes(data)
+
+
+damaged_files = st.builds(
+    Damage,
+    st.sampled_from(["lora", "embedding"]),
+    st.sampled_from(["none", "byte", "byte", "byte", "cut", "append"]),
+    st.floats(0, 1),
+    st.integers(0, 255),
+)
+LAST_FLOAT = 1 - 1 / (2 * 768 * 4)  # the high byte of the last vector value: 0x7f/0xff make it NaN or inf
+
+
 @FUZZ
-@given(raw=raw_headers, kind=st.sampled_from(["lora", "embedding"]))
-def test_random_safetensors_bytes_are_refused_cleanly(sd1, raw: bytes, kind: str) -> None:
+@given(raw=st.one_of(raw_headers, damaged_files), kind=st.sampled_from(["lora", "embedding"]))
+@example(raw=Damage("lora", "none"), kind="lora")
+@example(raw=Damage("embedding", "none"), kind="embedding")
+@example(raw=Damage("embedding", "byte", LAST_FLOAT, 0x7F), kind="embedding")
+@example(raw=_raw({}, b"", None), kind="lora")  # a file of no tensors
+def test_random_safetensors_bytes_are_refused_cleanly_or_read_soundly(sd1, raw: bytes | Damage, kind: str) -> None:
     arch = sd1[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.safetensors"
-        path.write_bytes(raw)
+        path.write_bytes(_damaged(raw) if isinstance(raw, Damage) else raw)
         try:
             if kind == "lora":
-                inspect_lora(LoraFile("fuzz", path), arch, HashCache(None))
+                lora, refs = inspect_lora(LoraFile("fuzz", path), arch, HashCache(None))
             else:
-                inspect_embedding(EmbeddingFile("fuzz", path), HashCache(None))
+                ti = inspect_embedding(EmbeddingFile("fuzz", path), HashCache(None))
         except BatchgenError as e:
             assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+            assert raw != Damage(kind, "none"), f"a sound file was refused: {e}"
+            return
+        if raw == Damage("lora", "none"):
+            assert lora.base == "sd-1" and refs is not None and len(refs) == 3, (lora, refs)
+        # Accepted: the bytes are a file safetensors itself reads, and they give the engine what it needs.
+        tensors = load_file(str(path))
+        if kind == "lora":
+            weights = [t for key, t in tensors.items() if not key.endswith("alpha")]  # alphas may be any number
+            assert all(t.is_floating_point() and torch.isfinite(t).all() for t in weights), sorted(tensors)
+            if refs is None:  # a LoRA for another base is listed, not loaded
+                assert lora.base not in (None, "sd-1"), lora
+            else:
+                _assert_lora_loads(path, sd1)
+        else:
+            assert ti.vectors >= 1, ti
+            _assert_embedding_reads(path, ti)
 
 
 ti_tensors = st.dictionaries(
@@ -182,8 +269,6 @@ ti_tensors = st.dictionaries(
 @FUZZ
 @given(spec=ti_tensors)
 def test_random_embeddings_are_read_or_refused(tiny_cache: Path, spec: dict) -> None:
-    from batchgen.assets.tensors import embedding_vectors, read_state_dict
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.safetensors"
         save_file({key: _tensor(*value) for key, value in spec.items()}, str(path))
@@ -192,13 +277,7 @@ def test_random_embeddings_are_read_or_refused(tiny_cache: Path, spec: dict) -> 
         except BatchgenError as e:
             assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
             return
-        vectors = embedding_vectors(read_state_dict(path), path)  # what the engine registers
-        assert sum(v.shape[0] for v in vectors.values()) >= ti.vectors
-        widths = {"sd-1": {768}, "sd-2": {1024}, "sdxl": {768, 1280}}[ti.base]
-        for vector in vectors.values():
-            # (a tensor the reader does not take, beside the vectors, may hold anything)
-            assert vector.dtype.is_floating_point and torch.isfinite(vector).all()
-            assert vector.ndim == 2 and vector.shape[0] >= 1 and vector.shape[1] in widths
+        _assert_embedding_reads(path, ti)
 
 
 override_keys = st.sampled_from(
