@@ -3,7 +3,8 @@
 Written before the one-place-per-concept refactor (issue 13) and kept after it: a user's run directory must keep
 its job_ids and its image bytes, so a re-run after an upgrade renders nothing it already has. A change to these
 files is a change users see; regenerate with BATCHGEN_UPDATE_GOLDEN=1 only when pixels are meant to change, and
-say why in the commit.
+say why in the commit. The updating run writes the file and fails, naming what changed against the previous one: it
+checks nothing, so it must never pass; run the test again without the variable to check the new file.
 
 Image bytes are exact only on one kind of CPU: MKL and oneDNN take vendor- and ISA-specific code paths, so the same
 job renders a few 1/255 steps apart on an AMD and an Intel machine. The file therefore records the platform it was
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -128,6 +130,24 @@ def _record(run_cli, tmp_path: Path, name: str, overrides: tuple[str, ...]) -> d
     return dict(sorted(out.items()))
 
 
+def _rewrite_golden(got: dict[str, dict[str, list]], path: Path = GOLDEN) -> NoReturn:
+    """Write this run's record over `path` and fail, saying what changed against the file it replaces."""
+    before = json.loads(path.read_text())["variants"] if path.exists() else {}
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"platform": platform(), "variants": got}, indent=1, sort_keys=True) + "\n")
+    old = {(name, jid): row for name, rows in before.items() for jid, row in rows.items()}
+    new = {(name, jid): row for name, rows in got.items() for jid, row in rows.items()}
+    changed = sorted(
+        f"{name}/{jid}" for (name, jid), row in new.items() if (name, jid) in old and old[name, jid] != row
+    )
+    pytest.fail(
+        f"{path.name} rewritten, not checked: {len(new.keys() - old.keys())} jobs added, "
+        f"{len(old.keys() - new.keys())} removed, {len(changed)} changed ({', '.join(changed[:5]) or 'none'}); "
+        "review its diff and run again without BATCHGEN_UPDATE_GOLDEN=1",
+        pytrace=False,
+    )
+
+
 def _far_blocks(got: list[int], expected: list[int]) -> int:
     return sum(abs(a - b) > FINGERPRINT_TOLERANCE for a, b in zip(got, expected, strict=True))
 
@@ -136,8 +156,7 @@ def _far_blocks(got: list[int], expected: list[int]) -> int:
 def test_job_ids_and_image_bytes_match_the_golden_file(run_cli, tmp_path: Path) -> None:
     got = {name: _record(run_cli, tmp_path, name, overrides) for name, overrides in VARIANTS.items()}
     if os.environ.get("BATCHGEN_UPDATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"platform": platform(), "variants": got}, indent=1, sort_keys=True) + "\n")
+        _rewrite_golden(got)
     golden = json.loads(GOLDEN.read_text())
     expected, exact = golden["variants"], golden["platform"] == platform()
     assert sorted(got) == sorted(expected)
@@ -153,6 +172,25 @@ def test_job_ids_and_image_bytes_match_the_golden_file(run_cli, tmp_path: Path) 
     # Every variant renders something, and the variants are different jobs (the file guards more than one sweep).
     assert all(any(row[0] == "ok" for row in rows.values()) for rows in got.values())
     assert len({jid for rows in got.values() for jid in rows}) > len(got["styles"])
+
+
+def test_updating_the_golden_file_writes_it_and_never_passes(tmp_path: Path) -> None:
+    path = tmp_path / "golden" / "sweeps.json"
+    first = {"styles": {"a": ["ok", "1", [1]], "b": ["ok", "2", [2]]}}
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _rewrite_golden(first, path)
+    assert str(failed.value) == (
+        "sweeps.json rewritten, not checked: 2 jobs added, 0 removed, 0 changed (none); "
+        "review its diff and run again without BATCHGEN_UPDATE_GOLDEN=1"
+    )
+    assert json.loads(path.read_text()) == {"platform": platform(), "variants": first}
+    second = {"styles": {"a": ["ok", "9", [1]], "c": ["failed", "", []]}}
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _rewrite_golden(second, path)
+    assert str(failed.value).startswith(
+        "sweeps.json rewritten, not checked: 1 jobs added, 1 removed, 1 changed (styles/a);"
+    )
+    assert json.loads(path.read_text())["variants"] == second
 
 
 def test_fingerprints_tell_a_changed_image_from_float_noise(tmp_path: Path) -> None:
