@@ -106,13 +106,22 @@ def test_weight_and_unet_split_are_one_or_the_other() -> None:
     assert split.table["loras"][0] == "ink:1/0.5:lbw=OUTD"
 
 
-def test_the_blocks_axis_is_a_grid_axis() -> None:
-    plan = _plan(
-        {"s": {"ink": {"blocks": ["ALL", "OUTD"]}}},
-        seeds=[1, 2],
-        grid=dataclasses.replace(_sweep().grid, x="blocks:ink", y="seed"),
-    )
-    assert len(plan.jobs) == 4
+def test_the_blocks_axis_is_a_grid_axis(tmp_path: Path) -> None:
+    from batchgen.axes import blocks_label
+    from batchgen.report.grids import build_grids
+
+    def grid(x: str):
+        return dataclasses.replace(_sweep().grid, x=x, y="seed")
+
+    plan = _plan({"s": {"ink": {"blocks": ["ALL", "OUTD"]}}}, seeds=[1, 2], grid=grid("blocks:ink"))
+    # Each job has its own cell: a column per vector, labelled as the grid labels it, a row per seed.
+    cells = [(blocks_label(c, "ink"), s) for c, s in zip(plan.table["loras"], plan.table["seed"], strict=True)]
+    assert cells == [("ink ALL", 1), ("ink ALL", 2), ("ink OUTD", 1), ("ink OUTD", 2)]
+    # Nothing else varies, so the model's jobs make one grid (its cells are placeholders until rendered).
+    assert build_grids(plan.table, tmp_path, "blocks:ink", "seed", []) == [tmp_path / "grids" / "sd1.png"]
+    with pytest.raises(BatchgenError) as e:
+        _plan({"s": {"ink": {"blocks": ["ALL", "OUTD"]}}}, grid=grid("blocks:inc"))
+    assert str(e.value).startswith("sweep.grid.x: unknown axis 'blocks:inc' (did you mean 'blocks:ink'?)")
 
 
 FLUX = ModelSpec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -228,6 +229,76 @@ def test_a_slot_given_on_the_command_line_that_no_prompt_uses_is_one_warning(run
         "in a prompt, or remove the slot (~sweep.slots.mood on the command line)\n"
     )
     assert run_cli(*SMALL, "--dry-run")[1] == out  # the same jobs as without it
+
+
+OUTD = "<lora:ink:1:lbw=OUTD>"
+VECTOR = "<lora:ink:0.5:lbw=1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1>"
+
+
+@pytest.mark.parametrize(
+    ("override", "prompts", "loras"),
+    [
+        (f"sweep.prompts=['a fox {OUTD}']", ["a fox " + OUTD], ["ink:1:lbw=OUTD"]),
+        (  # the vector's commas stay in its prompt
+            f"sweep.prompts=[\"a fox {VECTOR}\", 'a cat']",
+            ["a fox " + VECTOR, "a cat"],
+            ["", "ink:0.5:lbw=1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"],
+        ),
+    ],
+)
+def test_a_quoted_lbw_tag_reads_as_written_in_a1111(run_cli, override: str, prompts: list, loras: list) -> None:
+    args = ("+sweep=styles", "~sweep.slots.style", "sweep.models=[tiny_sd1]", *NO_LORAS, override)
+    assert compose_config(list(args)).config.sweep.prompts == prompts
+    code, out, err = run_cli(*args, "sweep.seeds=[1]", "sweep.steps=1", "sweep.references=false")
+    assert code == 0, err
+    assert sorted(pd.read_csv("runs/styles/manifest.csv", dtype=str, keep_default_na=False)["loras"]) == loras
+
+
+@pytest.mark.parametrize(
+    ("override", "what", "fixed", "value"),
+    [
+        (
+            f"sweep.prompts=[a fox {OUTD}]",
+            "each prompt",
+            f"\"sweep.prompts=['a fox {OUTD}']\"",
+            ["a fox " + OUTD],
+        ),
+        (
+            f"sweep.prompts=[a fox's tail {VECTOR}, a cat]",
+            "each prompt (Hydra splits a list at its commas)",
+            f"\"sweep.prompts=['a fox\\\\'s tail {VECTOR}', 'a cat']\"",
+            ["a fox's tail " + VECTOR, "a cat"],
+        ),
+        (
+            "+sweep.slots.style=[<cartoona> style, (ink:1.2) drawing]",
+            "each value (Hydra splits a list at its commas)",
+            "\"+sweep.slots.style=['<cartoona> style', '(ink:1.2) drawing']\"",
+            ["<cartoona> style", "(ink:1.2) drawing"],
+        ),
+        (
+            f"sweep.negative_prompt=blurry, {OUTD}",
+            "the text",
+            f"\"sweep.negative_prompt='blurry, {OUTD}'\"",
+            "blurry, " + OUTD,
+        ),
+    ],
+)
+def test_an_unquoted_prompt_override_says_exactly_how_to_quote_it(
+    run_cli, override: str, what: str, fixed: str, value
+) -> None:
+    code, out, err = run_cli("+sweep=styles", override, "--dry-run")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"batchgen: error: bad override '{override}': Hydra reads prompt text with < > ( ) = only inside quotes; "
+        f"quote {what}, and the whole override for the shell: {fixed}\n"
+    )
+    # What a POSIX shell passes on for the advice is the value meant, as Hydra reads it.
+    (as_typed,) = shlex.split(fixed)
+    key = override.split("=")[0].lstrip("+")
+    node = compose_config(["+sweep=styles", as_typed]).config
+    for part in key.split("."):
+        node = getattr(node, part) if not isinstance(node, dict) else node[part]
+    assert node == value
 
 
 def test_models_missing_a_trigger_get_skipped_rows(run_cli) -> None:

@@ -25,6 +25,7 @@ from batchgen.config.hydra_errors import (
     full_key,
     missing_config_message,
     override_message,
+    prompt_quoting_message,
     yaml_message,
 )
 from batchgen.config.override_keys import check_override_key
@@ -57,7 +58,8 @@ def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
             parsed.extend(parser.parse_overrides([line]))
         except OverrideParseException as e:
             raise BatchgenError(
-                f"bad override '{line}': {first_line(e)}; write key=value (Hydra's override grammar)"
+                prompt_quoting_message(line)
+                or f"bad override '{line}': {first_line(e)}; write key=value (Hydra's override grammar)"
             ) from None
     plain: list[str] = []
     axes: dict[str, list[Any]] = {}
