@@ -242,9 +242,8 @@ def test_lycoris_kinds_match_published_formulas(run_cli, tiny_cache: Path, tmp_p
     # The comparison proves nothing unless every LoRA and weight visibly moves the image away from the base.
     weak = {loras: effect for loras, effect in effects.items() if loras and effect <= MIN_LORA_EFFECT}
     assert not weak, f"mean change from the base image: {weak}"
-    # KNOWN BATCHGEN BUG, left failing on purpose: f_full:0.6 and f_full:0.8/0.3 miss by 18-58/255. On CPU in fp32,
-    # batchgen/engine/patcher.py:98 `pristine.bias.to(device, torch.float32)` returns the pristine bias itself, and
-    # line 104 adds diff_b into it, so each later write of that module (another weight, or restore) starts from
-    # b0 + the earlier bias deltas. The first weight rendered (f_full:1) is right; every other kind has no bias delta.
+    # f_full's three states (1, 0.6, 0.8/0.3) patch the same biases in one run, so each write must start from the
+    # original bias: when bias deltas accumulated into the pristine copy on fp32 CPU, every state after the first
+    # missed by 18-58/255 here (fixed in 736b971). Only full diffs carry a bias delta (diff_b).
     bad = {loras: diff for loras, diff in diffs.items() if diff > MAX_PIXEL_DIFF}
     assert not bad, f"max pixel difference per stack: {diffs}"
