@@ -5,6 +5,7 @@ Nothing here imports torch or Hydra, so every layer can share them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class LoraFile:
     tags: str = ""  # most frequent kohya training tags
     trigger: str = ""  # the file's own trigger words (modelspec.trigger_phrase, else its most frequent tag)
     blocks: tuple[str, ...] = ()  # the LoRA Block Weight ids its modules sit in (for job_id)
+    # The same per pipeline component: (component, block ids its modules there sit in), for each component it hits.
+    component_blocks: tuple[tuple[str, tuple[str, ...]], ...] = ()
     epoch: int | None = None  # kohya's ss_epoch: which training epoch the file was saved at
     steps: int | None = None  # kohya's ss_steps: training steps up to that save
 
@@ -166,6 +169,44 @@ class LoraWeight:
         return f"{text}:lbw={self.blocks_spec}" if self.blocks_spec else text
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """What one LoRA file puts into one pipeline component's weights: its weight there and, with block weights, the
+    factor of each block its modules in that component sit in, listed only where it is not 1."""
+
+    lora: str
+    weight: float
+    blocks: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraState:
+    """A job's LoRAs as the weights see them: per pipeline component that any of its LoRA files patch, the
+    contributions there (sorted by LoRA name, zero weights left out).
+
+    The one definition of "a job's LoRA state", computed by the planner (batchgen.plan.lora_state): the patcher
+    writes it, the prompt cache keys text encodings on its text-encoder part, batches, work units and the render
+    order group jobs by it. Two jobs with equal states hold bitwise equal weights."""
+
+    components: tuple[tuple[str, tuple[Contribution, ...]], ...] = ()
+
+    def of(self, component: str) -> tuple[Contribution, ...]:
+        return dict(self.components).get(component, ())
+
+    def excluding(self, components: Collection[str]) -> LoraState:
+        """The part that reaches the other components (the text encoders', without the denoiser)."""
+        return LoraState(tuple((c, parts) for c, parts in self.components if c not in components))
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        """The LoRA files the state needs loaded, each once, in name order."""
+        return tuple(sorted({part.lora for _, parts in self.components for part in parts}))
+
+    def pairs(self) -> dict[tuple[str, str], Contribution]:
+        """(component, LoRA) -> contribution: what a switch between two states compares."""
+        return {(c, part.lora): part for c, parts in self.components for part in parts}
+
+
 def _job_fields() -> list[tuple[str, type, Any]]:
     settings = [
         # A setting hashed only off its default came after Job was first written: keyword-only, so that adding one
@@ -180,6 +221,8 @@ def _job_fields() -> list[tuple[str, type, Any]]:
         ("negative_prompt", str, field()),
         *settings,
         ("loras", tuple[LoraWeight, ...], field(default=())),
+        # Required, so that no job can reach the engine with LoRAs but no state: batchgen.plan.lora_state builds it.
+        ("lora_state", LoraState, field(kw_only=True)),
     ]
 
 

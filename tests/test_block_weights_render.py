@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from batchgen.assets.block_weights import BLOCK_IDS, parse_blocks
 from batchgen.engine.worker import Renderer
+from batchgen.plan.lora_state import lora_state
 from batchgen.spec import Job, LoraFile, LoraWeight, ModelSpec
 from batchgen.tiny.loras import write_lycoris
 
@@ -96,7 +97,19 @@ def test_a_block_vector_is_the_file_scaled_block_by_block(model, lora: str) -> N
     text = ",".join(str(v) for v in vector)
 
     def job(i: str, lw: LoraWeight) -> Job:
-        return Job(i * 16, name, "a castle at night", "blurry", 1, 3, 7.5, 64, 64, loras=(lw,))
+        return Job(
+            i * 16,
+            name,
+            "a castle at night",
+            "blurry",
+            1,
+            3,
+            7.5,
+            64,
+            64,
+            loras=(lw,),
+            lora_state=lora_state((lw,), spec),
+        )
 
     jobs = [
         job("a", LoraWeight(lora, 1.0, 1.0, text, parse_blocks(text, base, "test"))),
@@ -147,7 +160,19 @@ def test_a_flux_block_vector_is_the_file_scaled_block_by_block(lora: str, tiny_c
     text = ",".join(str(v) for v in vector)
 
     def job(i: str, lw: LoraWeight) -> Job:
-        return Job(i * 16, "tiny_flux", "a castle at night", "", 1, 2, 3.5, 64, 64, loras=(lw,))
+        return Job(
+            i * 16,
+            "tiny_flux",
+            "a castle at night",
+            "",
+            1,
+            2,
+            3.5,
+            64,
+            64,
+            loras=(lw,),
+            lora_state=lora_state((lw,), spec),
+        )
 
     jobs = [
         job("a", LoraWeight(lora, 1.0, 1.0, text, parse_blocks(text, "flux", "test"))),

@@ -10,7 +10,7 @@ import torch
 from compel import CompelForSD, CompelForSDXL, DiffusersTextualInversionManager
 
 from batchgen.engine.worker import Renderer
-from batchgen.spec import EmbeddingFile, Job, ModelSpec
+from batchgen.spec import EmbeddingFile, Job, LoraState, ModelSpec
 from batchgen.tiny import tiny_root
 from tests.reference import load_embedding
 from tests.test_oracle import MAX_PIXEL_DIFF
@@ -59,7 +59,7 @@ def test_compel_images_equal_diffusers_with_compels_embeddings(tiny_cache: Path,
         (LONG, "blurry", 5),  # three chunks against one: the negative padded with empty chunks
     ]
     jobs = [
-        Job(f"{i:016x}", model, prompt, negative, seed, 3, 7.5, 64, 64, prompt_syntax="compel")
+        Job(f"{i:016x}", model, prompt, negative, seed, 3, 7.5, 64, 64, prompt_syntax="compel", lora_state=LoraState())
         for i, (prompt, negative, seed) in enumerate(cases)
     ]
     results = list(Renderer({model: spec}).render(jobs))

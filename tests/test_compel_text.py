@@ -14,7 +14,7 @@ from batchgen.engine.pipeline import load_pipeline, register_embeddings
 from batchgen.engine.prompts import PromptCache
 from batchgen.errors import BatchgenError
 from batchgen.plan.compel_rules import check_compel
-from batchgen.spec import EmbeddingFile, Job, ModelSpec
+from batchgen.spec import EmbeddingFile, Job, LoraState, ModelSpec
 from tests.reference import clip_skip_alias
 
 LONG = " ".join(["a castle at night with towers and a river and the moon over the hills"] * 8)
@@ -229,7 +229,7 @@ def test_a_text_without_syntax_is_bitwise_what_diffusers_encodes(pipe) -> None:
 def test_a_long_text_without_syntax_is_what_the_a1111_path_encodes(pipe) -> None:
     """LONG has no punctuation, and each of its words is one token, so compel's word-boundary chunks are A1111's
     75-token ones; with punctuation they differ (compel splits at the last '.', then ',' before token 75)."""
-    job = Job("0" * 16, "m", LONG, "", 1, 2, 1.0, 64, 64)
+    job = Job("0" * 16, "m", LONG, "", 1, 2, 1.0, 64, 64, lora_state=LoraState())
     ours = PromptCache(pipe).embeds([job])[0].first
     hidden, pooled = compel_encode(pipe, LONG, 1, False)
     assert hidden.shape == ours.prompt.shape

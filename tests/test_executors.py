@@ -19,14 +19,15 @@ from batchgen.executors.base import (
     dispatch,
 )
 from batchgen.executors.registry import EXECUTORS, executor_class, executor_options
-from batchgen.spec import Job, LoraWeight
+from batchgen.spec import Contribution, Job, LoraState
 
-INK = (LoraWeight("ink", 1.0, 1.0),)
+INK = LoraState((("unet", (Contribution("ink", 1.0),)),))
 
 
 def _request(count: int) -> ExecutorRequest:
     jobs = [
-        Job(f"j{i}", "a", "p", "", i, 2, 7.5, 64, 64, "default", INK if i >= count // 2 else ()) for i in range(count)
+        Job(f"j{i}", "a", "p", "", i, 2, 7.5, 64, 64, "default", lora_state=INK if i >= count // 2 else LoraState())
+        for i in range(count)
     ]
     rows = {job.job_id: {"job_id": job.job_id, "status": "pending", "worker": ""} for job in jobs}
     return ExecutorRequest(jobs, rows, {}, Path("run"), "fp32", 4)  # units of 4: one per LoRA state

@@ -10,7 +10,7 @@ import torch
 
 from batchgen.engine.pipeline import load_pipeline
 from batchgen.engine.prompts import PromptCache
-from batchgen.spec import Job, ModelSpec
+from batchgen.spec import Job, LoraState, ModelSpec
 from tests.reference import clip_skip_alias
 
 LONG = " ".join(["a castle at night with towers and a river and the moon over the hills"] * 8)
@@ -30,6 +30,7 @@ def _job(prompt: str, negative: str = "", truncate: bool = False, clip_skip: int
         truncate_prompts=truncate,
         clip_skip=clip_skip,
         pad_prompts=pad,
+        lora_state=LoraState(),
     )
 
 

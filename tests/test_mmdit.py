@@ -162,7 +162,7 @@ def test_a_stack_sequence_restores_every_weight_bit_for_bit(model: str, tiny_cac
 
     from batchgen.assets.architecture import COMPONENTS
     from batchgen.engine.patcher import WeightPatcher, load_lora_layers
-    from batchgen.spec import LoraWeight
+    from batchgen.spec import Contribution, LoraState
 
     root = tiny_root(model, tiny_cache)
     pipe = DiffusionPipeline.from_pretrained(str(root / "main" / model), local_files_only=True)
@@ -172,12 +172,23 @@ def test_a_stack_sequence_restores_every_weight_bit_for_bit(model: str, tiny_cac
     names = sorted(p.stem for p in (root / "lora").glob("*.safetensors"))
     for name in names:
         patcher.add(name, load_lora_layers(root / "lora" / f"{name}.safetensors", components, {}, "cpu"))
-    stacks = [(LoraWeight(names[0], 1.0, 1.0),), tuple(LoraWeight(n, 0.7, 0.3) for n in names), ()]
+
+    def state(*weights: tuple[str, float, float]) -> LoraState:  # (name, transformer weight, text-encoder weight)
+        return LoraState(
+            tuple(
+                (c, tuple(Contribution(n, w if c == "transformer" else te) for n, w, te in weights))
+                for c in sorted(components)
+            )
+            if weights
+            else ()
+        )
+
+    stacks = [state((names[0], 1.0, 1.0)), state(*((n, 0.7, 0.3) for n in names)), state()]
     touched = []
-    for stack in (*stacks, stacks[1], stacks[0], ()):
+    for stack in (*stacks, stacks[1], stacks[0], state()):
         patcher.apply(stack)
         touched.append(patcher.touched_last)
-        if stack:
+        if stack.components:
             changed = [key for key, v in before.items() if not torch.equal(v, components[key[0]].state_dict()[key[1]])]
             assert changed  # a stack changes weights
     assert min(touched[:2]) > 0

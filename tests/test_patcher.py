@@ -9,8 +9,9 @@ import torch
 
 from batchgen.config import compose_config
 from batchgen.engine.pipeline import LoraStacks, load_pipeline
+from batchgen.plan.lora_state import lora_state
 from batchgen.runner import prepare
-from batchgen.spec import LoraWeight
+from batchgen.spec import Contribution, LoraState, LoraWeight
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,21 @@ def loaded(tiny_cache: Path):
     plan = prepare(compose_config(["+sweep=styles"]), all_assets=True)
     spec = plan.models["tiny_sdxl"]
     pipe = load_pipeline(spec, "cpu", torch.float32)
-    yield pipe, LoraStacks(pipe, spec), spec
+    yield pipe, _Stacks(LoraStacks(pipe, spec), spec), spec
     torch.set_num_threads(previous)
+
+
+class _Stacks:
+    """LoraStacks taking a stack as the planner writes it: its state is built by the planner's own function."""
+
+    def __init__(self, stacks: LoraStacks, spec) -> None:
+        self.stacks, self.spec = stacks, spec
+
+    def use(self, loras: tuple[LoraWeight, ...]) -> None:
+        self.stacks.use(lora_state(loras, self.spec))
+
+    def __getattr__(self, name: str):
+        return getattr(self.stacks, name)
 
 
 def _snapshot(stacks: LoraStacks) -> dict[str, torch.Tensor]:
@@ -37,6 +51,10 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+
+
+def _unet(name: str, weight: float) -> LoraState:
+    return LoraState((("unet", (Contribution(name, weight),)),))
 
 
 def _stack(*weights: tuple[str, float] | tuple[str, float, float]) -> tuple[LoraWeight, ...]:
@@ -142,7 +160,7 @@ def test_bias_deltas_never_accumulate_into_the_pristine_copy() -> None:
     patcher = WeightPatcher({"unet": model})
     patcher.add("full", {ModuleRef("unet", "0"): FullLayer({"diff": torch.zeros(2, 2), "diff_b": torch.ones(2)})})
     for weight in (1.0, 0.6, -2.0):
-        patcher.apply((LoraWeight("full", weight, weight),))
+        patcher.apply(_unet("full", weight))
         assert torch.equal(model[0].bias, b0 + weight)
     patcher.restore()
     assert torch.equal(model[0].bias, b0)
@@ -166,17 +184,17 @@ def test_a_bias_a_full_diff_changed_is_restored_when_a_plain_lora_takes_the_modu
         bias_reads.append(name == "bias"),
         restore_into(r, name, dest),
     )
-    patcher.apply((LoraWeight("lora", 0.3, 0.3),))
-    patcher.apply((LoraWeight("lora", 0.7, 0.7),))
+    patcher.apply(_unet("lora", 0.3))
+    patcher.apply(_unet("lora", 0.7))
     # The first patch finds W0 in place and reads nothing; the second restores the weight only: a bias no layer
     # changed is left alone, not re-read.
     assert bias_reads == [False]
-    patcher.apply((LoraWeight("full", 1.0, 1.0),))
+    patcher.apply(_unet("full", 1.0))
     assert torch.equal(model[0].bias, b0 + 1)
-    patcher.apply((LoraWeight("lora", 1.0, 1.0),))
+    patcher.apply(_unet("lora", 1.0))
     assert bias_reads.count(True) == 1  # the full diff changed it: restored once
     assert torch.equal(model[0].bias, b0) and torch.equal(model[0].weight, w0 + up @ down)
-    patcher.apply((LoraWeight("lora", 0.5, 0.5),))
+    patcher.apply(_unet("lora", 0.5))
     assert torch.equal(model[0].bias, b0)
     patcher.restore()
     assert torch.equal(model[0].weight, w0) and torch.equal(model[0].bias, b0)

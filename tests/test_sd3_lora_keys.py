@@ -27,7 +27,7 @@ from batchgen.assets.lora_formats import detect_format, group_by_module, layer_e
 from batchgen.assets.lora_layers import delta_dims, layer_from_tensors
 from batchgen.assets.loras import Shape, inspect_lora
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
-from batchgen.spec import LoraFile, LoraWeight
+from batchgen.spec import Contribution, LoraFile, LoraState
 
 RANK = 16
 # SD3.5-large: 38 blocks of 38 heads x 64, MLP 4x; T5's 4096-wide tokens, CLIP-L + CLIP-G pooled (768 + 1280).
@@ -471,7 +471,7 @@ def test_patched_model_matches_diffusers_converter(tmp_path: Path) -> None:
     assert paths(layers) == set(module_shapes(model))  # every Linear and the patch embedding
     patcher = WeightPatcher({"transformer": model})
     patcher.add("sd3_kohya", layers)
-    patcher.apply((LoraWeight("sd3_kohya", unet=1.0, text_encoder=1.0),))
+    patcher.apply(LoraState((("transformer", (Contribution("sd3_kohya", 1.0),)),)))
     state = model.state_dict()
     assert state.keys() == expected.keys()
     for key, value in expected.items():

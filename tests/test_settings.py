@@ -17,7 +17,7 @@ from batchgen.engine.worker import batch_key
 from batchgen.errors import BatchgenError
 from batchgen.plan import Plan, build_plan
 from batchgen.settings import DIFF_COLUMNS, EMPTY_CELLS, SETTINGS, JobId, Setting
-from batchgen.spec import MANIFEST_COLUMNS, Job
+from batchgen.spec import MANIFEST_COLUMNS, Job, LoraState
 from tests.test_plan import MODELS, _sweep
 
 # Per setting: a value off its default, and what the PNG parameters then say (None: nothing there changes).
@@ -91,7 +91,7 @@ def test_job_field_carries_the_value(setting: Setting) -> None:
     fields = {f.name: f for f in dataclasses.fields(Job)}
     assert fields[setting.name].default == setting.value_default
     value, _ = OFF_DEFAULT[setting.name]
-    assert getattr(Job("0" * 16, "m", "a castle", ""), setting.name) == setting.value_default
+    assert getattr(Job("0" * 16, "m", "a castle", "", lora_state=LoraState()), setting.name) == setting.value_default
     assert getattr(_plan(setting, value).jobs[0], setting.name) == value
 
 

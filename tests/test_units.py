@@ -7,23 +7,25 @@ import pytest
 from batchgen.errors import BatchgenError
 from batchgen.executors.local import Slot, plan_slots
 from batchgen.executors.units import UnitQueue, make_units
-from batchgen.spec import Job, LoraWeight
+from batchgen.spec import Contribution, Job, LoraState
 
-INK = (LoraWeight("ink", 1.0, 1.0),)
-GRAIN = (LoraWeight("grain", 0.5, 0.5),)
+NONE = LoraState()
+INK = LoraState((("unet", (Contribution("ink", 1.0),)),))
+GRAIN = LoraState((("unet", (Contribution("grain", 0.5),)),))
 
 
-def _jobs(model: str, loras: tuple, count: int) -> list[Job]:
+def _jobs(model: str, state: LoraState, count: int) -> list[Job]:
+    name = state.loras[0] if state.loras else "none"
     return [
-        Job(f"{model}-{loras[0].name if loras else 'none'}-{i}", model, "p", "", i, 2, 7.5, 64, 64, "default", loras)
+        Job(f"{model}-{name}-{i}", model, "p", "", i, 2, 7.5, 64, 64, "default", lora_state=state)
         for i in range(count)
     ]
 
 
 def test_one_worker_gets_one_unit_per_state_in_render_order() -> None:
-    jobs = _jobs("a", (), 3) + _jobs("a", INK, 2) + _jobs("b", INK, 2)
+    jobs = _jobs("a", NONE, 3) + _jobs("a", INK, 2) + _jobs("b", INK, 2)
     units = make_units(jobs, workers=1, batch=4)
-    assert [(u.key, len(u.jobs)) for u in units] == [(("a", ()), 3), (("a", INK), 2), (("b", INK), 2)]
+    assert [(u.key, len(u.jobs)) for u in units] == [(("a", NONE), 3), (("a", INK), 2), (("b", INK), 2)]
     assert [j for u in units for j in u.jobs] == jobs
 
 
@@ -36,17 +38,17 @@ def test_a_big_group_is_split_into_whole_batches_for_many_workers() -> None:
 
 
 def test_idle_worker_gets_its_own_state_then_its_model_then_the_next() -> None:
-    units = make_units(_jobs("a", (), 2) + _jobs("b", INK, 2) + _jobs("a", GRAIN, 2) + _jobs("b", (), 2), 1, 1)
+    units = make_units(_jobs("a", NONE, 2) + _jobs("b", INK, 2) + _jobs("a", GRAIN, 2) + _jobs("b", NONE, 2), 1, 1)
     queue = UnitQueue(units)
-    assert queue.next_for(("b", ())).key == ("b", ())  # same state, though it is last
+    assert queue.next_for(("b", NONE)).key == ("b", NONE)  # same state, though it is last
     assert queue.next_for(("b", GRAIN)).key == ("b", INK)  # same model
-    assert queue.next_for(None).key == ("a", ())  # nothing held: render order
-    assert queue.next_for(("c", ())).key == ("a", GRAIN)  # nothing matches: render order
-    assert queue.next_for(("a", ())) is None and len(queue) == 0
+    assert queue.next_for(None).key == ("a", NONE)  # nothing held: render order
+    assert queue.next_for(("c", NONE)).key == ("a", GRAIN)  # nothing matches: render order
+    assert queue.next_for(("a", NONE)) is None and len(queue) == 0
 
 
 def test_put_back_jobs_come_first() -> None:
-    jobs = _jobs("a", (), 4)
+    jobs = _jobs("a", NONE, 4)
     queue = UnitQueue(make_units(jobs[:2], 1, 1))
     queue.put_back(jobs[2:])
     assert queue.next_for(None).jobs == tuple(jobs[2:])

@@ -108,8 +108,18 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
     # Reads every value (torch), so the verdict is cached per file version.
     hashes.checked(lora.path, "content", lambda path: read_lora_layers(path, arch.modules, arch.unet_config))
     counts = Counter(ref.component for ref in mapped)
-    blocks = {block_of(ref.component, ref.path, arch.base) for ref in mapped} if arch.base in BLOCK_IDS else set()
-    info = replace(info, modules=tuple(sorted(counts.items())), blocks=tuple(sorted(b for b in blocks if b)))
+    per_component: dict[str, set[str]] = {component: set() for component in counts}
+    if arch.base in BLOCK_IDS:
+        for ref in mapped:
+            block = block_of(ref.component, ref.path, arch.base)
+            if block:
+                per_component[ref.component].add(block)
+    info = replace(
+        info,
+        modules=tuple(sorted(counts.items())),
+        blocks=tuple(sorted(set().union(*per_component.values()))),
+        component_blocks=tuple((c, tuple(sorted(b))) for c, b in sorted(per_component.items())),
+    )
     return info, mapped
 
 

@@ -20,7 +20,7 @@ import torch
 from batchgen.assets.bases import Base
 from batchgen.engine.prompts import Conditioning, Embeds, text_encoder_state
 from batchgen.engine.rows import BatchShape, by_image
-from batchgen.spec import Job
+from batchgen.spec import Job, LoraState
 
 # The transformer arguments that carry one row per image (per guidance half); the rest (FLUX's position ids,
 # attention kwargs) are shared by the batch.
@@ -43,7 +43,7 @@ class PipelinePrompts:
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.misses = 0  # texts encoded
         self.rounds = 0  # batches that had texts to encode
-        self._state: tuple | None = None
+        self._state: LoraState | None = None
 
     def embeds(self, batch: list[Job]) -> list[Conditioning]:
         states = {text_encoder_state(job) for job in batch}
@@ -52,26 +52,27 @@ class PipelinePrompts:
         state = states.pop()
         if state != self._state:
             # Jobs come grouped by LoRA stack: drop the encodings of states left behind, keep the pristine one.
-            for key in [key for key in self._entries if key[1] not in (state, ())]:
+            for key in [key for key in self._entries if key[1] not in (state, LoraState())]:
                 del self._entries[key]
             self._state = state
         lengths = {job.max_sequence_length for job in batch}
         if len(lengths) != 1:
             raise RuntimeError("a batch mixes max_sequence_length; batches must be cut by batch_key")
         length = lengths.pop()
-        state = (*state, ("max_sequence_length", length)) if length else state
         sides = [[job.prompt, job.negative_prompt] if guided(self.base, job) else [job.prompt] for job in batch]
-        missing = [t for t in dict.fromkeys(t for texts in sides for t in texts) if (t, state) not in self._entries]
+        missing = [
+            t for t in dict.fromkeys(t for texts in sides for t in texts) if (t, state, length) not in self._entries
+        ]
         for text in missing:
-            self._entries[(text, state)] = self._encode(text, length)
+            self._entries[(text, state, length)] = self._encode(text, length)
         if missing:
             self.misses += len(missing)
             self.rounds += 1
         out = []
         for job, texts in zip(batch, sides, strict=True):
-            encoded = [self._entries[(t, state)] for t in texts]
+            encoded = [self._entries[(t, state, length)] for t in texts]
             for t in texts:
-                self._entries.move_to_end((t, state))
+                self._entries.move_to_end((t, state, length))
             (prompt, pooled), *negative = encoded
             embeds = Embeds(prompt, negative[0][0] if negative else None, pooled, negative[0][1] if negative else None)
             out.append(Conditioning(((job.steps, embeds),)))

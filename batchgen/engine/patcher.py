@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 
 from batchgen.assets.architecture import ModuleRef, module_shapes
-from batchgen.assets.bases import DENOISERS
-from batchgen.assets.block_weights import module_weight
+from batchgen.assets.block_weights import block_of
 from batchgen.assets.lora_layers import LayerPatch
 from batchgen.assets.loras import read_lora_layers
 from batchgen.engine.pristine import PristineStore
-from batchgen.spec import LoraWeight
+from batchgen.spec import LoraState
 
-Contribution = tuple[str, float]  # (LoRA name, weight)
+Contribution = tuple[str, float]  # (LoRA name, weight) in one module
 # What _applied says of a module while it is being written: equal to no stack (nan != nan), so never skipped.
 _UNKNOWN: tuple[Contribution, ...] = (("", float("nan")),)
 
@@ -52,17 +51,21 @@ class WeightPatcher:
     def add(self, name: str, layers: dict[ModuleRef, LayerPatch]) -> None:
         self.loras[name] = layers
 
-    def apply(self, stack: tuple[LoraWeight, ...]) -> None:
-        """Make the weights equal W0 plus exactly this stack's contributions."""
+    def apply(self, state: LoraState) -> None:
+        """Make the weights equal W0 plus exactly this state's contributions."""
         wanted: dict[ModuleRef, list[Contribution]] = {}
-        for lw in stack:
-            for ref in self.loras[lw.name]:
-                weight = lw.unet if ref.component in DENOISERS else lw.text_encoder
-                if lw.blocks:
-                    # The extension's rule: the module's block weight times the LoRA's.
-                    weight *= module_weight(lw.blocks, self.base, ref.component, ref.path)
-                if weight != 0.0:  # W0 + 0 * dW is W0: skip the work, keep the bits
-                    wanted.setdefault(ref, []).append((lw.name, weight))
+        for component, parts in state.components:
+            for part in parts:
+                factors = dict(part.blocks)
+                for ref in self.loras[part.lora]:
+                    if ref.component != component:
+                        continue
+                    weight = part.weight
+                    if factors:
+                        # The extension's rule: the module's block weight times the LoRA's.
+                        weight *= factors.get(block_of(component, ref.path, self.base), 1.0)
+                    if weight != 0.0:  # W0 + 0 * dW is W0: skip the work, keep the bits
+                        wanted.setdefault(ref, []).append((part.lora, weight))
         changed = [
             ref for ref in {*self._applied, *wanted} if self._applied.get(ref, ()) != tuple(wanted.get(ref, ()))
         ]
@@ -71,7 +74,7 @@ class WeightPatcher:
         self.touched_last = len(changed)
 
     def restore(self) -> None:
-        self.apply(())
+        self.apply(LoraState())
 
     @torch.no_grad()
     def _write(self, ref: ModuleRef, contributions: tuple[Contribution, ...]) -> None:

@@ -17,7 +17,7 @@ from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, re
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.library_log import settle
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from batchgen.spec import LoraWeight, ModelSpec
+from batchgen.spec import LoraState, ModelSpec
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -193,17 +193,17 @@ class LoraStacks:
         self.components = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
         self.unet_config = dict(getattr(pipe, BY_NAME[spec.base].denoiser).config)
         self.patcher = WeightPatcher(self.components, Path(spec.checkpoint), spec.base)
-        self.current: tuple[LoraWeight, ...] | None = None
+        self.current: LoraState | None = None
 
-    def use(self, stack: tuple[LoraWeight, ...]) -> None:
-        if stack == self.current:
+    def use(self, state: LoraState) -> None:
+        if state == self.current:
             return
-        for lw in stack:
-            if lw.name not in self.patcher.loras:
-                lora = self.spec.lora(lw.name)
+        for name in state.loras:
+            if name not in self.patcher.loras:
+                lora = self.spec.lora(name)
                 if lora is None:
-                    raise KeyError(f"model {self.spec.name} has no LoRA '{lw.name}'; the planner skips such jobs")
-                self.patcher.add(lw.name, load_lora_layers(lora.path, self.components, self.unet_config, self.device))
+                    raise KeyError(f"model {self.spec.name} has no LoRA '{name}'; the planner skips such jobs")
+                self.patcher.add(name, load_lora_layers(lora.path, self.components, self.unet_config, self.device))
         self.current = None  # a switch that fails part-way leaves no stack in effect: the next use() must patch
-        self.patcher.apply(stack)
-        self.current = stack
+        self.patcher.apply(state)
+        self.current = state

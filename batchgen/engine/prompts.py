@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from batchgen.assets.bases import DENOISERS
 from batchgen.engine.rows import BatchShape, isolate_image_rows
 from batchgen.prompt_syntax import phases, plain_text
 from batchgen.prompt_syntax.a1111 import BREAK
-from batchgen.spec import Job
+from batchgen.spec import Job, LoraState
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,10 @@ def schedule_units(text: str, job: Job) -> list[tuple[int, Unit]]:
     return [(phase.until, ("a1111", phase.fragments)) for phase in phases(text, job.prompt_syntax, job.steps)]
 
 
-def text_encoder_state(job: Job) -> tuple[tuple[str, float], ...]:
-    # Over-keying is safe (a cache miss), under-keying is not: every non-zero text-encoder weight counts.
-    return tuple((lw.name, lw.text_encoder) for lw in job.loras if lw.text_encoder != 0.0)
+def text_encoder_state(job: Job) -> LoraState:
+    """What the job's LoRAs put into the text encoders, block weights included: the planner's state without the
+    denoiser's part, so that jobs differing only in the denoiser share their encodings."""
+    return job.lora_state.excluding(DENOISERS)
 
 
 def uses_guidance(pipe, job: Job) -> bool:
@@ -115,7 +117,7 @@ class PromptCache:
         self.rounds = 0  # batches (and empty-text fills) that had texts to encode
         self._shape = BatchShape()
         self._compel_text = None
-        self._state: tuple | None = None  # the text-encoder state of the last batch
+        self._state: LoraState | None = None  # the text-encoder state of the last batch
         # The pooled projection sees one row per chunk: run it per chunk so a long text's first chunk pools the same
         # whatever the text's length.
         for name in ("text_encoder", "text_encoder_2"):
@@ -155,10 +157,10 @@ class PromptCache:
             self._entries.popitem(last=False)
         return out
 
-    def _forget_other_states(self, state: tuple) -> None:
+    def _forget_other_states(self, state: LoraState) -> None:
         """Jobs come grouped by LoRA stack, so a text-encoder state left behind rarely comes back: keeping its
         encodings would grow memory with every LoRA of a sweep. The pristine state (no text-encoder LoRA) stays."""
-        keep = {state, ()}
+        keep = {state, LoraState()}
         for key in [key for key in self._entries if key[1] not in keep]:
             del self._entries[key]
         self._state = state

@@ -52,7 +52,7 @@ class _Clock:
 
 def batch_key(job: Job) -> tuple:
     """Jobs with equal keys can share one pipeline call: same model, LoRA state and batch-splitting settings."""
-    return (job.model, job.loras, *batch_values(job))
+    return (job.model, job.lora_state, *batch_values(job))
 
 
 def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
@@ -98,7 +98,7 @@ class Renderer:
         try:
             loaded = self._model(batch[0].model, stages)
             mark = time.perf_counter()
-            loaded.loras.use(batch[0].loras)
+            loaded.loras.use(batch[0].lora_state)
             loaded.scheduler.use(batch[0].scheduler)
             stages["patch"] = time.perf_counter() - mark
             mark = time.perf_counter()

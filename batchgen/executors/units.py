@@ -12,9 +12,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from batchgen.spec import Job, LoraWeight
+from batchgen.spec import Job, LoraState
 
-StateKey = tuple[str, tuple[LoraWeight, ...]]
+StateKey = tuple[str, LoraState]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Unit:
 
 
 def state_key(job: Job) -> StateKey:
-    return (job.model, job.loras)
+    return (job.model, job.lora_state)
 
 
 def make_units(jobs: list[Job], workers: int, batch: int) -> list[Unit]:

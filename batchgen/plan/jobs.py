@@ -17,12 +17,12 @@ from typing import Any
 import pandas as pd
 
 from batchgen.assets.bases import BY_NAME
-from batchgen.assets.block_weights import long_ids
 from batchgen.assets.tokens import ChunkCounter
 from batchgen.axes import with_trigger_words
 from batchgen.config import RunConfig, SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.plan.checks import check_lora_triggers, check_names_exist, check_sweep_grid, missing_assets
+from batchgen.plan.lora_state import effective_blocks, lora_state
 from batchgen.plan.prompts import (
     PromptVariant,
     check_negative_has_no_tags,
@@ -161,11 +161,9 @@ def _lora_payload(lw: LoraWeight, spec: ModelSpec) -> list:
     modules sit in where that is not 1. A preset and its vector are one job; so are an all-ones vector and none."""
     file = spec.lora(lw.name)
     entry: list[Any] = [file.sha256, lw.unet, lw.text_encoder]
-    if lw.blocks:
-        values = dict(zip(long_ids(spec.base), lw.blocks, strict=True))
-        effective = {block: values[block] for block in file.blocks if values[block] != 1.0}
-        if effective:
-            entry.append(effective)
+    effective = effective_blocks(lw, file.blocks, spec.base)
+    if effective:
+        entry.append(effective)
     return entry
 
 
@@ -194,7 +192,13 @@ def _row(
     reference = job_id({**payload, "loras": []}) if stack.loras and not missing else ""
     if not missing:
         job = Job(
-            job_id=jid, model=spec.name, prompt=prompt.text, negative_prompt=negative, loras=stack.loras, **setting
+            job_id=jid,
+            model=spec.name,
+            prompt=prompt.text,
+            negative_prompt=negative,
+            loras=stack.loras,
+            lora_state=lora_state(stack.loras, spec),
+            **setting,
         )
     return {
         "job_id": jid,

@@ -13,7 +13,7 @@ from batchgen.assets.epochs import epoch_label, epoch_order, is_glob, matching
 from batchgen.errors import BatchgenError
 from batchgen.plan.values import lora_entries
 from batchgen.settings import batch_values
-from batchgen.spec import Job, LoraWeight, ModelSpec, format_number
+from batchgen.spec import Job, LoraState, LoraWeight, ModelSpec, format_number
 
 UNUSUAL_WEIGHT = 2.0
 
@@ -141,17 +141,18 @@ def weight_warnings(stacks: list[StackState]) -> list[str]:
 
 
 def render_order(jobs: list[Job]) -> list[Job]:
-    """Per model, LoRA states chained so that each differs from the previous in as few LoRAs as possible.
+    """Per model, LoRA states chained so that each differs from the previous in as few LoRA contributions as
+    possible.
 
     A model starts with no LoRA applied, so the chain starts from the empty state; within a state, jobs that can
     share a pipeline call (the same values of the settings that split batches) are made adjacent.
     """
-    by_model: dict[str, dict[tuple[LoraWeight, ...], list[Job]]] = {}
+    by_model: dict[str, dict[LoraState, list[Job]]] = {}
     for job in jobs:
-        by_model.setdefault(job.model, {}).setdefault(job.loras, []).append(job)
+        by_model.setdefault(job.model, {}).setdefault(job.lora_state, []).append(job)
     ordered: list[Job] = []
     for states in by_model.values():
-        current: tuple[LoraWeight, ...] = ()
+        current = LoraState()
         remaining = list(states)
         while remaining:
             nearest = min(remaining, key=lambda state, c=current: _state_distance(c, state))
@@ -161,8 +162,7 @@ def render_order(jobs: list[Job]) -> list[Job]:
     return ordered
 
 
-def _state_distance(a: tuple[LoraWeight, ...], b: tuple[LoraWeight, ...]) -> int:
-    """LoRAs whose weights differ between two states: each one rewrites all the modules it touches."""
-    left = {lw.name: lw for lw in a}
-    right = {lw.name: lw for lw in b}
-    return sum(1 for name in left.keys() | right.keys() if left.get(name) != right.get(name))
+def _state_distance(a: LoraState, b: LoraState) -> int:
+    """(component, LoRA) contributions that differ between two states: each rewrites the modules it touches."""
+    left, right = a.pairs(), b.pairs()
+    return sum(1 for key in left.keys() | right.keys() if left.get(key) != right.get(key))
