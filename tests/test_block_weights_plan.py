@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from batchgen.axes import state_labels
 from batchgen.errors import BatchgenError
 from batchgen.plan import build_plan
 from batchgen.spec import LoraFile, ModelSpec
@@ -54,7 +55,8 @@ def test_presets_vectors_and_weights_are_axes() -> None:
         "ink:1:lbw=OUTD",
         "ink:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
     ]
-    assert list(plan.table["stack"])[:2] == ["ink 0.5 lbw=ALL", "ink 0.5 lbw=OUTD"]
+    assert set(plan.table["stack"]) == {"s"}
+    assert state_labels(plan.table.to_dict("records"))[:2] == ["s: ink 0.5 lbw=ALL", "s: ink 0.5 lbw=OUTD"]
     ids = list(plan.table["job_id"])
     # OUTD and its vector are one job; ALL on an attention-only LoRA is the LoRA without block weights.
     assert ids[1] == ids[2] and ids[4] == ids[5] and len(set(ids)) == 4

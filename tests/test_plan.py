@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from batchgen.axes import state_labels
 from batchgen.config import GridConfig, SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.plan import build_plan
@@ -72,8 +73,10 @@ def test_styles_counts_and_order() -> None:
     # model outermost, then LoRA state: each model's rows are contiguous, each stack's rows too
     assert list(plan.table["model"].drop_duplicates()) == ["sd1", "xl"]
     first_model = plan.table[plan.table["model"] == "sd1"]
-    assert list(first_model["stack"].drop_duplicates()) == ["none", "ink 0.5", "ink 1", "grain 0.6 + ink 0.8"]
-    assert first_model["stack"].ne(first_model["stack"].shift()).sum() == 4
+    assert list(first_model["stack"].drop_duplicates()) == ["none", "ink", "ink_grain"]  # the sweep's keys
+    labels = state_labels(first_model.to_dict("records"), plan.slots)
+    assert list(dict.fromkeys(labels)) == ["none", "ink 0.5", "ink 1", "ink_grain"]
+    assert first_model["loras"].ne(first_model["loras"].shift()).sum() == 4
 
 
 def test_slot_multiplies_only_prompts_using_it() -> None:
@@ -123,7 +126,7 @@ def test_lora_missing_for_one_model_is_skipped() -> None:
     plan = build_plan(_sweep(prompts=["a castle"], slots={}), models)
     skipped = plan.table[plan.table["status"] == "skipped"]
     assert set(skipped["error"]) == {"LoRA 'grain' not found for model xl"}
-    assert set(skipped["stack"]) == {"grain 0.6 + ink 0.8"}
+    assert set(skipped["stack"]) == {"ink_grain"}
 
 
 def test_job_ids_unique_and_stable_across_order_and_names() -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from batchgen.axes import state_labels
 from batchgen.errors import BatchgenError
 from batchgen.plan import PromptRow, build_plan, read_prompts_file, split_lora_tags, used_assets
 from batchgen.spec import LoraWeight
@@ -34,7 +35,8 @@ def test_a_tagged_prompt_is_the_same_job_as_the_stack() -> None:
     )
     assert list(tagged.table["job_id"]) == list(stacked.table["job_id"])
     row = tagged.table.iloc[0]
-    assert (row["prompt"], row["loras"], row["stack"]) == ("a castle at night", "ink:0.5", "ink 0.5")
+    assert (row["prompt"], row["loras"], row["stack"]) == ("a castle at night", "ink:0.5", "none")
+    assert set(state_labels(tagged.table.to_dict("records"))) == {"none + <lora:ink:0.5>"}  # beside the name
     assert row["prompt_template"] == "a castle at night <lora:ink:0.5>"
     assert tagged.jobs[0].prompt == "a castle at night" and tagged.jobs[0].loras == (LoraWeight("ink", 0.5, 0.5),)
 

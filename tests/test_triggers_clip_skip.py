@@ -37,16 +37,16 @@ def test_configured_trigger_words_go_before_the_prompt_and_into_the_manifest() -
     )
     rows = plan.table.set_index("stack")
     assert rows.loc["none", "prompt"] == "a castle" and rows.loc["none", "lora_triggers"] == ""
-    assert rows.loc["ink 0.5", "prompt"] == "ink drawing, a castle"
-    assert rows.loc["ink 0.5", "lora_triggers"] == "ink:ink drawing"
+    assert rows.loc["ink", "prompt"] == "ink drawing, a castle"
+    assert rows.loc["ink", "lora_triggers"] == "ink:ink drawing"
     # In the stack's order (by name), each trigger once.
-    assert rows.loc["grain 0.6 + ink 0.8", "prompt"] == "film grain, ink drawing, a castle"
-    assert rows.loc["grain 0.6 + ink 0.8", "lora_triggers"] == "grain:film grain;ink:ink drawing"
-    assert rows.loc["grain 0.6 + ink 0.8", "prompt_template"] == "a castle"
+    assert rows.loc["both", "prompt"] == "film grain, ink drawing, a castle"
+    assert rows.loc["both", "lora_triggers"] == "grain:film grain;ink:ink drawing"
+    assert rows.loc["both", "prompt_template"] == "a castle"
     # The prompt changed, so the pixels do: another job than the same stack without trigger words.
     plain = _one(stacks={"ink": {"ink": 0.5}})
     assert plain.table["prompt"][0] == "a castle"
-    assert plain.table["job_id"][0] != rows.loc["ink 0.5", "job_id"]
+    assert plain.table["job_id"][0] != rows.loc["ink", "job_id"]
     assert sorted(j.prompt for j in plan.jobs) == [
         "a castle",
         "film grain, ink drawing, a castle",

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from batchgen.axes import PNG_STACK
 from batchgen.engine.png import a1111_parameters, encode_png
 from batchgen.manifest import atomic_write
 from batchgen.metrics import degenerate, measure, read_rgb
@@ -86,6 +87,8 @@ def encode_row(
     render first on each worker); the others are filled once the run ends (report.effects)."""
     # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
     job = {k: v for k, v in row.items() if k not in _VOLATILE}
+    if PNG_STACK in job:
+        job["stack"] = job.pop(PNG_STACK)  # the stack by its content, as PNGs always held it, not the sweep's key
     row = dict(row)
     row["worker"] = result.worker
     data = None

@@ -18,7 +18,7 @@ import pandas as pd
 
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tokens import ChunkCounter
-from batchgen.axes import with_trigger_words
+from batchgen.axes import PNG_STACK, state_labels, with_trigger_words
 from batchgen.config import RunConfig, SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.plan.checks import check_lora_triggers, check_names_exist, check_sweep_grid, missing_assets
@@ -64,6 +64,9 @@ class Plan:
         counts = {c: int(self.table[c].nunique()) for c in columns}
         if "epoch" in counts:  # a reference job has no epoch: "" is not one more
             counts["epoch"] = int(self.table["epoch"].loc[self.table["epoch"] != ""].nunique())
+        # A stack's states, as a grid with prompts on an axis has columns: `ink 0.5` and `ink 1` are two, though
+        # `stack` holds `ink` for both.
+        counts["stack"] = len(set(state_labels(self.table.to_dict("records"), self.slots, ["prompt"])))
         return counts
 
 
@@ -113,11 +116,16 @@ def build_plan(
                 twin = _row(spec, StackState("none", ()), prompt, negative, used, setting, [], texts)
                 if twin["job_id"] != row["reference"]:  # the two payloads are built apart: keep them in step
                     raise RuntimeError(f"reference of {row['job_id']}: {twin['job_id']} != {row['reference']}")
-                references[twin["job_id"]] = {**twin, "stack": REFERENCE_STACK, "lora_triggers": ""}
+                references[twin["job_id"]] = {
+                    **twin,
+                    "stack": REFERENCE_STACK,
+                    PNG_STACK: REFERENCE_STACK,
+                    "lora_triggers": "",
+                }
     planned = {row["job_id"] for row in rows}
     added_references = [row for job_id, row in references.items() if job_id not in planned]
     rows += added_references
-    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, "_job"])
+    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *slots, PNG_STACK, "_job"])
     jobs = render_order(list({job.job_id: job for job in table["_job"] if job is not None}.values()))
     warnings = weight_warnings([*stacks, *(StackState("inline", p.loras) for p in prompts)]) + syntax_warnings
     warnings += unused_slot_warnings(sweep, prompts)
@@ -216,7 +224,8 @@ def _row(
         "worker": "",
         "finished_at": "",
         "error": "; ".join(missing),
-        "stack": stack.label,
+        "stack": stack.stack,
+        PNG_STACK: stack.png_label,
         "epoch": stack.epoch,
         "reference": reference,
         "prompt_template": prompt.template,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batchgen.assets.embeddings import TRIGGER_PATTERN
-from batchgen.axes import with_trigger_words
+from batchgen.axes import LORA_TAG, with_trigger_words
 from batchgen.config import SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.plan.prompts_file import PromptRow
@@ -19,8 +19,6 @@ from batchgen.settings import did_you_mean
 from batchgen.spec import LoraWeight, ModelSpec
 
 SLOT_PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# A1111's extra-network tag: <lora:name>, <lora:name:w>, <lora:name:te_w:unet_w>, <lora:name:te=w:unet=w>.
-LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>")
 
 
 @dataclass(frozen=True)

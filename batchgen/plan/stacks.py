@@ -10,6 +10,7 @@ from typing import Any
 
 from batchgen.assets.block_weights import parse_blocks
 from batchgen.assets.epochs import epoch_label, epoch_order, is_glob, matching
+from batchgen.axes import stack_label
 from batchgen.errors import BatchgenError
 from batchgen.plan.values import lora_entries
 from batchgen.settings import batch_values
@@ -22,21 +23,19 @@ UNUSUAL_WEIGHT = 2.0
 class StackState:
     """One point on the LoRA axis: a named stack at one combination of its weights."""
 
-    stack: str
+    stack: str  # the sweep's key (`ink_grain`): the manifest's `stack`
     loras: tuple[LoraWeight, ...]  # sorted by name
     globbed: tuple[tuple[str, str], ...] = ()  # (file, pattern) for each LoRA a glob entry matched
     epoch: str = ""  # the matched files' labels: `mylora e4 (760 steps)`
 
     @property
-    def label(self) -> str:
-        """`none`, or `ink 0.5 + grain 0.6` (split weights as `unet/te`): grid labels. A file a glob matched is
-        named by the glob, so that every epoch of one stack is one stack on the grid and `epoch` tells them apart."""
-        if not self.loras:
-            return "none"
+    def png_label(self) -> str:
+        """`none`, or `grain 0.6 + ink 0.5` (split weights as `unet/te`): the stack as a PNG's JSON chunk names it,
+        by its content, a file a glob matched by the glob (what the manifest's `stack` held before it held the
+        sweep's key; kept so that a job's PNG bytes stay as they were)."""
         patterns = dict(self.globbed)
-        return " + ".join(
-            lw.label.replace(":lbw=", " lbw=").replace(":", " ", 1).replace(lw.name, patterns.get(lw.name, lw.name), 1)
-            for lw in self.loras
+        return stack_label(
+            ";".join(dataclasses.replace(lw, name=patterns.get(lw.name, lw.name)).label for lw in self.loras)
         )
 
     @property

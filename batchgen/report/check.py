@@ -16,9 +16,11 @@ from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, latest_positions, read_manifest
 from batchgen.metrics import NOT_DEGENERATE
 from batchgen.report.effects import with_measurements
+from batchgen.report.labels import stack_labels
 from batchgen.report.summary import latest_invocation
 from batchgen.report.text import text
 
+_LABEL = "_stack_label"  # the row's stack state as grids label it, for the lines naming a job
 # A LoRA job takes part in --min-effect when every weight it has (UNet and text encoder) is at least this: at
 # lower weights a LoRA may rightly do next to nothing.
 MIN_EFFECT_WEIGHT = 0.5
@@ -47,6 +49,7 @@ def check_run(request: CheckRequest) -> CheckResult:
     _check_request(request, run_dir)
     rows = read_manifest(run_dir)
     latest = with_measurements(rows, run_dir).iloc[latest_positions(rows, run_dir)]
+    latest = latest.assign(**{_LABEL: stack_labels(latest).to_numpy()})
     problems: list[str] = []
     said: list[str] = []
     if request.min_effect is not None:
@@ -114,6 +117,6 @@ def _references_off(run_dir: Path) -> bool:
 
 def _where(row: pd.Series) -> str:
     return (
-        f'model {text(row.get("model"))}, stack {text(row.get("stack"))}, prompt "{text(row.get("prompt"))}", '
+        f'model {text(row.get("model"))}, stack {row[_LABEL]}, prompt "{text(row.get("prompt"))}", '
         f"seed {text(row.get('seed'))} (job {text(row.get('job_id'))})"
     )

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, read_latest
 from batchgen.report.files import save_png, write_text
+from batchgen.report.labels import stack_labels
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
 from batchgen.settings import DIFF_COLUMNS, EMPTY_CELLS
 
@@ -88,8 +89,7 @@ class DiffResult:
 # ---------------------------------------------------------------- reading runs
 
 
-def _label(row: pd.Series) -> str:
-    stack = text(row.get("stack")) or text(row.get("loras")) or "none"
+def _label(row: pd.Series, stack: str) -> str:
     return " | ".join([text(row.get("model")), stack, text(row.get("prompt")), f"seed {text(row.get('seed'))}"])
 
 
@@ -112,11 +112,12 @@ def load_run(run_dir: Path, which: str, by: str = "job_id") -> dict[str, Entry]:
     except BatchgenError as e:
         raise BatchgenError(f"{which} {e}") from None
     entries: dict[str, Entry] = {}
-    for _, row in latest[latest["status"] == "ok"].iterrows():
+    ok = (latest["status"] == "ok").to_numpy()
+    for (_, row), label in zip(latest[ok].iterrows(), stack_labels(latest)[ok], strict=True):
         key = _key(row, by)
         # Jobs sharing a key (--by settings, a file replaced between renders): the later render takes it and its place.
         entries.pop(key, None)
-        entries[key] = Entry(key, text(row["job_id"]), _label(row), run_dir / text(row.get("image")))
+        entries[key] = Entry(key, text(row["job_id"]), _label(row, label), run_dir / text(row.get("image")))
     return entries
 
 

@@ -28,10 +28,10 @@ from batchgen.axes import (
     weight_label,
     weight_lora,
     weight_sort_key,
-    without_trigger_words,
 )
 from batchgen.metrics import NOT_DEGENERATE
 from batchgen.report.files import save_png
+from batchgen.report.labels import prompt_labels, stack_labels
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
 from batchgen.spec import REFERENCE_STACK
 
@@ -98,7 +98,8 @@ def _column(table: pd.DataFrame, name: str) -> pd.Series:
 
 
 def _axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.Series:
-    """A table column, or a value derived from `loras`: a LoRA's weight, or the stack without the grid's LoRAs."""
+    """A table column, or a value derived from it: a LoRA's weight, the stack without the grid's LoRAs, a stack's
+    state by the sweep's name for it (`ink 0.5`, `ink_grain`)."""
     lora = weight_lora(name)
     if lora is not None:
         return _column(table, "loras").map(lambda cell: weight_label(cell, lora))
@@ -109,9 +110,10 @@ def _axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.S
         weights = [n for a in on_grid if (n := weight_lora(a)) is not None]
         blocks = [n for a in on_grid if (n := blocks_lora(a)) is not None]
         return _column(table, "loras").map(lambda cell: stack_label(cell, weights, blocks))
-    if name == "prompt" and "lora_triggers" in table.columns:
-        pairs = zip(_column(table, "prompt"), _column(table, "lora_triggers"), strict=True)
-        return pd.Series([without_trigger_words(p, t) for p, t in pairs], index=table.index, dtype=object)
+    if name == "stack":
+        return stack_labels(table, on_grid)
+    if name == "prompt" and "prompt" in table.columns:
+        return prompt_labels(table)
     return _column(table, name)
 
 
@@ -138,6 +140,9 @@ def _varies(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> bool:
 def _group_keys(table: pd.DataFrame, on_grid: Sequence[str], slots: list[str]) -> list[str]:
     """Columns that split the table into grids: every varying axis not on the grid, model always first."""
     candidates = list(_all_axes(slots))
+    if "stack" in on_grid:
+        # A stack's label names its epoch where its states differ in it; other stacks have none to split by.
+        candidates.remove("epoch")
     if any(weight_lora(a) or blocks_lora(a) for a in on_grid) and "stack" not in on_grid:
         # With ink's weight on an axis, `ink 0.5` and `none` belong in one grid; what else the stack holds splits.
         candidates[candidates.index("stack")] = REST
@@ -544,7 +549,8 @@ def build_grids(
     table = table.reset_index(drop=True)
     keys = _group_keys(table, on_grid, slots)
     names = list(dict.fromkeys([*on_grid, *keys]))
-    values = pd.DataFrame({name: _axis_column(table, name, on_grid) for name in names})
+    # A stack's label leaves out what the grid shows on an axis or in its title (an epoch, a prompt's tags).
+    values = pd.DataFrame({name: _axis_column(table, name, names) for name in names})
     values[_LAYER] = values[z] if z else ""
     groups = _groups(values, keys)
     orders = {axis: _axis_order(values[axis], axis) for axis in on_grid}

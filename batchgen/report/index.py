@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 
 from batchgen.report.files import href, write_text
+from batchgen.report.labels import stack_labels
 from batchgen.report.summary import STATUSES, RunSummary, summarise
 from batchgen.report.text import text
 
-FILTERS = ("model", "stack", "prompt", "status", "degenerate")
+FILTERS = ("model", "stack", "prompt", "status", "degenerate")  # `stack` filters by the sweep's key
 JOB_COLUMNS = (
     *("status", "model", "stack", "prompt", "seed", "steps", "guidance_scale", "size", "image"),
     *("effect", "ssim", "degenerate", "error"),
@@ -123,7 +124,7 @@ _JS = """
     box.querySelector("img.over").src = image;
     var refs = box.querySelectorAll("img.reference");
     refs.forEach(function (img) { img.src = reference || image; });
-    box.querySelector(".caption").textContent = tr.getAttribute("data-stack") + " | " +
+    box.querySelector(".caption").textContent = tr.getAttribute("data-label") + " | " +
       tr.getAttribute("data-prompt") + " | effect " + (tr.getAttribute("data-effect") || "-") + ", ssim " +
       (tr.getAttribute("data-ssim") || "-") + (reference ? "" : " | no reference image");
     wipe();
@@ -229,10 +230,12 @@ def _row_class(status: str) -> str:
     return ""
 
 
-def _job_row_html(run_dir: Path, row: pd.Series, images: dict[str, str]) -> str:
+def _job_row_html(run_dir: Path, row: pd.Series, images: dict[str, str], label: str) -> str:
+    """One job; `label`: its stack state as a grid labels it (`ink 0.5`), shown in the stack column."""
     status = _status(row)
     cells = {name: _esc(row.get(name)) for name in JOB_COLUMNS}
     cells["status"] = _esc(status)
+    cells["stack"] = _esc(label)
     cells["size"] = f"{_esc(row.get('width'))}x{_esc(row.get('height'))}"
     cells["image"] = _thumb_html(run_dir, text(row.get("image")))
     degenerate = text(row.get("degenerate"))
@@ -240,6 +243,7 @@ def _job_row_html(run_dir: Path, row: pd.Series, images: dict[str, str]) -> str:
     tds = "".join(f'<td class="{classes.get(name, name)}">{cells[name]}</td>' for name in JOB_COLUMNS)
     data = "".join(f' data-{name}="{_esc(status if name == "status" else row.get(name))}"' for name in FILTERS)
     data += "".join(f' data-{name}="{_esc(row.get(name))}"' for name in ("effect", "ssim"))
+    data += f' data-label="{_esc(label)}"'
     job_id = text(row.get("job_id"))
     if job_id in images:
         data += f' data-image="{images[job_id]}"'
@@ -290,7 +294,9 @@ def _jobs_html(run_dir: Path, table: pd.DataFrame) -> str:
         for _, row in table.iterrows()
         if text(row.get("status")) == "ok" and text(row.get("image")) and (run_dir / text(row["image"])).is_file()
     }
-    body = "\n".join(_job_row_html(run_dir, row, images) for _, row in table.iterrows())
+    labels = stack_labels(table)
+    rows = zip(table.iterrows(), labels, strict=True)
+    body = "\n".join(_job_row_html(run_dir, row, images, label) for (_, row), label in rows)
     return f'<table class="jobs"><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>'
 
 
