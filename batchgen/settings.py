@@ -158,6 +158,16 @@ class Setting:
     diff: bool  # `batchgen diff --by settings` matches rows on it
     a1111: A1111 | None = None
     empty_cell: str | None = None  # what an empty cell means in a manifest written before the column existed
+    # Set: the config default (null) is the model's own value, which the planner resolves per model from its
+    # checkpoint and base record (batchgen.assets.defaults), so that a job, its manifest row and its job_id hold
+    # the value rendered. This value stands in where no model is at hand (a Job built without the setting, an
+    # empty manifest cell): SD1's, every sweep's default before each base had its own.
+    fallback: Any = None
+
+    @property
+    def model_own(self) -> bool:
+        """Whether a sweep that gives no value renders the model's own (batchgen.assets.defaults)."""
+        return self.fallback is not None
 
     @property
     def section(self) -> str:
@@ -170,8 +180,8 @@ class Setting:
 
     @property
     def value_default(self) -> Any:
-        """A job's value when the config keeps the default."""
-        return self.check(self.default, self.key)[0]
+        """A job's value when the config keeps the default; for a model's own value, the fallback."""
+        return self.check(self.fallback if self.model_own else self.default, self.key)[0]
 
     def read(self, cell: Any) -> Any:
         """A manifest cell or plan value as this setting's type; an empty one means the default."""
@@ -207,7 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
         key="sweep.steps",
         type=int,
         check=functools.partial(ints, minimum=1),
-        default=20,
+        default=None,  # the model's own: its base's (28 for FLUX.1-dev, 20 for SD1)
         axis=True,
         job_id=JobId.ALWAYS,
         batch=True,
@@ -215,13 +225,14 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("Steps", "{steps}"),
+        fallback=20,
     ),
     Setting(
         name="guidance_scale",
         key="sweep.guidance_scale",
         type=float,
         check=floats,
-        default=7.5,
+        default=None,  # the model's own: its base's (3.5 for FLUX.1-dev, 7.5 for SD1)
         axis=True,
         job_id=JobId.ALWAYS,
         batch=True,
@@ -229,13 +240,14 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("CFG scale", "{guidance_scale}"),
+        fallback=7.5,
     ),
     Setting(
         name="width",
         key="sweep.width",
         type=int,
         check=sizes,
-        default=512,
+        default=None,  # the model's own: its denoiser's sample size times the VAE's scale, as diffusers computes it
         axis=True,
         job_id=JobId.ALWAYS,
         batch=True,
@@ -243,13 +255,14 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("Size", "{width}x{height}"),
+        fallback=512,
     ),
     Setting(
         name="height",
         key="sweep.height",
         type=int,
         check=sizes,
-        default=512,
+        default=None,  # the model's own: its denoiser's sample size times the VAE's scale, as diffusers computes it
         axis=True,
         job_id=JobId.ALWAYS,
         batch=True,
@@ -257,6 +270,7 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         # A1111 writes it with the width, as Size
+        fallback=512,
     ),
     # A batchgen.schedulers name; default (null): the checkpoint's own.
     Setting(
@@ -337,19 +351,21 @@ SETTINGS: tuple[Setting, ...] = (
         a1111=A1111("Pad conds", "True", omit_at_default=True),
     ),
     # How many T5 tokens SD3 and FLUX.1 read (diffusers' max_sequence_length); 0 is the pipeline's own default
-    # (512 FLUX.1, 256 SD3). Bases without T5 do not read it: hashed by its effect, so their jobs keep their ids.
+    # (512 FLUX.1, 256 SD3), and the model's own too unless its release differs (256 for FLUX.1-schnell). Bases
+    # without T5 do not read it: hashed by its effect, so their jobs keep their ids.
     Setting(
         name="max_sequence_length",
         key="sweep.max_sequence_length",
         type=int,
         check=sequence_lengths,
-        default=0,
+        default=None,
         axis=True,
         job_id=JobId.EFFECT,
         batch=True,
         column_after="degenerate",
         grid=True,
         diff=False,
+        fallback=0,
     ),
 )
 

@@ -42,7 +42,7 @@ from batchgen.plan.stacks import (
     with_inline,
 )
 from batchgen.plan.syntax import check_syntax, text_payload
-from batchgen.plan.values import check_batch_size, setting_values
+from batchgen.plan.values import check_batch_size, merged_values, model_values, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
 from batchgen.spec import MANIFEST_COLUMNS, REFERENCE_STACK, Job, LoraWeight, ModelSpec
 
@@ -57,11 +57,14 @@ class Plan:
     models: dict[str, ModelSpec]
     warnings: list[str] = field(default_factory=list)  # unusual but valid input, said before rendering
     references_added: int = 0  # reference jobs no stack renders, added by sweep.references
+    # Per model, each setting's values, those the sweep leaves to the model resolved (--dry-run prints them).
+    settings: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]
-        columns += [*self.slots, *AXES]
-        counts = {c: int(self.table[c].nunique()) for c in columns}
+        counts = {c: int(self.table[c].nunique()) for c in [*columns, *self.slots]}
+        # Per model: two models' own steps are one value each, not an axis of two.
+        counts.update({c: int(self.table.groupby("model")[c].nunique().max()) for c in AXES})
         if "epoch" in counts:  # a reference job has no epoch: "" is not one more
             counts["epoch"] = int(self.table["epoch"].loc[self.table["epoch"] != ""].nunique())
         # A stack's states, as a grid with prompts on an axis has columns: `ink 0.5` and `ink 1` are two, though
@@ -82,6 +85,7 @@ def build_plan(
     prompts = expand_prompts(sweep, file_rows)
     stacks = expand_stacks(sweep.stacks)
     settings = setting_values({"sweep": sweep, "run": RunConfig() if run is None else run})
+    per_model = {name: model_values(settings, spec) for name, spec in specs.items()}  # null: the model's own
     check_batch_size(sweep.batch_size)
     slots = sorted({name for p in prompts for name, _ in p.slots})
     check_negative_has_no_tags(sweep, file_rows)
@@ -89,7 +93,8 @@ def build_plan(
     negatives = sorted({p.negative_prompt for p in prompts if p.negative_prompt is not None})
     check_names_exist(specs, prompts, sweep.negative_prompt, stacks, negatives)
     check_lora_triggers(sweep, stacks, prompts, specs)
-    syntax_warnings = check_syntax(prompts, sweep.negative_prompt, settings["prompt_syntax"], specs, settings)
+    every = merged_values(per_model.values(), settings)
+    syntax_warnings = check_syntax(prompts, sweep.negative_prompt, every["prompt_syntax"], specs, every)
     counters = {name: ChunkCounter(spec) for name, spec in specs.items()}
 
     rows: list[dict[str, Any]] = []
@@ -104,7 +109,8 @@ def build_plan(
         missing = missing_assets(spec, stack, prompt, negative)
         used = triggers(prompt.text, negative)
         # A prompts_file row's seed goes with its prompt instead of multiplying it by the seeds axis.
-        axes = {**settings, "seed": [prompt.seed]} if prompt.seed is not None else settings
+        own = per_model[spec.name]
+        axes = {**own, "seed": [prompt.seed]} if prompt.seed is not None else own
         for values in itertools.product(*axes.values()):
             setting = dict(zip(axes, values, strict=True))
             texts = text_payload(prompt.text, negative, setting, counters[spec.name])
@@ -136,6 +142,7 @@ def build_plan(
         models=specs,
         warnings=warnings,
         references_added=len(added_references),
+        settings=per_model,
     )
 
 

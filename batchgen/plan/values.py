@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from batchgen.assets.defaults import model_defaults
 from batchgen.errors import BatchgenError
 from batchgen.settings import SETTINGS, as_list, is_int, is_number
-from batchgen.spec import format_number
+from batchgen.spec import ModelSpec, format_number
 
 MAX_WEIGHT = 10.0
 
 
 def setting_values(sections: dict[str, Any]) -> dict[str, list[Any]]:
-    """Each render setting's checked values, read from its config key (`sweep.seeds`); more than one: an axis."""
-    return {s.name: s.check(getattr(sections[s.section], s.field), s.key) for s in SETTINGS}
+    """Each render setting's checked values, read from its config key (`sweep.seeds`); more than one: an axis.
+    [None]: the config leaves it to each model (`model_values` resolves it)."""
+    out = {}
+    for s in SETTINGS:
+        value = getattr(sections[s.section], s.field)
+        out[s.name] = [None] if value is None and s.model_own else s.check(value, s.key)
+    return out
+
+
+def model_values(settings: dict[str, list[Any]], spec: ModelSpec) -> dict[str, list[Any]]:
+    """The sweep's values for one model: each setting the sweep leaves to the model takes the model's own."""
+    own = model_defaults(spec, [name for name, values in settings.items() if values == [None]])
+    return {name: [own[name]] if name in own else values for name, values in settings.items()}
+
+
+def merged_values(per_model: Iterable[dict[str, list[Any]]], settings: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Every value each setting takes in some model, in first-seen order (what the sweep-wide checks read)."""
+    models = list(per_model)
+    merged = {name: list(dict.fromkeys(v for m in models for v in m[name])) for name in settings}
+    return {name: merged[name] or values for name, values in settings.items()}
 
 
 def check_batch_size(value: Any) -> None:

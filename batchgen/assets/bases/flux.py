@@ -56,5 +56,11 @@ BASE = Base(
     block_ids={len(BLOCK_IDS): BLOCK_IDS},
     module_block=module_block,
     variants={"dev": {"guidance_embeds": True}, "schnell": {"guidance_embeds": False}},
-    defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 512},
+    # FluxPipeline's own and FLUX.1-dev's model card: 28 steps, guidance 3.5, T5's 512 tokens. schnell's card runs
+    # it at 4 steps, guidance 0 (it has no guidance input) and max_sequence_length 256, the length it was
+    # distilled with.
+    defaults={"steps": 28, "guidance_scale": 3.5},
+    variant_defaults={"schnell": {"steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}},
+    default_sample_size=128,  # FluxPipeline's: 1024 pixels with the VAE's factor 8; its config has no sample_size
+    t5_tokens=512,
 )

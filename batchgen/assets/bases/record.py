@@ -49,9 +49,16 @@ class Base:
     # The releases of the base, told apart by their denoiser's config: {variant: config values it has}, the first
     # whose values all match wins (FLUX.1 dev has the guidance input, schnell not).
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
-    # What the base's reference pipelines use by default, for README and the packaged configs (a sweep's own
-    # values still win: changing a default under existing sweeps would change pixels under unchanged job ids).
+    # What a sweep that gives no value renders with (batchgen.assets.defaults): steps and guidance_scale, and
+    # max_sequence_length where a release's own differs from its pipeline's. `variant_defaults` overrides them per
+    # release (as `variants` names it); a setting declared nowhere takes the settings table's fallback. The size
+    # comes from the checkpoint's configs, as diffusers' pipelines compute it.
     defaults: Mapping[str, object] = field(default_factory=dict)
+    variant_defaults: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    # The denoiser's latent size where its config has none: FluxPipeline fixes its default_sample_size at 128.
+    default_sample_size: int | None = None
+    # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
+    t5_tokens: int = 0
 
     def variant(self, denoiser_config: Mapping[str, object]) -> str | None:
         """Which release a denoiser config is, None when no variant's values all match."""
@@ -59,6 +66,10 @@ class Base:
             if all(denoiser_config.get(key) == value for key, value in values.items()):
                 return name
         return None
+
+    def default(self, name: str, variant: str | None) -> object | None:
+        """The base's own value of a setting for a release (None: the base declares none)."""
+        return {**self.defaults, **self.variant_defaults.get(variant or "", {})}.get(name)
 
     @property
     def shipped_configs(self) -> Path:

@@ -8,6 +8,10 @@ BLOCK_IDS = {
     26: ("BASE", *numbered("IN", 12), "M00", *numbered("OUT", 12)),
 }
 
+# batchgen's steps and guidance for the UNet bases since its first release (A1111's 20 steps, diffusers' SD1 CFG
+# 7.5), not diffusers' 50 steps and SDXL's 5.0: sweeps that never named them keep their job_ids and pixels.
+UNET_DEFAULTS = {"steps": 20, "guidance_scale": 7.5}
+
 BASE = Base(
     name="sd-1",
     label="SD1",
@@ -26,4 +30,5 @@ BASE = Base(
     },
     block_ids=BLOCK_IDS,
     compel_clip_skips=(1, 2),  # the last layer normed, or the penultimate normed (A1111's clip skip 2)
+    defaults=UNET_DEFAULTS,
 )

@@ -20,4 +20,5 @@ BASE = Base(
     },
     block_ids=sd1.BLOCK_IDS,
     compel_clip_skips=(1, 2),
+    defaults=sd1.UNET_DEFAULTS,
 )

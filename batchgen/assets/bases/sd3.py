@@ -30,5 +30,14 @@ BASE = Base(
         "3.5 medium": {"num_layers": 24, "qk_norm": "rms_norm"},
         "3 medium": {"num_layers": 24, "qk_norm": None},
     },
-    defaults={"steps": 28, "width": 1024, "height": 1024, "guidance_scale": 3.5, "max_sequence_length": 256},
+    # StableDiffusion3Pipeline's own (28 steps, guidance 7.0; SD3 medium's model card), and each SD3.5 release's
+    # model card on the Hugging Face hub: stabilityai/stable-diffusion-3.5-large 28 steps, guidance 3.5;
+    # stable-diffusion-3.5-medium 40 steps, guidance 4.5. A fine-tune with the architecture of one renders with its
+    # values; large turbo has large's architecture, so a sweep names its 4 steps and guidance 0 itself.
+    defaults={"steps": 28, "guidance_scale": 7.0},
+    variant_defaults={
+        "3.5 large": {"steps": 28, "guidance_scale": 3.5},
+        "3.5 medium": {"steps": 40, "guidance_scale": 4.5},
+    },
+    t5_tokens=256,
 )

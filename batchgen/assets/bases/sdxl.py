@@ -1,5 +1,6 @@
 """Stable Diffusion XL (base, not the refiner): CLIP-L and OpenCLIP-bigG, 2048-wide cross-attention."""
 
+from batchgen.assets.bases import sd1
 from batchgen.assets.bases.record import Base, numbered
 
 BASE = Base(
@@ -25,4 +26,5 @@ BASE = Base(
     refused_checkpoint_keys={
         "conditioner.embedders.0.model.text_projection": "an SDXL refiner; batchgen renders base models only"
     },
+    defaults=sd1.UNET_DEFAULTS,
 )
