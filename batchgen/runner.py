@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.models import ModelSource, denoiser_variant, inspect_assets, resolve_model, scan_checkpoints
 from batchgen.axes import check_max_megapixels
@@ -33,7 +34,8 @@ from batchgen.manifest import (
 from batchgen.plan import Plan, build_plan, read_prompts_file, select_models, used_assets
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
-from batchgen.spec import STAGES
+from batchgen.settings import SETTINGS
+from batchgen.spec import STAGES, format_number
 from batchgen.tiny import cache_root
 
 
@@ -87,6 +89,18 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
     out.write(f"sweep {composed.config.sweep.name}: {len(plan.table)} combinations -> {run_dir}\n")
     for axis, count in plan.axis_counts().items():
         out.write(f"  {axis:<14}  {count}\n")  # a long name keeps two spaces before its count
+    out.write("settings of each model, where not an axis:\n")
+    resolved = resolved_settings(plan)
+    indent = max(map(len, resolved)) + 4
+    for name, pairs in resolved.items():
+        line = f"  {name}".ljust(indent)
+        for i, (key, value) in enumerate(pairs):
+            item = f"{key} {value}{',' if i < len(pairs) - 1 else ''}"
+            if len(line) + len(item) >= 119 and line.strip() != name:  # wrap between settings, never inside one
+                out.write(line.rstrip() + "\n")
+                line = " " * indent
+            line += item + " "
+        out.write(line.rstrip() + "\n")
     out.write(
         f"jobs: {len(plan.jobs)} to render in total, {len(todo)} new, {len(plan.jobs) - len(todo)} already done, "
         f"{skipped} skipped\n"
@@ -98,6 +112,32 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
         )
     for reason, count in plan.table.loc[plan.table["status"] == "skipped", "error"].value_counts().items():
         out.write(f"  skipped {count}: {reason}\n")
+
+
+def resolved_settings(plan: Plan) -> dict[str, list[tuple[str, str]]]:
+    """Per model, (setting, value as text) for each setting with one value there, as its jobs take it (a value the
+    sweep leaves to the model resolved); a T5 length only for a base with T5, 0 with the length it stands for."""
+    out = {}
+    for name, spec in plan.models.items():
+        rows = plan.table.loc[plan.table["model"] == name]
+        base = BY_NAME[spec.base]
+        pairs = []
+        for s in SETTINGS:
+            # The table holds what the jobs take (a prompts_file row's own seed included); the rest the plan's.
+            values = list(dict.fromkeys(rows[s.name])) if s.name in rows.columns else plan.settings[name][s.name]
+            if len(values) != 1 or (s.name == "max_sequence_length" and not base.t5_tokens):
+                continue
+            pairs.append((s.name, _setting_text(values[0])))
+            if s.name == "max_sequence_length" and values[0] == 0:
+                pairs[-1] = (s.name, f"0 (the pipeline's {base.t5_tokens})")
+        out[name] = pairs
+    return out
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return format_number(value) if isinstance(value, float) else str(value)
 
 
 def list_assets(plan: Plan, out: TextIO) -> None:
