@@ -121,6 +121,83 @@ def test_a_block_vector_is_the_file_scaled_block_by_block(model, lora: str) -> N
     assert not np.array_equal(images["a"], images["c"])  # the blocks did something
 
 
+# Text-encoder (BASE) and UNet parts of the vectors rendered in one run, on SD1's 26 blocks; values 0, 0.5 and 1
+# scale the copy's factors exactly. P and Q give the UNet blocks different values.
+_P = tuple((1.0, 0.5, 0.0)[i % 3] for i in range(25))
+_Q = tuple((0.0, 1.0, 0.5)[i % 3] for i in range(25))
+ONE_RUN = {"base_half": (0.5, *_P), "base_one": (1.0, *_P), "base_zero": (0.0, *_Q)}
+PIXEL_TOLERANCE = 2  # /255: batchgen merges the LoRA into the weights, diffusers adds it beside them
+
+
+@pytest.mark.slow
+def test_vectors_with_different_base_values_in_one_run_each_equal_diffusers_on_a_scaled_copy(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """One Renderer renders ink without block weights (its text-encoder layers at 1), then vectors whose BASE is
+    0.5, 1 and 0: each image must equal plain diffusers rendering a copy of the file scaled by that vector.
+    A vector's BASE reaches only the text encoder, so a prompt encoding kept from an earlier state of the same
+    LoRA (BASE 1 before BASE 0.5) shows here and nowhere in a one-vector run."""
+    from diffusers import StableDiffusionPipeline
+
+    from batchgen.config import compose_config
+    from batchgen.runner import prepare
+    from tests.reference import render_with_adapters
+
+    ids = BLOCK_IDS["sd-1"][26]
+    vectors = {"ink_alone": None, **ONE_RUN}
+    blocks = ", ".join(f"'{','.join(f'{v:g}' for v in vector)}'" for vector in ONE_RUN.values())
+    plan = prepare(
+        compose_config(
+            [
+                "+sweep=styles", "sweep.models=[tiny_sd1]", "sweep.seeds=[1]", "sweep.steps=2", "sweep.slots={}",
+                "sweep.prompts=['a castle at night']", "sweep.references=false", "~sweep.stacks.none",
+                "~sweep.stacks.ink", "~sweep.stacks.ink_grain", "~sweep.stacks.lycoris", "~sweep.stacks.peft",
+                "+sweep.stacks.alone={ink: 1.0}", f"+sweep.stacks.b={{ink: {{blocks: [{blocks}]}}}}",
+            ]
+        )
+    )  # fmt: skip
+    rows = {}
+    for row in plan.table.to_dict("records"):
+        lbw = row["loras"].partition(":lbw=")[2]
+        vector = tuple(float(v) for v in lbw.split(",")) if lbw else None
+        rows[next(name for name, v in vectors.items() if v == vector)] = row
+    assert sorted(rows) == sorted(vectors) and len(plan.table) == len(vectors), list(plan.table["loras"])
+    jobs = {job.job_id: job for job in plan.jobs}
+    order = [jobs[rows[name]["job_id"]] for name in vectors]  # ink alone (BASE 1) first, then the vectors in turn
+    ours = {name: _pixels(result.image) for name, result in zip(vectors, worker_render(plan, order), strict=True)}
+
+    # The reference: plain diffusers, each vector as a copy of the file, scaled block by block, loaded at 1.
+    ink = next(tiny_cache.glob("*/tiny_sd1/lora")) / "ink.safetensors"
+    files = {"ink_alone": ink}
+    for name, vector in ONE_RUN.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        hit = _scaled_copy(ink, files[name], dict(zip(ids, vector, strict=True)))
+        assert "BASE" in hit and len(hit) > 3, hit  # the vector reaches the text encoder and several UNet blocks
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(next(tiny_cache.glob("*/tiny_sd1/main/tiny_sd1"))), local_files_only=True, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    theirs = {
+        name: _pixels(render_with_adapters(pipe, rows[name] | {"loras": f"{name}:1"}, "unet", lambda n: str(files[n])))
+        for name in vectors
+    }
+    diffs = {name: int(np.abs(ours[name] - theirs[name]).max()) for name in vectors}
+    assert max(diffs.values()) <= PIXEL_TOLERANCE, f"max pixel difference from diffusers per vector: {diffs}"
+    # BASE changes the image: the two vectors that differ only there render apart, by more than the tolerance.
+    assert np.abs(ours["base_half"] - ours["base_one"]).max() > 4 * PIXEL_TOLERANCE
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def worker_render(plan, jobs: list[Job]) -> list:
+    """The jobs rendered in this order by one Renderer, one image per batch, as one worker renders a run."""
+    results = list(Renderer(plan.models, batch_size=1).render(jobs))
+    assert [r.job_id for r in results] == [job.job_id for job in jobs] and all(r.error == "" for r in results)
+    return results
+
+
 # FLUX.1 by the extension's get_flux_blocks on key text: kohya, BFL/ComfyUI, XLabs and diffusers/PEFT names alike.
 _FLUX_UP = ("lora_up.weight", "lora_B.weight", ".up.weight")
 _FLUX_BLOCK = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks|transformer_blocks)[._](\d+)[._]")
