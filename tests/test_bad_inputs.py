@@ -113,6 +113,11 @@ def header_not_json(c: Case):
     return c.lora_args(), f"{c.loras}/bad.safetensors: not a readable safetensors file ("
 
 
+def empty_lora(c: Case):
+    (c.loras / "bad.safetensors").write_bytes(_raw_safetensors({}))
+    return c.lora_args(), f"{c.loras}/bad.safetensors: holds no LoRA tensors (an empty file?); re-save it or remove it"
+
+
 def int_dtype_lora(c: Case):
     tensors = c.kohya()
     key = next(k for k in tensors if k.endswith("lora_down.weight"))
@@ -424,6 +429,7 @@ CASES = [
     header_longer_than_file,
     huge_header,
     header_not_json,
+    empty_lora,
     int_dtype_lora,
     bool_dtype_ti,
     nan_lora,

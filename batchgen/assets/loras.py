@@ -73,6 +73,9 @@ def inspect_lora(lora: LoraFile, arch: Architecture, hashes: HashCache) -> tuple
         fmt, groups = group_by_module(shapes, metadata)
     except ValueError as e:
         raise BatchgenError(f"{lora.path}: {e}") from None
+    if not groups:
+        # An empty file would render every job as the no-LoRA image under the LoRA's name.
+        raise BatchgenError(f"{lora.path}: holds no LoRA tensors (an empty file?); re-save it or remove it")
     _check_ranks(groups, lora.path)
     allowed = lora_bases(layer_evidence(groups, fmt))
     base = decided(allowed)
