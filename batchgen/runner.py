@@ -145,6 +145,8 @@ def list_assets(plan: Plan, out: TextIO) -> None:
     for spec in plan.models.values():
         variant = denoiser_variant(spec.config_dir, spec.base)
         out.write(f"{spec.name} ({spec.base}{f', {variant}' if variant else ''})  {spec.checkpoint}\n")
+        for part in spec.components:
+            out.write(f"  {part.component}  {part.path.name}  whole file, {part.kind}  {part.path}\n")
         for layout, base, path in scan_checkpoints(spec.models_root) if spec.models_root else []:
             out.write(f"  checkpoint  {path.name}  {layout}, {base}  {path}\n")
         for ti in spec.embeddings:

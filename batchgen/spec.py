@@ -113,6 +113,17 @@ class SingleFile:
 
 
 @dataclass(frozen=True)
+class ComponentFile:
+    """A whole-file VAE or text encoder a model config names (`vae:`, `text_encoders:`), read in place of the
+    checkpoint's own component."""
+
+    component: str  # vae | text_encoder | text_encoder_2 | text_encoder_3
+    path: Path
+    kind: str  # vae | clip | t5: the layout batchgen.assets.component_files reads
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One SD version as the engine needs it: resolved paths, no config objects."""
 
@@ -130,6 +141,8 @@ class ModelSpec:
     models_root: Path | None = None  # the configured root, scanned by --list for every checkpoint in it
     variant: str | None = None  # a diffusers folder's weight variant (fp16): other weights, other pixels
     lora_dirs: tuple[Path, ...] = ()  # the folders LoRA names were looked up in (for errors)
+    # Whole-file components replacing the checkpoint's own; checkpoint_sha256 then hashes them too.
+    components: tuple[ComponentFile, ...] = ()
 
     @property
     def config_dir(self) -> Path:

@@ -98,6 +98,23 @@ def meta_denoiser(config: dict[str, Any], base: str) -> torch.nn.Module:
         return cls.from_config(config)
 
 
+def meta_component(config_dir: Path, component: str, library: str, class_name: str) -> torch.nn.Module:
+    """A pipeline component (a VAE, a text encoder) as its folder's config describes it, on the meta device."""
+    import torch
+
+    folder = config_dir / component
+    with torch.device("meta"):
+        if library == "diffusers":
+            import diffusers
+
+            cls = getattr(diffusers, class_name)
+            return cls.from_config(cls.load_config(str(folder)))
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return getattr(transformers, class_name)(config)
+
+
 def _transformer_architecture(checkpoint: Path, base: str) -> Architecture:
     """An MMDiT pipeline's modules on the meta device: no plain-Python table covers them, so LoRAs for SD3 and FLUX
     pay for importing torch, diffusers and transformers at planning (a dry run without LoRAs does not)."""

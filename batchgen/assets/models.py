@@ -16,6 +16,7 @@ from batchgen.assets.bases import (
     BASES,
     BY_NAME,
     checkpoint_base,
+    listing,
     mmdit_checkpoint_base,
     pipeline_base,
     unet_config_base,
@@ -25,13 +26,15 @@ from batchgen.assets.epochs import is_glob, matching
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import Header, read_header
-from batchgen.assets.single_file import check_single_file
+from batchgen.assets.single_file import check_component_file, check_single_file
 from batchgen.errors import BatchgenError
-from batchgen.spec import ModelSpec, Refused, SingleFile
+from batchgen.spec import ComponentFile, ModelSpec, Refused, SingleFile
 
 _TRANSFORMER_BASES = frozenset(b.name for b in BASES if b.denoiser == "transformer")
 # .bin is left out: in a diffusers folder it is one component's weights, never a whole model.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# A whole-file VAE or text encoder: transformers' own pickles are .bin.
+COMPONENT_SUFFIXES = (*SINGLE_FILE_SUFFIXES, ".bin")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class ModelSource:
     config: str | None = None
     tokenizer: str | None = None
     prediction_type: str | None = None
+    vae: str | None = None
+    text_encoders: Mapping[str, str] = field(default_factory=dict)
 
 
 def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: Callable[[str], Path]) -> ModelSpec:
@@ -65,7 +70,8 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         raise BatchgenError(
             f"{where}.checkpoint: {checkpoint} is a folder without model_index.json, not a diffusers pipeline"
         )
-    single = _check_single_file(checkpoint, cfg, where) if checkpoint.is_file() else None
+    named = _component_paths(cfg, root, where)
+    single = _check_single_file(checkpoint, cfg, frozenset(named), where) if checkpoint.is_file() else None
     if single is not None and BY_NAME[cfg.base].pipeline_encodes_prompts:
         _check_text_encoders(single.config_dir, cfg.base, f"{where}.config")
     if single is None and (cfg.config or cfg.tokenizer or cfg.prediction_type):
@@ -76,6 +82,8 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         _check_text_encoders(checkpoint, cfg.base, f"{where}.checkpoint")
     if cfg.variant is not None:
         _check_variant(checkpoint, cfg.variant, where)
+    config_dir = single.config_dir if single is not None else checkpoint
+    components = _checked_components(named, config_dir, cfg.base, hashes)
     embedding_dirs = [_inside(p, root, root, f"{where}.embeddings") for p in cfg.embeddings]
     embedding_dirs = embedding_dirs or _default_dir(root, "embedding")
     lora_dirs = [_inside(p, root, root, f"{where}.loras") for p in cfg.loras] or _default_dir(root, "lora")
@@ -86,7 +94,7 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         name=name,
         base=cfg.base,
         checkpoint=checkpoint,
-        checkpoint_sha256=_variant_hash(hashes.sha256(checkpoint), cfg.variant),
+        checkpoint_sha256=_component_hash(_variant_hash(hashes.sha256(checkpoint), cfg.variant), components),
         embeddings=embeddings,
         loras=loras,
         refused=refused,
@@ -96,7 +104,51 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         models_root=Path(cfg.root).expanduser() if cfg.root else None,
         variant=cfg.variant,
         lora_dirs=tuple(lora_dirs),
+        components=components,
     )
+
+
+def _component_paths(cfg: ModelSource, root: Path | None, where: str) -> dict[str, tuple[Path, str]]:
+    """{component: (file, config key)} of the whole-file VAE and text encoders the config names, each a file of a
+    component the base has; whether it fits the component is checked once the config folder is known."""
+    record = BY_NAME[cfg.base]
+    named = [("vae", cfg.vae, f"{where}.vae")] if cfg.vae else []
+    named += [(c, file, f"{where}.text_encoders.{c}") for c, file in cfg.text_encoders.items()]
+    found = {}
+    for component, text, key in named:
+        if component != "vae" and component not in record.text_encoders:
+            names = record.encoder_names
+            encoders = listing(f"{c} ({names[c]})" if c in names else c for c in record.text_encoders)
+            raise BatchgenError(f"{key}: {record.label} has no {component}; name {encoders}")
+        path = _inside(str(text), root, root, key)
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise BatchgenError(f"{key}: {path} {what}; give the {component} file (.safetensors)")
+        if path.suffix.lower() not in COMPONENT_SUFFIXES:
+            endings = ", ".join(COMPONENT_SUFFIXES)
+            raise BatchgenError(f"{key}: {path} is not a weights file batchgen reads; give one ending in {endings}")
+        found[component] = (path, key)
+    return found
+
+
+def _checked_components(
+    named: dict[str, tuple[Path, str]], config_dir: Path, base: str, hashes: HashCache
+) -> tuple[ComponentFile, ...]:
+    """Each named file read against the component config it replaces (its header only), then hashed."""
+    found = []
+    for component, (path, key) in named.items():
+        kind = check_component_file(component, path, _single_file_header(path), config_dir, base, key)
+        found.append(ComponentFile(component, path, kind, hashes.sha256(path)))
+    return tuple(found)
+
+
+def _component_hash(sha256: str, components: tuple[ComponentFile, ...]) -> str:
+    """A model with whole-file components renders with their weights: its jobs hash them. Without any, the
+    checkpoint's hash is unchanged, and so are the ids of every job that names none."""
+    if not components:
+        return sha256
+    parts = "".join(f":{c.component}={c.sha256}" for c in sorted(components, key=lambda c: c.component))
+    return hashlib.sha256(f"{sha256}{parts}".encode()).hexdigest()
 
 
 def _check_variant(checkpoint: Path, variant: str, where: str) -> None:
@@ -294,7 +346,7 @@ def _inside(text: str, base: Path | None, root: Path | None, where: str) -> Path
     return base / path
 
 
-def _check_single_file(checkpoint: Path, cfg: ModelSource, where: str) -> SingleFile:
+def _check_single_file(checkpoint: Path, cfg: ModelSource, given: frozenset[str], where: str) -> SingleFile:
     """A single file must hold a Stable Diffusion model of the configured base, and its tokenizers must be here."""
     if checkpoint.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise BatchgenError(
@@ -302,7 +354,9 @@ def _check_single_file(checkpoint: Path, cfg: ModelSource, where: str) -> Single
             f"single file ending in {', '.join(SINGLE_FILE_SUFFIXES)}"
         )
     header = _single_file_header(checkpoint)
-    return check_single_file(checkpoint, header, cfg.base, cfg.config, cfg.tokenizer, cfg.prediction_type, where)
+    return check_single_file(
+        checkpoint, header, cfg.base, cfg.config, cfg.tokenizer, cfg.prediction_type, where, given=given
+    )
 
 
 def _single_file_header(path: Path) -> Header:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.assets.bases import BASES, BY_NAME, checkpoint_base, listing, mmdit_checkpoint_base
+from batchgen.assets.component_files import KIND_NAMES, KIND_OF_CLASS, convert_component, file_kinds
 from batchgen.assets.safetensors_header import Header
 from batchgen.errors import BatchgenError
 from batchgen.spec import SingleFile
@@ -35,12 +36,14 @@ def check_single_file(
     tokenizer: str | None,
     prediction_type: str | None,
     where: str,
+    given: frozenset[str] = frozenset(),
 ) -> SingleFile:
-    """What the engine needs to build a pipeline around the file; every problem is an error here, before a load."""
+    """What the engine needs to build a pipeline around the file; every problem is an error here, before a load.
+    `given`: the components the model config names whole files for (vae, text encoders)."""
     unet_bases = [b for b in BASES if b.denoiser == "unet"]
     mmdit = mmdit_checkpoint_base(header.tensors)  # FLUX and SD3 files keep their transformer under UNET_PREFIX too
     if mmdit is not None:
-        return _transformer_single_file(checkpoint, header, mmdit, base, config, where)
+        return _transformer_single_file(checkpoint, header, mmdit, base, config, where, given)
     if not any(key.startswith(UNET_PREFIX) for key in header.tensors):
         if any(key.startswith("unet.") for key in header.tensors):
             raise BatchgenError(
@@ -169,7 +172,7 @@ def convert_transformer(base: str, state: Mapping[str, Any], target: Mapping[str
 
 
 def _transformer_single_file(
-    checkpoint: Path, header: Header, found: str, base: str, config: str | None, where: str
+    checkpoint: Path, header: Header, found: str, base: str, config: str | None, where: str, given: frozenset[str]
 ) -> SingleFile:
     """An MMDiT transformer in its original layout (FLUX.1's BFL, SD3's SGM), alone or in a ComfyUI whole-model
     file. Its text encoders and VAE come from `config:`, a diffusers folder of the base (the file's own copies of
@@ -199,10 +202,55 @@ def _transformer_single_file(
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         if not (folder / component / name).is_file():
             raise BatchgenError(f"{where}.config: {folder / component / name} is missing; {fix}")
-    if not any((folder / "vae").glob("*.safetensors")):
+    if "vae" not in given and not any((folder / "vae").glob("*.safetensors")):
         raise BatchgenError(f"{where}.config: {folder / 'vae'} has no weights (*.safetensors); {fix}")
+    for component in record.text_encoders:
+        present = (folder / component / "config.json").is_file()
+        if present and component not in given and not _has_weights(folder / component):
+            raise BatchgenError(
+                f"{where}.config: {folder / component} has no weights (*.safetensors); add them, or name its file in "
+                f"{where}.text_encoders.{component}"
+            )
     _check_transformer_layout(checkpoint, header, base, folder / "transformer" / "config.json", where)
     return SingleFile(config_dir=folder, tokenizers=())
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def check_component_file(component: str, path: Path, header: Header, config_dir: Path, base: str, where: str) -> str:
+    """The kind (vae, clip, t5) of a whole-file VAE or text encoder that fits the component the model's config
+    folder describes, read from the file's header; every mismatch is an error naming `where`, before a load."""
+    from batchgen.assets.architecture import meta_component  # lazy: only a model naming such files builds one
+    from batchgen.assets.loras import Shape
+
+    index_path = config_dir / "model_index.json"
+    entry = json.loads(index_path.read_text()).get(component)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    kind = KIND_OF_CLASS.get(class_name or "")
+    if kind is None:
+        raise BatchgenError(
+            f"{where}: this model's {component} is {class_name or 'absent'} ({index_path}); batchgen reads whole "
+            f"files of {listing(sorted(KIND_OF_CLASS))} components"
+        )
+    if not (config_dir / component / "config.json").is_file():
+        raise BatchgenError(f"{where}: {config_dir / component / 'config.json'} is missing; the file is built from it")
+    shapes = {key: Shape(tuple(info.shape)) for key, info in header.tensors.items()}
+    found = file_kinds(list(shapes))
+    if found and kind not in found:
+        raise BatchgenError(
+            f"{where}: {path} holds {listing(KIND_NAMES[k] for k in found)}, not {KIND_NAMES[kind]}; give the file "
+            f"of this model's {component} ({class_name})"
+        )
+    model = meta_component(config_dir, component, entry[0], class_name)
+    target = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    try:
+        convert_component(kind, shapes, target)
+    except ValueError as e:
+        label = BY_NAME[base].label
+        raise BatchgenError(f"{where}: {path}: {e}; is it {label}'s {component} ({class_name})?") from None
+    return kind
 
 
 def _check_transformer_layout(checkpoint: Path, header: Header, base: str, config: Path, where: str) -> None:

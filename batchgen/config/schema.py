@@ -26,6 +26,11 @@ class ModelConfig:
     config: str | None = None
     tokenizer: str | None = None
     prediction_type: str | None = None
+    # Whole-file components read in place of the checkpoint's own, as ComfyUI keeps them: a VAE file (models/vae)
+    # and text encoder files by component ({text_encoder: clip_l.safetensors, text_encoder_2: t5xxl.safetensors});
+    # relative to root when root is set. Each is built from the config folder's component config.
+    vae: str | None = None
+    text_encoders: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

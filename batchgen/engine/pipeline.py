@@ -14,6 +14,7 @@ import torch
 from batchgen.assets.architecture import COMPONENTS, meta_denoiser
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
+from batchgen.engine.components import load_component_files
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.library_log import settle
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -33,9 +34,10 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     settle()  # the libraries' notices go where batchgen.library_log routes them
+    parts = load_component_files(spec, dtype)  # whole-file VAE / text encoders, in place of the checkpoint's own
     if spec.single_file is not None:
         load = load_transformer_single_file if BY_NAME[spec.base].denoiser == "transformer" else load_single_file
-        pipe = load(spec, dtype)
+        pipe = load(spec, dtype, parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     index = json.loads((Path(spec.checkpoint) / "model_index.json").read_text())
@@ -46,12 +48,13 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     if spec.variant is not None:
         extra["variant"] = spec.variant
     extra.update(_absent_text_encoders(Path(spec.checkpoint), spec.base))
+    extra.update(parts)
     pipe = DiffusionPipeline.from_pretrained(str(spec.checkpoint), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def load_single_file(spec: ModelSpec, dtype: torch.dtype):
+def load_single_file(spec: ModelSpec, dtype: torch.dtype, parts: dict | None = None):
     """An A1111/ComfyUI file through diffusers' converters, around a folder of configs and tokenizers put together
     here: diffusers reads every component's config and tokenizer from one diffusers-layout folder."""
     import diffusers
@@ -77,6 +80,7 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype):
             scheduler.write_text(json.dumps({**config, "prediction_type": single.prediction_type}))
         cls = getattr(diffusers, index["_class_name"])
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        extra.update(parts or {})
         with _weights_only(Path(spec.checkpoint)):
             return cls.from_single_file(
                 str(spec.checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **extra
@@ -93,7 +97,7 @@ def _absent_text_encoders(folder: Path, base: str) -> dict[str, None]:
     return absent
 
 
-def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype):
+def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype, parts: dict | None = None):
     """An SD3 or FLUX.1 transformer file in its original layout, converted by batchgen (assets/sd3_checkpoint.py,
     assets/flux_checkpoint.py), inside the rest of the pipeline from the `config:` folder (planning checked that
     every weight is there at its shape)."""
@@ -116,7 +120,7 @@ def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype):
         transformer=transformer.eval(),
         dtype=dtype,
         local_files_only=True,
-        **_absent_text_encoders(single.config_dir, spec.base),
+        **{**_absent_text_encoders(single.config_dir, spec.base), **(parts or {})},
     )
 
 
