@@ -254,6 +254,12 @@ def test_a_quoted_lbw_tag_reads_as_written_in_a1111(run_cli, override: str, prom
     assert sorted(pd.read_csv("runs/styles/manifest.csv", dtype=str, keep_default_na=False)["loras"]) == loras
 
 
+def test_a_tagged_block_vector_of_another_bases_length_names_its_prompt(run_cli) -> None:
+    code, out, err = run_cli("+sweep=styles", "~sweep.slots.style", f"sweep.prompts=['a fox {VECTOR}']", "--dry-run")
+    assert (code, out) == (2, "")
+    assert err.startswith("batchgen: error: sweep.prompts[0].ink.blocks: 17 block weights for sdxl (17 is the ")
+
+
 @pytest.mark.parametrize(
     ("override", "what", "fixed", "value"),
     [

@@ -101,7 +101,9 @@ def build_plan(
     references: dict[str, dict[str, Any]] = {}  # job_id -> row of each LoRA job's no-LoRA twin
     resolved = [(spec, state) for spec in specs.values() for c in stacks for state in resolve_globs(c, spec)]
     for (spec, configured), prompt in itertools.product(resolved, prompts):
-        stack = resolve_blocks(with_inline(configured, prompt.loras), spec, sweep.block_presets, _where(configured))
+        # A tag's block weights are checked for the base first, so that an error names the prompt, not the stack.
+        tagged = resolve_blocks(StackState("inline", prompt.loras), spec, sweep.block_presets, prompt.where)
+        stack = resolve_blocks(with_inline(configured, tagged.loras), spec, sweep.block_presets, _where(configured))
         added = lora_trigger_words(spec, stack, prompt.text, sweep)
         if added:
             prompt = dataclasses.replace(prompt, text=with_trigger_words(prompt.text, [w for _, w in added]))
