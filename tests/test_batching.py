@@ -147,12 +147,15 @@ def test_the_prompt_cache_forgets_text_encoder_states_left_behind() -> None:
     from types import SimpleNamespace
 
     from batchgen.engine.prompts import PromptCache
+    from batchgen.spec import Contribution, LoraState
 
     cache = PromptCache(SimpleNamespace())
     mode = (False, None)
-    for state in [(), (("a", 1.0),), (("b", 1.0),)]:
+    pristine = LoraState()
+    a, b = (LoraState((("text_encoder", (Contribution(n, 1.0),)),)) for n in ("a", "b"))
+    for state in [pristine, a, b]:
         cache._entries[("text", state, mode)] = object()
-    cache._forget_other_states((("b", 1.0),))
-    assert [key[1] for key in cache._entries] == [(), (("b", 1.0),)]
-    cache._forget_other_states(())
-    assert [key[1] for key in cache._entries] == [()]
+    cache._forget_other_states(b)
+    assert [key[1] for key in cache._entries] == [pristine, b]
+    cache._forget_other_states(pristine)
+    assert [key[1] for key in cache._entries] == [pristine]
