@@ -131,7 +131,7 @@ def test_a_lora_with_huge_weights_is_flagged_degenerate_and_check_says_so(
     assert code == 1
     lines = out.splitlines()
     assert len(lines) == 3 and all(line.startswith("degenerate (") for line in lines[:2])
-    assert 'stack broken 1, prompt "a castle at night, watercolor", seed 1 (job ' in lines[0]
+    assert 'stack broken, prompt "a castle at night, watercolor", seed 1 (job ' in lines[0]
     assert lines[2].startswith("check runs/styles: 2 problems; ")
 
 
