@@ -7,6 +7,7 @@ stable-diffusion-webui, so what passes here is what A1111 and the tools copying 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import struct
@@ -176,3 +177,66 @@ def test_default_scheduler_is_named_after_the_checkpoints_own(tmp_path):
     assert sampler("dpm", {"_class_name": "DPMSolverMultistepScheduler"}) == "DPM++ 2M"
     assert sampler("lcm", {"_class_name": "LCMScheduler"}) == "default"  # no A1111 name we know of
     assert sampler("none", None) == "default"
+
+
+def planned_row(**change: object) -> dict[str, object]:
+    """A row as the planner hands it to the writer: every manifest column (NaN where the plan has none), a slot,
+    and the stack by its content for the JSON chunk."""
+    nan = float("nan")
+    base = {
+        **dict.fromkeys(("timings", "effect", "ssim", "degenerate", "seconds"), nan),
+        **row(loras="grain:0.6;ink:0.5/0.25:lbw=OUTD", seed=7, scheduler="euler_a"),
+        **{"job_id": "0123456789abcdef", "status": "", "model": "tiny_sd1", "base": "sd-1", "image": ""},
+        **{"image_sha256": "", "worker": "", "finished_at": "", "error": "", "stack": "mine", "epoch": ""},
+        **{"prompt_template": "a portrait of <alf>, {style}", "clip_skip": 2, "prompt_syntax": "a1111"},
+        **{"pad_prompts": True, "lora_triggers": "ink:ink drawing", "reference": "fedcba9876543210"},
+        **{"max_sequence_length": 0, "style": "detailed", "_png_stack": "grain 0.6 + ink 0.5/0.25 lbw=OUTD"},
+    }
+    return {**base, **change}
+
+
+def test_png_bytes_are_those_from_before_the_column_table(tmp_path):
+    """The parameters text, the JSON chunk and the PNG bytes of a planned row, pinned as the code wrote them before
+    the columns moved into batchgen.columns and the cells into batchgen.cells (issue 34): a job's PNG bytes never
+    change with a refactor."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from batchgen.engine.writer import encode_row
+    from batchgen.spec import RenderResult
+
+    spec = spec_with(tmp_path)
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    done, data = encode_row({"tiny_sd1": spec}, planned_row(), RenderResult("0123456789abcdef", image, 1.5, "w0"))
+    with Image.open(io.BytesIO(data)) as png:
+        text = dict(png.text)
+    ink = (tmp_path / "ink.safetensors").read_bytes()
+    ink_hash = sha256(ink[8 + struct.unpack("<Q", ink[:8])[0] :])[:12]
+    assert text["parameters"].split("\n") == [
+        "a portrait of <alf>, detailed <lora:grain:0.6> <lora:ink:te=0.25:unet=0.5:lbw=OUTD>",
+        "Negative prompt: blurry, lowres",
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x48, Model hash: 0123456789, "
+        f'Model: tiny_sd1, Clip skip: 2, Pad conds: True, Lora hashes: "grain: {"ab" * 6}, ink: {ink_hash}", '
+        f'TI hashes: "alf: {sha256(b"an embedding")[:12]}", Version: batchgen',
+    ]
+    assert text["batchgen"] == (
+        '{"base": "sd-1", "clip_skip": 2, "embeddings": "alf", "epoch": "", "guidance_scale": 7.5, "height": 48, '
+        '"job_id": "0123456789abcdef", "lora_triggers": "ink:ink drawing", '
+        '"loras": "grain:0.6;ink:0.5/0.25:lbw=OUTD", "max_sequence_length": 0, "model": "tiny_sd1", '
+        '"negative_prompt": "blurry, lowres", "pad_prompts": true, "prompt": "a portrait of <alf>, detailed", '
+        '"prompt_syntax": "a1111", "prompt_template": "a portrait of <alf>, {style}", "scheduler": "euler_a", '
+        '"seed": 7, "stack": "grain 0.6 + ink 0.5/0.25 lbw=OUTD", "steps": 20, "style": "detailed", "width": 64}'
+    )
+    # Nothing else goes in: the bytes are those of the image with these two chunks, in this order.
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    again = io.BytesIO()
+    image.save(again, format="PNG", pnginfo=info)
+    assert list(text) == ["parameters", "batchgen"] and data == again.getvalue()
+    assert (done["status"], done["image"], done["image_sha256"], done["worker"]) == (
+        "ok",
+        "images/0123456789abcdef.png",
+        sha256(data),
+        "w0",
+    )
