@@ -77,9 +77,12 @@ def render_command(
 
     from batchgen.config import compose_config
     from batchgen.executors.registry import executor_options, make_executor
+    from batchgen.plan.values import engine_options
     from batchgen.runner import prepare
 
     composed = compose_config(list(overrides or []), config_dir)
+    # Planning checks these again (Plan.engine); the executor's workers need them before planning starts.
+    engine = engine_options(composed.config.sweep, composed.config.run)
     if cfg:
         # The config layer cannot type the executor section (it must not import executors); check it here so
         # --cfg refuses what a render would refuse.
@@ -91,7 +94,7 @@ def render_command(
         # Before torch loads (composing imports none): libgomp reads the policy once, when it starts, and
         # spawned workers inherit it.
         choose_wait_policy(since=load_sample)
-        executor = make_executor(composed.config.executor, composed.config.run.threads)
+        executor = make_executor(composed.config.executor, engine)
         executor.start_early()  # workers import their libraries while this process plans
     try:
         with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet

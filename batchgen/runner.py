@@ -178,7 +178,7 @@ def render(
 ) -> Outcome:
     cfg = composed.config
     # A bad executor setting is a config error: found before anything is written.
-    executor = executor or make_executor(cfg.executor, cfg.run.threads)
+    executor = executor or make_executor(cfg.executor, plan.engine)
     run_dir = Path(cfg.run.out_dir)
     with RunLock(run_dir), routed(run_dir / LIBRARY_LOG), stop_signals():
         return _render(composed, plan, executor, out or sys.stdout, err or sys.stderr, retry_failed)
@@ -231,10 +231,7 @@ def _render(
     )
     try:
         if todo:
-            request = ExecutorRequest(
-                todo, rows, plan.models, run_dir, cfg.run.dtype, cfg.sweep.batch_size, cfg.run.compile
-            )
-            executor.run(request, on_row)
+            executor.run(ExecutorRequest(todo, rows, plan.models, run_dir), on_row)
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:
             raise

@@ -328,6 +328,32 @@ def wrong_type(c: Case):
     )
 
 
+def unknown_dtype(c: Case):
+    return ["run.dtype=fp8"], "run.dtype: 'fp8' is not a dtype; use auto, fp16, bf16 or fp32\n"
+
+
+def compile_not_a_bool(c: Case):
+    return ["run.compile=null"], (
+        "override 'run.compile=null': field 'run.compile' is not Optional; give run.compile a value of its type\n"
+    )
+
+
+def zero_threads(c: Case):
+    return ["run.threads=0"], "run.threads=0: give a thread count of at least 1, or null for automatic\n"
+
+
+def zero_batch_size(c: Case):
+    return ["sweep.batch_size=0"], "sweep.batch_size: '0' is neither 'auto' nor a positive integer\n"
+
+
+def zero_devices(c: Case):
+    return ["executor.devices=0"], "executor.devices=0: need at least 1 worker\n"
+
+
+def negative_device(c: Case):
+    return ["executor.devices=[-1]"], "executor.devices=[-1]: list CUDA device numbers, such as [0,2]\n"
+
+
 def negative_steps(c: Case):
     return ["sweep.steps=-3"], "sweep.steps: '-3' is not an integer >= 1"
 
@@ -459,6 +485,12 @@ CASES = [
     unknown_model_key,
     unknown_key_on_an_axis,
     wrong_type,
+    unknown_dtype,
+    compile_not_a_bool,
+    zero_threads,
+    zero_batch_size,
+    zero_devices,
+    negative_device,
     negative_steps,
     zero_steps,
     width_not_multiple_of_8,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from batchgen.assets.block_weights import BLOCK_IDS, parse_blocks
 from batchgen.engine.worker import Renderer
+from batchgen.engine_options import EngineOptions
 from batchgen.plan.lora_state import lora_state
 from batchgen.spec import Job, LoraFile, LoraWeight, ModelSpec
 from batchgen.tiny.loras import write_lycoris
@@ -116,7 +117,9 @@ def test_a_block_vector_is_the_file_scaled_block_by_block(model, lora: str) -> N
         job("b", LoraWeight("scaled", 1.0, 1.0)),
         job("c", LoraWeight(lora, 1.0, 1.0)),
     ]
-    images = {r.job_id[0]: np.asarray(r.image) for r in Renderer({name: spec}, batch_size=1).render(jobs)}
+    images = {
+        r.job_id[0]: np.asarray(r.image) for r in Renderer({name: spec}, EngineOptions(batch_size=1)).render(jobs)
+    }
     assert np.array_equal(images["a"], images["b"])
     assert not np.array_equal(images["a"], images["c"])  # the blocks did something
 
@@ -193,7 +196,7 @@ def _pixels(image) -> np.ndarray:
 
 def worker_render(plan, jobs: list[Job]) -> list:
     """The jobs rendered in this order by one Renderer, one image per batch, as one worker renders a run."""
-    results = list(Renderer(plan.models, batch_size=1).render(jobs))
+    results = list(Renderer(plan.models, EngineOptions(batch_size=1)).render(jobs))
     assert [r.job_id for r in results] == [job.job_id for job in jobs] and all(r.error == "" for r in results)
     return results
 
@@ -256,7 +259,10 @@ def test_a_flux_block_vector_is_the_file_scaled_block_by_block(lora: str, tiny_c
         job("b", LoraWeight("scaled", 1.0, 1.0)),
         job("c", LoraWeight(lora, 1.0, 1.0)),
     ]
-    images = {r.job_id[0]: np.asarray(r.image) for r in Renderer({"tiny_flux": spec}, batch_size=1).render(jobs)}
+    images = {
+        r.job_id[0]: np.asarray(r.image)
+        for r in Renderer({"tiny_flux": spec}, EngineOptions(batch_size=1)).render(jobs)
+    }
     assert np.array_equal(images["a"], images["b"])
     assert not np.array_equal(images["a"], images["c"])  # the blocks did something
 

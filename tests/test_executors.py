@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from batchgen.engine_options import EngineOptions
 from batchgen.executors.base import (
     RESTARTS,
     Crashed,
@@ -16,6 +17,7 @@ from batchgen.executors.base import (
     Message,
     Pairs,
     Row,
+    WorkerSetup,
     dispatch,
 )
 from batchgen.executors.registry import EXECUTORS, executor_class, executor_options
@@ -30,7 +32,10 @@ def _request(count: int) -> ExecutorRequest:
         for i in range(count)
     ]
     rows = {job.job_id: {"job_id": job.job_id, "status": "pending", "worker": ""} for job in jobs}
-    return ExecutorRequest(jobs, rows, {}, Path("run"), "fp32", 4)  # units of 4: one per LoRA state
+    return ExecutorRequest(jobs, rows, {}, Path("run"))
+
+
+UNITS = 4  # jobs per unit (a fixed batch size of 4): one unit per LoRA state of an 8-job request
 
 
 class ScriptedPool:
@@ -76,7 +81,7 @@ def test_a_dead_workers_unreported_jobs_go_back_and_its_replacement_renders_them
     request = _request(8)
     pool = ScriptedPool({0: 1}, partial=1)
     rows: list[dict] = []
-    dispatch(request, pool, ["w0", "w1"], rows.append)
+    dispatch(request, pool, ["w0", "w1"], rows.append, unit_size=UNITS)
     assert sorted(r["job_id"] for r in rows) == [job.job_id for job in request.jobs]  # each exactly once
     assert {r["status"] for r in rows} == {"ok"}
     assert pool.starts == [0, 1, 0]
@@ -91,7 +96,7 @@ def test_a_slot_that_dies_past_its_restarts_fails_its_jobs_and_then_what_is_left
     request = _request(8)
     rows: list[dict] = []
     pool = ScriptedPool({0: RESTARTS + 1})
-    dispatch(request, pool, ["w0"], rows.append)
+    dispatch(request, pool, ["w0"], rows.append, unit_size=UNITS)
     assert pool.starts == [0] * (RESTARTS + 1)
     held = pool.sent[0][1]
     assert [set(ids) for _, ids in pool.sent] == [set(held)] * (RESTARTS + 1)  # retried, then given up
@@ -110,7 +115,7 @@ def test_a_worker_that_raises_fails_what_it_held_with_its_name_and_takes_the_nex
     request = _request(8)
     rows: list[dict] = []
     pool = ScriptedPool({0: 1}, crash=True)
-    dispatch(request, pool, ["w0"], rows.append)
+    dispatch(request, pool, ["w0"], rows.append, unit_size=UNITS)
     crashed = pool.sent[0][1]
     assert [(r["job_id"], r["status"], r["worker"], r["error"]) for r in rows[: len(crashed)]] == [
         (job_id, "failed", "w0", "it raised") for job_id in crashed
@@ -316,16 +321,17 @@ def test_an_early_pool_binds_the_request_and_hands_its_spares_to_the_workers(mon
 
     monkeypatch.setattr(local.ProcessPool, "_spawn", spawn)
     slots = [local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)]
-    pool = local.ProcessPool(slots)
+    engine = EngineOptions(dtype="fp32", batch_size=2)
+    pool = local.ProcessPool(slots, engine)
     pool.start_spares()
     spares = {wid: process for wid, (process, _) in pool.spares.items()}
-    pool.bind(ExecutorRequest([], {}, {}, Path("run"), "fp32", 2, False))
+    pool.bind(ExecutorRequest([], {}, {}, Path("run")))
     spares[1].alive = False  # died while importing: replaced
     pool.start(0)
     pool.start(1)
     assert spawned == [0, 1, 1]
     assert pool.processes[0] is spares[0] and pool.processes[1] is not spares[1]
-    assert list(pool.inboxes[0]) == list(pool.inboxes[1]) == [({}, Path("run"), "fp32", 2, False)]
+    assert list(pool.inboxes[0]) == list(pool.inboxes[1]) == [WorkerSetup({}, engine, Path("run"))]
     assert pool.spares == {}
 
 
@@ -357,7 +363,7 @@ class FakeOutbox:
 def test_a_worker_that_says_done_is_gone_at_once_and_not_reported_again_when_it_exits() -> None:
     from batchgen.executors import local
 
-    pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)])
+    pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)], EngineOptions())
     first, second = FakeProcess(), FakeProcess()
     pool.processes, pool.inboxes = {0: first, 1: second}, {0: object(), 1: object()}
     pool.outbox = FakeOutbox([("row", 0, {"job_id": "j0"}), ("done", 0)])
@@ -373,7 +379,7 @@ def test_a_worker_that_says_done_is_gone_at_once_and_not_reported_again_when_it_
 def test_a_done_found_while_draining_a_dead_worker_is_taken_and_its_own_exit_not_reported_twice() -> None:
     from batchgen.executors import local
 
-    pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)])
+    pool = local.ProcessPool([local.Slot("cpu0", "cpu", 1), local.Slot("cpu1", "cpu", 1)], EngineOptions())
     first, second = FakeProcess(), FakeProcess()
     first.alive, first.exitcode, second.alive = False, -9, False
     pool.processes, pool.inboxes = {0: first, 1: second}, {0: object(), 1: object()}
@@ -413,6 +419,8 @@ def test_choosing_cpu_workers_does_not_import_torch_in_the_parent() -> None:
     code = (
         "import sys\n"
         "from batchgen.executors.local import LocalExecutor, LocalOptions\n"
-        "print([s.name for s in LocalExecutor(LocalOptions(devices=2), 1).slots], 'torch' in sys.modules)\n"
+        "from batchgen.engine_options import EngineOptions\n"
+        "print([s.name for s in LocalExecutor(LocalOptions(devices=2), EngineOptions(threads=1)).slots], "
+        "'torch' in sys.modules)\n"
     )
     assert fresh_python(code) == "['cpu0', 'cpu1'] False\n"

@@ -13,7 +13,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "batchgen"
 # Leaf modules every layer may use: records, errors and tables with no behaviour of their own.
-SHARED = {"errors", "spec", "settings", "schedulers", "axes", "prompt_syntax", "metrics", "library_log"}
+SHARED = {
+    *("errors", "spec", "settings", "schedulers", "axes", "prompt_syntax", "metrics", "library_log"),
+    "engine_options",
+}
 # Layer -> the layers it must never import.
 FORBIDDEN = {
     "cli": set(),

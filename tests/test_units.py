@@ -86,7 +86,6 @@ def test_plan_slots(devices, cuda: int, cores: int, threads, slots: list[Slot]) 
         ([], 2, None, "executor.devices=[]: list CUDA device numbers, such as [0,2]"),
         (0, 0, None, "executor.devices=0: need at least 1 worker"),
         ("many", 0, None, "executor.devices='many': use auto, a worker count such as 2, or a list like [0,2]"),
-        ("auto", 0, 0, "run.threads=0: give a thread count of at least 1, or null for automatic"),
     ],
 )
 def test_plan_slots_errors(devices, cuda: int, threads, message: str) -> None:

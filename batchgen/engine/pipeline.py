@@ -16,17 +16,18 @@ from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.components import load_component_files
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
+from batchgen.engine_options import DTYPES
 from batchgen.library_log import settle
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import LoraState, ModelSpec
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` is fp16 on CUDA and fp32 elsewhere: CPU half precision is slow and imprecise."""
+    """run.dtype as torch's (EngineOptions checked the name). `auto` is fp16 on CUDA and fp32 elsewhere: CPU half
+    precision is slow and imprecise."""
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
-    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    return table[name]
+    return getattr(torch, DTYPES[name])
 
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):

@@ -23,6 +23,7 @@ from batchgen.engine.passes import PassLengths, pipeline_inputs, split_passes
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import Conditioning, PromptCache, uses_guidance
 from batchgen.engine.rows import UNET_PER_IMAGE, UNET_PER_IMAGE_OPTIONAL, BatchShape, isolate_image_rows
+from batchgen.engine_options import EngineOptions
 from batchgen.metrics import NONFINITE, degenerate
 from batchgen.settings import batch_values
 from batchgen.spec import Job, ModelSpec, RenderResult
@@ -73,18 +74,17 @@ class Renderer:
     def __init__(
         self,
         models: dict[str, ModelSpec],
+        options: EngineOptions | None = None,
         device: str = "cpu",
-        dtype: str = "auto",
         name: str = "cpu0",
-        batch_size: int | str = "auto",
-        compile_unet: bool = False,
     ):
+        options = options or EngineOptions()
         self.models = models
         self.device = device
-        self.dtype = resolve_dtype(dtype, device)
+        self.dtype = resolve_dtype(options.dtype, device)
         self.name = name
-        self.batch_size = batch_size
-        self.compile_unet = compile_unet
+        self.batch_size = options.batch_size
+        self.compile_unet = options.compile
         self._loaded: _Loaded | None = None
         self._oom_cap: int | None = None  # the batch size that fitted after a CUDA out-of-memory error
 

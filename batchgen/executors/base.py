@@ -14,11 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from batchgen.errors import BatchgenError
+from batchgen.engine_options import EngineOptions
 from batchgen.executors.units import StateKey, UnitQueue, group_by_state, make_units
 from batchgen.spec import Job, ModelSpec
+
+if TYPE_CHECKING:  # the engine imports torch: only a worker pays that
+    from batchgen.engine.worker import Renderer
 
 RESTARTS = 2
 POLL_S = 0.2
@@ -29,17 +32,33 @@ Pairs = list[tuple[Job, dict[str, Any]]]  # a unit as sent to a worker: each job
 
 @dataclass(frozen=True)
 class ExecutorRequest:
+    """What to render; how is the executor's EngineOptions, given when it was built."""
+
     jobs: list[Job]
     rows: dict[str, dict[str, Any]]  # job_id -> the job's manifest row before rendering
     models: dict[str, ModelSpec]
     run_dir: Path
-    dtype: str
-    batch_size: int | str = "auto"
-    compile_unet: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker of a run is built from, sent to it once: the models it may load, the options it renders with,
+    and the run directory it writes its PNGs into (None: it sends their bytes back instead)."""
+
+    models: dict[str, ModelSpec]
+    engine: EngineOptions
+    run_dir: Path | None
+
+    def renderer(self, device: str, name: str) -> Renderer:
+        """The worker's Renderer on `device`, its rows naming it `name`."""
+        from batchgen.engine.worker import Renderer  # lazy: torch and diffusers load in the worker only
+
+        return Renderer(self.models, self.engine, device, name)
 
 
 class Executor(Protocol):
-    """What the runner calls; built from the executor's options and run.threads, which it checks first."""
+    """What the runner calls; built from the executor's options and the run's EngineOptions (checked by planning:
+    its thread count, batch size, dtype), `executor_class(name)(options, engine)`; it checks its own options."""
 
     def note(self, jobs: int) -> str:
         """What the run's first line adds after the run directory (", 2 workers"), or ""."""
@@ -123,10 +142,10 @@ class _Worker:
     stopping: bool = False
 
 
-def dispatch(request: ExecutorRequest, pool: Pool, names: list[str], sink: Sink) -> None:
-    """Render the request on one worker per name (its manifest `worker`); every job ends with exactly one row."""
-    batch = request.batch_size if isinstance(request.batch_size, int) else 1
-    pending = UnitQueue(make_units(request.jobs, len(names), batch))
+def dispatch(request: ExecutorRequest, pool: Pool, names: list[str], sink: Sink, *, unit_size: int) -> None:
+    """Render the request on one worker per name (its manifest `worker`); every job ends with exactly one row.
+    `unit_size`: EngineOptions.unit_size, so that a fixed batch is never cut across workers."""
+    pending = UnitQueue(make_units(request.jobs, len(names), unit_size))
     position = {job.job_id: i for i, job in enumerate(request.jobs)}
     workers: dict[int, _Worker] = {}
 
@@ -213,9 +232,3 @@ def failed_row(row: dict[str, Any], worker: str, reason: str) -> dict[str, Any]:
         "worker": worker,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def check_threads(threads: int | None) -> None:
-    """run.threads, which every executor passes to its workers' torch."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise BatchgenError(f"run.threads={threads!r}: give a thread count of at least 1, or null for automatic")

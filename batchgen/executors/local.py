@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
 from batchgen.executors.base import (
     POLL_S,
@@ -26,7 +27,7 @@ from batchgen.executors.base import (
     Pairs,
     Row,
     Sink,
-    check_threads,
+    WorkerSetup,
     dispatch,
 )
 
@@ -48,8 +49,8 @@ class Slot:
 
 def plan_slots(devices: Any, cuda_count: int, cores: int, threads: int | None = None) -> list[Slot]:
     """`auto`: one worker per CUDA device, or one on CPU; `N`: N workers; `[0, 2]`: those CUDA devices.
-    CPU workers split the cores between them unless `threads` (run.threads) fixes each one's count."""
-    check_threads(threads)
+    CPU workers split the cores between them unless `threads` (run.threads, checked by EngineOptions) fixes each
+    one's count."""
     if isinstance(devices, bool) or not (devices == "auto" or isinstance(devices, int | list | tuple)):
         raise BatchgenError(f"executor.devices={devices!r}: use auto, a worker count such as 2, or a list like [0,2]")
     if isinstance(devices, list | tuple):
@@ -122,8 +123,9 @@ def torch_has_gpu_build(version_file: Path | None = None) -> bool:
 class LocalExecutor:
     options: ClassVar[type] = LocalOptions
 
-    def __init__(self, options: LocalOptions, threads: int | None) -> None:
-        self.slots = visible_slots(options.devices, threads)
+    def __init__(self, options: LocalOptions, engine: EngineOptions) -> None:
+        self.slots = visible_slots(options.devices, engine.threads)
+        self.engine = engine
         self._early: ProcessPool | None = None
 
     def note(self, jobs: int) -> str:
@@ -132,7 +134,7 @@ class LocalExecutor:
     def start_early(self) -> None:
         # Worker processes spend seconds importing torch and diffusers: let them do it while this process plans.
         if len(self.slots) > 1 and self._early is None:
-            self._early = ProcessPool(self.slots)
+            self._early = ProcessPool(self.slots, self.engine)
             self._early.start_spares()
 
     def discard(self) -> None:
@@ -143,22 +145,19 @@ class LocalExecutor:
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         if len(self.slots) == 1 or len(request.jobs) == 1:
             self.discard()
-            _run_here(request, self.slots[0], sink)
+            _run_here(request, WorkerSetup(request.models, self.engine, request.run_dir), self.slots[0], sink)
             return
-        pool, self._early = self._early or ProcessPool(self.slots), None
+        pool, self._early = self._early or ProcessPool(self.slots, self.engine), None
         pool.bind(request)
-        dispatch(request, pool, [slot.name for slot in self.slots], sink)
+        dispatch(request, pool, [slot.name for slot in self.slots], sink, unit_size=self.engine.unit_size)
 
 
-def _run_here(request: ExecutorRequest, slot: Slot, sink: Sink) -> None:
+def _run_here(request: ExecutorRequest, setup: WorkerSetup, slot: Slot, sink: Sink) -> None:
     import torch
 
-    from batchgen.engine.worker import Renderer
     from batchgen.engine.writer import ImageWriter
 
-    renderer = Renderer(
-        request.models, slot.device, request.dtype, slot.name, request.batch_size, request.compile_unet
-    )
+    renderer = setup.renderer(slot.device, slot.name)
     writer = ImageWriter(request.run_dir, request.models, sink)
     previous_threads = torch.get_num_threads()
     if slot.threads:
@@ -174,30 +173,31 @@ def _run_here(request: ExecutorRequest, slot: Slot, sink: Sink) -> None:
 class ProcessPool:
     """Spawned worker processes: units go down a queue per worker, messages come back on one shared queue."""
 
-    def __init__(self, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot], engine: EngineOptions) -> None:
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")  # forking a process that holds torch threads is unsafe
         self.outbox = self.ctx.Queue()
-        self.settings: tuple | None = None
+        self.engine = engine
+        self.setup: WorkerSetup | None = None
         self.slots = slots
         self.processes: dict[int, Any] = {}
         self.inboxes: dict[int, Any] = {}
         self.spares: dict[int, tuple[Any, Any]] = {}  # started before the request was known, not yet given work
 
     def start_spares(self) -> None:
-        """One process per slot, importing its libraries; each waits for the run's settings (`start`)."""
+        """One process per slot, importing its libraries; each waits for the run's WorkerSetup (`start`)."""
         for wid in range(len(self.slots)):
             self.spares[wid] = self._spawn(wid)
 
     def bind(self, request: ExecutorRequest) -> None:
-        self.settings = (request.models, request.run_dir, request.dtype, request.batch_size, request.compile_unet)
+        self.setup = WorkerSetup(request.models, self.engine, request.run_dir)
 
     def start(self, wid: int) -> None:
         process, inbox = self.spares.pop(wid, (None, None))
         if process is None or not process.is_alive():
             process, inbox = self._spawn(wid)  # no spare, or it died importing: a fresh one
-        inbox.put(self.settings)
+        inbox.put(self.setup)
         self.processes[wid], self.inboxes[wid] = process, inbox
 
     def _spawn(self, wid: int) -> tuple[Any, Any]:

@@ -8,8 +8,8 @@ from typing import Any
 
 
 def worker_main(wid: int, slot, inbox, outbox) -> None:
-    """The first message on `inbox` is the run's settings (None: not needed after all); the process may be
-    started before they are known, and imports its libraries meanwhile."""
+    """The first message on `inbox` is the run's WorkerSetup (None: not needed after all); the process may be
+    started before it is known, and imports its libraries meanwhile."""
     # Ctrl-C reaches the whole process group; only the parent decides what happens to the run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -19,20 +19,19 @@ def worker_main(wid: int, slot, inbox, outbox) -> None:
         settle()
         import torch
 
-        from batchgen.engine.worker import Renderer
+        import batchgen.engine.worker  # noqa: F401  (imported while the parent plans; setup.renderer builds one)
         from batchgen.engine.writer import ImageWriter
 
         warm_up_pipelines()
-        settings = inbox.get()
+        setup = inbox.get()
         unroute()
-        if settings is None:
+        if setup is None:
             return
-        models, run_dir, dtype, batch_size, compile_unet = settings
-        route(run_dir / LOG)  # for this process's life
+        route(setup.run_dir / LOG)  # for this process's life
         if slot.threads:
             torch.set_num_threads(slot.threads)
-        renderer = Renderer(models, slot.device, dtype, slot.name, batch_size, compile_unet)
-        writer = ImageWriter(run_dir, models, lambda row: outbox.put(("row", wid, row)))
+        renderer = setup.renderer(slot.device, slot.name)
+        writer = ImageWriter(setup.run_dir, setup.models, lambda row: outbox.put(("row", wid, row)))
         outbox.put(("idle", wid))  # up: ready for a unit
         while (unit := inbox.get()) is not None:
             rows: dict[str, dict[str, Any]] = {job.job_id: row for job, row in unit}

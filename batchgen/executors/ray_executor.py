@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
+from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
 from batchgen.executors.base import (
     Crashed,
@@ -22,7 +22,7 @@ from batchgen.executors.base import (
     Pairs,
     Row,
     Sink,
-    check_threads,
+    WorkerSetup,
     dispatch,
 )
 
@@ -46,19 +46,19 @@ def require_ray() -> None:
 class RenderActor:
     """Made a Ray actor class at run time (see `_actor_class`), so importing this module needs no Ray."""
 
-    def __init__(self, settings: tuple, name: str, threads: int, run_dir: Path | None) -> None:
+    def __init__(self, setup: WorkerSetup, name: str, threads: int) -> None:
         import torch
 
-        from batchgen.engine.worker import Renderer
         from batchgen.library_log import LOG, route
 
-        self.models, dtype, batch_size, compile_unet = settings
-        route(None if run_dir is None else run_dir / LOG)  # an actor on another node has no run directory
+        # Without shared_fs the actor has no run directory (it may be on another node): its PNGs go back as bytes.
+        route(None if setup.run_dir is None else setup.run_dir / LOG)
         torch.set_num_threads(threads)
         # Ray narrows CUDA_VISIBLE_DEVICES to the actor's GPU, which is then always device 0.
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        self.renderer = Renderer(self.models, device, dtype, name, batch_size, compile_unet)
-        self.run_dir = run_dir
+        self.renderer = setup.renderer(device, name)
+        self.models = setup.models
+        self.run_dir = setup.run_dir
 
     def render(self, pairs: list[tuple[Any, dict[str, Any]]]) -> list[tuple[dict[str, Any], bytes | None, bool]]:
         """(row, PNG bytes or None, already stored) per job, in finish order."""
@@ -91,11 +91,11 @@ def actor_count(options: RayOptions, resources: dict[str, float]) -> int:
 class RayExecutor:
     options: ClassVar[type] = RayOptions
 
-    def __init__(self, options: RayOptions, threads: int | None) -> None:
-        check_threads(threads)
+    def __init__(self, options: RayOptions, engine: EngineOptions) -> None:
         require_ray()
         self.ray_options = options
-        self.threads = threads or options.cpus_per_actor
+        self.engine = engine
+        self.threads = engine.threads or options.cpus_per_actor
 
     def start_early(self) -> None:
         pass  # actors are made with the run's settings, which planning gives
@@ -123,8 +123,9 @@ class RayExecutor:
         try:
             resources = ray.cluster_resources()
             count = actor_count(options, resources)
-            pool = ActorPool(request, _actor_class(ray, options, resources.get("GPU", 0) > 0), self.threads, options)
-            dispatch(request, pool, [f"ray{aid}" for aid in range(count)], sink)
+            actor_class = _actor_class(ray, options, resources.get("GPU", 0) > 0)
+            pool = ActorPool(request, self.engine, actor_class, self.threads, options)
+            dispatch(request, pool, [f"ray{aid}" for aid in range(count)], sink, unit_size=self.engine.unit_size)
         finally:
             if started_here:
                 ray.shutdown()
@@ -133,18 +134,19 @@ class RayExecutor:
 class ActorPool:
     """One Ray actor per slot; a unit is one `render` call, whose rows come back when it returns."""
 
-    def __init__(self, request: ExecutorRequest, actor_class: Any, threads: int, options: RayOptions) -> None:
+    def __init__(
+        self, request: ExecutorRequest, engine: EngineOptions, actor_class: Any, threads: int, options: RayOptions
+    ) -> None:
         self.actor_class = actor_class
-        self.settings = (request.models, request.dtype, request.batch_size, request.compile_unet)
+        self.setup = WorkerSetup(request.models, engine, request.run_dir.resolve() if options.shared_fs else None)
         self.threads = threads
         self.run_dir = request.run_dir
-        self.actor_dir = request.run_dir.resolve() if options.shared_fs else None
         self.actors: dict[int, Any] = {}
         self.in_flight: dict[Any, int] = {}  # render call -> slot
         self.said: list[Message] = []  # what start and stop say without asking Ray
 
     def start(self, wid: int) -> None:
-        self.actors[wid] = self.actor_class.remote(self.settings, f"ray{wid}", self.threads, self.actor_dir)
+        self.actors[wid] = self.actor_class.remote(self.setup, f"ray{wid}", self.threads)
         self.said.append(Idle(wid))  # Ray queues calls to an actor that is still starting
 
     def send(self, wid: int, unit: Pairs) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 from typing import Any
 
+from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
 from batchgen.executors.base import Executor
 
@@ -44,7 +45,8 @@ def executor_options(raw: Any) -> Any:
     return schema(**raw)
 
 
-def make_executor(raw: Any, threads: int | None) -> Executor:
-    """The chosen executor, its settings checked (a config error here comes before anything is written)."""
+def make_executor(raw: Any, engine: EngineOptions) -> Executor:
+    """The chosen executor, its settings checked (a config error here comes before anything is written), rendering
+    with `engine` (planning's `engine_options`, already checked)."""
     options = executor_options(raw)
-    return executor_class(options.name)(options, threads)
+    return executor_class(options.name)(options, engine)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from batchgen.engine_options import EngineOptions
 from batchgen.errors import OUTPUT_ERRNOS, BatchgenError
 from batchgen.executors.base import (
     Crashed,
@@ -26,7 +27,7 @@ from batchgen.executors.base import (
     Pairs,
     Row,
     Sink,
-    check_threads,
+    WorkerSetup,
     dispatch,
 )
 
@@ -67,15 +68,15 @@ def _check_count(key: str, value: Any, least: int) -> None:
 class SlurmExecutor:
     options: ClassVar[type] = SlurmOptions
 
-    def __init__(self, options: SlurmOptions, threads: int | None) -> None:
-        check_threads(threads)
+    def __init__(self, options: SlurmOptions, engine: EngineOptions) -> None:
         for key, least in (("gpus_per_task", 0), ("cpus_per_task", 1), ("time_min", 1), ("workers", 1)):
             _check_count(key, getattr(options, key), least)
         if not isinstance(options.sbatch, dict):
             raise BatchgenError(f"executor.sbatch={options.sbatch!r}: give a mapping of #SBATCH options")
         require_submitit()
         self.slurm = options
-        self.threads = threads or options.cpus_per_task
+        self.engine = engine
+        self.threads = engine.threads or options.cpus_per_task
 
     def start_early(self) -> None:
         pass  # a SLURM job is submitted with its unit and the run's settings; nothing can start before
@@ -87,14 +88,15 @@ class SlurmExecutor:
         return ""
 
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
-        pool = JobPool(request, self.slurm, self.threads)
-        dispatch(request, pool, [f"slurm{i}" for i in range(self.slurm.workers)], sink)
+        pool = JobPool(request, self.engine, self.slurm, self.threads)
+        names = [f"slurm{i}" for i in range(self.slurm.workers)]
+        dispatch(request, pool, names, sink, unit_size=self.engine.unit_size)
 
 
 class JobPool:
     """A slot is a place for one submitted job at a time: "starting" a worker only makes the slot take a unit."""
 
-    def __init__(self, request: ExecutorRequest, options: SlurmOptions, threads: int) -> None:
+    def __init__(self, request: ExecutorRequest, engine: EngineOptions, options: SlurmOptions, threads: int) -> None:
         import submitit
 
         folder = Path(options.folder) if options.folder else request.run_dir / ".batchgen" / "slurm"
@@ -115,9 +117,8 @@ class JobPool:
         if options.sbatch:
             parameters["slurm_additional_parameters"] = dict(options.sbatch)
         self.executor.update_parameters(**parameters)
-        self.settings = (request.models, request.dtype, request.batch_size, request.compile_unet)
+        self.setup = WorkerSetup(request.models, engine, request.run_dir.resolve())
         self.threads = threads
-        self.run_dir = request.run_dir.resolve()
         self.jobs: dict[int, Any] = {}  # slot -> its submitted job
         self.no_result_since: dict[int, float] = {}
         self.said: list[Message] = []  # what start and stop say without asking SLURM
@@ -127,7 +128,7 @@ class JobPool:
 
     def send(self, wid: int, unit: Pairs) -> None:
         name = f"slurm{wid}"
-        self.jobs[wid] = self.executor.submit(render_unit, self.settings, name, self.threads, self.run_dir, unit)
+        self.jobs[wid] = self.executor.submit(render_unit, self.setup, name, self.threads, unit)
 
     def stop(self, wid: int) -> None:
         self.said.append(Gone(wid, "stopped"))
@@ -171,24 +172,23 @@ class JobPool:
         return []
 
 
-def render_unit(settings: tuple, name: str, threads: int, run_dir: Path, unit: Pairs) -> tuple:
+def render_unit(setup: WorkerSetup, name: str, threads: int, unit: Pairs) -> tuple:
     """The body of one SLURM job: ("rows", rows) with the PNGs written, or ("output", errno, strerror, filename)."""
     import torch
 
-    from batchgen.engine.worker import Renderer
     from batchgen.engine.writer import finish_row
     from batchgen.library_log import LOG, route
 
-    models, dtype, batch_size, compile_unet = settings
+    run_dir = setup.run_dir  # JobPool always gives one: a SLURM job writes its PNGs into the shared run directory
     route(run_dir / LOG)
     torch.set_num_threads(threads)
     # SLURM narrows CUDA_VISIBLE_DEVICES to the job's GPUs, so its first is always device 0.
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    renderer = Renderer(models, device, dtype, name, batch_size, compile_unet)
+    renderer = setup.renderer(device, name)
     rows = {job.job_id: row for job, row in unit}
     try:
         finished = [
-            finish_row(run_dir, models, rows[result.job_id], result)
+            finish_row(run_dir, setup.models, rows[result.job_id], result)
             for result in renderer.render([job for job, _ in unit])
         ]
     except OSError as e:
@@ -199,7 +199,8 @@ def render_unit(settings: tuple, name: str, threads: int, run_dir: Path, unit: P
 
 
 def _raised(message: str) -> str:
-    """The last line of the traceback inside submitit's error text (`KeyError: 'fp8'`), else its first line."""
+    """The last line of the traceback inside submitit's error text (`FileExistsError: [Errno 17] ...`), else its first
+    line."""
     lines = [line for line in message.splitlines() if line.strip()]
     rule = [i for i, line in enumerate(lines) if set(line) == {"-"}]
     if len(rule) >= 2 and rule[1] > rule[0] + 1:

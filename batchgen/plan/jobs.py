@@ -20,6 +20,7 @@ from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tokens import ChunkCounter
 from batchgen.axes import PNG_STACK, state_labels, with_trigger_words
 from batchgen.config import RunConfig, SweepConfig
+from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
 from batchgen.plan.checks import check_lora_triggers, check_names_exist, check_sweep_grid, missing_assets
 from batchgen.plan.lora_state import effective_blocks, lora_state
@@ -42,7 +43,7 @@ from batchgen.plan.stacks import (
     with_inline,
 )
 from batchgen.plan.syntax import check_syntax, text_payload
-from batchgen.plan.values import check_batch_size, merged_values, model_values, setting_values
+from batchgen.plan.values import engine_options, merged_values, model_values, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
 from batchgen.spec import MANIFEST_COLUMNS, REFERENCE_STACK, Job, LoraWeight, ModelSpec
 
@@ -59,6 +60,7 @@ class Plan:
     references_added: int = 0  # reference jobs no stack renders, added by sweep.references
     # Per model, each setting's values, those the sweep leaves to the model resolved (--dry-run prints them).
     settings: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    engine: EngineOptions = EngineOptions()  # how every worker renders (run.dtype, run.compile, ...), checked
 
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]
@@ -84,9 +86,10 @@ def build_plan(
     specs = {name: models[name] for name in selected}
     prompts = expand_prompts(sweep, file_rows)
     stacks = expand_stacks(sweep.stacks)
-    settings = setting_values({"sweep": sweep, "run": RunConfig() if run is None else run})
+    run = RunConfig() if run is None else run
+    settings = setting_values({"sweep": sweep, "run": run})
     per_model = {name: model_values(settings, spec) for name, spec in specs.items()}  # null: the model's own
-    check_batch_size(sweep.batch_size)
+    engine = engine_options(sweep, run)
     slots = sorted({name for p in prompts for name, _ in p.slots})
     check_negative_has_no_tags(sweep, file_rows)
     check_sweep_grid(sweep, slots, sorted({lw.name for p in prompts for lw in p.loras}))
@@ -145,6 +148,7 @@ def build_plan(
         warnings=warnings,
         references_added=len(added_references),
         settings=per_model,
+        engine=engine,
     )
 
 

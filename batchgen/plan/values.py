@@ -1,4 +1,4 @@
-"""Config values -> checked Python values: the render settings (batchgen.settings), LoRA weights, batch size."""
+"""Config values -> checked Python values: the render settings (batchgen.settings), LoRA weights, engine options."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from batchgen.assets.defaults import model_defaults
+from batchgen.config import RunConfig, SweepConfig
+from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
-from batchgen.settings import SETTINGS, as_list, is_int, is_number
+from batchgen.settings import SETTINGS, as_list, is_number
 from batchgen.spec import ModelSpec, format_number
 
 MAX_WEIGHT = 10.0
@@ -36,10 +38,10 @@ def merged_values(per_model: Iterable[dict[str, list[Any]]], settings: dict[str,
     return {name: merged[name] or values for name, values in settings.items()}
 
 
-def check_batch_size(value: Any) -> None:
-    if value == "auto" or (is_int(value) and value >= 1):
-        return
-    raise BatchgenError(f"sweep.batch_size: '{value}' is neither 'auto' nor a positive integer")
+def engine_options(sweep: SweepConfig, run: RunConfig) -> EngineOptions:
+    """How every worker renders (run.dtype, run.compile, run.threads, sweep.batch_size); the record checks each
+    value, so a bad one is a config error before any worker starts."""
+    return EngineOptions(dtype=run.dtype, compile=run.compile, threads=run.threads, batch_size=sweep.batch_size)
 
 
 def lora_entries(value: Any, key: str) -> list[tuple[float, float, str]]:
