@@ -1,5 +1,5 @@
 """Grid axis names (`sweep.grid.x/y/z`): which exist, how they are checked, and how a weight or stack axis reads a
-row (the one place a LoRA state's label is built).
+row (the one place that decides what a LoRA state's label says; its words come from batchgen.cells).
 
 Shared by the planner, which rejects a bad axis before anything renders, and the report, which draws the grids
 from a manifest; no pandas, PIL or torch here so both can import it cheaply.
@@ -12,6 +12,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from batchgen.cells import (
+    JOIN,
+    LoraEntry,
+    absent_label,
+    cell_text,
+    lora_label,
+    parse_loras,
+    parse_triggers,
+    stack_label,
+)
 from batchgen.errors import BatchgenError
 from batchgen.settings import GRID_AXES
 from batchgen.spec import REFERENCE_STACK
@@ -20,14 +30,9 @@ from batchgen.spec import REFERENCE_STACK
 BASE_AXES = ("model", "stack", "prompt", *GRID_AXES, "epoch")
 WEIGHT_PREFIX = "weight:"  # `weight:ink`: the weight of LoRA `ink` across every stack that has it
 BLOCKS_PREFIX = "blocks:"  # `blocks:ink`: the block weights (LoRA Block Weight preset or vector) of LoRA `ink`
-LBW = ":lbw="  # how a `loras` cell entry carries block weights: `ink:0.8:lbw=OUTD`
 # A1111's extra-network tag: <lora:name>, <lora:name:w>, <lora:name:te_w:unet_w>, <lora:name:te=w:unet=w>. The
 # planner reads weights out of it; a stack's label shows it as written.
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>")
-# A planner table column, never a manifest one: the stack as the PNG's JSON chunk names it, by its content
-# (`stack_label`, a glob's files by the glob), as it did before the manifest's `stack` held the sweep's key; so
-# a job's PNG bytes do not depend on what the sweep called its stack.
-PNG_STACK = "_png_stack"
 _COUNT = {2: "two", 3: "three"}
 
 
@@ -45,16 +50,6 @@ def blocks_lora(axis: str | None) -> str | None:
     return None
 
 
-def lora_names(loras_cells: Iterable[str]) -> list[str]:
-    """Sorted LoRA names in manifest `loras` cells (`ink:0.5;grain:0.6`)."""
-    names = set()
-    for cell in loras_cells:
-        for entry in (cell or "").split(";"):
-            if entry:
-                names.add(entry.split(":", 1)[0])
-    return sorted(names)
-
-
 def with_trigger_words(prompt: str, words: Sequence[str]) -> str:
     """A prompt with LoRA trigger words before it (the text the encoder reads)."""
     return ", ".join([*words, prompt])
@@ -63,7 +58,7 @@ def with_trigger_words(prompt: str, words: Sequence[str]) -> str:
 def without_trigger_words(prompt: str, lora_triggers: str) -> str:
     """The prompt as written, from a manifest row's `prompt` and `lora_triggers` (`ink:ink drawing;...`): on the
     prompt axis, the same prompt under stacks with and without trigger words is one row of a grid."""
-    words = [entry.split(":", 1)[1] for entry in (lora_triggers or "").split(";") if ":" in entry]
+    words = [words for _, words in parse_triggers(lora_triggers)]
     prefix = with_trigger_words("", words)
     return prompt[len(prefix) :] if words and prompt.startswith(prefix) else prompt
 
@@ -107,40 +102,25 @@ def title(axis: str) -> str:
     return axis
 
 
-def lora_entries(loras_cell: str) -> list[tuple[str, str, str]]:
-    """(name, weight, block weights) per entry of a `loras` cell."""
-    out = []
-    for entry in (loras_cell or "").split(";"):
-        if ":" in entry:
-            entry, _, blocks = entry.partition(LBW)
-            name, weight = entry.split(":", 1)
-            out.append((name, weight, blocks))
-    return out
-
-
-def _pairs(loras_cell: str) -> list[tuple[str, str]]:
-    return [(name, weight) for name, weight, _ in lora_entries(loras_cell)]
-
-
 def weight_label(loras_cell: str, name: str) -> str:
     """`ink 0.5` when the row's stack has LoRA `ink`, `no ink` when it does not."""
-    for lora, weight in _pairs(loras_cell):
-        if lora == name:
-            return f"{name} {weight}"
-    return f"no {name}"
+    for entry in parse_loras(loras_cell):
+        if entry.name == name:
+            return lora_label(name, entry.weight)
+    return absent_label(name)
 
 
 def blocks_label(loras_cell: str, name: str) -> str:
     """`ink OUTD` (its preset or vector), `ink` without block weights, `no ink` when the stack lacks it."""
-    for lora, _, blocks in lora_entries(loras_cell):
-        if lora == name:
-            return f"{name} {blocks}" if blocks else name
-    return f"no {name}"
+    for entry in parse_loras(loras_cell):
+        if entry.name == name:
+            return lora_label(name, entry.blocks)  # the vector where a weight label has the weight: the title says it
+    return absent_label(name)
 
 
 def weight_sort_key(label: str) -> tuple[int, float, str]:
     """`no ink` first, then by weight (the unet weight of a split `unet/te` weight), then as text."""
-    if label.startswith("no "):
+    if label.startswith(absent_label("")):
         return (0, 0.0, label)
     value = label.rsplit(" ", 1)[-1]
     try:
@@ -149,21 +129,9 @@ def weight_sort_key(label: str) -> tuple[int, float, str]:
         return (2, 0.0, label)
 
 
-def stack_label(loras_cell: str, without: Iterable[str] = (), without_blocks: Iterable[str] = ()) -> str:
-    """The planner's stack label (`ink 0.5 + grain 0.6`, `none`) from a `loras` cell, leaving out some LoRAs
-    (their weight is on an axis) and some LoRAs' block weights (those are on an axis)."""
-    skip, plain = set(without), set(without_blocks)
-    parts = [
-        f"{lora} {weight}" + (f" lbw={blocks}" if blocks and lora not in plain else "")
-        for lora, weight, blocks in lora_entries(loras_cell)
-        if lora not in skip
-    ]
-    return " + ".join(parts) if parts else "none"
-
-
 def prompt_tags(row: Mapping[str, object], slots: Iterable[str]) -> tuple[str, ...]:
     """The `<lora:...>` tags a row's prompt was written with, as written: its template's, then its slot values'."""
-    texts = [_cell(row.get("prompt_template")), *(_cell(row.get(s)) for s in slots)]
+    texts = [cell_text(row.get("prompt_template")), *(cell_text(row.get(s)) for s in slots)]
     return tuple(m.group(0) for t in texts for m in LORA_TAG.finditer(t))
 
 
@@ -188,10 +156,10 @@ def state_labels(
     keys: list[tuple[tuple[str, tuple[str, ...]], tuple[str, str]]] = []
     groups: dict[tuple[str, tuple[str, ...]], dict[tuple[str, str], None]] = {}
     for row in rows:
-        stack, loras = _cell(row.get("stack")), _cell(row.get("loras"))
+        stack, loras = cell_text(row.get("stack")), cell_text(row.get("loras"))
         # Tagged prompts apply more than their stack: its states there are told apart among themselves.
         group = (stack, prompt_tags(row, slots))
-        state = (loras, _cell(row.get("epoch")))
+        state = (loras, cell_text(row.get("epoch")))
         keys.append((group, state))
         if stack == REFERENCE_STACK:
             fixed.append(stack)  # no LoRA at all: its prompt's tags are not applied either
@@ -205,7 +173,7 @@ def state_labels(
     }
     tags = "prompt" not in shown
     return [
-        label if label is not None else " + ".join([heads[group][state], *(group[1] if tags else ())])
+        label if label is not None else JOIN.join([heads[group][state], *(group[1] if tags else ())])
         for label, (group, state) in zip(fixed, keys, strict=True)
     ]
 
@@ -216,16 +184,19 @@ def _heads(
     """(loras, epoch) -> label, for the states of one stack: its key, plus what differs between its states."""
     if len(states) == 1:
         return {states[0]: stack}
-    entries = [{name: (weight, lbw) for name, weight, lbw in lora_entries(loras)} for loras, _ in states]
+    entries = [{e.name: e for e in parse_loras(loras)} for loras, _ in states]
     common = set.intersection(*(set(e) for e in entries))
     # A glob's files differ from one state to the next and its epoch names them (their weights follow it). Any
     # other LoRA that comes and goes (a stack changed between two runs into one folder) is `no NAME` where missing.
     globbed = any(epoch for _, epoch in states)
     names = sorted(common if globbed else set().union(*entries))
-    show_weight = {n for n in names if n not in weights and len({e.get(n, ("",))[0] for e in entries}) > 1}
-    show_blocks = {n for n in names if n not in blocks and len({e.get(n, ("", ""))[1] for e in entries}) > 1}
+    show_weight = {n for n in names if n not in weights and len({_weight_of(e.get(n)) for e in entries}) > 1}
+    show_blocks = {n for n in names if n not in blocks and len({_blocks_of(e.get(n)) for e in entries}) > 1}
     globs = [
-        (epoch if not epoch_shown else "", " + ".join(_weight(*e[n]) for n in sorted(set(e) - common)))
+        (
+            epoch if not epoch_shown else "",
+            JOIN.join(lora_label("", e[n].weight, e[n].blocks) for n in sorted(set(e) - common)),
+        )
         for (_, epoch), e in zip(states, entries, strict=True)
     ]
     show_glob = [len({g[i] for g in globs}) > 1 for i in range(2)] if globbed else [False, False]
@@ -237,29 +208,27 @@ def _heads(
         if not parts:
             heads[state] = stack
         elif parts[0].startswith(f"{stack} "):
-            heads[state] = " + ".join(parts)  # `ink 0.5`, not `ink: ink 0.5`
+            heads[state] = JOIN.join(parts)  # `ink 0.5`, not `ink: ink 0.5`
         else:
-            heads[state] = f"{stack}: {' + '.join(parts)}"
+            heads[state] = f"{stack}: {JOIN.join(parts)}"
     return heads
 
 
-def _part(name: str, entry: tuple[str, str] | None, weight: bool, blocks: bool) -> str:
+def _part(name: str, entry: LoraEntry | None, weight: bool, blocks: bool) -> str:
     """What a label says of one LoRA of a stack: only what varies (`ink 0.5`, `ink lbw=OUTD`), `no ink`."""
     if not (weight or blocks):
         return ""
     if entry is None:
-        return f"no {name}"
-    text = f"{name} {entry[0]}" if weight else name
-    return f"{text} lbw={entry[1]}" if blocks and entry[1] else text
+        return absent_label(name)
+    return lora_label(name, entry.weight if weight else "", entry.blocks if blocks else "")
 
 
-def _weight(weight: str, lbw: str) -> str:
-    return f"{weight} lbw={lbw}" if lbw else weight
+def _weight_of(entry: LoraEntry | None) -> str:
+    return entry.weight if entry is not None else ""
 
 
-def _cell(value: object) -> str:
-    # Cells of a table read back with blanks, or a plan's slot that a prompt does not use (NaN): no text.
-    return value if isinstance(value, str) else ""
+def _blocks_of(entry: LoraEntry | None) -> str:
+    return entry.blocks if entry is not None else ""
 
 
 def check_max_megapixels(value: object) -> float:

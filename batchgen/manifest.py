@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import math
 import os
 import time
 from collections.abc import Iterable
@@ -22,8 +21,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from batchgen.cells import format_value
+from batchgen.columns import MANIFEST_COLUMNS
 from batchgen.errors import BatchgenError
-from batchgen.spec import MANIFEST_COLUMNS
 
 MANIFEST = "manifest.csv"
 
@@ -181,7 +181,7 @@ class Manifest:
 
     def append(self, row: dict[str, Any]) -> None:
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
+        csv.writer(buffer, lineterminator="\n").writerow([format_value(row.get(c)) for c in self.columns])
         self._file.write(buffer.getvalue())
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -210,15 +210,6 @@ class Manifest:
             table[column] = ""
         atomic_write(self.path, table.to_csv(index=False).encode())
         return list(table.columns)
-
-
-def _cell(value: Any) -> str:
-    # A slot that a prompt does not use is NaN in the plan's table; written as "nan" it became a slot value.
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return repr(value) if not value.is_integer() else str(value)
-    return str(value)
 
 
 def record_invocation(run_dir: Path, config: dict[str, Any], overrides: list[str]) -> Path:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from batchgen.cells import format_degenerate
+
 # An image is "flat" when every channel's standard deviation is below this (in 0-255 units): nothing drawn.
 FLAT_STD = 2.0
 # ... and "clipped" when more than this share of its pixels sit at 0 or 255 in every channel.
 CLIPPED_SHARE = 0.5
-NOT_DEGENERATE = "no"
 NONFINITE = "nonfinite"  # the latents or the decoded image held NaN or inf: there is no image to measure
 
 
@@ -40,7 +41,7 @@ def degenerate(pixels: np.ndarray) -> str:
     extreme = ((pixels == 0) | (pixels == 255)).all(axis=-1)
     if float(extreme.mean()) > CLIPPED_SHARE:
         reasons.append("clipped")
-    return ";".join(reasons) or NOT_DEGENERATE
+    return format_degenerate(reasons)
 
 
 def measure(image: np.ndarray, reference: np.ndarray) -> Measured:

@@ -17,6 +17,8 @@ from batchgen.assets.bases import BY_NAME
 from batchgen.assets.hashing import HashCache
 from batchgen.assets.models import ModelSource, denoiser_variant, inspect_assets, resolve_model, scan_checkpoints
 from batchgen.axes import check_max_megapixels
+from batchgen.cells import parse_timings
+from batchgen.columns import RECORDED
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
 from batchgen.executors.base import Executor, ExecutorRequest
@@ -219,9 +221,8 @@ def _render(
     def on_row(row: dict[str, Any]) -> None:
         manifest.append(row)
         progress.update(row["status"] == "ok")
-        for part in filter(None, (row.get("timings") or "").split(";")):
-            stage, seconds = part.split("=")
-            stage_totals[stage] += float(seconds)
+        for stage, seconds in parse_timings(row.get("timings")).items():
+            stage_totals[stage] += seconds
         if row["status"] == "failed":
             failures.append(f"{row['job_id']}: {row['error']}")
 
@@ -290,13 +291,6 @@ def stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-# What rendering a job writes into its manifest row; the rest of a row is the plan's.
-RECORDED = (
-    *("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"),
-    *("effect", "ssim", "degenerate"),
-)
 
 
 def merged_table(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

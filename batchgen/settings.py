@@ -144,6 +144,17 @@ class A1111:
 
 
 @dataclass(frozen=True)
+class Shown:
+    """A column of index.html's job table: its place from the left, its header where that is not the column's name,
+    whether it sorts as a number, and its place among the filters above the table (None: no filter)."""
+
+    place: int
+    header: str = ""
+    numeric: bool = False
+    filter: int | None = None
+
+
+@dataclass(frozen=True)
 class Setting:
     name: str  # the Job field, the manifest column, the grid and diff axis, the job_id payload key
     key: str  # the config key: `sweep.seeds`, `run.truncate_prompts`
@@ -158,6 +169,7 @@ class Setting:
     diff: bool  # `batchgen diff --by settings` matches rows on it
     a1111: A1111 | None = None
     empty_cell: str | None = None  # what an empty cell means in a manifest written before the column existed
+    index: Shown | None = None  # how index.html's job table shows its column; None: it does not
     # Set: the config default (null) is the model's own value, which the planner resolves per model from its
     # checkpoint and base record (batchgen.assets.defaults), so that a job, its manifest row and its job_id hold
     # the value rendered. This value stands in where no model is at hand (a Job built without the setting, an
@@ -211,6 +223,7 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("Seed", "{seed}"),
+        index=Shown(4, numeric=True),
     ),
     Setting(
         name="steps",
@@ -225,6 +238,7 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("Steps", "{steps}"),
+        index=Shown(5, numeric=True),
         fallback=20,
     ),
     Setting(
@@ -240,6 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("CFG scale", "{guidance_scale}"),
+        index=Shown(6, numeric=True),
         fallback=7.5,
     ),
     Setting(
@@ -255,6 +270,7 @@ SETTINGS: tuple[Setting, ...] = (
         grid=True,
         diff=True,
         a1111=A1111("Size", "{width}x{height}"),
+        index=Shown(7, header="size"),  # with the height: WxH
         fallback=512,
     ),
     Setting(
@@ -371,9 +387,6 @@ SETTINGS: tuple[Setting, ...] = (
 
 AXES = tuple(s.name for s in SETTINGS if s.axis)  # the planner's setting axes, counted by --dry-run
 GRID_AXES = tuple(s.name for s in SETTINGS if s.grid)
-# What `batchgen diff --by settings` matches rows on: the job as a person wrote it, then the diff settings.
-DIFF_COLUMNS = ("model", "prompt", "negative_prompt", "loras", *(s.name for s in SETTINGS if s.diff))
-EMPTY_CELLS = {s.name: s.empty_cell for s in SETTINGS if s.empty_cell is not None}
 
 
 def in_section(section: str) -> tuple[Setting, ...]:

@@ -12,51 +12,10 @@ from typing import Any
 
 from batchgen.settings import SETTINGS, JobId
 
-# The manifest's fixed columns, in order; one column per prompt slot follows (other tools read these names). Each
-# render setting's column is placed after the column batchgen.settings names for it.
-_COLUMNS = (
-    "job_id",
-    "status",
-    "model",
-    "base",
-    "prompt",
-    "negative_prompt",
-    "embeddings",
-    "loras",
-    "image",
-    "image_sha256",
-    "seconds",
-    "worker",
-    "finished_at",
-    "error",
-    "stack",
-    "prompt_template",
-    "timings",  # per-stage seconds of this image, shared costs divided: load=..;patch=..;encode=..;...
-    "lora_triggers",  # `name:words` pairs joined by `;`: what was put before the prompt for the job's LoRAs
-    "epoch",  # the file(s) a LoRA glob matched, as `mylora e4 (760 steps)`; empty for a stack without a glob
-    "reference",  # a LoRA job's no-LoRA twin: the job_id of the same job with no LoRAs; empty for a no-LoRA job
-    "effect",  # mean absolute pixel difference from the reference image, 0-255
-    "ssim",  # structural similarity to the reference image (scikit-image), 1 = identical
-    "degenerate",  # no, or why the image is unusable: flat, clipped, nonfinite; empty while not measured
-)
-
-
-def _with_settings(columns: tuple[str, ...]) -> tuple[str, ...]:
-    out = list(columns)
-    for setting in SETTINGS:
-        if setting.column_after is None:
-            continue
-        if setting.column_after not in out:
-            raise ValueError(f"setting {setting.name}: column_after '{setting.column_after}' is no manifest column")
-        out.insert(out.index(setting.column_after) + 1, setting.name)
-    return tuple(out)
-
-
-MANIFEST_COLUMNS = _with_settings(_COLUMNS)
 # The stack of a reference job that no stack of the sweep renders (sweep.references); the parentheses keep it
 # apart from any stack a user can name.
 REFERENCE_STACK = "(reference)"
-STAGES = ("load", "patch", "encode", "denoise", "decode", "write")
+STAGES = ("load", "patch", "encode", "denoise", "decode", "write")  # RenderResult.timings, the `timings` cell
 
 
 @dataclass(frozen=True)
@@ -161,7 +120,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LoraWeight:
-    """A LoRA in a stack; a plain weight w is unet=w, text_encoder=w."""
+    """A LoRA in a stack; a plain weight w is unet=w, text_encoder=w. Its manifest text: batchgen.cells.LoraEntry."""
 
     name: str
     unet: float
@@ -170,16 +129,6 @@ class LoraWeight:
     # resolved for the model's base (the long vector, batchgen.assets.block_weights), set by the planner.
     blocks_spec: str = ""
     blocks: tuple[float, ...] = ()
-
-    @property
-    def label(self) -> str:
-        """`name:w`, or `name:unet_w/te_w` for a split weight (the manifest's notation), then `:lbw=OUTD` with
-        block weights, as the extension's tag writes them."""
-        if self.unet == self.text_encoder:
-            text = f"{self.name}:{format_number(self.unet)}"
-        else:
-            text = f"{self.name}:{format_number(self.unet)}/{format_number(self.text_encoder)}"
-        return f"{text}:lbw={self.blocks_spec}" if self.blocks_spec else text
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batchgen"
 SHARED = {
     *("errors", "spec", "settings", "schedulers", "axes", "prompt_syntax", "metrics", "library_log"),
     "engine_options",
+    *("cells", "columns"),
 }
 # Layer -> the layers it must never import.
 FORBIDDEN = {

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from batchgen.assets.hashing import HashCache
+from batchgen.columns import MANIFEST_COLUMNS
 from batchgen.manifest import Manifest, atomic_write, completed_jobs, read_manifest, record_invocation
 from batchgen.progress import Progress
-from batchgen.spec import MANIFEST_COLUMNS
 
 
 def _row(job_id: str, status: str = "ok", image: str = "", sha: str = "") -> dict:

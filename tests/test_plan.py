@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchgen.axes import state_labels
+from batchgen.cells import format_loras
 from batchgen.config import GridConfig, SweepConfig
 from batchgen.errors import BatchgenError
 from batchgen.plan import build_plan
@@ -243,7 +244,7 @@ def test_render_order_chains_lora_states_by_fewest_changes() -> None:
         "d": {"ink": 1.0, "grain": 0.6},
     }
     plan = build_plan(_sweep(models=["sd1"], prompts=["x"], slots={}, stacks=stacks, seeds=[1, 2]), MODELS)
-    order = list(dict.fromkeys(";".join(lw.label for lw in j.loras) for j in plan.jobs))
+    order = list(dict.fromkeys(format_loras(j.loras) for j in plan.jobs))
     # starts from no LoRA, then every step changes exactly one LoRA's weight
     assert order == ["", "ink:0.5", "ink:1", "grain:0.6;ink:1", "grain:0.6", "grain:0.6;ink:0.5"]
     assert len(plan.jobs) == 12

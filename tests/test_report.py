@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFont
 
+from batchgen.cells import stack_label
 from batchgen.errors import BatchgenError
 from batchgen.report import grids as report
 from batchgen.report.index import build_index
@@ -340,9 +341,9 @@ def test_weight_labels_and_order():
     assert axes.weight_label("grain:0.6", "ink") == "no ink"
     labels = ["ink 1", "ink 0.25/1", "no ink", "ink 0.5", "ink -0.5"]
     assert sorted(labels, key=axes.weight_sort_key) == ["no ink", "ink -0.5", "ink 0.25/1", "ink 0.5", "ink 1"]
-    assert axes.stack_label("grain:0.6;ink:0.8", ["ink"]) == "grain 0.6"
-    assert axes.stack_label("ink:0.8", ["ink"]) == "none"
-    assert axes.stack_label("grain:0.6;ink:0.8/0.4") == "grain 0.6 + ink 0.8/0.4"
+    assert stack_label("grain:0.6;ink:0.8", ["ink"]) == "grain 0.6"
+    assert stack_label("ink:0.8", ["ink"]) == "none"
+    assert stack_label("grain:0.6;ink:0.8/0.4") == "grain 0.6 + ink 0.8/0.4"
 
 
 def test_weight_axis_of_a_lora_no_stack_uses_raises(tmp_path):

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from batchgen.columns import MANIFEST_COLUMNS
 from batchgen.engine.png import encode_png
 from batchgen.manifest import completed_jobs, latest_rows, read_manifest, record_invocation
 from batchgen.report.index import build_index
-from batchgen.spec import MANIFEST_COLUMNS
 from tests.synthetic import STYLES, colour, make_run, write_manifest
 
 VOLATILE = {"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"}

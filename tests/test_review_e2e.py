@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from batchgen.axes import stack_label
+from batchgen.cells import stack_label
 from batchgen.manifest import read_manifest
 
 ARGS = ("+sweep=styles", "sweep.seeds=[1]", "sweep.models=[tiny_sd1]", "sweep.grid.x=weight:ink")

@@ -11,13 +11,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from batchgen.axes import BASE_AXES, check_grid
+from batchgen.columns import DIFF_COLUMNS, EMPTY_CELLS, MANIFEST_COLUMNS
 from batchgen.config import RunConfig, SweepConfig
 from batchgen.engine.png import a1111_parameters
 from batchgen.engine.worker import batch_key
 from batchgen.errors import BatchgenError
 from batchgen.plan import Plan, build_plan
-from batchgen.settings import DIFF_COLUMNS, EMPTY_CELLS, SETTINGS, JobId, Setting
-from batchgen.spec import MANIFEST_COLUMNS, Job, LoraState
+from batchgen.settings import SETTINGS, JobId, Setting
+from batchgen.spec import Job, LoraState
 from tests.test_plan import MODELS, _sweep
 
 # Per setting: a value off its default, and what the PNG parameters then say (None: nothing there changes).
@@ -119,16 +120,6 @@ def test_axis_and_manifest_column(setting: Setting) -> None:
         assert _plan(setting, value).table[setting.name][0] == value
 
 
-def test_manifest_columns_keep_their_order() -> None:
-    assert MANIFEST_COLUMNS == (
-        *("job_id", "status", "model", "base", "prompt", "negative_prompt", "embeddings", "loras", "seed", "steps"),
-        *("guidance_scale", "width", "height", "scheduler", "image", "image_sha256", "seconds", "worker"),
-        *("finished_at", "error", "stack", "prompt_template", "timings", "clip_skip", "prompt_syntax"),
-        *("pad_prompts", "lora_triggers", "epoch", "reference", "effect", "ssim", "degenerate"),
-        "max_sequence_length",
-    )
-
-
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
 def test_job_id(setting: Setting) -> None:
     value, _ = OFF_DEFAULT[setting.name]
@@ -180,14 +171,6 @@ def test_diff_setting(setting: Setting) -> None:
         # An old manifest's empty cell and the cell a new run writes at the default match in a diff.
         assert EMPTY_CELLS[setting.name] == setting.empty_cell == str(_plan().table[setting.name][0])
         assert setting.read("") == setting.value_default
-
-
-def test_diff_columns_are_those_from_before() -> None:
-    assert DIFF_COLUMNS == (
-        *("model", "prompt", "negative_prompt", "loras", "seed", "steps", "guidance_scale", "width", "height"),
-        *("scheduler", "clip_skip"),
-    )
-    assert EMPTY_CELLS == {"clip_skip": "1"}
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from batchgen.axes import PNG_STACK, state_labels
+from batchgen.axes import state_labels
+from batchgen.columns import PNG_STACK
 from batchgen.config import SweepConfig
 from batchgen.engine.writer import encode_row
 from batchgen.plan import build_plan

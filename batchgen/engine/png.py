@@ -13,12 +13,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.safetensors_header import read_header
+from batchgen.cells import LBW, LoraEntry, parse_loras, parse_names
+from batchgen.columns import JSON_CHUNK
 from batchgen.errors import BatchgenError
 from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.settings import SETTINGS
 from batchgen.spec import LoraFile, ModelSpec
 
-JSON_CHUNK = "batchgen"
 _CHUNK = 1 << 20
 
 
@@ -30,8 +31,8 @@ A1111_FIRST = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "M
 
 def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
     """Prompt line (LoRAs as <lora:...> tags, as A1111 writes them), negative line, then key: value pairs."""
-    loras = [entry.split(":", 1) for entry in row["loras"].split(";") if entry]
-    tags = "".join(f" <lora:{name}:{_a1111_weight(weight)}>" for name, weight in loras)
+    loras = parse_loras(row["loras"])
+    tags = "".join(f" <lora:{entry.name}:{_a1111_weight(entry)}>" for entry in loras)
     cells = {**row, "scheduler": _sampler(row["scheduler"], spec)}
     fields = [
         (s.a1111.key, s.a1111.text.format_map(cells))
@@ -46,9 +47,9 @@ def a1111_parameters(row: dict[str, Any], spec: ModelSpec) -> str:
         at = next(i for i, (key, _) in enumerate(fields) if key == "CFG scale")
         fields[at : at + 1] = [("CFG scale", "1"), ("Distilled CFG Scale", fields[at][1])]
     if loras:
-        hashes = ", ".join(f"{_alias(name)}: {a1111_lora_hash(spec.lora(name))}" for name, _ in loras)
+        hashes = ", ".join(f"{_alias(e.name)}: {a1111_lora_hash(spec.lora(e.name))}" for e in loras)
         fields.append(("Lora hashes", hashes))
-    triggers = [t for t in row["embeddings"].split(";") if t]
+    triggers = parse_names(row["embeddings"])
     if triggers:
         hashes = ", ".join(f"{_alias(t)}: {spec.embedding(t).sha256[:12]}" for t in triggers)
         fields.append(("TI hashes", hashes))
@@ -134,11 +135,8 @@ def encode_png(image, parameters: str, job: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _a1111_weight(weight: str) -> str:
+def _a1111_weight(entry: LoraEntry) -> str:
     # A1111 names split multipliers te= and unet=; ours are written unet/te in the manifest. Block weights stay
     # `:lbw=...`, the extension's own tag parameter.
-    weight, lbw, blocks = weight.partition(":lbw=")
-    if "/" in weight:
-        unet, te = weight.split("/", 1)
-        weight = f"te={te}:unet={unet}"
-    return f"{weight}{lbw}{blocks}"
+    weight = f"te={entry.te_weight}:unet={entry.unet_weight}" if entry.te_weight else entry.weight
+    return f"{weight}{LBW}{entry.blocks}" if entry.blocks else weight

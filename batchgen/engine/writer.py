@@ -17,19 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from batchgen.axes import PNG_STACK
+from batchgen.cells import format_timings
+from batchgen.columns import png_job
 from batchgen.engine.png import a1111_parameters, encode_png
 from batchgen.manifest import atomic_write
 from batchgen.metrics import degenerate, measure, read_rgb
-from batchgen.spec import STAGES, ModelSpec, RenderResult
+from batchgen.spec import ModelSpec, RenderResult
 
 _STOP = object()
-# Not in a PNG's JSON chunk: what rendering or measuring records, and the reference link (added after PNGs first
-# had the chunk; a job's PNG bytes must not change when the code learns to measure it).
-_VOLATILE = frozenset(
-    {"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"}
-    | {"reference", "effect", "ssim", "degenerate"}
-)
 
 
 class ImageWriter:
@@ -85,10 +80,7 @@ def encode_row(
 
     With `run_dir`, a LoRA job whose reference image is already there gets its effect and ssim now (references
     render first on each worker); the others are filled once the run ends (report.effects)."""
-    # The JSON chunk holds only what defines the job, so the same job always gives the same PNG bytes.
-    job = {k: v for k, v in row.items() if k not in _VOLATILE}
-    if PNG_STACK in job:
-        job["stack"] = job.pop(PNG_STACK)  # the stack by its content, as PNGs always held it, not the sweep's key
+    job = png_job(row)
     row = dict(row)
     row["worker"] = result.worker
     data = None
@@ -132,7 +124,6 @@ def store_row(run_dir: Path, row: dict[str, Any], data: bytes | None) -> dict[st
         atomic_write(run_dir / row["image"], data)
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - mark
     row["seconds"] = round(sum(timings.values()) or row["seconds"], 4)
-    stages = [stage for stage in STAGES if stage in timings]
-    row["timings"] = ";".join(f"{stage}={timings[stage]:.4f}" for stage in stages)
+    row["timings"] = format_timings(timings)
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return row

@@ -18,7 +18,9 @@ import pandas as pd
 
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.tokens import ChunkCounter
-from batchgen.axes import PNG_STACK, state_labels, with_trigger_words
+from batchgen.axes import state_labels, with_trigger_words
+from batchgen.cells import format_names, format_triggers
+from batchgen.columns import MANIFEST_COLUMNS, PNG_STACK
 from batchgen.config import RunConfig, SweepConfig
 from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
@@ -45,7 +47,7 @@ from batchgen.plan.stacks import (
 from batchgen.plan.syntax import check_syntax, text_payload
 from batchgen.plan.values import engine_options, merged_values, model_values, setting_values
 from batchgen.settings import AXES, SETTINGS, did_you_mean, job_id_payload
-from batchgen.spec import MANIFEST_COLUMNS, REFERENCE_STACK, Job, LoraWeight, ModelSpec
+from batchgen.spec import REFERENCE_STACK, Job, LoraWeight, ModelSpec
 
 COLUMN_SETTINGS = tuple(s.name for s in SETTINGS if s.column_after is not None)
 
@@ -122,7 +124,7 @@ def build_plan(
             if setting["max_sequence_length"] and BY_NAME[spec.base].pipeline_encodes_prompts:
                 texts["max_sequence_length"] = setting["max_sequence_length"]  # only T5 reads it
             row = _row(spec, stack, prompt, negative, used, setting, missing, texts)
-            rows.append({**row, "lora_triggers": ";".join(f"{name}:{words}" for name, words in added)})
+            rows.append({**row, "lora_triggers": format_triggers(added)})
             if sweep.references and row["reference"] and row["reference"] not in references:
                 twin = _row(spec, StackState("none", ()), prompt, negative, used, setting, [], texts)
                 if twin["job_id"] != row["reference"]:  # the two payloads are built apart: keep them in step
@@ -228,7 +230,7 @@ def _row(
         "base": spec.base,
         "prompt": prompt.text,
         "negative_prompt": negative,
-        "embeddings": ";".join(used),
+        "embeddings": format_names(used),
         "loras": stack.manifest,
         **{name: setting[name] for name in COLUMN_SETTINGS},
         "image": "",

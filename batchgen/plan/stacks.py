@@ -10,7 +10,7 @@ from typing import Any
 
 from batchgen.assets.block_weights import parse_blocks
 from batchgen.assets.epochs import epoch_label, epoch_order, is_glob, matching
-from batchgen.axes import stack_label
+from batchgen.cells import JOIN, LoraEntry, format_loras, stack_label
 from batchgen.errors import BatchgenError
 from batchgen.plan.values import lora_entries
 from batchgen.settings import batch_values
@@ -35,12 +35,13 @@ class StackState:
         sweep's key; kept so that a job's PNG bytes stay as they were)."""
         patterns = dict(self.globbed)
         return stack_label(
-            ";".join(dataclasses.replace(lw, name=patterns.get(lw.name, lw.name)).label for lw in self.loras)
+            tuple(dataclasses.replace(LoraEntry.of(lw), name=patterns.get(lw.name, lw.name)) for lw in self.loras)
         )
 
     @property
     def manifest(self) -> str:
-        return ";".join(lw.label for lw in self.loras)
+        """The `loras` cell."""
+        return format_loras(self.loras)
 
 
 def expand_stacks(stacks: dict[str, dict[str, Any]]) -> list[StackState]:
@@ -81,7 +82,7 @@ def resolve_globs(state: StackState, spec: ModelSpec) -> list[StackState]:
             loras[f.name] = dataclasses.replace(lw, name=f.name)
             globbed.append((f.name, lw.name))
             labels.append(epoch_label(f, lw.name))
-        out.append(StackState(state.stack, tuple(loras[n] for n in sorted(loras)), tuple(globbed), " + ".join(labels)))
+        out.append(StackState(state.stack, tuple(loras[n] for n in sorted(loras)), tuple(globbed), JOIN.join(labels)))
     return out
 
 

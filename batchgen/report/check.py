@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from batchgen.axes import lora_entries
+from batchgen.cells import is_degenerate, parse_loras
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, latest_positions, read_manifest
-from batchgen.metrics import NOT_DEGENERATE
 from batchgen.report.effects import with_measurements
 from batchgen.report.labels import stack_labels
 from batchgen.report.summary import latest_invocation
@@ -74,7 +73,7 @@ def check_run(request: CheckRequest) -> CheckResult:
                 problems.append(f"effect {float(row['effect']):.3f} < {request.min_effect:g}: {_where(row)}")
         said.append(f"{len(tested)} LoRA jobs checked for effect >= {request.min_effect:g}")
     if request.no_degenerate:
-        bad = latest[~latest["degenerate"].isin(["", NOT_DEGENERATE])]
+        bad = latest[latest["degenerate"].map(is_degenerate).astype(bool)]
         problems += [f"degenerate ({row['degenerate']}): {_where(row)}" for _, row in bad.iterrows()]
         said.append(f"{int((latest['degenerate'] != '').sum())} images checked for degenerate")
     if request.max_failed is not None:
@@ -106,7 +105,7 @@ def _lora_jobs(latest: pd.DataFrame) -> pd.DataFrame:
 
 def _weights(loras: str) -> list[float]:
     """Every UNet and text-encoder weight of a `loras` cell (`ink:0.5;grain:1/0.2`)."""
-    return [float(w) for _, weight, _ in lora_entries(loras) for w in weight.split("/")]
+    return [w for entry in parse_loras(loras) for w in entry.weights]
 
 
 def _references_off(run_dir: Path) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from batchgen.axes import lora_entries
+from batchgen.cells import parse_loras
 from batchgen.report.files import write_atomic
 from batchgen.report.text import text
 
@@ -33,15 +33,14 @@ def curves(table: pd.DataFrame) -> dict[str, dict[str, list[Point]]]:
     for _, row in table.iterrows():
         if text(row.get("status")) != "ok" or not text(row.get("effect")):
             continue
-        entries = lora_entries(text(row.get("loras")))
+        entries = parse_loras(text(row.get("loras")))
         if len(entries) != 1:
             continue
-        ((name, weight, blocks),) = entries
-        unet, _, te = weight.partition("/")  # `0.5`, or `unet/te` for a split weight
-        label = text(row.get("epoch")) or name
-        label += f" te={te}" if te else ""
-        label += f" lbw={blocks}" if blocks else ""
-        effects.setdefault((text(row["model"]), label, float(unet)), []).append(float(row["effect"]))
+        (entry,) = entries
+        label = text(row.get("epoch")) or entry.name
+        label += f" te={entry.te_weight}" if entry.te_weight else ""
+        label += f" lbw={entry.blocks}" if entry.blocks else ""
+        effects.setdefault((text(row["model"]), label, float(entry.unet_weight)), []).append(float(row["effect"]))
     out: dict[str, dict[str, list[Point]]] = {}
     for (model, label, weight), values in sorted(effects.items()):
         point = Point(weight, statistics.median(values), min(values), max(values), len(values))

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from batchgen.columns import DIFF_COLUMNS, EMPTY_CELLS
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, read_latest
 from batchgen.report.files import save_png, write_text
 from batchgen.report.labels import stack_labels
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
-from batchgen.settings import DIFF_COLUMNS, EMPTY_CELLS
 
 MATCH_BY = ("job_id", "settings")
 CSV_COLUMNS = ("kind", "key", "job_id_a", "job_id_b", "max_diff", "mean_diff", "note", "label")

@@ -22,14 +22,12 @@ from batchgen.axes import (
     blocks_lora,
     check_grid,
     check_max_megapixels,
-    lora_names,
-    stack_label,
     title,
     weight_label,
     weight_lora,
     weight_sort_key,
 )
-from batchgen.metrics import NOT_DEGENERATE
+from batchgen.cells import is_degenerate, lora_names, stack_label
 from batchgen.report.files import save_png
 from batchgen.report.labels import prompt_labels, stack_labels
 from batchgen.report.text import Font, draw_lines, font, line_height, text, wrap_label
@@ -418,7 +416,7 @@ def _cell_sources(
                 # with a replaced file) share a cell, and the last one shows.
                 picked = None if positions is None else rows.iloc[positions[-1]]
                 sources[(layer, col, row)] = _cell_source(run_dir, picked)
-                if picked is not None and text(picked.get("degenerate")) not in ("", NOT_DEGENERATE):
+                if picked is not None and is_degenerate(text(picked.get("degenerate"))):
                     marked.add((layer, col, row))
     return sources, marked
 

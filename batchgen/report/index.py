@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from batchgen.cells import is_degenerate
+from batchgen.columns import INDEX_COLUMNS, INDEX_FILTERS, INDEX_NUMERIC
 from batchgen.report.files import href, write_text
 from batchgen.report.labels import stack_labels
 from batchgen.report.summary import STATUSES, RunSummary, summarise
 from batchgen.report.text import text
 
-FILTERS = ("model", "stack", "prompt", "status", "degenerate")  # `stack` filters by the sweep's key
-JOB_COLUMNS = (
-    *("status", "model", "stack", "prompt", "seed", "steps", "guidance_scale", "size", "image"),
-    *("effect", "ssim", "degenerate", "error"),
-)
-NUMERIC = frozenset({"seed", "steps", "guidance_scale", "effect", "ssim"})  # columns sorted as numbers
 THUMB = 64
 
 _CSS = """
@@ -233,15 +229,15 @@ def _row_class(status: str) -> str:
 def _job_row_html(run_dir: Path, row: pd.Series, images: dict[str, str], label: str) -> str:
     """One job; `label`: its stack state as a grid labels it (`ink 0.5`), shown in the stack column."""
     status = _status(row)
-    cells = {name: _esc(row.get(name)) for name in JOB_COLUMNS}
+    cells = {name: _esc(row.get(name)) for name in INDEX_COLUMNS}
     cells["status"] = _esc(status)
     cells["stack"] = _esc(label)
     cells["size"] = f"{_esc(row.get('width'))}x{_esc(row.get('height'))}"
     cells["image"] = _thumb_html(run_dir, text(row.get("image")))
     degenerate = text(row.get("degenerate"))
-    classes = {"degenerate": "degenerate bad" if degenerate not in ("", "no") else "degenerate"}
-    tds = "".join(f'<td class="{classes.get(name, name)}">{cells[name]}</td>' for name in JOB_COLUMNS)
-    data = "".join(f' data-{name}="{_esc(status if name == "status" else row.get(name))}"' for name in FILTERS)
+    classes = {"degenerate": "degenerate bad" if is_degenerate(degenerate) else "degenerate"}
+    tds = "".join(f'<td class="{classes.get(name, name)}">{cells[name]}</td>' for name in INDEX_COLUMNS)
+    data = "".join(f' data-{name}="{_esc(status if name == "status" else row.get(name))}"' for name in INDEX_FILTERS)
     data += "".join(f' data-{name}="{_esc(row.get(name))}"' for name in ("effect", "ssim"))
     data += f' data-label="{_esc(label)}"'
     job_id = text(row.get("job_id"))
@@ -262,7 +258,7 @@ def _options(values: list[str], order: tuple[str, ...] = ()) -> list[tuple[str, 
 
 def _filters_html(table: pd.DataFrame) -> str:
     selects = []
-    for name in FILTERS:
+    for name in INDEX_FILTERS:
         if name == "status":
             values = [_status(row) for _, row in table.iterrows()]
         else:
@@ -288,7 +284,7 @@ def _filters_html(table: pd.DataFrame) -> str:
 
 
 def _jobs_html(run_dir: Path, table: pd.DataFrame) -> str:
-    head = "".join(f"<th{' data-numeric' if name in NUMERIC else ''}>{name}</th>" for name in JOB_COLUMNS)
+    head = "".join(f"<th{' data-numeric' if name in INDEX_NUMERIC else ''}>{name}</th>" for name in INDEX_COLUMNS)
     images = {
         text(row["job_id"]): href(run_dir, run_dir / text(row["image"]))
         for _, row in table.iterrows()

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from batchgen.axes import PNG_STACK, prompt_tags, state_labels, without_trigger_words
-from batchgen.spec import MANIFEST_COLUMNS
+from batchgen.axes import prompt_tags, state_labels, without_trigger_words
+from batchgen.columns import MANIFEST_COLUMNS, PNG_STACK
 
 
 def stack_labels(table: pd.DataFrame, on_grid: Sequence[str] = ()) -> pd.Series:

@@ -17,11 +17,10 @@ from typing import Any
 
 from PIL import Image
 
+from batchgen.columns import JSON_CHUNK, MANIFEST_COLUMNS
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, Manifest
-from batchgen.spec import MANIFEST_COLUMNS
 
-JSON_CHUNK = "batchgen"  # the chunk name engine/png.py writes; repeated here so the report never imports the engine
 _JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 _REQUIRED = ("job_id", "model", "prompt", "seed", "steps", "guidance_scale", "width", "height")
 # The planner's order, so recovered rows group like the original run: model, then stack, prompt, the numbers.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchgen.axes import check_max_megapixels
+from batchgen.columns import MANIFEST_COLUMNS
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, read_latest
 from batchgen.report.curves import strength_plots
@@ -16,7 +17,6 @@ from batchgen.report.grids import DEFAULT_MAX_MEGAPIXELS, build_grids
 from batchgen.report.index import build_index
 from batchgen.report.pngs import Recovered, write_manifest_from_pngs
 from batchgen.report.summary import latest_invocation
-from batchgen.spec import MANIFEST_COLUMNS
 
 NO_Z = ("", "none", "null")  # what `--z` accepts to drop a z axis the run recorded
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from batchgen.cells import in_stage_order, parse_timings
 from batchgen.report.text import text
-from batchgen.spec import STAGES
 
 STATUSES = ("ok", "failed", "skipped", "pending")
 _STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
@@ -70,14 +70,10 @@ def _stage_totals(table: pd.DataFrame) -> dict[str, float]:
     if "timings" not in table.columns or "status" not in table.columns:
         return {}
     totals: dict[str, float] = {}
-    for cell in table.loc[table["status"].map(text) == "ok", "timings"].map(text):
-        for part in filter(None, cell.split(";")):
-            stage, _, seconds = part.partition("=")
-            try:
-                totals[stage] = totals.get(stage, 0.0) + float(seconds)
-            except ValueError:
-                continue
-    return {stage: totals[stage] for stage in (*STAGES, *sorted(set(totals) - set(STAGES))) if stage in totals}
+    for cell in table.loc[table["status"].map(text) == "ok", "timings"]:
+        for stage, seconds in parse_timings(text(cell)).items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    return in_stage_order(totals)
 
 
 def _render_time(table: pd.DataFrame) -> str:
