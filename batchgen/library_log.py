@@ -6,6 +6,9 @@ checkpoint that lacks weights, so its images are noise) are also said on the con
 The libraries attach their own stderr handler when their logging module is first imported, which may happen after
 routing starts (importing them just to route would cost a dry run two seconds); `settle` is called where they are
 about to be used, so no notice slips through.
+
+batchgen's own warnings from where it renders (a worker process, a Ray actor: a prompt cut by run.truncate_prompts)
+go the same way through `warn`: into that log and on the console, as they are, in the one-line form.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import TextIO
 
 LOG = Path(".batchgen") / "libraries.log"
 VERBOSE_ENV = "BATCHGEN_VERBOSE"
-LOGGERS = ("transformers", "diffusers", "huggingface_hub", "py.warnings")
+ENGINE = "batchgen.engine"  # batchgen's own warnings from where it renders
+LOGGERS = ("transformers", "diffusers", "huggingface_hub", "py.warnings", ENGINE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # (pattern on a library's message, what batchgen says instead); {name} groups fill the text.
@@ -54,6 +58,10 @@ class _Resay(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         text = _ANSI.sub("", record.getMessage())
+        if record.name == ENGINE:
+            self.stream.write(f"batchgen: warning: {text}\n")  # already in batchgen's words, said each time
+            self.stream.flush()
+            return
         for pattern, template in RESAID:
             if (match := pattern.search(text)) is None:
                 continue
@@ -63,6 +71,16 @@ class _Resay(logging.Handler):
                 self.stream.write(f"batchgen: warning: {line}\n")
                 self.stream.flush()
             return
+
+
+def warn(text: str) -> None:
+    """A warning from where batchgen renders: routed, into the run's log and on the console; unrouted (--verbose, a
+    program using the engine itself), on stderr; either way as `batchgen: warning: <text>`."""
+    logger = logging.getLogger(ENGINE)
+    if any(isinstance(handler, _Resay) for handler in logger.handlers):
+        logger.warning(text)
+    else:
+        sys.stderr.write(f"batchgen: warning: {text}\n")
 
 
 class _Plain(logging.Formatter):

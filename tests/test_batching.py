@@ -71,14 +71,14 @@ def test_prompts_encode_once_per_text_encoder_state(tiny_cache: Path) -> None:
     results = list(renderer.render(plan.jobs))
     assert len(results) == 3 * 3 * 3 and all(not r.error for r in results)
     # 3 prompts x 2 text-encoder states (none, ink te=1.0): UNet-only changes and seeds reuse the encoding
-    cache = renderer._loaded.prompts
+    cache = renderer._loaded.prompts.cache
     # (plus the negative prompt once per state), each new text encoded by the batch that first needs it
     assert cache.misses == 2 * (3 + 1)
     # per state 9 jobs, prompt-major, in batches of 4: the first batch brings two prompts and the negative, the
     # second the third prompt; the other ink state shares the text-encoder state and encodes nothing
     assert cache.rounds == 2 * 2
     # cached embeddings carry no autograd history, which would keep every encoder activation alive
-    assert all(e.hidden.grad_fn is None and e.hidden.is_inference() for e in cache._entries.values())
+    assert all(e.hidden.grad_fn is None and e.hidden.is_inference() for e in cache.encodings())
 
 
 def test_manifest_records_stage_timings(run_cli) -> None:
@@ -100,7 +100,7 @@ def test_manifest_records_stage_timings(run_cli) -> None:
 def test_per_image_rows_run_each_image_as_a_batch_of_one_would() -> None:
     import torch
 
-    from batchgen.engine.rows import BatchShape, isolate_image_rows
+    from batchgen.engine.rows import isolate_image_rows
 
     torch.manual_seed(0)
     unet = torch.nn.Module()
@@ -108,19 +108,21 @@ def test_per_image_rows_run_each_image_as_a_batch_of_one_would() -> None:
     unet.other = torch.nn.Linear(320, 1280)
     reference = torch.nn.Linear(320, 1280)
     reference.load_state_dict(unet.time_embedding.state_dict())
-    shape = BatchShape(images=3)
-    isolate_image_rows(unet, shape, ("time_embedding",), optional=("add_embedding",))
+    rows = isolate_image_rows(unet, ("time_embedding",), optional=("add_embedding",))
     uncond, cond = torch.randn(3, 320), torch.randn(3, 320)
     with torch.inference_mode():
-        out = unet.time_embedding(torch.cat([uncond, cond]))  # guidance layout: [uncond x 3, cond x 3]
+        stacked = torch.cat([uncond, cond])  # guidance layout: [uncond x 3, cond x 3]
+        out = rows.holding(3, lambda: unet.time_embedding(stacked))
         for i in range(3):
             alone = reference(torch.stack([uncond[i], cond[i]]))
             assert torch.equal(out[[i, i + 3]], alone)
         # the timestep layers' case: every image brings the same rows, computed once as a batch of one would
         same = torch.cat([uncond[:1].expand(3, -1), cond[:1].expand(3, -1)])
-        out = unet.time_embedding(same)
+        out = rows.holding(3, lambda: unet.time_embedding(same))
         alone = reference(torch.stack([uncond[0], cond[0]]))
         assert all(torch.equal(out[[i, i + 3]], alone) for i in range(3))
+        # outside a call that holds several images the layer is the plain one: six rows are six rows
+        assert rows.images == 1 and torch.equal(unet.time_embedding(stacked), reference(stacked))
     # untouched layers stay plain modules
     assert "forward" not in vars(unet.other) and "forward" in vars(unet.time_embedding)
 
@@ -128,12 +130,12 @@ def test_per_image_rows_run_each_image_as_a_batch_of_one_would() -> None:
 def test_per_image_rows_fail_loudly_when_an_expected_layer_is_gone() -> None:
     import torch
 
-    from batchgen.engine.rows import UNET_PER_IMAGE, BatchShape, isolate_image_rows
+    from batchgen.engine.rows import UNET_PER_IMAGE, isolate_image_rows
 
     unet = torch.nn.Module()
     unet.time_embedding = torch.nn.Linear(4, 4)  # but no resnet's time_emb_proj: as if diffusers renamed it
     with pytest.raises(RuntimeError) as error:
-        isolate_image_rows(unet, BatchShape(), UNET_PER_IMAGE)
+        isolate_image_rows(unet, UNET_PER_IMAGE)
     assert str(error.value) == (
         "Module has no module named time_emb_proj, which batchgen runs image by image so that batching never "
         "changes pixels; this diffusers/transformers version renamed it: update the names in "
@@ -141,21 +143,70 @@ def test_per_image_rows_fail_loudly_when_an_expected_layer_is_gone() -> None:
     )
 
 
-def test_the_prompt_cache_forgets_text_encoder_states_left_behind() -> None:
+def _cache_job(*loras: str, component: str = "text_encoder", truncate: bool = False):
+    from batchgen.spec import Contribution, Job, LoraState
+
+    state = LoraState(((component, tuple(Contribution(name, 1.0) for name in loras)),) if loras else ())
+    return Job("0" * 16, "m", "a castle", "", 1, 2, 7.5, 64, 64, truncate_prompts=truncate, lora_state=state)
+
+
+def _truncation(job) -> bool:
+    return job.truncate_prompts
+
+
+def _encode_counting(encoded: list):
+    import torch
+
+    from batchgen.engine.conditioning import Encoded
+
+    def encode(units: list) -> list:
+        encoded.extend(units)
+        return [Encoded(torch.zeros(1, 1, 1), None) for _ in units]
+
+    return encode
+
+
+def test_the_conditioning_cache_forgets_text_encoder_states_left_behind() -> None:
     # Memory must stay flat in the number of LoRAs: a sweep's stacks come one after another, so only the current
     # text-encoder state and the pristine one (shared by every UNet-only stack) are worth keeping.
-    from types import SimpleNamespace
+    from batchgen.engine.conditioning_cache import ConditioningCache
 
-    from batchgen.engine.prompts import PromptCache
-    from batchgen.spec import Contribution, LoraState
+    cache, encoded = ConditioningCache(), []
+    encode = _encode_counting(encoded)
+    misses = []
+    for job in (
+        _cache_job("ink", component="unet"),  # a UNet-only LoRA: the pristine text-encoder state
+        _cache_job("a"),
+        _cache_job("b"),  # forgets a, keeps the pristine encoding
+        _cache_job("a"),  # encoded again; forgets b
+        _cache_job(),  # the pristine encoding is still there; a's goes
+        _cache_job("a"),
+    ):
+        cache.open([job], _truncation, "truncation").ensure(["a castle"], encode)
+        misses.append(cache.misses)
+    assert misses == [1, 2, 3, 4, 4, 5]
+    assert cache.rounds == 5 and encoded == ["a castle"] * 5
+    assert len(cache.encodings()) == 2  # the pristine state's and a's
 
-    cache = PromptCache(SimpleNamespace())
-    mode = (False, None)
-    pristine = LoraState()
-    a, b = (LoraState((("text_encoder", (Contribution(n, 1.0),)),)) for n in ("a", "b"))
-    for state in [pristine, a, b]:
-        cache._entries[("text", state, mode)] = object()
-    cache._forget_other_states(b)
-    assert [key[1] for key in cache._entries] == [pristine, b]
-    cache._forget_other_states(pristine)
-    assert [key[1] for key in cache._entries] == [pristine]
+
+def test_the_conditioning_cache_keys_on_the_mode_and_evicts_the_least_recently_used() -> None:
+    from batchgen.engine.conditioning_cache import ConditioningCache
+
+    cache, encoded = ConditioningCache(max_entries=2), []
+    encode = _encode_counting(encoded)
+    mode = _truncation
+    lookup = cache.open([_cache_job()], mode, "truncation")
+    lookup.ensure(["x", "y", "x"], encode)  # one round, each unit once
+    cut = cache.open([_cache_job(truncate=True)], mode, "truncation")
+    cut.ensure(["x"], encode)  # another mode: another encoding
+    assert encoded == ["x", "y", "x"] and cache.rounds == 2
+    lookup.touch(["x"])
+    cache.trim()  # three entries, room for two: y, the least recently used, goes
+    lookup.ensure(["x"], encode)
+    assert encoded == ["x", "y", "x"]
+    lookup.ensure(["y"], encode)
+    assert encoded == ["x", "y", "x", "y"]
+    with pytest.raises(RuntimeError, match="^a batch mixes truncation; batches must be cut by batch_key$"):
+        cache.open([_cache_job(), _cache_job(truncate=True)], mode, "truncation")
+    with pytest.raises(RuntimeError, match="^a batch spans text-encoder states; batches must be cut by batch_key$"):
+        cache.open([_cache_job(), _cache_job("a")], mode, "truncation")

@@ -85,3 +85,18 @@ def test_a_text_encoder_missing_weights_is_said_on_the_console(run_cli, tiny_cac
         f"{out_dir / '.batchgen' / 'libraries.log'})"
     ]
     assert "final_layer_norm.weight" in (out_dir / ".batchgen" / "libraries.log").read_text()
+
+
+def test_the_engines_own_warnings_reach_the_console_each_time_and_the_log(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv(library_log.VERBOSE_ENV, raising=False)
+    log, console = tmp_path / ".batchgen" / "libraries.log", io.StringIO()
+    with library_log.routed(log, console):
+        library_log.warn("prompt 'a castle...' is 80 tokens; the encoder reads the first 77")
+        library_log.warn("prompt 'a castle...' is 80 tokens; the encoder reads the first 77")
+    line = "batchgen: warning: prompt 'a castle...' is 80 tokens; the encoder reads the first 77\n"
+    assert console.getvalue() == line * 2  # as printed before: once per encoding
+    assert "batchgen.engine WARNING: prompt 'a castle...' is 80 tokens" in log.read_text()
+    assert capsys.readouterr().err == ""
+    library_log.warn("not routed")  # --verbose, or the engine used on its own: the same line on stderr
+    assert capsys.readouterr().err == "batchgen: warning: not routed\n"
+    assert not logging.getLogger(library_log.ENGINE).handlers

@@ -66,6 +66,8 @@ def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
     torch.testing.assert_close(embeds.negative[:, 77:154], empty, rtol=0, atol=1e-5)
     (short,) = cache.embeds([_job("a castle", "blurry")])
     assert short.signature == ((2, 77, 77),) and short.simple
+    # chunked encodings are cached without autograd history too, which would keep every activation alive
+    assert all(e.hidden.is_inference() for e in cache.cache.encodings())
 
 
 def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> None:

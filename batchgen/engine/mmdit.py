@@ -3,7 +3,8 @@ image by image.
 
 These pipelines condition on T5 as well as CLIP and take no A1111 chunks, weights or clip skip (planning refuses
 those for them), so batchgen calls the pipeline's own encode_prompt, one text at a time as a batch of one
-computes it, and caches the result per (text, text-encoder LoRA state) as engine/prompts.py does for CLIP.
+computes it, and caches the result in the conditioning cache the CLIP path uses (engine/conditioning_cache.py),
+its mode the T5 length.
 
 A transformer's matrix products see a few hundred rows per image, but its timestep, guidance and pooled-text
 embeddings see one; rather than find every such layer, the whole forward runs on each image's rows alone (its
@@ -13,14 +14,16 @@ pipeline's per-call work and never changes pixels.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from batchgen.assets.bases import Base
-from batchgen.engine.prompts import Conditioning, Embeds, text_encoder_state
-from batchgen.engine.rows import BatchShape, by_image
-from batchgen.spec import Job, LoraState
+from batchgen.engine.conditioning import Conditioning, Embeds, Encoded
+from batchgen.engine.conditioning_cache import ConditioningCache
+from batchgen.engine.denoiser_call import take_call
+from batchgen.engine.rows import by_image
+from batchgen.spec import Job
+
+TRANSFORMER_CALL_ARGUMENT = "joint_attention_kwargs"  # what SD3 and FLUX.1 pipelines hand the transformer
 
 # The transformer arguments that carry one row per image (per guidance half); the rest (FLUX's position ids,
 # attention kwargs) are shared by the batch.
@@ -34,54 +37,37 @@ def guided(base: Base, job: Job) -> bool:
 
 
 class PipelinePrompts:
-    """Conditioning for a pipeline that encodes its own prompts, cached per text and text-encoder LoRA state."""
+    """Conditioning for a pipeline that encodes its own prompts, cached per text, text-encoder LoRA state and T5
+    length."""
 
     def __init__(self, pipe, base: Base, max_entries: int = 1024) -> None:
         self.pipe = pipe
         self.base = base
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.misses = 0  # texts encoded
-        self.rounds = 0  # batches that had texts to encode
-        self._state: LoraState | None = None
+        self.cache = ConditioningCache(max_entries)
 
     def embeds(self, batch: list[Job]) -> list[Conditioning]:
-        states = {text_encoder_state(job) for job in batch}
-        if len(states) != 1:
-            raise RuntimeError("a batch spans text-encoder states; batches must be cut by batch_key")
-        state = states.pop()
-        if state != self._state:
-            # Jobs come grouped by LoRA stack: drop the encodings of states left behind, keep the pristine one.
-            for key in [key for key in self._entries if key[1] not in (state, LoraState())]:
-                del self._entries[key]
-            self._state = state
-        lengths = {job.max_sequence_length for job in batch}
-        if len(lengths) != 1:
-            raise RuntimeError("a batch mixes max_sequence_length; batches must be cut by batch_key")
-        length = lengths.pop()
+        lookup = self.cache.open(batch, lambda job: job.max_sequence_length, "max_sequence_length")
         sides = [[job.prompt, job.negative_prompt] if guided(self.base, job) else [job.prompt] for job in batch]
-        missing = [
-            t for t in dict.fromkeys(t for texts in sides for t in texts) if (t, state, length) not in self._entries
-        ]
-        for text in missing:
-            self._entries[(text, state, length)] = self._encode(text, length)
-        if missing:
-            self.misses += len(missing)
-            self.rounds += 1
+        lookup.ensure(
+            (text for texts in sides for text in texts),
+            lambda texts: [self._encode(text, lookup.mode) for text in texts],
+        )
         out = []
         for job, texts in zip(batch, sides, strict=True):
-            encoded = [self._entries[(t, state, length)] for t in texts]
-            for t in texts:
-                self._entries.move_to_end((t, state, length))
-            (prompt, pooled), *negative = encoded
-            embeds = Embeds(prompt, negative[0][0] if negative else None, pooled, negative[0][1] if negative else None)
+            prompt, *negative = (lookup[text] for text in texts)
+            lookup.touch(texts)
+            embeds = Embeds(
+                prompt.hidden,
+                negative[0].hidden if negative else None,
+                prompt.pooled,
+                negative[0].pooled if negative else None,
+            )
             out.append(Conditioning(((job.steps, embeds),)))
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.cache.trim()
         return out
 
     @torch.inference_mode()
-    def _encode(self, text: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, text: str, length: int) -> Encoded:
         """(sequence [1, tokens, width], pooled [1, width]) as the pipeline computes them for this text; `length`
         0 keeps the pipeline's default max_sequence_length."""
         # batchgen never offloads, so the text encoder's device is where encoding runs (_execution_device walks
@@ -96,18 +82,22 @@ class PipelinePrompts:
             common["max_sequence_length"] = length
         if self.base.guidance == "distilled":
             prompt, pooled, _ = self.pipe.encode_prompt(**common)
-            return prompt, pooled
+            return Encoded(prompt, pooled)
         prompt, _, pooled, _ = self.pipe.encode_prompt(**common, prompt_3=None, do_classifier_free_guidance=False)
-        return prompt, pooled
+        return Encoded(prompt, pooled)
 
 
-def isolate_images(transformer: torch.nn.Module, shape: BatchShape) -> None:
+def isolate_images(transformer: torch.nn.Module) -> None:
     """Wrap the transformer's forward in place so that each image's rows run alone (module paths and weights are
-    untouched: LoRA keys and the patcher see the same model)."""
+    untouched: LoRA keys and the patcher see the same model). The image count comes with each call, in its
+    joint_attention_kwargs (engine/denoiser_call.py)."""
     forward = transformer.forward
 
     def run(*args, **kwargs):
-        n = shape.images
+        call, rest = take_call(kwargs.get(TRANSFORMER_CALL_ARGUMENT))
+        if call is not None:
+            kwargs = {**kwargs, TRANSFORMER_CALL_ARGUMENT: rest}
+        n = 1 if call is None else call.images
         if n <= 1:
             return forward(*args, **kwargs)
         if args or kwargs.get("return_dict", True):

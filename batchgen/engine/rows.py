@@ -10,7 +10,7 @@ batching changes speed and never pixels. Their cost is a handful of tiny matmuls
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -19,28 +19,42 @@ import torch
 UNET_PER_IMAGE = ("time_embedding", "time_emb_proj")
 UNET_PER_IMAGE_OPTIONAL = ("add_embedding",)
 
-
-@dataclass
-class BatchShape:
-    """How many images the current pipeline call renders; the worker sets it before each call."""
-
-    images: int = 1
+T = TypeVar("T")
 
 
-def isolate_image_rows(
-    model: torch.nn.Module, shape: BatchShape, expected: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> None:
+class ImageRows:
+    """How many images the model's running forward holds, for its per-image layers.
+
+    diffusers calls those layers from inside its own forward, whose signature cannot carry the count, so it is held
+    here: set by the model's wrapped forward, which gets it from its pipeline call (engine/denoiser_call.py), for
+    the length of that one forward only. Outside it, every call is one image's."""
+
+    def __init__(self) -> None:
+        self.images = 1
+
+    def holding(self, images: int, forward: Callable[[], T]) -> T:
+        """`forward()` with its per-image layers splitting `images` images."""
+        before, self.images = self.images, images
+        try:
+            return forward()
+        finally:
+            self.images = before
+
+
+def isolate_image_rows(model: torch.nn.Module, expected: tuple[str, ...], optional: tuple[str, ...] = ()) -> ImageRows:
     """Wrap the forward of every per-image-row layer of `model` in place (module paths and weights are untouched,
     so LoRA keys and the patcher see the same model): each module whose name is in `expected` or `optional`.
+    Returns what the model's forward sets to the image count of its call.
 
     Raises RuntimeError when a name in `expected` matches no module: diffusers renamed the layer, and batching
     would silently change pixels.
     """
+    rows = ImageRows()
     found: set[str] = set()
     for path, module in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         if name in expected or name in optional:
-            module.forward = _per_image(module.forward, shape)
+            module.forward = _per_image(module.forward, rows)
             found.add(name)
     missing = [name for name in expected if name not in found]
     if missing:
@@ -49,11 +63,12 @@ def isolate_image_rows(
             "so that batching never changes pixels; this diffusers/transformers version renamed it: update the "
             "names in batchgen/engine/rows.py, or pin the version batchgen was tested with"
         )
+    return rows
 
 
-def _per_image(forward, shape: BatchShape):
+def _per_image(forward, rows: ImageRows):
     def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        n = shape.images
+        n = rows.images
         extra_tensors = any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values()))
         if n <= 1 or x.dim() < 2 or x.shape[0] % n or extra_tensors:
             return forward(x, *args, **kwargs)
@@ -64,7 +79,7 @@ def _per_image(forward, shape: BatchShape):
             # image's result, computed as a batch of one computes it, serves them all.
             first = forward(blocks[:, 0].contiguous(), *args, **kwargs)
             return first.unsqueeze(1).expand(first.shape[0], n, *first.shape[1:]).reshape(x.shape[0], *first.shape[1:])
-        return by_image(x.shape[0], n, x.device, lambda rows: forward(x[rows], *args, **kwargs))
+        return by_image(x.shape[0], n, x.device, lambda index: forward(x[index], *args, **kwargs))
 
     return run
 

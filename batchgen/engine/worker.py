@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from batchgen.assets.bases import BY_NAME
-from batchgen.engine.mmdit import PipelinePrompts, guided, isolate_images
-from batchgen.engine.passes import PassLengths, pipeline_inputs, split_passes
+from batchgen.engine.conditioning import Conditioning
+from batchgen.engine.mmdit import TRANSFORMER_CALL_ARGUMENT, PipelinePrompts, guided, isolate_images
+from batchgen.engine.passes import UNET_CALL_ARGUMENT, pipeline_inputs, wrap_unet
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
-from batchgen.engine.prompts import Conditioning, PromptCache, uses_guidance
-from batchgen.engine.rows import UNET_PER_IMAGE, UNET_PER_IMAGE_OPTIONAL, BatchShape, isolate_image_rows
+from batchgen.engine.prompts import PromptCache, uses_guidance
 from batchgen.engine_options import EngineOptions
 from batchgen.metrics import NONFINITE, degenerate
 from batchgen.settings import batch_values
@@ -41,9 +41,8 @@ class _Loaded:
     scheduler: SchedulerSwitch
     prompts: PromptCache | PipelinePrompts
     decode_clock: _Clock
-    shape: BatchShape
-    passes: PassLengths
     guided: Callable[[Job], bool]  # whether the job's pipeline call runs a negative-prompt pass
+    call_argument: str  # the pipeline argument that carries a call's DenoiserCall to the wrapped denoiser
 
 
 @dataclass
@@ -113,7 +112,6 @@ class Renderer:
                 return
             mark = time.perf_counter()
             loaded.decode_clock.seconds = 0.0
-            loaded.shape.images = len(batch)
             images = self._generate(loaded, batch, conds)
             stages["decode"] = loaded.decode_clock.seconds
             stages["denoise"] = time.perf_counter() - mark - stages["decode"]
@@ -166,17 +164,15 @@ class Renderer:
         base = BY_NAME[spec.base]
         pipe = load_pipeline(spec, self.device, self.dtype)
         register_embeddings(pipe, spec)
-        shape = BatchShape()
-        passes = PassLengths()
         # Before compile, so the compiled graph holds the per-image split.
         if base.denoiser == "transformer":
-            isolate_images(pipe.transformer, shape)
+            isolate_images(pipe.transformer)
             prompts: PromptCache | PipelinePrompts = PipelinePrompts(pipe, base)
-            uses = functools.partial(guided, base)
+            uses, call_argument = functools.partial(guided, base), TRANSFORMER_CALL_ARGUMENT
         else:
-            isolate_image_rows(pipe.unet, shape, UNET_PER_IMAGE, optional=UNET_PER_IMAGE_OPTIONAL)
-            split_passes(pipe.unet, passes)
+            wrap_unet(pipe.unet)
             prompts, uses = PromptCache(pipe), functools.partial(uses_guidance, pipe)
+            call_argument = UNET_CALL_ARGUMENT
             if self.device.startswith("cuda"):
                 pipe.unet.to(memory_format=torch.channels_last)
         # The VAE's small convolutions round by batch too, so images decode one by one: an image's pixels must not
@@ -188,7 +184,7 @@ class Renderer:
         _time_decode(pipe, clock)
         loras = LoraStacks(pipe, spec)
         scheduler = SchedulerSwitch(pipe)
-        self._loaded = _Loaded(name, pipe, loras, scheduler, prompts, clock, shape, passes, uses)
+        self._loaded = _Loaded(name, pipe, loras, scheduler, prompts, clock, uses, call_argument)
         stages["load"] = time.perf_counter() - mark
         return self._loaded
 
@@ -197,13 +193,7 @@ class Renderer:
         job, pipe = batch[0], loaded.pipe
         # One CPU generator per image: each image's noise depends only on its own seed, on any device.
         generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
-        embeds, switch = pipeline_inputs(conds, loaded.passes, loaded.guided(job))
-        if switch is not None:
-            embeds["callback_on_step_end"] = switch
-        try:
-            return self._call(pipe, job, generators, embeds)
-        finally:
-            loaded.passes.lengths = None
+        return self._call(pipe, job, generators, pipeline_inputs(conds, loaded.guided(job), loaded.call_argument))
 
     @staticmethod
     def _call(pipe, job: Job, generators, embeds: dict):
