@@ -210,3 +210,33 @@ def test_the_conditioning_cache_keys_on_the_mode_and_evicts_the_least_recently_u
         cache.open([_cache_job(), _cache_job(truncate=True)], mode, "truncation")
     with pytest.raises(RuntimeError, match="^a batch spans text-encoder states; batches must be cut by batch_key$"):
         cache.open([_cache_job(), _cache_job("a")], mode, "truncation")
+
+
+def test_the_denoiser_call_rides_in_the_pipelines_attention_kwargs_and_never_reaches_diffusers() -> None:
+    import torch
+
+    from batchgen.engine.denoiser_call import KEY, DenoiserCall
+    from batchgen.engine.passes import wrap_unet
+
+    class Unet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.time_embedding, self.time_emb_proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.seen: list = []
+
+        def forward(self, sample, timestep, encoder_hidden_states=None, cross_attention_kwargs=None, return_dict=True):
+            self.seen.append((sample.shape[0], encoder_hidden_states.shape[1], cross_attention_kwargs))
+            return (sample,)
+
+    unet = Unet()
+    wrap_unet(unet)
+    sample, hidden = torch.zeros(4, 1), torch.zeros(4, 5, 8)
+    given = {KEY: DenoiserCall(images=2, lengths=(3, 5)), "scale": 0.5}
+    unet(sample, 1, encoder_hidden_states=hidden, cross_attention_kwargs=given, return_dict=False)
+    # two passes of the two images, uncond at its 3 tokens, cond at 5; diffusers gets the caller's own entries only
+    assert unet.seen == [(2, 3, {"scale": 0.5}), (2, 5, {"scale": 0.5})]
+    assert KEY in given  # the pipeline hands the same dict to every step
+    unet.seen.clear()
+    unet(sample, 1, encoder_hidden_states=hidden, cross_attention_kwargs={KEY: DenoiserCall(images=4)})
+    unet(sample, 1, encoder_hidden_states=hidden)  # no batchgen call: diffusers' forward as it is
+    assert unet.seen == [(4, 5, None), (4, 5, None)]
