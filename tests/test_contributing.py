@@ -58,6 +58,7 @@ FAKE_ID = "917030c52f182041"
 # What a contributor checks beyond tests/test_settings.py: the one place each consumer reads the table, by name.
 CONSUMERS = """\
 import dataclasses
+import io
 
 from omegaconf import OmegaConf
 
@@ -67,6 +68,7 @@ from batchgen.config import SweepConfig
 from batchgen.config.compose import compose_config
 from batchgen.engine.png import a1111_parameters
 from batchgen.engine.worker import batch_key
+from batchgen.runner import dry_run
 from batchgen.settings import AXES, GRID_AXES
 from batchgen.spec import Job
 from tests.test_plan import MODELS
@@ -81,10 +83,13 @@ def test_the_fake_setting_reaches_every_consumer() -> None:
     assert list(compose_config(["+sweep=styles", "sweep.fake_level=[0,3]"]).config.sweep.fake_level) == [0, 3]
     # Job
     assert {f.name: f.default for f in dataclasses.fields(Job)}["fake_level"] == 0
-    # planner axis and what --dry-run counts (runner.dry_run prints axis_counts)
+    # planner axis and what --dry-run counts
     assert "fake_level" in AXES and "fake_level" in GRID_AXES and "fake_level" in BASE_AXES
     plan = _plan(FAKE, [0, 3])
     assert plan.axis_counts()["fake_level"] == 2 and len(plan.jobs) == 2
+    out = io.StringIO()
+    dry_run(compose_config(["+sweep=styles", "run.out_dir=dry"]), plan, out)
+    assert "\\n  fake_level      2\\n" in out.getvalue()
     # job_id: as before at the default (written out or not), its own off it
     assert _plan().jobs[0].job_id == _plan(FAKE, 0).jobs[0].job_id == BASE_ID
     assert _plan(FAKE, 3).jobs[0].job_id == "{fake_id}"
