@@ -9,6 +9,7 @@ import pytest
 import torch
 from compel import Compel, CompelForSDXL, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.engine.compel_text import _READERS, compel_encode
 from batchgen.engine.pipeline import load_pipeline, register_embeddings
 from batchgen.engine.prompts import PromptCache
@@ -50,6 +51,7 @@ def pipe(request, tiny_cache: Path):
     pipe = load_pipeline(spec, "cpu", torch.float32)
     register_embeddings(pipe, spec)
     pipe.tiny_name = name
+    pipe.base_record = BY_NAME[spec.base]  # what PromptCache is built with
     return pipe
 
 
@@ -230,7 +232,7 @@ def test_a_long_text_without_syntax_is_what_the_a1111_path_encodes(pipe) -> None
     """LONG has no punctuation, and each of its words is one token, so compel's word-boundary chunks are A1111's
     75-token ones; with punctuation they differ (compel splits at the last '.', then ',' before token 75)."""
     job = Job("0" * 16, "m", LONG, "", 1, 2, 1.0, 64, 64, lora_state=LoraState())
-    ours = PromptCache(pipe).embeds([job])[0].first
+    ours = PromptCache(pipe, pipe.base_record).embeds([job])[0].first
     hidden, pooled = compel_encode(pipe, LONG, 1, False)
     assert hidden.shape == ours.prompt.shape
     torch.testing.assert_close(hidden, ours.prompt, rtol=0, atol=1e-5)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.engine.pipeline import load_pipeline
 from batchgen.engine.prompts import PromptCache
 from batchgen.spec import Job, LoraState, ModelSpec
@@ -38,13 +39,15 @@ def _job(prompt: str, negative: str = "", truncate: bool = False, clip_skip: int
 def pipe(request, tiny_cache: Path):
     folder = next(tiny_cache.glob(f"*/{request.param}/main/{request.param}"))
     spec = ModelSpec(request.param, "sdxl" if "xl" in request.param else "sd-1", folder, "")
-    return load_pipeline(spec, "cpu", torch.float32)
+    pipe = load_pipeline(spec, "cpu", torch.float32)
+    pipe.base_record = BY_NAME[spec.base]  # what PromptCache is built with
+    return pipe
 
 
 def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
     tokens = len(pipe.tokenizer(LONG, truncation=False).input_ids) - 2
     assert tokens > 150  # three chunks of 75
-    cache = PromptCache(pipe)
+    cache = PromptCache(pipe, pipe.base_record)
     (separate,) = cache.embeds([_job(LONG, "blurry")])
     (padded,) = cache.embeds([_job(LONG, "blurry", pad=True)])
     assert separate.first.prompt.shape[1] == 77 * 3
@@ -71,7 +74,7 @@ def test_a_long_prompt_is_encoded_in_77_token_chunks(pipe) -> None:
 
 
 def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> None:
-    cache = PromptCache(pipe)
+    cache = PromptCache(pipe, pipe.base_record)
     long, short, plain, cut = (
         c.first
         for c in (
@@ -97,7 +100,7 @@ def test_clip_skip_reads_the_same_layer_in_chunks_as_diffusers_does(pipe) -> Non
 
 
 def test_truncation_cuts_at_77_tokens_with_a_warning(pipe, capsys) -> None:
-    (conditioning,) = PromptCache(pipe).embeds([_job(LONG, "", truncate=True)])
+    (conditioning,) = PromptCache(pipe, pipe.base_record).embeds([_job(LONG, "", truncate=True)])
     assert conditioning.first.prompt.shape[1] == 77
     tokens = len(pipe.tokenizer(LONG, truncation=False).input_ids) - 2
     err = capsys.readouterr().err

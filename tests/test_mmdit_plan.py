@@ -110,3 +110,27 @@ def test_a_base_that_disagrees_with_the_pipeline_class_is_refused(run_cli, tmp_p
     assert err == (
         f"batchgen: error: models.wrong.base: 'sd-3' but {folder} is flux (its model_index.json); fix base\n"
     )
+
+
+def test_flux_reads_no_negative_prompt_so_it_is_no_part_of_its_job(run_cli, tmp_path: Path) -> None:
+    """Two jobs that differ only in their negative prompt are one FLUX.1 job (its guidance is distilled: no
+    negative pass), recorded with none, and rendered once; on SD3, which runs a negative pass, they stay two."""
+    import pandas as pd
+
+    from batchgen.config import compose_config
+    from batchgen.runner import prepare
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,negative_prompt\na castle,blurry\na castle,\n")
+    both = ("+sweep=next", *NO_LORAS, "sweep.prompts=[]", f"sweep.prompts_file={csv}", "sweep.seeds=[1]")
+    table = prepare(compose_config(list(both))).table
+    flux, sd3 = (table.loc[table["model"] == m] for m in ("tiny_flux", "tiny_sd3"))
+    assert (len(flux), flux["job_id"].nunique(), set(flux["negative_prompt"])) == (2, 1, {""})
+    assert (len(sd3), sd3["job_id"].nunique(), list(sd3["negative_prompt"])) == (2, 2, ["blurry", ""])
+    # A FLUX.1 job with an empty negative prompt keeps the id it had when the negative was hashed, SD3 its ids.
+    assert flux["job_id"].iloc[0] == "476e5b23b423f60a"  # its id on main at 762a4af
+    assert list(sd3["job_id"]) == ["be64ea380193aa59", "ed5861de6abdbb2d"]
+    code, out, err = run_cli(*both, "sweep.models=[tiny_flux]", "sweep.steps=1")
+    assert code == 0, err
+    manifest = pd.read_csv("runs/next/manifest.csv", dtype=str, keep_default_na=False)
+    assert (list(manifest["status"]), list(manifest["negative_prompt"])) == (["ok"], [""])

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from batchgen.assets.bases import Base
+from batchgen.spec import Job
+
 # What one encoder pass reads: a plain text (as it is, so plain prompts of every syntax share their encoding), the
 # weighted pieces of one A1111 phase ("a1111", fragments), or a text compel parses ("compel", text).
 Unit = str | tuple
@@ -60,3 +63,15 @@ class Conditioning:
         """One phase with prompt and negative of one length: the pipeline's own call, no switching or passes."""
         (_, cond, uncond), *rest = self.signature
         return not rest and (uncond is None or uncond == cond)
+
+
+def negative_pass(base: Base, pipe, job: Job) -> bool:
+    """Whether the job's pipeline call runs a negative-prompt pass: the base's rule (Base.negative_pass) on the
+    loaded denoiser's config, so cached embeddings match what the pipeline computes. The UNet and MMDiT paths both
+    ask here."""
+    return base.negative_pass(job.guidance_scale, getattr(pipe, base.denoiser).config)
+
+
+def texts_of(base: Base, pipe, job: Job) -> list[str]:
+    """What the job encodes: its prompt, and its negative prompt where a negative pass reads it."""
+    return [job.prompt, job.negative_prompt] if negative_pass(base, pipe, job) else [job.prompt]

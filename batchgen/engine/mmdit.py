@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from batchgen.assets.bases import Base
-from batchgen.engine.conditioning import Conditioning, Embeds, Encoded
+from batchgen.engine.conditioning import Conditioning, Embeds, Encoded, texts_of
 from batchgen.engine.conditioning_cache import ConditioningCache
 from batchgen.engine.denoiser_call import take_call
 from batchgen.engine.rows import by_image
@@ -28,12 +28,6 @@ TRANSFORMER_CALL_ARGUMENT = "joint_attention_kwargs"  # what SD3 and FLUX.1 pipe
 # The transformer arguments that carry one row per image (per guidance half); the rest (FLUX's position ids,
 # attention kwargs) are shared by the batch.
 _PER_ROW = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
-
-
-def guided(base: Base, job: Job) -> bool:
-    """Whether the pipeline runs a negative pass: SD3 as diffusers does (guidance_scale > 1); FLUX.1's guidance
-    is distilled into the transformer, so never (the pipeline's true_cfg_scale stays at its default, 1)."""
-    return base.guidance == "cfg" and job.guidance_scale > 1
 
 
 class PipelinePrompts:
@@ -47,7 +41,7 @@ class PipelinePrompts:
 
     def embeds(self, batch: list[Job]) -> list[Conditioning]:
         lookup = self.cache.open(batch, lambda job: job.max_sequence_length, "max_sequence_length")
-        sides = [[job.prompt, job.negative_prompt] if guided(self.base, job) else [job.prompt] for job in batch]
+        sides = [texts_of(self.base, self.pipe, job) for job in batch]
         lookup.ensure(
             (text for texts in sides for text in texts),
             lambda texts: [self._encode(text, lookup.mode) for text in texts],

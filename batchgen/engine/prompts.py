@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.assets.bases import Base
 from batchgen.engine.a1111_text import encode_weighted
 from batchgen.engine.clip_encoders import ClipEncoders
-from batchgen.engine.conditioning import Conditioning, Embeds, Encoded, Unit
+from batchgen.engine.conditioning import Conditioning, Embeds, Encoded, Unit, texts_of
 from batchgen.engine.conditioning_cache import ConditioningCache, Lookup
 from batchgen.engine.plain_text import encode_plain
 from batchgen.prompt_syntax import phases, plain_text
@@ -34,23 +35,15 @@ def schedule_units(text: str, job: Job) -> list[tuple[int, Unit]]:
     return [(phase.until, ("a1111", phase.fragments)) for phase in phases(text, job.prompt_syntax, job.steps)]
 
 
-def uses_guidance(pipe, job: Job) -> bool:
-    """The pipeline's own rule for classifier-free guidance, so cached embeddings match what it would compute."""
-    return job.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-
-
-def texts_of(pipe, job: Job) -> list[str]:
-    return [job.prompt, job.negative_prompt] if uses_guidance(pipe, job) else [job.prompt]
-
-
 def _mode(job: Job) -> tuple[bool, int]:
     """What else changes a text's encoding: (truncate, clip_skip)."""
     return (job.truncate_prompts, job.clip_skip)
 
 
 class PromptCache:
-    def __init__(self, pipe, max_entries: int = 1024) -> None:
+    def __init__(self, pipe, base: Base, max_entries: int = 1024) -> None:
         self.pipe = pipe
+        self.base = base
         self.cache = ConditioningCache(max_entries)
         self.encoders = ClipEncoders(pipe)
         self._compel_text = None
@@ -60,7 +53,7 @@ class PromptCache:
 
         Jobs may come back with different lengths or schedules: a pipeline call takes one `signature` only."""
         lookup = self.cache.open(batch, _mode, "prompt modes (truncation, clip skip)")
-        schedules = [[schedule_units(text, job) for text in texts_of(self.pipe, job)] for job in batch]
+        schedules = [[schedule_units(text, job) for text in texts_of(self.base, self.pipe, job)] for job in batch]
         lookup.ensure(
             (unit for sides in schedules for side in sides for _, unit in side),
             lambda units: self._encode_units(units, lookup.mode),

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from batchgen.assets.bases import BY_NAME
-from batchgen.engine.conditioning import Conditioning
-from batchgen.engine.mmdit import TRANSFORMER_CALL_ARGUMENT, PipelinePrompts, guided, isolate_images
+from batchgen.engine.conditioning import Conditioning, negative_pass
+from batchgen.engine.mmdit import TRANSFORMER_CALL_ARGUMENT, PipelinePrompts, isolate_images
 from batchgen.engine.passes import UNET_CALL_ARGUMENT, pipeline_inputs, wrap_unet
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
-from batchgen.engine.prompts import PromptCache, uses_guidance
+from batchgen.engine.prompts import PromptCache
 from batchgen.engine_options import EngineOptions
 from batchgen.metrics import NONFINITE, degenerate
 from batchgen.settings import batch_values
@@ -168,10 +168,10 @@ class Renderer:
         if base.denoiser == "transformer":
             isolate_images(pipe.transformer)
             prompts: PromptCache | PipelinePrompts = PipelinePrompts(pipe, base)
-            uses, call_argument = functools.partial(guided, base), TRANSFORMER_CALL_ARGUMENT
+            call_argument = TRANSFORMER_CALL_ARGUMENT
         else:
             wrap_unet(pipe.unet)
-            prompts, uses = PromptCache(pipe), functools.partial(uses_guidance, pipe)
+            prompts = PromptCache(pipe, base)
             call_argument = UNET_CALL_ARGUMENT
             if self.device.startswith("cuda"):
                 pipe.unet.to(memory_format=torch.channels_last)
@@ -182,6 +182,7 @@ class Renderer:
             setattr(pipe, base.denoiser, torch.compile(getattr(pipe, base.denoiser)))
         clock = _Clock()
         _time_decode(pipe, clock)
+        uses = functools.partial(negative_pass, base, pipe)
         loras = LoraStacks(pipe, spec)
         scheduler = SchedulerSwitch(pipe)
         self._loaded = _Loaded(name, pipe, loras, scheduler, prompts, clock, uses, call_argument)

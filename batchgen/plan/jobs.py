@@ -113,6 +113,9 @@ def build_plan(
         if added:
             prompt = dataclasses.replace(prompt, text=with_trigger_words(prompt.text, [w for _, w in added]))
         negative = sweep.negative_prompt if prompt.negative_prompt is None else prompt.negative_prompt
+        if not BY_NAME[spec.base].reads_negative_prompt:
+            # FLUX.1 never reads one: jobs that differ only there are one job, recorded and hashed without it.
+            negative = ""
         missing = missing_assets(spec, stack, prompt, negative)
         used = triggers(prompt.text, negative)
         # A prompts_file row's seed goes with its prompt instead of multiplying it by the seeds axis.

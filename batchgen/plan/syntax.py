@@ -50,7 +50,9 @@ def text_payload(prompt: str, negative: str, setting: dict[str, Any], counter: C
         "negative_prompt": id_part(negative, syntax, steps),
     }
     if setting["guidance_scale"] <= 1 or setting["truncate_prompts"]:
-        return out  # no negative pass, or one chunk each
+        # No negative pass, or one chunk each. Not Base.negative_pass: an id rule, kept as ids have hashed it
+        # (FLUX.1's jobs, which run no pass, hash pad_prompts as a CFG job would, so their ids stay).
+        return out
     if not (isinstance(out["prompt"], str) and isinstance(out["negative_prompt"], str)):
         out["pad_prompts"] = setting["pad_prompts"]
     elif not setting["pad_prompts"] and counter.chunks(out["prompt"]) != counter.chunks(out["negative_prompt"]):

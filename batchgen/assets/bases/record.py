@@ -60,6 +60,20 @@ class Base:
     # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
     t5_tokens: int = 0
 
+    @property
+    def reads_negative_prompt(self) -> bool:
+        """Whether any job of the base reads its negative prompt (FLUX.1's distilled guidance never does)."""
+        return self.guidance == "cfg"
+
+    def negative_pass(self, guidance_scale: float, denoiser_config: Mapping[str, object] | None = None) -> bool:
+        """Whether a job runs a negative-prompt (unconditional) pass, as the base's diffusers pipeline decides it:
+        classifier-free guidance above 1, never under distilled guidance (FluxPipeline's true_cfg_scale stays 1),
+        and never for a UNet that takes the guidance scale as an input (LCM: its config's time_cond_proj_dim).
+        Planning, which loads no config, asks without one; the engine passes the loaded denoiser's."""
+        if not self.reads_negative_prompt or guidance_scale <= 1:
+            return False
+        return denoiser_config is None or denoiser_config.get("time_cond_proj_dim") is None
+
     def variant(self, denoiser_config: Mapping[str, object]) -> str | None:
         """Which release a denoiser config is, None when no variant's values all match."""
         for name, values in self.variants.items():
