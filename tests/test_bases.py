@@ -99,3 +99,13 @@ def test_list_names_the_variant(run_cli) -> None:
     assert code == 0, err
     lines = [line for line in out.splitlines() if not line.startswith(" ")]
     assert [line.split("  ")[0] for line in lines] == ["tiny_sd3 (sd-3)", "tiny_flux (flux, dev)"]
+
+
+def test_one_rule_says_whether_a_job_runs_a_negative_pass() -> None:
+    sd1, sd3, flux = bases.BY_NAME["sd-1"], bases.BY_NAME["sd-3"], bases.BY_NAME["flux"]
+    assert [sd1.negative_pass(g) for g in (0.0, 1.0, 1.5, 7.5)] == [False, False, True, True]
+    assert [sd3.negative_pass(g) for g in (1.0, 3.5)] == [False, True]
+    assert [flux.negative_pass(g) for g in (0.0, 3.5, 7.5)] == [False, False, False]
+    # LCM: a UNet that reads the guidance scale as an input runs no negative pass, as diffusers decides
+    assert (sd1.negative_pass(7.5, {"time_cond_proj_dim": 256}), sd1.negative_pass(7.5, {})) == (False, True)
+    assert (sd1.reads_negative_prompt, sd3.reads_negative_prompt, flux.reads_negative_prompt) == (True, True, False)
