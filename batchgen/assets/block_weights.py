@@ -31,6 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from batchgen.assets.bases import BASES, BY_NAME, SD1, flux
+from batchgen.assets.text_model import without_level
 from batchgen.errors import BatchgenError
 from batchgen.settings import did_you_mean
 
@@ -116,7 +117,7 @@ def _sd_block(component: str, path: str) -> str | None:
         # A1111 keys the encoder layers "..._text_model_encoder_layers_..." (CLIP) or "..._transformer_resblocks_..."
         # (OpenCLIP): both match BASE. The embeddings, final norm and projection match neither. transformers 5 drops
         # CLIPTextModel's text_model level (not CLIPTextModelWithProjection's): either spelling is the same module.
-        inner = path.removeprefix("text_model.")
+        inner = without_level(path)
         return "BASE" if inner.split(".", 1)[0] == "encoder" else None
     if component != "unet":
         raise ValueError(f"block_of: unknown component {component!r}")

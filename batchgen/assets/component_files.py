@@ -23,6 +23,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from batchgen.assets.text_model import LEVEL, without_level
+
 # The diffusers / transformers class a model_index.json names for a component -> the kind of file it reads.
 KIND_OF_CLASS = {
     "AutoencoderKL": "vae",
@@ -125,18 +127,18 @@ def _vae_module(module: str, up_blocks: int) -> str | None:
 
 def _convert_clip(state: Mapping[str, Any], target: Mapping[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
     anchor = "embeddings.token_embedding.weight"
-    roots = {key[: -len(anchor)].removesuffix("text_model.") for key in state if key.endswith(anchor)}
+    roots = {key[: -len(anchor)].removesuffix(LEVEL) for key in state if key.endswith(anchor)}
     if len(roots) > 1:
         raise ValueError(f"the file holds {len(roots)} CLIP text encoders (under {', '.join(sorted(roots))})")
     root = next(iter(roots), "")
     # transformers 5 dropped CLIPTextModel's text_model level (not CLIPTextModelWithProjection's): names are
     # compared without it, whichever way the file or the model spells them.
-    wanted = {key.removeprefix("text_model."): key for key in target}
+    wanted = {without_level(key): key for key in target}
     out, unknown = {}, []
     for key in state:
         if not key.startswith(root):
             continue  # another part of a whole checkpoint
-        body = key[len(root) :].removeprefix("text_model.")
+        body = without_level(key[len(root) :])
         if body in wanted:
             out[wanted[body]] = state[key]
         elif not (body.startswith(_CLIP_IGNORED) or body == "text_projection.weight"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from batchgen.assets.text_model import LEVEL
+
 Shapes = dict[str, tuple[int, ...]]
 
 _DOWN = {"DownBlock2D", "CrossAttnDownBlock2D"}
@@ -118,7 +120,7 @@ def clip_text_shapes(config: dict[str, Any], projected: bool) -> Shapes | None:
     hidden = config.get("hidden_size", 512)
     inner = config.get("intermediate_size", 2048)
     # transformers 5 dropped CLIPTextModel's text_model level, not CLIPTextModelWithProjection's.
-    root = "text_model." if projected or _transformers_major() < 5 else ""
+    root = LEVEL if projected or _transformers_major() < 5 else ""
     shapes: Shapes = {}
     for i in range(config.get("num_hidden_layers", 12)):
         layer = f"{root}encoder.layers.{i}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from batchgen.assets import text_model
 from batchgen.engine.conditioning import Encoded
 from batchgen.prompt_syntax.a1111 import BREAK
 
@@ -112,7 +113,7 @@ class ClipEncoders:
                 states.append(output.hidden_states[-(clip_skip + 1)])
             elif clip_skip > 1:
                 # The last layer's output is normed inside the encoder; an earlier one gets the same norm here.
-                norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 nests it
+                norm = text_model.inner(encoder).final_layer_norm
                 states.append(norm(output.hidden_states[-clip_skip]))
             else:
                 states.append(output[0])

@@ -16,6 +16,7 @@ import torch
 from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.safetensors_header import TensorInfo, read_header
 from batchgen.assets.tensors import FLOAT_DTYPES
+from batchgen.assets.text_model import spellings
 
 
 class PristineStore:
@@ -96,12 +97,7 @@ class PristineStore:
 
 def _candidate_keys(path: str, name: str) -> list[str]:
     # transformers may save a text encoder with or without its text_model. level, whatever its modules say.
-    keys = [f"{path}.{name}"]
-    if path.startswith("text_model."):
-        keys.append(f"{path.removeprefix('text_model.')}.{name}")
-    else:
-        keys.append(f"text_model.{path}.{name}")
-    return keys
+    return [f"{spelled}.{name}" for spelled in spellings(path)]
 
 
 def _read(path: Path, info: TensorInfo) -> torch.Tensor:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgen.assets.text_model import with_level
 from batchgen.tiny.noise import default_std, seeded_generator, uniform
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def _kohya_tensors(
 def _kohya_path(prefix: str, path: str) -> str:
     # transformers 5 dropped the text_model wrapper from CLIPTextModel (not from the projection variant); kohya
     # files always name it, and diffusers maps it either way.
-    return "text_model." + path.removeprefix("text_model.") if prefix.startswith("lora_te") else path
+    return with_level(path) if prefix.startswith("lora_te") else path
 
 
 def _layer_tensors(

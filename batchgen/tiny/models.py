@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgen.assets import text_model
 from batchgen.tiny.noise import reinit, seeded_generator, uniform
 from batchgen.tiny.tokenizer import EOS, MAX_TOKENS, SDXL_PAD, load_tokenizer, write_bpe_files
 
@@ -49,7 +50,7 @@ def _text_encoder(tokenizer: CLIPTokenizer, width: int, with_projection: bool, s
 def _learned_final_norm(encoder: torch.nn.Module, seed: str) -> None:
     """A bias with a mean away from 0 on the final layer norm, which SD1 reads: real CLIP's is learned, and A1111's
     emphasis divides by the mean of the normed output, which the default init (bias 0) makes exactly 0."""
-    norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 nests it
+    norm = text_model.inner(encoder).final_layer_norm
     norm.bias.copy_(uniform(tuple(norm.bias.shape), 0.1, seeded_generator(seed)) + _FINAL_NORM_MEAN)
 
 

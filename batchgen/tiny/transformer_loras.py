@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batchgen.assets.text_model import with_level
 from batchgen.tiny.loras import _LORA_STRENGTH, _layer_tensors, _save_safetensors
 from batchgen.tiny.noise import seeded_generator
 
@@ -88,7 +89,7 @@ def _kohya(bfl: dict[str, tuple[int, int]], pipe: DiffusionPipeline, name: str) 
         tensors |= {f"{layer}.{s}": t for s, t in _factors(name, "ink", module, shape).items()}
     for path, linear in pipe.text_encoder.named_modules():
         if path.endswith(_TEXT_TARGETS):
-            spelled = "text_model." + path.removeprefix("text_model.")  # kohya names it whatever transformers does
+            spelled = with_level(path)  # kohya names it whatever transformers does
             layer = "lora_te1_" + spelled.replace(".", "_")
             factors = _factors(name, "ink", f"te1.{path}", tuple(linear.weight.shape))
             tensors |= {f"{layer}.{s}": t for s, t in factors.items()}

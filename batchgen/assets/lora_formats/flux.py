@@ -29,6 +29,7 @@ from typing import Any
 from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.lora_formats.fused import Layout, split_groups
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
+from batchgen.assets.text_model import with_level
 
 # BFL name inside double block i -> diffusers path inside transformer_blocks.{i}; "#q" is one part of a fused Linear.
 _DOUBLE = {
@@ -152,8 +153,8 @@ def parse_key(key: str) -> tuple[str, str] | None:
     for comfy, root in _COMFY_TE_ROOTS.items():
         if name.startswith(comfy):
             path = name.removeprefix(comfy)
-            if root == "lora_te1_" and not path.startswith("text_model."):
-                path = f"text_model.{path}"  # kohya spells CLIP paths with text_model, whatever transformers does
+            if root == "lora_te1_":
+                path = with_level(path)  # kohya spells CLIP paths with text_model, whatever transformers does
             return root + path.replace(".", "_"), suffix
     prefix = _bfl_name(next((name.removeprefix(r) for r in _BFL_ROOTS if name.startswith(r)), name), ".")
     return (prefix, suffix) if prefix else None
@@ -198,7 +199,7 @@ def locator(
     such module."""
     found: dict[str, ModuleRef] = {}
     for path in modules.get("text_encoder", {}):
-        spelled = path if path.startswith("text_model.") else f"text_model.{path}"
+        spelled = with_level(path)
         found["lora_te1_" + spelled.replace(".", "_")] = ModuleRef("text_encoder", path)
     for path in modules.get("text_encoder_2", {}):
         found["lora_te2_" + path.replace(".", "_")] = ModuleRef("text_encoder_2", path)

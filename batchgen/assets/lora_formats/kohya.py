@@ -13,6 +13,7 @@ from typing import Any
 from batchgen.assets.architecture import COMPONENTS, ModuleRef
 from batchgen.assets.lora_formats.sgm import sgm_table, to_sgm
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
+from batchgen.assets.text_model import kohya_spelling
 
 # Module-name root -> (component, whether the name numbers the text encoders as one of two, as only SDXL's do).
 ROOTS: Mapping[str, tuple[str, bool]] = {
@@ -23,8 +24,6 @@ ROOTS: Mapping[str, tuple[str, bool]] = {
 }
 # The names each component's modules may have: its roots without their trailing "_".
 _NAME_ROOTS = {c: tuple(root[:-1] for root, (owner, _) in ROOTS.items() if owner == c) for c in COMPONENTS}
-# transformers 5 dropped CLIPTextModel's text_model level (not CLIPTextModelWithProjection's); kohya names keep it.
-_TEXT_MODEL_CHILDREN = frozenset({"embeddings", "encoder", "final_layer_norm"})
 
 
 def recognises(keys: Iterable[object]) -> bool:
@@ -72,7 +71,7 @@ def kohya_names(
                 names[_name("lora_unet", sgm_path)] = path
         return names
     for path in module_paths:
-        spelled = f"text_model.{path}" if path.split(".", 1)[0] in _TEXT_MODEL_CHILDREN else path
+        spelled = kohya_spelling(path)
         for root in _NAME_ROOTS[component]:
             names[_name(root, spelled)] = path
     return names

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchgen.assets.architecture import COMPONENTS, ModuleRef
+from batchgen.assets.text_model import CHILDREN, LEVEL, spellings
 
 # diffusers' pipeline save_lora_weights stores the PEFT LoraConfig as JSON under this metadata key, each field
 # prefixed with its component ("unet.lora_alpha"); a model's save_lora_adapter writes the fields unprefixed.
@@ -43,7 +44,7 @@ _UNET_ROOTS = frozenset(
         "down_blocks", "mid_block", "up_blocks", "conv_out",
     }
 )  # fmt: skip
-_TEXT_ROOTS = frozenset({"text_model", "embeddings", "encoder", "final_layer_norm"})
+_TEXT_ROOTS = CHILDREN | {LEVEL[:-1]}
 
 
 def recognises(keys: Iterable[object]) -> bool:
@@ -112,7 +113,7 @@ def locator(
         component, path = located
         paths = modules.get(component, {})
         # A file written against either transformers spelling of CLIPTextModel fits a model in the other.
-        for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
+        for candidate in spellings(path):
             if candidate in paths:
                 return ModuleRef(component, candidate)
         return None

@@ -30,8 +30,8 @@ from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
 from batchgen.assets.lora_formats.fused import Layout, split_groups
-from batchgen.assets.lora_formats.kohya import _TEXT_MODEL_CHILDREN
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
+from batchgen.assets.text_model import kohya_spelling
 
 # SGM name inside joint block i -> diffusers path inside transformer_blocks.{i}; "#q" is one part of a fused Linear.
 JOINT = {
@@ -176,8 +176,7 @@ def locator(
     for root, component in _TE_COMPONENTS.items():
         for path in modules.get(component, {}):
             # kohya spells CLIP paths with text_model, whether or not transformers' class has that level
-            clip_child = component in _CLIPS and path.split(".", 1)[0] in _TEXT_MODEL_CHILDREN
-            spelled = f"text_model.{path}" if clip_child else path
+            spelled = kohya_spelling(path) if component in _CLIPS else path
             found[root + spelled.replace(".", "_")] = ModuleRef(component, path)
     transformer = modules.get("transformer", {})
 
