@@ -109,3 +109,9 @@ def test_one_rule_says_whether_a_job_runs_a_negative_pass() -> None:
     # LCM: a UNet that reads the guidance scale as an input runs no negative pass, as diffusers decides
     assert (sd1.negative_pass(7.5, {"time_cond_proj_dim": 256}), sd1.negative_pass(7.5, {})) == (False, True)
     assert (sd1.reads_negative_prompt, sd3.reads_negative_prompt, flux.reads_negative_prompt) == (True, True, False)
+
+
+def test_each_base_declares_the_kohya_prefixes_of_its_text_encoders() -> None:
+    for base in bases.BASES:
+        assert set(base.kohya_text_encoder_prefixes.values()) == set(base.text_encoders), base.name
+        assert all(p.startswith("lora_te") and p.endswith("_") for p in base.kohya_text_encoder_prefixes), base.name

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchgen.assets.bases import BY_NAME
+from batchgen.assets.lora_formats.kohya import ROOTS as KOHYA_ROOTS
 from batchgen.assets.text_model import with_level
 from batchgen.tiny.noise import default_std, seeded_generator, uniform
 
@@ -35,7 +37,7 @@ _PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA
 _BASE_VERSION = {"tiny_sd1": "sd_v1", "tiny_sdxl": "sdxl_base_v1-0"}
 
 LYCORIS_KINDS = ("lora", "locon_mid", "loha", "loha_tucker", "lokr", "dora", "full")
-KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
+KOHYA_PREFIXES = tuple(root[:-1] for root in KOHYA_ROOTS)  # the UNet bases' (lora_formats/kohya.py)
 # ss_network_args for each kind, as kohya records the --network_args that make LyCORIS train it.
 _NETWORK_ARGS = {
     "lora": {"algo": "locon"},
@@ -236,7 +238,8 @@ def _lora_modules(pipe: DiffusionPipeline) -> Iterator[tuple[str, str, torch.nn.
 def _kohya_targets(pipe: DiffusionPipeline, unet_extra: tuple[str, ...] = ()) -> dict[str, dict[str, tuple]]:
     """:func:`write_lycoris` targets: the tiny LoRAs' linears plus the UNet modules ``unet_extra``."""
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    prefixes = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2", "unet": "lora_unet"}
+    roots = BY_NAME["sdxl" if sdxl else "sd-1"].kohya_text_encoder_prefixes
+    prefixes = {"unet": "lora_unet", **{component: root[:-1] for root, component in roots.items()}}
     targets: dict[str, dict[str, tuple]] = {}
     for component, path, module in _lora_modules(pipe):
         targets.setdefault(prefixes[component], {})[path] = tuple(module.weight.shape)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.text_model import with_level
 from batchgen.tiny.loras import _LORA_STRENGTH, _layer_tensors, _save_safetensors
 from batchgen.tiny.noise import seeded_generator
@@ -44,6 +45,8 @@ _TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # (stem, rank, alpha)
 _FLUX_LORAS = {"ink": (4, 2.0), "grain": (8, 4.0), "pastel": (2, 2.0), "sketch": (4, 4.0)}
 _SD3_LORAS = {"ink": (4, 2.0), "grain": (8, 4.0), "pastel": (2, 1.0)}
+# The root of CLIP-L's kohya names in the FLUX.1 record (the first it declares for text_encoder).
+_CLIP_ROOT = next(r for r, c in BY_NAME["flux"].kohya_text_encoder_prefixes.items() if c == "text_encoder")
 
 
 def write_transformer_loras(pipe: DiffusionPipeline, folder: Path, name: str) -> None:
@@ -90,7 +93,7 @@ def _kohya(bfl: dict[str, tuple[int, int]], pipe: DiffusionPipeline, name: str) 
     for path, linear in pipe.text_encoder.named_modules():
         if path.endswith(_TEXT_TARGETS):
             spelled = with_level(path)  # kohya names it whatever transformers does
-            layer = "lora_te1_" + spelled.replace(".", "_")
+            layer = _CLIP_ROOT + spelled.replace(".", "_")
             factors = _factors(name, "ink", f"te1.{path}", tuple(linear.weight.shape))
             tensors |= {f"{layer}.{s}": t for s, t in factors.items()}
     return tensors

@@ -53,6 +53,13 @@ BASE = Base(
     guidance="distilled",
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     lora_block_names=("double_blocks", "single_blocks", "single_transformer_blocks"),
+    # sd-scripts writes lora_te3_ for T5, other trainers lora_te2_; lora_te_ is CLIP-L as in SD1.
+    kohya_text_encoder_prefixes={
+        "lora_te1_": "text_encoder",
+        "lora_te2_": "text_encoder_2",
+        "lora_te_": "text_encoder",
+        "lora_te3_": "text_encoder_2",
+    },
     block_ids={len(BLOCK_IDS): BLOCK_IDS},
     module_block=module_block,
     variants={"dev": {"guidance_embeds": True}, "schnell": {"guidance_embeds": False}},

@@ -57,6 +57,9 @@ class Base:
     variant_defaults: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     # The denoiser's latent size where its config has none: FluxPipeline fixes its default_sample_size at 128.
     default_sample_size: int | None = None
+    # kohya / sd-scripts LoRA key prefixes of the text encoders -> the pipeline component each names; a component's
+    # first prefix is the one batchgen's own names use where several spell it (FLUX.1's T5: lora_te2_, lora_te3_).
+    kohya_text_encoder_prefixes: Mapping[str, str] = field(default_factory=dict)
     # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
     t5_tokens: int = 0
 

@@ -28,6 +28,7 @@ BASE = Base(
             ("openai/clip-vit-large-patch14", ""),
         )
     },
+    kohya_text_encoder_prefixes={"lora_te_": "text_encoder"},
     block_ids=BLOCK_IDS,
     compel_clip_skips=(1, 2),  # the last layer normed, or the penultimate normed (A1111's clip skip 2)
     defaults=UNET_DEFAULTS,

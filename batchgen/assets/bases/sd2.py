@@ -18,6 +18,7 @@ BASE = Base(
             ("stabilityai/stable-diffusion-2", "tokenizer"),
         )
     },
+    kohya_text_encoder_prefixes=sd1.BASE.kohya_text_encoder_prefixes,
     block_ids=sd1.BLOCK_IDS,
     compel_clip_skips=(1, 2),
     defaults=sd1.UNET_DEFAULTS,

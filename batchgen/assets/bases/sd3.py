@@ -24,6 +24,12 @@ BASE = Base(
     optional_text_encoders=("text_encoder_3",),
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-bigG", "text_encoder_3": "T5-XXL"},
     lora_block_names=("joint_blocks",),
+    # sd-scripts numbers SD3's three encoders.
+    kohya_text_encoder_prefixes={
+        "lora_te1_": "text_encoder",
+        "lora_te2_": "text_encoder_2",
+        "lora_te3_": "text_encoder_3",
+    },
     # SD3.5 medium adds a second image attention (MMDiT-X) to its first 13 blocks; large and SD3 medium have none.
     variants={
         "3.5 large": {"num_layers": 38, "qk_norm": "rms_norm"},

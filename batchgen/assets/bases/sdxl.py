@@ -16,6 +16,7 @@ BASE = Base(
         "tokenizer": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),),
         "tokenizer_2": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),),
     },
+    kohya_text_encoder_prefixes={"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"},
     # 9 input and 9 output blocks
     block_ids={
         12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *numbered("OUT", 6)),

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.lora_formats.fused import Layout, split_groups
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
 from batchgen.assets.text_model import with_level
@@ -110,10 +111,14 @@ _XLABS_NAMES = {
     },
     "single_blocks": {"qkv_lora": "linear1.qkv", "proj_lora": "linear2"},
 }
-# kohya roots -> the one root a prefix uses; sd-scripts writes lora_te3_ for T5, others lora_te2_.
-_TE_ROOTS = {"lora_te_": "lora_te1_", "lora_te1_": "lora_te1_", "lora_te2_": "lora_te2_", "lora_te3_": "lora_te2_"}
-_COMFY_TE_ROOTS = {"text_encoders.clip_l.transformer.": "lora_te1_", "text_encoders.t5xxl.transformer.": "lora_te2_"}
-_TE_COMPONENTS = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+# kohya roots (FLUX.1's record) -> the one root a prefix uses: its component's first (sd-scripts writes lora_te3_
+# for T5, others lora_te2_).
+_KOHYA_ROOTS = BY_NAME["flux"].kohya_text_encoder_prefixes
+_OWN_ROOT = {c: next(r for r, owner in _KOHYA_ROOTS.items() if owner == c) for c in _KOHYA_ROOTS.values()}
+_TE_COMPONENTS = {root: component for component, root in _OWN_ROOT.items()}
+_TE_ROOTS = {root: _OWN_ROOT[component] for root, component in _KOHYA_ROOTS.items()}
+_CLIP_ROOT, _T5_ROOT = _OWN_ROOT["text_encoder"], _OWN_ROOT["text_encoder_2"]
+_COMFY_TE_ROOTS = {"text_encoders.clip_l.transformer.": _CLIP_ROOT, "text_encoders.t5xxl.transformer.": _T5_ROOT}
 # lora_A/lora_B (PEFT) name kohya's lora_down/lora_up; the other suffixes are the layer types' own.
 _SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", **{s: s for s in LAYER_SUFFIXES}}
 
@@ -153,7 +158,7 @@ def parse_key(key: str) -> tuple[str, str] | None:
     for comfy, root in _COMFY_TE_ROOTS.items():
         if name.startswith(comfy):
             path = name.removeprefix(comfy)
-            if root == "lora_te1_":
+            if root == _CLIP_ROOT:
                 path = with_level(path)  # kohya spells CLIP paths with text_model, whatever transformers does
             return root + path.replace(".", "_"), suffix
     prefix = _bfl_name(next((name.removeprefix(r) for r in _BFL_ROOTS if name.startswith(r)), name), ".")
@@ -200,9 +205,9 @@ def locator(
     found: dict[str, ModuleRef] = {}
     for path in modules.get("text_encoder", {}):
         spelled = with_level(path)
-        found["lora_te1_" + spelled.replace(".", "_")] = ModuleRef("text_encoder", path)
+        found[_CLIP_ROOT + spelled.replace(".", "_")] = ModuleRef("text_encoder", path)
     for path in modules.get("text_encoder_2", {}):
-        found["lora_te2_" + path.replace(".", "_")] = ModuleRef("text_encoder_2", path)
+        found[_T5_ROOT + path.replace(".", "_")] = ModuleRef("text_encoder_2", path)
     transformer = modules.get("transformer", {})
 
     def locate(prefix: str) -> ModuleRef | None:

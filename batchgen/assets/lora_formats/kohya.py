@@ -11,16 +11,21 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchgen.assets.architecture import COMPONENTS, ModuleRef
+from batchgen.assets.bases import BASES
 from batchgen.assets.lora_formats.sgm import sgm_table, to_sgm
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
 from batchgen.assets.text_model import kohya_spelling
 
-# Module-name root -> (component, whether the name numbers the text encoders as one of two, as only SDXL's do).
+# Module-name root -> (component, whether the name numbers the text encoders as one of two, as only SDXL's do):
+# the UNet bases' text-encoder prefixes as their records declare them.
 ROOTS: Mapping[str, tuple[str, bool]] = {
     "lora_unet_": ("unet", False),
-    "lora_te_": ("text_encoder", False),  # SD1/SD2
-    "lora_te1_": ("text_encoder", True),  # SDXL
-    "lora_te2_": ("text_encoder_2", True),
+    **{
+        prefix: (component, len(base.text_encoders) >= 2)
+        for base in BASES
+        if base.denoiser == "unet"
+        for prefix, component in base.kohya_text_encoder_prefixes.items()
+    },
 }
 # The names each component's modules may have: its roots without their trailing "_".
 _NAME_ROOTS = {c: tuple(root[:-1] for root, (owner, _) in ROOTS.items() if owner == c) for c in COMPONENTS}

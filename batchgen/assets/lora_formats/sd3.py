@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from batchgen.assets.architecture import ModuleRef
+from batchgen.assets.bases import BY_NAME
 from batchgen.assets.lora_formats.fused import Layout, split_groups
 from batchgen.assets.lora_layers import LAYER_SUFFIXES
 from batchgen.assets.text_model import kohya_spelling
@@ -85,12 +86,13 @@ _SPELLED = {
 }
 _BLOCK = {sep: re.compile(rf"^joint_blocks[{sep}](\d+)[{sep}](.+)$") for sep in "._"}
 _SGM_ROOT = "diffusion_model."  # ComfyUI's; bare SGM names are read too
-# kohya roots, and the component each names: sd-scripts numbers SD3's three encoders.
-_TE_COMPONENTS = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
+# kohya roots, and the component each names (SD3's record).
+_TE_COMPONENTS = BY_NAME["sd-3"].kohya_text_encoder_prefixes
+_ROOT_OF = {component: root for root, component in _TE_COMPONENTS.items()}
 _COMFY_TE_ROOTS = {
-    "text_encoders.clip_l.transformer.": "lora_te1_",
-    "text_encoders.clip_g.transformer.": "lora_te2_",
-    "text_encoders.t5xxl.transformer.": "lora_te3_",
+    "text_encoders.clip_l.transformer.": _ROOT_OF["text_encoder"],
+    "text_encoders.clip_g.transformer.": _ROOT_OF["text_encoder_2"],
+    "text_encoders.t5xxl.transformer.": _ROOT_OF["text_encoder_3"],
 }
 _CLIPS = ("text_encoder", "text_encoder_2")
 # lora_A/lora_B (PEFT) name kohya's lora_down/lora_up; the other suffixes are the layer types' own.
