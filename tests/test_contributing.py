@@ -8,7 +8,8 @@ patching SETTINGS in this process would leave them as they were and prove nothin
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import importlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from batchgen.assets.block_weights import BLOCK_IDS, _presets_for
 from batchgen.assets.module_table import clip_text_shapes, unet_shapes
 from batchgen.assets.single_file import convert_transformer
 from batchgen.engine.png import _checkpoint_sampler
+from batchgen.errors import BatchgenError
 from batchgen.tiny.build import TINY_MODELS, TRANSFORMER_TINY, UNET_TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,11 +295,23 @@ def test_the_registries_tell_every_base_apart() -> None:
 
 
 def test_every_transformer_base_has_its_single_file_converter() -> None:
-    # convert_transformer names the bases it has a converter for and converts any other as SD3: more than one
-    # transformer base left unnamed means a new one would be converted as SD3 without an error.
-    named = set(re.findall(r'base == "([^"]+)"', inspect.getsource(convert_transformer)))
-    unnamed = [b.name for b in BASES if b.denoiser == "transformer" and b.name not in named]
-    assert unnamed == ["sd-3"], f"single_file.convert_transformer has no converter of its own for {unnamed}"
+    # convert_transformer converts by the record's converter: each transformer base names one that exists.
+    for base in (b for b in BASES if b.denoiser == "transformer"):
+        module, function = base.single_file_converter.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), base.name
+        assert callable(importlib.import_module(module).transformer_keys), base.name
+
+
+def test_a_base_without_a_single_file_converter_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, any base but FLUX.1 was converted as SD3, so a new base's file would have been read wrongly.
+    fake = dataclasses.replace(bases.BY_NAME["sd-3"], name="fake", label="Fake", single_file_converter="")
+    monkeypatch.setitem(bases.BY_NAME, "fake", fake)
+    with pytest.raises(BatchgenError) as raised:
+        convert_transformer("fake", {}, {})
+    assert str(raised.value) == (
+        "base 'fake' (Fake) has no single-file transformer converter (Base.single_file_converter); use a diffusers "
+        "folder for it"
+    )
 
 
 def test_a_tiny_model_yaml_names_a_registered_base() -> None:

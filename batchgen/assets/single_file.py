@@ -12,6 +12,7 @@ flux_checkpoint.py), the rest of the pipeline coming from a diffusers folder nam
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,16 +160,17 @@ def _cached_tokenizer(candidates: tuple[tuple[str, str], ...]) -> Path | None:
 
 def convert_transformer(base: str, state: Mapping[str, Any], target: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     """{diffusers key: tensor} of the transformer in a single file of an MMDiT base (whole-model or transformer
-    only, tensors or shape stand-ins), by batchgen's own converter for the base; ValueError where it does not fit
-    `target`, the configured model's {key: shape}."""
-    if base == "flux":
-        from batchgen.assets.flux_checkpoint import convert_flux_checkpoint, transformer_keys
-
-        return convert_flux_checkpoint(transformer_keys(state), target)
-    from batchgen.assets.sd3_checkpoint import convert_sd3_checkpoint
-    from batchgen.assets.sd3_checkpoint import transformer_keys as sd3_keys
-
-    return convert_sd3_checkpoint(sd3_keys(state), target)
+    only, tensors or shape stand-ins), by the converter its record names (Base.single_file_converter); ValueError
+    where it does not fit `target`, the configured model's {key: shape}; BatchgenError for a base with none."""
+    record = BY_NAME[base]
+    if not record.single_file_converter:
+        raise BatchgenError(
+            f"base '{base}' ({record.label}) has no single-file transformer converter (Base.single_file_converter); "
+            "use a diffusers folder for it"
+        )
+    module_name, function = record.single_file_converter.split(":")
+    module = importlib.import_module(module_name)  # only a model read from such a file imports it
+    return getattr(module, function)(module.transformer_keys(state), target)
 
 
 def _transformer_single_file(

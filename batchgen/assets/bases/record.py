@@ -60,6 +60,10 @@ class Base:
     # kohya / sd-scripts LoRA key prefixes of the text encoders -> the pipeline component each names; a component's
     # first prefix is the one batchgen's own names use where several spell it (FLUX.1's T5: lora_te2_, lora_te3_).
     kohya_text_encoder_prefixes: Mapping[str, str] = field(default_factory=dict)
+    # "module:function" converting the transformer of a single file in the base's original layout (whole model or
+    # transformer alone) to diffusers keys: function(module.transformer_keys(state), target shapes). Imported only
+    # when such a file is read. Empty: the base has no single-file transformer (a UNet base's file is diffusers').
+    single_file_converter: str = ""
     # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
     t5_tokens: int = 0
 
