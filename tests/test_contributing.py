@@ -245,9 +245,10 @@ def _missing(base: Base) -> list[str]:
             missing.append("_MMDIT_CHECKPOINT pattern (bases/__init__.py)")
     elif cross_attention_base(base.cross_attention_width) != base.name:
         missing.append("a cross_attention_width no other base has")
-    # The PNG's Sampler from the shipped scheduler (engine/png.py _FLOW_SAMPLERS or batchgen.schedulers).
-    if not (base.shipped_configs / "scheduler").is_dir() or _checkpoint_sampler(str(base.shipped_configs)) is None:
-        missing.append("an A1111 sampler name for its scheduler (engine/png.py _FLOW_SAMPLERS)")
+    # The PNG's Sampler from the shipped scheduler (the record's own_samplers or batchgen.schedulers).
+    shipped = str(base.shipped_configs)
+    if not (base.shipped_configs / "scheduler").is_dir() or _checkpoint_sampler(shipped, base.name) is None:
+        missing.append("an A1111 sampler name for its scheduler (Base.own_samplers)")
     # Module table: a UNet base's from config files in plain Python (else a dry run imports torch); the
     # comparison with the meta build is tests/test_startup.py, which must list the configs.
     if not transformer:

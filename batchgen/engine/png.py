@@ -23,8 +23,6 @@ from batchgen.spec import LoraFile, ModelSpec
 _CHUNK = 1 << 20
 
 
-# SD3's and FLUX.1's own schedulers, by the sampler name Forge and A1111 give them.
-_FLOW_SAMPLERS = {"FlowMatchEulerDiscreteScheduler": "Euler"}
 # A1111's infotext starts with these keys, in this order; the other settings' keys follow in the table's order.
 A1111_FIRST = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")
 
@@ -66,18 +64,21 @@ def _sampler(scheduler: str, spec: ModelSpec) -> str:
         return SCHEDULERS[scheduler].a1111
     if scheduler == DEFAULT_SCHEDULER:
         # "default" means nothing to A1111; name the checkpoint's own scheduler instead when we know it.
-        return _checkpoint_sampler(str(spec.config_dir)) or scheduler
+        return _checkpoint_sampler(str(spec.config_dir), spec.base) or scheduler
     return scheduler
 
 
 @functools.lru_cache(maxsize=32)
-def _checkpoint_sampler(checkpoint: str) -> str | None:
+def _checkpoint_sampler(checkpoint: str, base: str) -> str | None:
+    """A1111's name for the scheduler a checkpoint ships: its base's own (Base.own_samplers) or one of
+    batchgen.schedulers."""
     try:
         config = json.loads((Path(checkpoint) / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
         return None
-    if config.get("_class_name") in _FLOW_SAMPLERS:
-        return _FLOW_SAMPLERS[config["_class_name"]]
+    own = BY_NAME[base].own_samplers
+    if config.get("_class_name") in own:
+        return own[config["_class_name"]]
     karras = bool(config.get("use_karras_sigmas"))
     for choice in SCHEDULERS.values():
         if choice.cls == config.get("_class_name") and bool(choice.kwargs.get("use_karras_sigmas")) == karras:

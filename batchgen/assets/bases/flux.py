@@ -54,6 +54,7 @@ BASE = Base(
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     lora_block_names=("double_blocks", "single_blocks", "single_transformer_blocks"),
     single_file_converter="batchgen.assets.flux_checkpoint:convert_flux_checkpoint",
+    own_samplers={"FlowMatchEulerDiscreteScheduler": "Euler"},  # the flow-matching Euler, as Forge names it
     # sd-scripts writes lora_te3_ for T5, other trainers lora_te2_; lora_te_ is CLIP-L as in SD1.
     kohya_text_encoder_prefixes={
         "lora_te1_": "text_encoder",

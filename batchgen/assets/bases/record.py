@@ -64,6 +64,9 @@ class Base:
     # transformer alone) to diffusers keys: function(module.transformer_keys(state), target shapes). Imported only
     # when such a file is read. Empty: the base has no single-file transformer (a UNet base's file is diffusers').
     single_file_converter: str = ""
+    # Schedulers of the base that batchgen.schedulers does not list -> the sampler name A1111 and Forge give them,
+    # which its PNG parameters write for `scheduler: default`.
+    own_samplers: Mapping[str, str] = field(default_factory=dict)
     # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
     t5_tokens: int = 0
 

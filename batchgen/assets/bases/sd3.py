@@ -25,6 +25,7 @@ BASE = Base(
     encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-bigG", "text_encoder_3": "T5-XXL"},
     lora_block_names=("joint_blocks",),
     single_file_converter="batchgen.assets.sd3_checkpoint:convert_sd3_checkpoint",
+    own_samplers={"FlowMatchEulerDiscreteScheduler": "Euler"},  # the flow-matching Euler, as Forge names it
     # sd-scripts numbers SD3's three encoders.
     kohya_text_encoder_prefixes={
         "lora_te1_": "text_encoder",
