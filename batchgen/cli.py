@@ -148,6 +148,7 @@ def report_command(
         bool, typer.Option("--from-pngs", help="Rebuild a missing manifest.csv from the PNGs' batchgen metadata")
     ] = False,
 ) -> None:
+    from batchgen.manifest import MANIFEST
     from batchgen.report.rebuild import ReportRequest, rebuild_report
     from batchgen.runlock import RunLock
 
@@ -155,7 +156,7 @@ def report_command(
     if result.recovered is not None:
         for path, why in result.recovered.ignored:
             sys.stderr.write(f"batchgen: ignored {path}: {why}\n")
-        sys.stderr.write(f"rebuilt {run_dir / 'manifest.csv'}: {len(result.recovered.rows)} jobs from their PNGs\n")
+        sys.stderr.write(f"rebuilt {run_dir / MANIFEST}: {len(result.recovered.rows)} jobs from their PNGs\n")
     if result.measured:
         sys.stderr.write(f"measured {result.measured} images (effect, ssim, degenerate) into the manifest\n")
     plots = f", {len(result.plots)} strength plots" if result.plots else ""

@@ -1,7 +1,8 @@
 """The run directory's durable state: an append-only manifest.csv, atomic files, and resume.
 
 The one reader of manifest.csv (read_manifest) and the one rule for a job's latest row (latest_rows), which the
-runner's index.html, `batchgen report`, the grids, `batchgen diff`, resume and --retry-failed all go by.
+runner's index.html, `batchgen report`, the grids, `batchgen diff`, resume and --retry-failed all go by; and its
+only writers: Manifest appends rows, fill_cells changes cells of rows already there (measurements filled later).
 
 A kill at any moment loses at most the rows in flight: rows are appended, flushed and fsynced one at a time,
 files are written to a temp name, fsynced and renamed, and a torn last line is dropped on the next start.
@@ -14,7 +15,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,27 @@ def latest_positions(rows: pd.DataFrame, run_dir: Path) -> list[int]:
     return _latest_positions(rows, _IntactImages(run_dir, rows))
 
 
-def rewrite(run_dir: Path, rows: pd.DataFrame) -> None:
-    """Replace manifest.csv with `rows` (every row, read_manifest's text), atomically; only under the run lock."""
-    atomic_write(run_dir / MANIFEST, rows.to_csv(index=False, lineterminator="\n").encode())
+Cells = dict[int, dict[str, str]]  # position of a row in read_manifest's table -> {column: new text}
+
+
+def fill_cells(run_dir: Path, cells_of: Callable[[pd.DataFrame], Cells]) -> int:
+    """Change cells of rows already in manifest.csv: `cells_of(read_manifest(run_dir))` says which, and the file is
+    replaced atomically with no row added, dropped or moved. The one write besides `Manifest.append`; only under
+    the run lock (what it read must still be the file it replaces). Returns the number of rows changed."""
+    rows = read_manifest(run_dir)
+    cells = cells_of(rows)
+    if cells:
+        atomic_write(run_dir / MANIFEST, with_cells(rows, cells).to_csv(index=False, lineterminator="\n").encode())
+    return len(cells)
+
+
+def with_cells(rows: pd.DataFrame, cells: Cells) -> pd.DataFrame:
+    """A copy of `rows` (read_manifest's table) with `cells` in place: what fill_cells would write."""
+    changed = rows.copy()
+    for position, values in cells.items():
+        for column, value in values.items():
+            changed.iat[position, changed.columns.get_loc(column)] = value
+    return changed
 
 
 def _latest_positions(rows: pd.DataFrame, intact: _IntactImages) -> list[int]:
@@ -144,6 +163,11 @@ class _IntactImages:
             path = self.run_dir / image
             self._sha256[image] = sha256_file(path) if path.is_file() else None
         return self._sha256[image] == self.hashes[position]
+
+
+def slot_columns(table: pd.DataFrame) -> list[str]:
+    """A manifest table's prompt-slot columns: every column that is not a manifest column, in its order."""
+    return [column for column in table.columns if column not in MANIFEST_COLUMNS]
 
 
 def read_latest(run_dir: Path) -> pd.DataFrame:

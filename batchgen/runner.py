@@ -26,6 +26,7 @@ from batchgen.executors.registry import executor_options, make_executor
 from batchgen.library_log import LOG as LIBRARY_LOG
 from batchgen.library_log import routed
 from batchgen.manifest import (
+    MANIFEST,
     Manifest,
     completed_jobs,
     failed_jobs,
@@ -189,10 +190,7 @@ def render(
 def _render(
     composed: Composed, plan: Plan, executor: Executor, out: TextIO, err: TextIO, retry_failed: bool
 ) -> Outcome:
-    from batchgen.report.curves import strength_plots
-    from batchgen.report.effects import fill_measurements
-    from batchgen.report.grids import build_grids
-    from batchgen.report.index import build_index
+    from batchgen.report.after_render import GridLayout, after_render
 
     cfg = composed.config
     run_dir = Path(cfg.run.out_dir)
@@ -245,12 +243,6 @@ def _render(
         raise
     finally:
         manifest.close()
-    fill_measurements(run_dir)  # LoRA jobs whose reference landed after them
-    table = merged_table(plan.table, run_dir)
-    grid = cfg.sweep.grid
-    limit = cfg.report.max_grid_megapixels
-    grids = build_grids(table, run_dir, grid.x, grid.y, plan.slots, z=grid.z, max_megapixels=limit)
-    elapsed = time.monotonic() - started
     summary = {
         "sweep": cfg.sweep.name,
         "overrides": " ".join(composed.overrides),
@@ -258,18 +250,21 @@ def _render(
         "rendered now": str(len(todo) - len(failures)),
         "failed": str(len(failures)),
         "skipped": str(skipped),
-        "seconds": f"{elapsed:.1f}",
+        "seconds": f"{time.monotonic() - started:.1f}",
     }
-    plots = strength_plots(table, run_dir)
-    build_index(table, run_dir, grids, summary, plots)
+    grid = cfg.sweep.grid
+    layout = GridLayout(grid.x, grid.y, grid.z, cfg.report.max_grid_megapixels, plan.slots)
+    # The run lock is held already; the measurements are those of LoRA jobs whose reference landed after them.
+    report = after_render(run_dir, layout, lambda d: merged_table(plan.table, d), summary)
+    elapsed = time.monotonic() - started
     for line in failures[:10]:
         err.write(f"failed {line}\n")
     if todo:
         out.write("stages: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in stage_totals.items()) + "\n")
     out.write(
         f"{cfg.sweep.name}: rendered {len(todo) - len(failures)}, failed {len(failures)}, skipped {skipped}, "
-        f"already done {already} in {elapsed:.1f}s -> {run_dir}/manifest.csv, "
-        f"{len(grids)} grids, {run_dir}/index.html\n"
+        f"already done {already} in {elapsed:.1f}s -> {run_dir / MANIFEST}, "
+        f"{len(report.grids)} grids, {report.index}\n"
     )
     return Outcome(len(todo) - len(failures), len(failures), skipped, already, run_dir)
 

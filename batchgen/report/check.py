@@ -15,8 +15,8 @@ from batchgen.cells import is_degenerate, parse_loras
 from batchgen.errors import BatchgenError
 from batchgen.manifest import MANIFEST, latest_positions, read_manifest
 from batchgen.report.effects import with_measurements
+from batchgen.report.invocations import recorded
 from batchgen.report.labels import stack_labels
-from batchgen.report.summary import latest_invocation
 from batchgen.report.text import text
 
 _LABEL = "_stack_label"  # the row's stack state as grids label it, for the lines naming a job
@@ -109,9 +109,7 @@ def _weights(loras: str) -> list[float]:
 
 
 def _references_off(run_dir: Path) -> bool:
-    latest = latest_invocation(run_dir)
-    sweep = (latest.config.get("sweep") or {}) if latest is not None else {}
-    return sweep.get("references") is False
+    return recorded(run_dir).references is False
 
 
 def _where(row: pd.Series) -> str:

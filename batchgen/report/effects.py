@@ -2,7 +2,7 @@
 worker, a later run), and runs rendered before batchgen measured (`batchgen report` fills them).
 
 The writer measures most images as they land (engine.writer); this pass fills the rest in place in each job's
-latest row, rewriting manifest.csv atomically under the run lock, so no row is added or lost.
+latest row, through the manifest module (fill_cells: atomically, under the run lock, no row added or lost).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from batchgen.manifest import latest_positions, read_manifest, rewrite
+from batchgen.manifest import fill_cells, latest_positions, with_cells
 from batchgen.metrics import degenerate, measure, read_rgb
 from batchgen.settings import SETTINGS
 
@@ -54,23 +54,12 @@ def measurements(rows: pd.DataFrame, run_dir: Path) -> dict[int, dict[str, str]]
 
 def fill_measurements(run_dir: Path) -> int:
     """Write what measurements() finds into manifest.csv; the caller holds the run lock. Returns rows updated."""
-    rows = read_manifest(run_dir)
-    updates = measurements(rows, run_dir)
-    if updates:
-        rewrite(run_dir, _apply(rows, updates))
-    return len(updates)
+    return fill_cells(run_dir, lambda rows: measurements(rows, run_dir))
 
 
 def with_measurements(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     """`rows` with measurements() applied, for a reader that must not write (batchgen check)."""
-    return _apply(rows.copy(), measurements(rows, run_dir))
-
-
-def _apply(rows: pd.DataFrame, updates: dict[int, dict[str, str]]) -> pd.DataFrame:
-    for position, update in updates.items():
-        for column, value in update.items():
-            rows.iat[position, rows.columns.get_loc(column)] = value
-    return rows
+    return with_cells(rows, measurements(rows, run_dir))
 
 
 def _key(row: pd.Series) -> tuple:

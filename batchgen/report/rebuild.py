@@ -8,15 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchgen.axes import check_max_megapixels
-from batchgen.columns import MANIFEST_COLUMNS
 from batchgen.errors import BatchgenError
-from batchgen.manifest import MANIFEST, read_latest
-from batchgen.report.curves import strength_plots
-from batchgen.report.effects import fill_measurements
-from batchgen.report.grids import DEFAULT_MAX_MEGAPIXELS, build_grids
-from batchgen.report.index import build_index
+from batchgen.manifest import MANIFEST
+from batchgen.report.after_render import GridLayout, after_render
+from batchgen.report.grids import DEFAULT_MAX_MEGAPIXELS
+from batchgen.report.invocations import recorded
 from batchgen.report.pngs import Recovered, write_manifest_from_pngs
-from batchgen.report.summary import latest_invocation
 
 NO_Z = ("", "none", "null")  # what `--z` accepts to drop a z axis the run recorded
 
@@ -45,13 +42,17 @@ class ReportResult:
     plots: list[Path] = field(default_factory=list)
 
 
-def _recorded_axes(run_dir: Path) -> tuple[dict, float | None]:
-    latest = latest_invocation(run_dir)
-    if latest is None:
-        return {}, None
-    grid = ((latest.config.get("sweep") or {}).get("grid")) or {}
-    limit = (latest.config.get("report") or {}).get("max_grid_megapixels")
-    return (grid if isinstance(grid, dict) else {}), limit
+def _layout(request: ReportRequest, run_dir: Path) -> GridLayout:
+    """The request's axes and page limit, else those the run was rendered with, else the defaults."""
+    run = recorded(run_dir)
+    z = request.z if request.z is not None else run.grid_z
+    limit = next(v for v in (request.max_megapixels, run.max_grid_megapixels, DEFAULT_MAX_MEGAPIXELS) if v is not None)
+    return GridLayout(
+        x=request.x or run.grid_x or "stack",
+        y=request.y or run.grid_y or "prompt",
+        z=None if z is None or z.lower() in NO_Z else z,
+        max_megapixels=check_max_megapixels(limit),
+    )
 
 
 def _check_run_dir(run_dir: Path, from_pngs: bool) -> None:
@@ -67,18 +68,7 @@ def _check_run_dir(run_dir: Path, from_pngs: bool) -> None:
 def rebuild_report(request: ReportRequest) -> ReportResult:
     run_dir = Path(request.run_dir)
     _check_run_dir(run_dir, request.from_pngs)
+    layout = _layout(request, run_dir)  # a bad axis limit is refused before anything is written
     recovered = write_manifest_from_pngs(run_dir) if request.from_pngs else None
-    with request.lock(run_dir):
-        measured = fill_measurements(run_dir) if (run_dir / MANIFEST).is_file() else 0
-    grid, recorded_limit = _recorded_axes(run_dir)
-    x = request.x or grid.get("x") or "stack"
-    y = request.y or grid.get("y") or "prompt"
-    z = request.z if request.z is not None else grid.get("z")
-    z = None if z is None or str(z).lower() in NO_Z else str(z)
-    limit = next(v for v in (request.max_megapixels, recorded_limit, DEFAULT_MAX_MEGAPIXELS) if v is not None)
-    table = read_latest(run_dir)
-    slots = [c for c in table.columns if c not in MANIFEST_COLUMNS]
-    grids = build_grids(table, run_dir, str(x), str(y), slots, z=z, max_megapixels=check_max_megapixels(limit))
-    plots = strength_plots(table, run_dir)
-    index = build_index(table, run_dir, grids, plots=plots)
-    return ReportResult(grids, index, len(table), recovered, measured, plots)
+    done = after_render(run_dir, layout, lock=request.lock(run_dir))
+    return ReportResult(done.grids, done.index, done.rows, recovered, done.measured, done.plots)

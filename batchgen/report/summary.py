@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,19 +9,10 @@ import pandas as pd
 import yaml
 
 from batchgen.cells import in_stage_order, parse_timings
+from batchgen.report.invocations import invocations, latest_invocation
 from batchgen.report.text import text
 
 STATUSES = ("ok", "failed", "skipped", "pending")
-_STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
-
-
-@dataclass(frozen=True)
-class Invocation:
-    """What one `batchgen` invocation recorded under .batchgen/<time>/."""
-
-    folder: Path
-    config: dict
-    overrides: list[str]
 
 
 @dataclass(frozen=True)
@@ -30,30 +20,6 @@ class RunSummary:
     facts: list[tuple[str, str]]
     config_yaml: str  # the latest invocation's composed config; "" when none was recorded
     invocations: int
-
-
-def invocations(run_dir: Path) -> list[Path]:
-    """Invocation folders, oldest first (`<time>` then `<time>-2`, `-3`, ... within one second)."""
-    root = Path(run_dir) / ".batchgen"
-    found = []
-    for folder in root.iterdir() if root.is_dir() else ():
-        match = _STAMP.match(folder.name)
-        if match and folder.is_dir():
-            found.append(((match.group(1), int(match.group(2) or 1)), folder))
-    return [folder for _, folder in sorted(found)]
-
-
-def latest_invocation(run_dir: Path) -> Invocation | None:
-    """The newest invocation whose config.yaml reads as a mapping, or None."""
-    for folder in reversed(invocations(run_dir)):
-        try:
-            config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-            overrides = yaml.safe_load((folder / "overrides.yaml").read_text(encoding="utf-8")) or []
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(config, dict) and isinstance(overrides, list):
-            return Invocation(folder, config, [str(o) for o in overrides])
-    return None
 
 
 def status_counts(table: pd.DataFrame) -> dict[str, int]:
@@ -98,7 +64,7 @@ def _finished(table: pd.DataFrame) -> str:
 def summarise(table: pd.DataFrame, run_dir: Path) -> RunSummary:
     """Sweep, overrides, job counts per status and timings of the run as the table shows it."""
     latest = latest_invocation(run_dir)
-    sweep = (latest.config.get("sweep") or {}).get("name", "") if latest else ""
+    sweep = latest.recorded.sweep_name if latest else ""
     counts = status_counts(table)
     facts = [
         ("sweep", text(sweep) or Path(run_dir).resolve().name),

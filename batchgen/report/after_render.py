@@ -1,0 +1,59 @@
+"""The steps after rendering, one function for both `batchgen +sweep=...` (after its last image) and `batchgen
+report RUN_DIR`: measurements the manifest lacks go into it, then the grids, strength plots and index.html are
+built from each job's latest row (manifest.read_latest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from batchgen.manifest import MANIFEST, read_latest, slot_columns
+from batchgen.report.curves import strength_plots
+from batchgen.report.effects import fill_measurements
+from batchgen.report.grids import build_grids
+from batchgen.report.index import build_index
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """How the grids are laid out: axes by name (batchgen.axes), each page's size limit, the prompt slots."""
+
+    x: str
+    y: str
+    z: str | None
+    max_megapixels: float
+    slots: list[str] | None = None  # None: the table's columns that are not manifest columns
+
+
+@dataclass(frozen=True)
+class AfterRender:
+    measured: int  # rows given effect, ssim or degenerate now
+    rows: int  # jobs in the table shown
+    grids: list[Path]
+    plots: list[Path]
+    index: Path
+
+
+def after_render(
+    run_dir: Path,
+    layout: GridLayout,
+    table_of: Callable[[Path], pd.DataFrame] = read_latest,
+    summary: dict[str, str] | None = None,
+    lock: AbstractContextManager | None = None,
+) -> AfterRender:
+    """`table_of(run_dir)`: the jobs to show, read after the measurements are in (a render adds the jobs it has not
+    recorded yet; the report shows the manifest's). `summary`: facts of the invocation that just rendered, for the
+    top of index.html. `lock`: held while the manifest is written (a render holds the run lock already)."""
+    with lock or nullcontext():
+        measured = fill_measurements(run_dir) if (run_dir / MANIFEST).is_file() else 0
+    table = table_of(run_dir)
+    slots = slot_columns(table) if layout.slots is None else layout.slots
+    grids = build_grids(table, run_dir, layout.x, layout.y, slots, z=layout.z, max_megapixels=layout.max_megapixels)
+    plots = strength_plots(table, run_dir)
+    index = build_index(table, run_dir, grids, summary, plots)
+    return AfterRender(measured, len(table), grids, plots, index)
