@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from batchgen.assets.bases import BASES
 from batchgen.tiny.embeddings import write_embeddings
 from batchgen.tiny.loras import write_loras
-from batchgen.tiny.models import build_pipeline
 
 TINY_VERSION = "v3"  # v3: tiny_sd1 final layer norm with a learned-looking bias (A1111 emphasis)
-TINY_MODELS = ("tiny_sd1", "tiny_sdxl", "tiny_sd3", "tiny_flux")
-UNET_TINY = ("tiny_sd1", "tiny_sdxl")
+# Each base record's tiny model (Base.tiny_model, built by its tiny_builder).
+_TINY_BASES = {base.tiny_model: base for base in BASES if base.tiny_model}
+TINY_MODELS = tuple(_TINY_BASES)
+UNET_TINY = tuple(name for name, base in _TINY_BASES.items() if base.denoiser == "unet")
 # The MMDiT ones: their pipelines and LoRAs come from transformer_models.py and transformer_loras.py.
-TRANSFORMER_TINY = ("tiny_sd3", "tiny_flux")
+TRANSFORMER_TINY = tuple(name for name, base in _TINY_BASES.items() if base.denoiser == "transformer")
 # The library releases the saved configs name, whatever release builds them: a folder's content hash is part of every
 # job_id, so an upgraded transformers (5.24.0 -> 5.25.0 wrote one different string) would change every tiny job's id.
 RECORDED_VERSIONS = {"_diffusers_version": "0.42.1", "transformers_version": "5.24.0"}
@@ -66,14 +69,13 @@ def build_tiny(name: str, dest: Path) -> None:
     dest = Path(dest)
     # Library init draws from the global RNG before we overwrite it; fork so the caller's state survives.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
+        module, function = _TINY_BASES[name].tiny_builder.split(":")
+        pipe = getattr(importlib.import_module(module), function)(name, dest / "main" / name)
         if name in TRANSFORMER_TINY:
             from batchgen.tiny.transformer_loras import write_transformer_loras
-            from batchgen.tiny.transformer_models import build_flux_pipeline, build_sd3_pipeline
 
-            build = build_flux_pipeline if name == "tiny_flux" else build_sd3_pipeline
-            write_transformer_loras(build(name, dest / "main" / name), dest / "lora", name)
+            write_transformer_loras(pipe, dest / "lora", name)
         else:
-            pipe = build_pipeline(name, dest / "main" / name, name == "tiny_sdxl")
             write_embeddings(dest / "embedding", name)
             write_loras(pipe, dest / "lora", name)
     pin_library_versions(dest)

@@ -129,6 +129,14 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
+def build_sd1_pipeline(name: str, folder: Path) -> DiffusionPipeline:
+    return build_pipeline(name, folder, sdxl=False)
+
+
+def build_sdxl_pipeline(name: str, folder: Path) -> DiffusionPipeline:
+    return build_pipeline(name, folder, sdxl=True)
+
+
 def build_pipeline(name: str, folder: Path, sdxl: bool) -> DiffusionPipeline:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

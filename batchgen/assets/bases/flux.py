@@ -55,6 +55,8 @@ BASE = Base(
     lora_block_names=("double_blocks", "single_blocks", "single_transformer_blocks"),
     single_file_converter="batchgen.assets.flux_checkpoint:convert_flux_checkpoint",
     own_samplers={"FlowMatchEulerDiscreteScheduler": "Euler"},  # the flow-matching Euler, as Forge names it
+    tiny_model="tiny_flux",
+    tiny_builder="batchgen.tiny.transformer_models:build_flux_pipeline",
     # sd-scripts writes lora_te3_ for T5, other trainers lora_te2_; lora_te_ is CLIP-L as in SD1.
     kohya_text_encoder_prefixes={
         "lora_te1_": "text_encoder",

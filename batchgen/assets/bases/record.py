@@ -67,6 +67,10 @@ class Base:
     # Schedulers of the base that batchgen.schedulers does not list -> the sampler name A1111 and Forge give them,
     # which its PNG parameters write for `scheduler: default`.
     own_samplers: Mapping[str, str] = field(default_factory=dict)
+    # The base's embedded tiny model (conf/model/<tiny_model>.yaml) and the "module:function" that builds its
+    # pipeline into a folder, function(name, folder) (batchgen/tiny/build.py); empty: the base has none.
+    tiny_model: str = ""
+    tiny_builder: str = ""
     # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
     t5_tokens: int = 0
 

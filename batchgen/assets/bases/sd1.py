@@ -32,4 +32,6 @@ BASE = Base(
     block_ids=BLOCK_IDS,
     compel_clip_skips=(1, 2),  # the last layer normed, or the penultimate normed (A1111's clip skip 2)
     defaults=UNET_DEFAULTS,
+    tiny_model="tiny_sd1",
+    tiny_builder="batchgen.tiny.models:build_sd1_pipeline",
 )

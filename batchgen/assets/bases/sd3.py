@@ -26,6 +26,8 @@ BASE = Base(
     lora_block_names=("joint_blocks",),
     single_file_converter="batchgen.assets.sd3_checkpoint:convert_sd3_checkpoint",
     own_samplers={"FlowMatchEulerDiscreteScheduler": "Euler"},  # the flow-matching Euler, as Forge names it
+    tiny_model="tiny_sd3",
+    tiny_builder="batchgen.tiny.transformer_models:build_sd3_pipeline",
     # sd-scripts numbers SD3's three encoders.
     kohya_text_encoder_prefixes={
         "lora_te1_": "text_encoder",

@@ -28,4 +28,6 @@ BASE = Base(
         "conditioner.embedders.0.model.text_projection": "an SDXL refiner; batchgen renders base models only"
     },
     defaults=sd1.UNET_DEFAULTS,
+    tiny_model="tiny_sdxl",
+    tiny_builder="batchgen.tiny.models:build_sdxl_pipeline",
 )
