@@ -131,7 +131,7 @@ class ClipEncoders:
         a text's rows round differently beside other texts in one matrix product, so encoding texts together
         would make a prompt depend on its neighbours."""
         skip = clip_skip - 1 or None  # diffusers counts layers skipped past its default; A1111 counts from 1
-        if hasattr(self.pipe, "text_encoder_2"):
+        if self.xl:
             hidden, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=[text], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
                 clip_skip=skip,
