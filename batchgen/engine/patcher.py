@@ -41,6 +41,8 @@ class WeightPatcher:
         self.components = components
         self.base = base  # for block weights: which LoRA Block Weight ids its modules have
         self.loras: dict[str, dict[ModuleRef, LayerPatch]] = {}
+        # Each LoRA's modules per component, so that a switch walks each module once, not once per component.
+        self._refs: dict[str, dict[str, list[ModuleRef]]] = {}
         self.pristine = PristineStore(checkpoint, components)
         self._applied: dict[ModuleRef, tuple[Contribution, ...]] = {}
         self.touched_last = 0  # modules rewritten by the last apply(): what a stack switch cost
@@ -50,6 +52,10 @@ class WeightPatcher:
 
     def add(self, name: str, layers: dict[ModuleRef, LayerPatch]) -> None:
         self.loras[name] = layers
+        by_component: dict[str, list[ModuleRef]] = {}
+        for ref in layers:
+            by_component.setdefault(ref.component, []).append(ref)
+        self._refs[name] = by_component
 
     def apply(self, state: LoraState) -> None:
         """Make the weights equal W0 plus exactly this state's contributions."""
@@ -57,9 +63,7 @@ class WeightPatcher:
         for component, parts in state.components:
             for part in parts:
                 factors = dict(part.blocks)
-                for ref in self.loras[part.lora]:
-                    if ref.component != component:
-                        continue
+                for ref in self._refs[part.lora].get(component, ()):
                     weight = part.weight
                     if factors:
                         # The extension's rule: the module's block weight times the LoRA's.
