@@ -99,7 +99,7 @@ def _skips(pipe) -> list[int]:
 def test_compel_encode_is_what_compel_builds(pipe) -> None:
     for clip_skip in _skips(pipe):
         for text in _texts(pipe.tiny_name):
-            hidden, pooled = compel_encode(pipe, text, clip_skip, False)
+            hidden, pooled = compel_encode(pipe, pipe.base_record, text, clip_skip, False)
             theirs, their_pooled = _reference(pipe, text, clip_skip)
             assert hidden.shape == theirs.shape, text
             assert torch.equal(hidden, theirs), (text, clip_skip, (hidden - theirs).abs().max())
@@ -117,7 +117,7 @@ def test_a_weighted_and_on_sdxl_is_compels_parts_where_compel_itself_fails(pipe)
     assert _xl(pipe)
     with pytest.raises(AttributeError, match="'tuple' object has no attribute 'shape'"):
         _reference(pipe, WEIGHTED_AND)
-    hidden, pooled = compel_encode(pipe, WEIGHTED_AND, 1, False)
+    hidden, pooled = compel_encode(pipe, pipe.base_record, WEIGHTED_AND, 1, False)
     ti = DiffusersTextualInversionManager(pipe)
     with torch.no_grad():
         compels = [
@@ -134,27 +134,27 @@ def test_a_weighted_and_on_sdxl_is_compels_parts_where_compel_itself_fails(pipe)
         their_pooled = compels[1].conditioning_provider.get_pooled_embeddings([WEIGHTED_AND])
     assert hidden.shape == (1, 154, 2048) and torch.equal(hidden, theirs)
     assert torch.equal(pooled, their_pooled)
-    unweighted, _ = compel_encode(pipe, AND, 1, False)
+    unweighted, _ = compel_encode(pipe, pipe.base_record, AND, 1, False)
     assert not torch.allclose(hidden[:, 77:], unweighted[:, 77:], atol=1e-3)
     assert torch.equal(hidden[:, :77], unweighted[:, :77])
 
 
 def test_the_syntax_changes_the_conditioning(pipe) -> None:
-    plain, _ = compel_encode(pipe, "a castle at night", 1, False)
+    plain, _ = compel_encode(pipe, pipe.base_record, "a castle at night", 1, False)
     for text in ("a castle+ at night", "(a castle)1.3 at night", BLEND):
-        hidden, _ = compel_encode(pipe, text, 1, False)
+        hidden, _ = compel_encode(pipe, pipe.base_record, text, 1, False)
         assert hidden.shape == plain.shape
         assert (hidden - plain).abs().max() > 1e-2, text
     # .and() puts its parts one after the other, a 77-token block each; a long text is in compel's chunks.
-    assert compel_encode(pipe, AND, 1, False)[0].shape[1] == 154
-    assert compel_encode(pipe, LONG, 1, False)[0].shape[1] == 231
+    assert compel_encode(pipe, pipe.base_record, AND, 1, False)[0].shape[1] == 154
+    assert compel_encode(pipe, pipe.base_record, LONG, 1, False)[0].shape[1] == 231
     width = 2048 if _xl(pipe) else 768
-    assert compel_encode(pipe, LONG, 1, True)[0].shape == (1, 77, width)
+    assert compel_encode(pipe, pipe.base_record, LONG, 1, True)[0].shape == (1, 77, width)
 
 
 def test_truncation_is_compels_cut_at_77_tokens(pipe) -> None:
     for text in (LONG, f"{LONG}, (river)1.4", "(a castle)1.3 at night"):
-        hidden, pooled = compel_encode(pipe, text, 1, True)
+        hidden, pooled = compel_encode(pipe, pipe.base_record, text, 1, True)
         theirs, their_pooled = _reference(pipe, text, truncate=True)
         assert hidden.shape[1] == 77 and torch.equal(hidden, theirs), text
         if _xl(pipe):
@@ -163,10 +163,10 @@ def test_truncation_is_compels_cut_at_77_tokens(pipe) -> None:
 
 def test_a_text_encodes_the_same_whatever_was_encoded_before(pipe) -> None:
     text = f"(a <{TI[pipe.tiny_name]}> castle)1.3 at night, (moon)0.5"
-    first, _ = compel_encode(pipe, text, 1, False)
+    first, _ = compel_encode(pipe, pipe.base_record, text, 1, False)
     for other in (LONG, BLEND, AND, "x+++", ""):
-        compel_encode(pipe, other, 1, False)
-    again, _ = compel_encode(pipe, text, 1, False)
+        compel_encode(pipe, pipe.base_record, other, 1, False)
+    again, _ = compel_encode(pipe, pipe.base_record, text, 1, False)
     assert torch.equal(first, again)
 
 
@@ -174,33 +174,33 @@ def test_a_text_encoder_changed_in_place_is_read_anew(pipe) -> None:
     """A text-encoder LoRA is patched into the weights in place; compel's cached empty-text encoding (the base of
     every weight) must follow it."""
     text = "(a castle)1.3 at night, (moon)0.5"
-    before, _ = compel_encode(pipe, text, 1, False)
+    before, _ = compel_encode(pipe, pipe.base_record, text, 1, False)
     weight = pipe.text_encoder.get_input_embeddings().weight
     saved = weight.detach().clone()
     try:
         with torch.no_grad():
             weight.mul_(1.5)
-        after, _ = compel_encode(pipe, text, 1, False)
+        after, _ = compel_encode(pipe, pipe.base_record, text, 1, False)
         theirs, _ = _reference(pipe, text)
     finally:
         with torch.no_grad():
             weight.copy_(saved)
     assert not torch.allclose(before, after, atol=1e-3)
     assert torch.equal(after, theirs)
-    assert torch.equal(compel_encode(pipe, text, 1, False)[0], before)
+    assert torch.equal(compel_encode(pipe, pipe.base_record, text, 1, False)[0], before)
 
 
 def test_a_multi_vector_ti_is_expanded_into_its_vectors(pipe) -> None:
     ti = TI[pipe.tiny_name]
-    compel_encode(pipe, "a castle", 1, False)  # builds the compel objects
+    compel_encode(pipe, pipe.base_record, "a castle", 1, False)  # builds the compel objects
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if _xl(pipe) else [pipe.tokenizer]
     for compel, tokenizer in zip(_READERS[pipe]._for(1, False), tokenizers, strict=True):
         (ids,) = compel.conditioning_provider.get_token_ids([f"a <{ti}> castle"])
         a, castle = tokenizer.encode("a castle", add_special_tokens=False)
         vectors = tokenizer.convert_tokens_to_ids([f"<{ti}>", f"<{ti}>_1"])
         assert ids == [tokenizer.bos_token_id, a, *vectors, castle, tokenizer.eos_token_id]
-    with_ti, _ = compel_encode(pipe, f"a <{ti}> castle", 1, False)
-    first_only, _ = compel_encode(pipe, f"a <{ti}>_1 castle", 1, False)
+    with_ti, _ = compel_encode(pipe, pipe.base_record, f"a <{ti}> castle", 1, False)
+    first_only, _ = compel_encode(pipe, pipe.base_record, f"a <{ti}>_1 castle", 1, False)
     assert not torch.allclose(with_ti, first_only, atol=1e-3)
 
 
@@ -221,7 +221,7 @@ def test_a_text_without_syntax_is_bitwise_what_diffusers_encodes(pipe) -> None:
     texts = ["a castle at night", "", f"a <{TI[pipe.tiny_name]}> castle", LONG]
     for clip_skip in _skips(pipe):
         for text in texts:
-            hidden, pooled = compel_encode(pipe, text, clip_skip, False)
+            hidden, pooled = compel_encode(pipe, pipe.base_record, text, clip_skip, False)
             theirs, their_pooled = _diffusers(pipe, text, clip_skip)
             assert torch.equal(hidden[:, :77], theirs), (text, clip_skip, (hidden[:, :77] - theirs).abs().max())
             if _xl(pipe):
@@ -233,7 +233,7 @@ def test_a_long_text_without_syntax_is_what_the_a1111_path_encodes(pipe) -> None
     75-token ones; with punctuation they differ (compel splits at the last '.', then ',' before token 75)."""
     job = Job("0" * 16, "m", LONG, "", 1, 2, 1.0, 64, 64, lora_state=LoraState())
     ours = PromptCache(pipe, pipe.base_record).embeds([job])[0].first
-    hidden, pooled = compel_encode(pipe, LONG, 1, False)
+    hidden, pooled = compel_encode(pipe, pipe.base_record, LONG, 1, False)
     assert hidden.shape == ours.prompt.shape
     torch.testing.assert_close(hidden, ours.prompt, rtol=0, atol=1e-5)
     if _xl(pipe):
@@ -264,12 +264,12 @@ def test_compel_errors_are_one_line_batchgen_errors(pipe) -> None:
     }
     for text, message in cases.items():
         with pytest.raises(BatchgenError) as error:
-            compel_encode(pipe, text, 1, False)
+            compel_encode(pipe, pipe.base_record, text, 1, False)
         assert str(error.value) == message
-    base = "sdxl" if _xl(pipe) else "sd-1/sd-2"
+    base = pipe.base_record.name
     skip = 2 if _xl(pipe) else 3
     with pytest.raises(BatchgenError) as error:
-        compel_encode(pipe, "a castle", skip, False)
+        compel_encode(pipe, pipe.base_record, "a castle", skip, False)
     assert str(error.value) == f"prompt_syntax=compel cannot read clip_skip {skip} on {base}; use prompt_syntax=a1111"
 
 

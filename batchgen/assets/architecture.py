@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchgen.assets.bases import BY_NAME
+from batchgen.assets.bases import BASES, BY_NAME, DENOISERS
 from batchgen.assets.module_table import clip_text_shapes, unet_shapes
 from batchgen.errors import BatchgenError
 
@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 # The pipeline components a LoRA patches: a denoiser (UNet, or the MMDiT of SD3/FLUX) and the text encoders.
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENTS = (*DENOISERS, *dict.fromkeys(c for base in BASES for c in base.text_encoders))
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def model_architecture(checkpoint: Path, base: str) -> Architecture:
     unet_config = json.loads((checkpoint / "unet" / "config.json").read_text())
     index = json.loads((checkpoint / "model_index.json").read_text())
     encoders = {}
-    for component in _TEXT_ENCODERS:
+    for component in BY_NAME[base].text_encoders:
         folder = checkpoint / component
         if isinstance(index.get(component), list) and (folder / "config.json").is_file():
             encoders[component] = index[component][1] == "CLIPTextModelWithProjection"
@@ -125,7 +124,7 @@ def _transformer_architecture(checkpoint: Path, base: str) -> Architecture:
     config = json.loads((checkpoint / "transformer" / "config.json").read_text())
     modules: dict[str, dict[str, tuple[int, ...]]] = {"transformer": module_shapes(meta_denoiser(config, base))}
     with torch.device("meta"):
-        for component in _TEXT_ENCODERS:
+        for component in BY_NAME[base].text_encoders:
             entry = index.get(component)
             if not (isinstance(entry, list) and entry[1] and (checkpoint / component / "config.json").is_file()):
                 continue  # SD3 without T5: diffusers writes [null, null]

@@ -107,13 +107,13 @@ def block_of(component: str, path: str, base: str) -> str | None:
     """The block id a module is weighted by, from its pipeline component and diffusers ``named_modules()`` path;
     None for modules the extension leaves at the LoRA's own weight (see the module docstring)."""
     ids = long_ids(base)
-    rule = BY_NAME[base].module_block or _sd_block
-    block = rule(component, path)
+    rule = BY_NAME[base].module_block
+    block = rule(component, path) if rule else _sd_block(component, path, base)
     return block if block in ids else None
 
 
-def _sd_block(component: str, path: str) -> str | None:
-    if component in ("text_encoder", "text_encoder_2"):
+def _sd_block(component: str, path: str, base: str) -> str | None:
+    if component in BY_NAME[base].text_encoders:
         # A1111 keys the encoder layers "..._text_model_encoder_layers_..." (CLIP) or "..._transformer_resblocks_..."
         # (OpenCLIP): both match BASE. The embeddings, final norm and projection match neither. transformers 5 drops
         # CLIPTextModel's text_model level (not CLIPTextModelWithProjection's): either spelling is the same module.

@@ -21,6 +21,7 @@ from batchgen.assets.bases import (
     pipeline_base,
     unet_config_base,
 )
+from batchgen.assets.bases.record import tokenizer_of
 from batchgen.assets.embeddings import find_embeddings, inspect_embedding, trigger_for
 from batchgen.assets.epochs import is_glob, matching
 from batchgen.assets.hashing import HashCache
@@ -307,7 +308,7 @@ def _check_text_encoders(checkpoint: Path, base: str, where: str) -> None:  # wh
         present = isinstance(entry, list) and bool(entry[0]) and (checkpoint / component / "config.json").is_file()
         if present or component in record.optional_text_encoders:
             continue
-        tokenizer = component.replace("text_encoder", "tokenizer")
+        tokenizer = tokenizer_of(component)
         repo = record.tokenizer_repos[tokenizer][0][0] if tokenizer in record.tokenizer_repos else "the base's"
         name = record.encoder_names.get(component, component)
         raise BatchgenError(

@@ -4,6 +4,8 @@ writes it). Every place that spells, compares or walks such a path asks here. No
 
 from __future__ import annotations
 
+import contextlib
+
 LEVEL = "text_model."
 # What sits under that level: a CLIP path that starts with one of them is spelled without it.
 CHILDREN = frozenset({"embeddings", "encoder", "final_layer_norm"})
@@ -32,3 +34,18 @@ def spellings(path: str) -> tuple[str, str]:
 def inner(encoder):
     """The module that holds a CLIP's layers: its text_model where transformers 4 nests it, else the encoder."""
     return getattr(encoder, LEVEL[:-1], encoder)
+
+
+@contextlib.contextmanager
+def level_alias(encoder, wanted: bool = True):
+    """For the call only, `encoder.text_model` names the encoder itself where transformers 5 has no such level (code
+    written for transformers 4 reads `text_model.final_layer_norm`: compel). Set outside nn.Module's registry and
+    removed after, as diffusers' LoRA loader reads the same attribute to choose its key prefixes."""
+    alias = wanted and not hasattr(encoder, LEVEL[:-1])
+    if alias:
+        object.__setattr__(encoder, LEVEL[:-1], encoder)
+    try:
+        yield encoder
+    finally:
+        if alias:
+            object.__delattr__(encoder, LEVEL[:-1])

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.assets import text_model
+from batchgen.assets.bases import Base
+from batchgen.assets.bases.record import tokenizer_of
 from batchgen.engine.conditioning import Encoded
 from batchgen.prompt_syntax.a1111 import BREAK
 
@@ -38,16 +40,17 @@ class Chunks:
 
 
 class ClipEncoders:
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        self.pairs: list[tuple[object, torch.nn.Module]] = [(pipe.tokenizer, pipe.text_encoder)]
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            self.pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    """The base's text encoders (its record's text_encoders, in order), each with its tokenizer, read at the layer
+    the record names."""
 
-    @property
-    def xl(self) -> bool:
-        """Two encoders read as SDXL's pipeline reads them (penultimate layer, pooled output)."""
-        return len(self.pairs) > 1
+    def __init__(self, pipe, base: Base) -> None:
+        self.pipe = pipe
+        self.components = tuple(base.text_encoders)
+        self.pairs: list[tuple[object, torch.nn.Module]] = [
+            (getattr(pipe, tokenizer_of(c)), getattr(pipe, c)) for c in self.components
+        ]
+        self.penultimate = base.clip_layer == "penultimate"
+        self.pooled_encoder = base.pooled_encoder
 
     @property
     def device(self) -> torch.device:
@@ -98,18 +101,17 @@ class ClipEncoders:
         # text-encoder activation of its prompt alive.
         device = self.device
         states, pooled = [], None
-        for (_, encoder), ids in zip(self.pairs, chunks.ids, strict=True):
+        for component, (_, encoder), ids in zip(self.components, self.pairs, chunks.ids, strict=True):
             tensor = torch.tensor(ids, device=device)
-            wanted = self.xl or clip_skip > 1
-            projection = getattr(encoder, "text_projection", None)
-            if projection is not None:
+            wanted = self.penultimate or clip_skip > 1
+            if component == self.pooled_encoder:
                 # The projection would see one row per chunk, and a matrix product rounds by its row count: it
                 # runs here on the first chunk's row alone, as a text of one chunk gives it to diffusers.
                 output = encoder.text_model(tensor, output_hidden_states=wanted)
-                pooled = projection(output.pooler_output[0:1])
+                pooled = encoder.text_projection(output.pooler_output[0:1])
             else:
                 output = encoder(tensor, output_hidden_states=wanted)
-            if self.xl:
+            if self.penultimate:
                 states.append(output.hidden_states[-(clip_skip + 1)])
             elif clip_skip > 1:
                 # The last layer's output is normed inside the encoder; an earlier one gets the same norm here.
@@ -131,7 +133,7 @@ class ClipEncoders:
         a text's rows round differently beside other texts in one matrix product, so encoding texts together
         would make a prompt depend on its neighbours."""
         skip = clip_skip - 1 or None  # diffusers counts layers skipped past its default; A1111 counts from 1
-        if self.xl:
+        if self.pooled_encoder:  # SDXL's encode_prompt: keywords, and a pooled output back
             hidden, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=[text], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
                 clip_skip=skip,

@@ -9,35 +9,39 @@ normed layer, and deeper skips are refused at planning (batchgen.plan.compel_rul
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
 
+from batchgen.assets import text_model
+from batchgen.assets.bases import Base
+from batchgen.assets.bases.record import tokenizer_of
 from batchgen.errors import BatchgenError
 
 
 class CompelText:
     """The compel objects of one pipeline, built on first use per (clip skip, truncation)."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, base: Base) -> None:
         self.pipe = pipe
+        self.base = base
         self._compels: dict[tuple[int, bool], list] = {}
 
     def encode(self, text: str, clip_skip: int, truncate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         _parse(text)
         compels = self._for(clip_skip, truncate)
-        with torch.inference_mode(), _final_norm_alias(self.pipe.text_encoder, clip_skip > 1):
+        with torch.inference_mode(), text_model.level_alias(self.pipe.text_encoder, clip_skip > 1):
             for compel in compels:
                 # compel keeps the empty text's encoding for weighting, computed once; a text-encoder LoRA patched
                 # in place since would leave it stale, so it is recomputed for each text.
                 compel.conditioning_provider._empty_z = None
             outputs = [compel.build_conditioning_tensor(text) for compel in compels]
-            if len(outputs) == 1:
+            if not self.base.pooled_encoder:
                 return outputs[0].to(self.pipe.text_encoder.dtype), None
             left, right = outputs
             # What compel's requires_pooled would add: the raw text's pooled output, cut at 77 tokens.
-            pooled = compels[1].conditioning_provider.get_pooled_embeddings([text], device=compels[1].device)
+            pooling = compels[list(self.base.text_encoders).index(self.base.pooled_encoder)]
+            pooled = pooling.conditioning_provider.get_pooled_embeddings([text], device=pooling.device)
             # The encoders chunk a long text each on its own tokenizer; like CompelForSDXL, pad the shorter with
             # its encoder's empty-text chunks so the two line up token for token.
             left, right = _pad(compels[0], left, right.shape[1]), _pad(compels[1], right, left.shape[1])
@@ -46,41 +50,39 @@ class CompelText:
     def _for(self, clip_skip: int, truncate: bool) -> list:
         key = (clip_skip, truncate)
         if key not in self._compels:
-            self._compels[key] = _build(self.pipe, clip_skip, truncate)
+            self._compels[key] = _build(self.pipe, self.base, clip_skip, truncate)
         return self._compels[key]
 
 
 _READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipe -> its CompelText, gone with the pipe
 
 
-def compel_encode(pipe, text: str, clip_skip: int, truncate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compel_encode(
+    pipe, base: Base, text: str, clip_skip: int, truncate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One text's conditioning as compel builds it: hidden [1, tokens, width] in the text encoder's dtype (SD1/SD2:
     one encoder; SDXL: both encoders' outputs concatenated on the last dim as diffusers does) and SDXL's pooled
     [1, width] (None for SD1/SD2). Long texts are chunked by compel (truncate_long_prompts=not truncate). No padding
     against the negative prompt: the caller does that."""
     reader = _READERS.get(pipe)
     if reader is None:
-        reader = _READERS[pipe] = CompelText(pipe)
+        reader = _READERS[pipe] = CompelText(pipe, base)
     return reader.encode(text, clip_skip, truncate)
 
 
-def _build(pipe, clip_skip: int, truncate: bool) -> list:
+def _build(pipe, base: Base, clip_skip: int, truncate: bool) -> list:
     from compel import Compel, ReturnedEmbeddingsType
 
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    if sdxl:
-        if clip_skip != 1:
-            raise BatchgenError(_skip_message("sdxl", clip_skip))
+    if clip_skip not in base.compel_clip_skips:
+        raise BatchgenError(_skip_message(base.name, clip_skip))
+    if base.clip_layer == "penultimate":
         layer = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
     else:
-        if clip_skip > 2:
-            raise BatchgenError(_skip_message("sd-1/sd-2", clip_skip))
         layer = {
             1: ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
             2: ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED,
         }[clip_skip]
-        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    pairs = [(getattr(pipe, tokenizer_of(c)), getattr(pipe, c)) for c in base.text_encoders]
     # No requires_pooled: compel 2.5.1 then fails on an .and() with a part weight other than 1 (it pads its
     # (hidden, pooled) pair as if it were a tensor); CompelText.encode asks for the pooled output as compel would.
     return [
@@ -136,21 +138,6 @@ def _pad(compel, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
         return hidden
     empty = compel.build_conditioning_tensor("")
     return torch.cat([hidden, *[empty] * ((tokens - hidden.shape[1]) // empty.shape[1])], dim=1)
-
-
-@contextlib.contextmanager
-def _final_norm_alias(encoder, wanted: bool):
-    """compel's penultimate-normed layer reads `text_encoder.text_model.final_layer_norm`, which transformers 5
-    moved to the encoder's top level. The alias lives only for the call (outside nn.Module's registry) because
-    diffusers' LoRA loader reads the same attribute to choose key prefixes."""
-    alias = wanted and not hasattr(encoder, "text_model")
-    if alias:
-        object.__setattr__(encoder, "text_model", encoder)
-    try:
-        yield
-    finally:
-        if alias:
-            object.__delattr__(encoder, "text_model")
 
 
 class _TextualInversions:

@@ -13,6 +13,7 @@ import torch
 
 from batchgen.assets.architecture import COMPONENTS, meta_denoiser
 from batchgen.assets.bases import BY_NAME
+from batchgen.assets.bases.record import tokenizer_of
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.components import load_component_files
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
@@ -154,16 +155,15 @@ def _weights_only(checkpoint: Path):
 
 def register_embeddings(pipe, spec: ModelSpec) -> None:
     """Add every TI's trigger token(s) to the tokenizer(s) once; prompts without the trigger are unaffected."""
-    encoders = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
+    encoders = BY_NAME[spec.base].embedding_encoders
     for ti in spec.embeddings:
         vectors = embedding_vectors(read_state_dict(ti.path), ti.path)
         for key, tensor in vectors.items():
-            encoder_name, tokenizer_name = encoders[key]
             pipe.load_textual_inversion(
                 tensor,
                 token=f"<{ti.trigger}>",
-                text_encoder=getattr(pipe, encoder_name),
-                tokenizer=getattr(pipe, tokenizer_name),
+                text_encoder=getattr(pipe, encoders[key]),
+                tokenizer=getattr(pipe, tokenizer_of(encoders[key])),
             )
 
 

@@ -18,7 +18,7 @@ def encode_plain(encoders: ClipEncoders, texts: list[str], truncate: bool, clip_
     chunks = {text: encoders.chunks([(text, 1.0)]) for text in texts}
     # diffusers' SD1/SD2 encode_prompt reads a skipped layer through `text_encoder.text_model`, which
     # transformers 5's CLIPTextModel no longer has; there the chunk path reads the same layer itself.
-    by_diffusers = clip_skip == 1 or encoders.xl
+    by_diffusers = clip_skip == 1 or encoders.penultimate  # SDXL reads hidden_states, no final norm
     short = [t for t in texts if by_diffusers and (chunks[t].count == 1 or truncate)]
     for text in texts:
         if truncate and chunks[text].count > 1:

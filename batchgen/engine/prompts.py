@@ -45,7 +45,7 @@ class PromptCache:
         self.pipe = pipe
         self.base = base
         self.cache = ConditioningCache(max_entries)
-        self.encoders = ClipEncoders(pipe)
+        self.encoders = ClipEncoders(pipe, base)
         self._compel_text = None
 
     def embeds(self, batch: list[Job]) -> list[Conditioning]:
@@ -104,7 +104,7 @@ class PromptCache:
         if self._compel_text is None:
             from batchgen.engine.compel_text import CompelText  # only sweeps with compel prompts import compel
 
-            self._compel_text = CompelText(self.pipe)
+            self._compel_text = CompelText(self.pipe, self.base)
         return self._compel_text
 
 

@@ -33,7 +33,6 @@ BASE = Base(
     cross_attention_width=None,
     # CLIP-L gives only the pooled 768-vector; T5-XXL (4096) gives the token sequence the transformer attends to.
     text_encoders={"text_encoder": 768, "text_encoder_2": 4096},
-    embedding_widths=(),  # no textual inversion format is in use for FLUX
     checkpoint_text_encoder_prefix="",
     tokenizer_repos={
         "tokenizer": (

@@ -16,8 +16,7 @@ class Base:
     label: str  # how messages name it
     pipeline_class: str  # the diffusers pipeline (model_index.json's _class_name of its shipped configs)
     cross_attention_width: int | None  # what the UNet's cross-attention reads; None: the base has no UNet
-    text_encoders: Mapping[str, int]  # pipeline component -> hidden width
-    embedding_widths: tuple[int, ...]  # a textual inversion's vector width per text encoder
+    text_encoders: Mapping[str, int]  # pipeline component -> hidden width, in the pipeline's order
     # Single-file checkpoints: the key prefix of the text encoder, and where its tokenizers live in the Hugging Face
     # cache ({tokenizer component: (repo id, subfolder), most common first}).
     checkpoint_text_encoder_prefix: str
@@ -44,6 +43,15 @@ class Base:
     # Text encoders a diffusers folder may leave out (SD3's T5, as diffusers allows), and what each encoder is.
     optional_text_encoders: tuple[str, ...] = ()
     encoder_names: Mapping[str, str] = field(default_factory=dict)
+    # How batchgen's CLIP encoding (engine/clip_encoders.py, engine/compel_text.py) reads the encoders, as the base's
+    # diffusers pipeline does: "last" (the last layer, normed) or "penultimate" (not normed), and the encoder whose
+    # projected pooled output the denoiser also reads ("": none).
+    clip_layer: str = "last"
+    pooled_encoder: str = ""
+    # Textual inversion files: the key of each encoder's vectors -> the pipeline component it extends. The
+    # one-encoder formats (string_to_param, emb_params, {token: tensor}) are read as "clip_l" (batchgen.assets.
+    # tensors.embedding_vectors). Empty: no TI format is in use for the base.
+    embedding_encoders: Mapping[str, str] = field(default_factory=dict)
     # Module names that only this base's LoRAs have (FLUX's single blocks): they tell a transformer LoRA's base.
     lora_block_names: tuple[str, ...] = ()
     # The releases of the base, told apart by their denoiser's config: {variant: config values it has}, the first
@@ -75,6 +83,11 @@ class Base:
     t5_tokens: int = 0
 
     @property
+    def embedding_widths(self) -> tuple[int, ...]:
+        """A textual inversion's vector width per text encoder, in the file's key order."""
+        return tuple(self.text_encoders[component] for component in self.embedding_encoders.values())
+
+    @property
     def reads_negative_prompt(self) -> bool:
         """Whether any job of the base reads its negative prompt (FLUX.1's distilled guidance never does)."""
         return self.guidance == "cfg"
@@ -102,6 +115,11 @@ class Base:
     @property
     def shipped_configs(self) -> Path:
         return SHIPPED_CONFIGS / self.name
+
+
+def tokenizer_of(component: str) -> str:
+    """The tokenizer component of a text encoder component (text_encoder_2 -> tokenizer_2), as diffusers names them."""
+    return "tokenizer" + component.removeprefix("text_encoder")
 
 
 def numbered(prefix: str, count: int) -> tuple[str, ...]:

@@ -18,7 +18,8 @@ BASE = Base(
     pipeline_class="StableDiffusionPipeline",
     cross_attention_width=768,
     text_encoders={"text_encoder": 768},
-    embedding_widths=(768,),
+    embedding_encoders={"clip_l": "text_encoder"},
+    encoder_names={"text_encoder": "CLIP-L"},
     checkpoint_text_encoder_prefix="cond_stage_model.transformer.",
     tokenizer_repos={
         "tokenizer": (

@@ -9,7 +9,8 @@ BASE = Base(
     pipeline_class="StableDiffusionPipeline",
     cross_attention_width=1024,
     text_encoders={"text_encoder": 1024},
-    embedding_widths=(1024,),
+    embedding_encoders={"clip_l": "text_encoder"},
+    encoder_names={"text_encoder": "OpenCLIP-H"},
     checkpoint_text_encoder_prefix="cond_stage_model.model.",
     tokenizer_repos={
         "tokenizer": (

@@ -10,7 +10,6 @@ BASE = Base(
     cross_attention_width=None,
     # The two CLIPs' penultimate states (768 + 1280) are zero-padded to T5's 4096 and joined with T5's tokens.
     text_encoders={"text_encoder": 768, "text_encoder_2": 1280, "text_encoder_3": 4096},
-    embedding_widths=(),
     checkpoint_text_encoder_prefix="",
     tokenizer_repos={
         "tokenizer": (("stabilityai/stable-diffusion-3.5-large", "tokenizer"),),

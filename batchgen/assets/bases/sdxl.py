@@ -10,7 +10,11 @@ BASE = Base(
     cross_attention_width=2048,
     # The first encoder is CLIP-L, as wide as SD1's; only the second (OpenCLIP bigG) tells SDXL apart.
     text_encoders={"text_encoder": 768, "text_encoder_2": 1280},
-    embedding_widths=(768, 1280),  # clip_l, clip_g
+    embedding_encoders={"clip_l": "text_encoder", "clip_g": "text_encoder_2"},
+    encoder_names={"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-bigG"},
+    # diffusers reads the penultimate layer of both, not normed, and the second's projected pooled output.
+    clip_layer="penultimate",
+    pooled_encoder="text_encoder_2",
     checkpoint_text_encoder_prefix="conditioner.embedders.1.model.",
     tokenizer_repos={
         "tokenizer": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),),
