@@ -96,6 +96,10 @@ def render_command(
         choose_wait_policy(since=load_sample)
         executor = make_executor(composed.config.executor, engine)
         executor.start_early()  # workers import their libraries while this process plans
+    elif dry_run:
+        # What a render would refuse (executor.devices naming a missing GPU, say), the dry run refuses too; it
+        # starts nothing.
+        make_executor(composed.config.executor, engine)
     try:
         with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet
             plan = prepare(composed, all_assets=list_)

@@ -78,6 +78,15 @@ def test_dry_run_counts(run_cli, overrides: tuple[str, ...], combinations: int, 
     assert not Path("runs").exists()
 
 
+def test_dry_run_refuses_what_a_render_refuses_about_the_executor(run_cli) -> None:
+    code, out, err = run_cli("+sweep=styles", "executor.devices=[0,1]", "--dry-run")
+    assert (code, out) == (2, "")
+    assert err == (
+        "batchgen: error: executor.devices=[0, 1] names CUDA devices but none is visible; use executor.devices=2 "
+        "for 2 CPU workers\n"
+    )
+
+
 def test_render_resume_and_new_weight(run_cli) -> None:
     code, out, err = run_cli(*SMALL)
     assert code == 0, err
