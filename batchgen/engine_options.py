@@ -1,4 +1,5 @@
-"""How every worker of a run renders: `run.dtype`, `run.compile`, `run.threads` and `sweep.batch_size`, as one record.
+"""How every worker of a run renders: `run.dtype`, `run.compile`, `run.threads`, `run.offload`, `run.gpu_memory_gb`,
+`run.weights` and `sweep.batch_size`, as one record.
 
 Planning builds it from the config (batchgen/plan/values.py `engine_options`) and the record checks itself, so a bad
 value is a one-line config error (exit 2) before any worker starts or model loads; executors and the Renderer take
@@ -14,6 +15,16 @@ from batchgen.settings import is_int
 
 # run.dtype -> the torch dtype's attribute name; auto: by device (engine/pipeline.py resolve_dtype).
 DTYPES: dict[str, str | None] = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# run.offload: where each model's components live while it renders (batchgen/plan/memory.py chooses for auto).
+OFFLOADS = ("auto", "none", "encoders", "model", "sequential")
+# run.weights: `compute` holds every weight in the compute dtype; `fp8` stores the denoiser's linear weights in
+# float8 (e4m3) and computes in bf16.
+WEIGHTS = ("compute", "fp8")
+
+
+def _choices(values) -> str:
+    *others, last = values
+    return f"{', '.join(others)} or {last}"
 
 
 @dataclass(frozen=True)
@@ -22,17 +33,32 @@ class EngineOptions:
     compile: bool = False  # torch.compile the denoiser
     threads: int | None = None  # intra-op threads per CPU worker; None: the executor splits the cores
     batch_size: int | str = "auto"  # images per pipeline call, or auto: each worker sizes its own
+    offload: str = "auto"  # a name of OFFLOADS
+    gpu_memory_gb: float | None = None  # device memory to plan against; None: the device's total (none on CPU)
+    weights: str = "compute"  # a name of WEIGHTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
-            *others, last = DTYPES
-            raise BatchgenError(f"run.dtype: {self.dtype!r} is not a dtype; use {', '.join(others)} or {last}")
+            raise BatchgenError(f"run.dtype: {self.dtype!r} is not a dtype; use {_choices(DTYPES)}")
         if not isinstance(self.compile, bool):
             raise BatchgenError(f"run.compile: {self.compile!r} is not true or false; use run.compile=true or false")
         if self.threads is not None and not (is_int(self.threads) and self.threads >= 1):
             raise BatchgenError(
                 f"run.threads={self.threads!r}: give a thread count of at least 1, or null for automatic"
             )
+        if not isinstance(self.offload, str) or self.offload not in OFFLOADS:
+            raise BatchgenError(f"run.offload: {self.offload!r} is not an offload plan; use {_choices(OFFLOADS)}")
+        if self.gpu_memory_gb is not None and not (
+            isinstance(self.gpu_memory_gb, int | float)
+            and not isinstance(self.gpu_memory_gb, bool)
+            and self.gpu_memory_gb > 0
+        ):
+            raise BatchgenError(
+                f"run.gpu_memory_gb={self.gpu_memory_gb!r}: give the device memory in GB (such as 24), or null for "
+                "the device's own"
+            )
+        if not isinstance(self.weights, str) or self.weights not in WEIGHTS:
+            raise BatchgenError(f"run.weights: {self.weights!r} is not a weight format; use {_choices(WEIGHTS)}")
         if self.batch_size != "auto" and not (is_int(self.batch_size) and self.batch_size >= 1):
             raise BatchgenError(f"sweep.batch_size: '{self.batch_size}' is neither 'auto' nor a positive integer")
 

@@ -102,6 +102,7 @@ class ModelSpec:
     lora_dirs: tuple[Path, ...] = ()  # the folders LoRA names were looked up in (for errors)
     # Whole-file components replacing the checkpoint's own; checkpoint_sha256 then hashes them too.
     components: tuple[ComponentFile, ...] = ()
+    dtype: str | None = None  # models.X.dtype, a name of engine_options.DTYPES; None: run.dtype
 
     @property
     def config_dir(self) -> Path:

@@ -28,6 +28,7 @@ from batchgen.assets.hashing import HashCache
 from batchgen.assets.loras import find_loras, inspect_lora
 from batchgen.assets.safetensors_header import Header, read_header
 from batchgen.assets.single_file import check_component_file, check_single_file
+from batchgen.engine_options import DTYPES
 from batchgen.errors import BatchgenError
 from batchgen.spec import ComponentFile, ModelSpec, Refused, SingleFile
 
@@ -56,6 +57,7 @@ class ModelSource:
     prediction_type: str | None = None
     vae: str | None = None
     text_encoders: Mapping[str, str] = field(default_factory=dict)
+    dtype: str | None = None
 
 
 def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: Callable[[str], Path]) -> ModelSpec:
@@ -106,7 +108,15 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         variant=cfg.variant,
         lora_dirs=tuple(lora_dirs),
         components=components,
+        dtype=_dtype(cfg.dtype, where),
     )
+
+
+def _dtype(name: str | None, where: str) -> str | None:
+    if name is not None and name not in DTYPES:
+        *others, last = DTYPES
+        raise BatchgenError(f"{where}.dtype: {name!r} is not a dtype; use {', '.join(others)} or {last}, or null")
+    return name
 
 
 def _component_paths(cfg: ModelSource, root: Path | None, where: str) -> dict[str, tuple[Path, str]]:

@@ -31,6 +31,7 @@ class ModelConfig:
     # relative to root when root is set. Each is built from the config folder's component config.
     vae: str | None = None
     text_encoders: dict[str, str] = field(default_factory=dict)
+    dtype: str | None = None  # this model's run.dtype (auto, fp16, bf16, fp32); null: run.dtype
 
 
 @dataclass
@@ -92,7 +93,15 @@ RunConfig = make_dataclass(
     "RunConfig",
     [
         ("out_dir", str, field(default="runs/${sweep.name}")),
-        ("dtype", str, field(default="auto")),  # auto: fp16 on CUDA, fp32 on CPU
+        ("dtype", str, field(default="auto")),  # auto: each base's on CUDA (bf16 FLUX.1/SD3, fp16 else), fp32 on CPU
+        # Where each model's components live while it renders: auto (the fastest plan that fits the device's
+        # memory), none (all on the device), encoders (texts encoded first, then the encoders leave), model or
+        # sequential (diffusers' CPU offload).
+        ("offload", str, field(default="auto")),
+        # The device memory plans are made for, in GB; null: the device's total (on CPU: no limit, no plan).
+        ("gpu_memory_gb", float | None, field(default=None)),
+        # compute: weights in the compute dtype; fp8: the denoiser's linear weights stored in float8 (e4m3).
+        ("weights", str, field(default="compute")),
         # torch.compile the UNet: slower start, faster steps on long GPU sweeps.
         ("compile", bool, field(default=False)),
         # A bigger sweep needs --yes: a typo in an axis should not start a week of rendering.

@@ -39,9 +39,17 @@ def merged_values(per_model: Iterable[dict[str, list[Any]]], settings: dict[str,
 
 
 def engine_options(sweep: SweepConfig, run: RunConfig) -> EngineOptions:
-    """How every worker renders (run.dtype, run.compile, run.threads, sweep.batch_size); the record checks each
-    value, so a bad one is a config error before any worker starts."""
-    return EngineOptions(dtype=run.dtype, compile=run.compile, threads=run.threads, batch_size=sweep.batch_size)
+    """How every worker renders (run.dtype, .compile, .threads, .offload, .gpu_memory_gb, .weights and
+    sweep.batch_size); the record checks each value, so a bad one is a config error before any worker starts."""
+    return EngineOptions(
+        dtype=run.dtype,
+        compile=run.compile,
+        threads=run.threads,
+        batch_size=sweep.batch_size,
+        offload=run.offload,
+        gpu_memory_gb=run.gpu_memory_gb,
+        weights=run.weights,
+    )
 
 
 def lora_entries(value: Any, key: str) -> list[tuple[float, float, str]]:

@@ -72,5 +72,6 @@ BASE = Base(
     defaults={"steps": 28, "guidance_scale": 3.5},
     variant_defaults={"schnell": {"steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}},
     default_sample_size=128,  # FluxPipeline's: 1024 pixels with the VAE's factor 8; its config has no sample_size
+    cuda_dtype="bf16",
     t5_tokens=512,
 )

@@ -79,6 +79,9 @@ class Base:
     # pipeline into a folder, function(name, folder) (batchgen/tiny/build.py); empty: the base has none.
     tiny_model: str = ""
     tiny_builder: str = ""
+    # What run.dtype=auto computes in on a CUDA device, as the base's releases are published and diffusers' examples
+    # load them: fp16 for the UNet bases, bf16 where activations overflow fp16 (FLUX.1, SD3). CPU: always fp32.
+    cuda_dtype: str = "fp16"
     # The T5 tokens the pipeline reads by default (its max_sequence_length, what 0 means); 0: the base has no T5.
     t5_tokens: int = 0
 

@@ -48,5 +48,6 @@ BASE = Base(
         "3.5 large": {"steps": 28, "guidance_scale": 3.5},
         "3.5 medium": {"steps": 40, "guidance_scale": 4.5},
     },
+    cuda_dtype="bf16",
     t5_tokens=256,
 )
