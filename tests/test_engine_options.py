@@ -46,12 +46,14 @@ def test_a_fixed_batch_is_the_smallest_work_unit(batch_size, unit: int) -> None:
 def test_every_dtype_name_is_a_torch_dtype() -> None:
     import torch
 
+    from batchgen.assets.bases import BY_NAME
     from batchgen.engine.pipeline import resolve_dtype
 
-    assert {name: resolve_dtype(name, "cpu") for name in DTYPES} == {
+    sd1 = BY_NAME["sd-1"]
+    assert {name: resolve_dtype(name, sd1, "cpu") for name in DTYPES} == {
         "auto": torch.float32,
         "fp16": torch.float16,
         "bf16": torch.bfloat16,
         "fp32": torch.float32,
     }
-    assert resolve_dtype("auto", "cuda:1") == torch.float16
+    assert resolve_dtype("auto", sd1, "cuda:1") == torch.float16

@@ -13,7 +13,7 @@ import torch
 
 from batchgen.assets.architecture import COMPONENTS, meta_denoiser
 from batchgen.assets.bases import BY_NAME
-from batchgen.assets.bases.record import tokenizer_of
+from batchgen.assets.bases.record import Base, tokenizer_of
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.components import load_component_files
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
@@ -23,12 +23,11 @@ from batchgen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from batchgen.spec import LoraState, ModelSpec
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """run.dtype as torch's (EngineOptions checked the name). `auto` is fp16 on CUDA and fp32 elsewhere: CPU half
-    precision is slow and imprecise."""
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, DTYPES[name])
+def resolve_dtype(name: str, base: Base, device: str) -> torch.dtype:
+    """A run.dtype or models.X.dtype name (EngineOptions and model resolution checked it) as torch's dtype for a
+    model of `base` on `device`: auto is the base's cuda_dtype on CUDA (bf16 for FLUX.1 and SD3, whose activations
+    overflow fp16), fp32 elsewhere."""
+    return getattr(torch, DTYPES[base.compute_dtype(name, device)])
 
 
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):

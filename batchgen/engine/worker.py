@@ -80,7 +80,8 @@ class Renderer:
         options = options or EngineOptions()
         self.models = models
         self.device = device
-        self.dtype = resolve_dtype(options.dtype, device)
+        self.run_dtype = options.dtype  # a model's models.X.dtype overrides it
+        self.dtype: torch.dtype | None = None  # the loaded model's, resolved per model in _model
         self.name = name
         self.batch_size = options.batch_size
         self.compile_unet = options.compile
@@ -162,6 +163,7 @@ class Renderer:
             gc.collect()  # release the previous model before the next one claims memory (a full pass: 0.2 s)
         spec = self.models[name]
         base = BY_NAME[spec.base]
+        self.dtype = resolve_dtype(spec.dtype or self.run_dtype, base, self.device)
         pipe = load_pipeline(spec, self.device, self.dtype)
         register_embeddings(pipe, spec)
         # Before compile, so the compiled graph holds the per-image split.

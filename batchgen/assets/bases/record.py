@@ -95,6 +95,14 @@ class Base:
         """Whether any job of the base reads its negative prompt (FLUX.1's distilled guidance never does)."""
         return self.guidance == "cfg"
 
+    def compute_dtype(self, name: str, device: str) -> str:
+        """The dtype a run.dtype or models.X.dtype name computes in on a device (a name of engine_options.DTYPES
+        but auto): an explicit name wins; auto is the base's cuda_dtype on CUDA and fp32 elsewhere, since CPU half
+        precision is slow and imprecise."""
+        if name != "auto":
+            return name
+        return self.cuda_dtype if device.startswith("cuda") else "fp32"
+
     def negative_pass(self, guidance_scale: float, denoiser_config: Mapping[str, object] | None = None) -> bool:
         """Whether a job runs a negative-prompt (unconditional) pass, as the base's diffusers pipeline decides it:
         classifier-free guidance above 1, never under distilled guidance (FluxPipeline's true_cfg_scale stays 1),
