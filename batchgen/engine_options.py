@@ -9,6 +9,7 @@ it whole. Pure: the dtype names are a table here, which the engine maps to torch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from batchgen.errors import BatchgenError
 from batchgen.settings import is_int
@@ -20,6 +21,19 @@ OFFLOADS = ("auto", "none", "encoders", "model", "sequential")
 # run.weights: `compute` holds every weight in the compute dtype; `fp8` stores the denoiser's linear weights in
 # float8 (e4m3) and computes in bf16.
 WEIGHTS = ("compute", "fp8")
+
+
+class _Base(Protocol):
+    """What dtype_name asks of a base record (batchgen.assets.bases.record.Base; a shared leaf cannot import it)."""
+
+    def compute_dtype(self, name: str, device: str) -> str: ...
+
+
+def dtype_name(spec_dtype: str | None, run_dtype: str, device_kind: str, base: _Base) -> str:
+    """What a model computes in, as a name (fp16, bf16 or fp32): models.X.dtype over run.dtype, then auto resolved
+    for the base on the device kind (cuda: the base's cuda_dtype, cpu: fp32). Planning sizes memory with it; the
+    engine's resolve_dtype maps the same name to torch's dtype."""
+    return base.compute_dtype(spec_dtype or run_dtype, device_kind)
 
 
 def _choices(values) -> str:
