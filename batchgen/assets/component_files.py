@@ -66,6 +66,23 @@ def convert_component(kind: str, state: Mapping[str, Any], target: Mapping[str, 
     return out
 
 
+def component_keys(kind: str, keys: list[str]) -> list[str]:
+    """The keys of a file that its `kind` converter reads as the component (the same roots and left-out parts as
+    below), each weight once: memory planning counts a whole file's component from its header with them."""
+    if kind == "vae":
+        root = next((r for r in _VAE_ROOTS if any(k.startswith((r + "encoder.", r + "decoder.")) for k in keys)), "")
+        return [k for k in keys if k.startswith(root) and (root or not k.startswith(_VAE_IGNORED))]
+    if kind == "clip":
+        anchor = "embeddings.token_embedding.weight"
+        root = next((k[: -len(anchor)].removesuffix(LEVEL) for k in keys if k.endswith(anchor)), "")
+        return [k for k in keys if k.startswith(root) and not without_level(k[len(root) :]).startswith(_CLIP_IGNORED)]
+    root = next((k[: -len(_T5_ANCHOR)] for k in keys if k.endswith(_T5_ANCHOR)), "")
+    body = {k: k[len(root) :] for k in keys if k.startswith(root) and not k[len(root) :].startswith(_T5_IGNORED)}
+    saved = set(body.values())
+    # The token embedding is one weight however many names a file saves it under.
+    return [k for k, b in body.items() if not (b in _T5_TIED and _T5_TIED[b] in saved and b != "shared.weight")]
+
+
 def file_kinds(keys: list[str]) -> list[str]:
     """What a file holds, by its names alone: vae, clip, t5 (a ComfyUI whole-model file holds all three)."""
     anchors = {
