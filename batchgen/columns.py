@@ -78,6 +78,7 @@ _FIXED = (
     _render("effect", index=Shown(9, numeric=True)),  # mean absolute pixel difference from the reference, 0-255
     _render("ssim", index=Shown(10, numeric=True)),  # structural similarity to the reference, 1 = identical
     _render("degenerate", codec=DEGENERATE, index=Shown(11, filter=4)),  # empty while not measured
+    _render("dtype"),  # what the job computed in: fp16, bf16 or fp32 (run.dtype, models.X.dtype, the base's auto)
 )
 
 

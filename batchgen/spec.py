@@ -210,6 +210,7 @@ class RenderResult:
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     degenerate: str = ""  # for a failed image: `nonfinite` when the latents or pixels held NaN or inf
+    dtype: str = ""  # what the job computed in (fp16, bf16, fp32); empty when it failed before its model loaded
 
 
 def format_number(value: float) -> str:

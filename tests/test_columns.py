@@ -19,16 +19,18 @@ MANIFEST_BEFORE = (
     *("finished_at", "error", "stack", "prompt_template", "timings", "clip_skip", "prompt_syntax"),
     *("pad_prompts", "lora_triggers", "epoch", "reference", "effect", "ssim", "degenerate"),
     "max_sequence_length",
+    "dtype",
 )
 RECORDED_BEFORE = (
     *("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"),
-    *("effect", "ssim", "degenerate"),
+    *("effect", "ssim", "degenerate", "dtype"),
 )
 VOLATILE_BEFORE = {"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"} | {
     "reference",
     "effect",
     "ssim",
     "degenerate",
+    "dtype",
 }
 
 

@@ -11,23 +11,25 @@ import functools
 import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 from batchgen.assets.bases import BY_NAME
+from batchgen.assets.bases.record import Base
 from batchgen.engine.conditioning import Conditioning, negative_pass
 from batchgen.engine.mmdit import TRANSFORMER_CALL_ARGUMENT, PipelinePrompts, isolate_images
 from batchgen.engine.passes import UNET_CALL_ARGUMENT, pipeline_inputs, wrap_unet
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.prompts import PromptCache
-from batchgen.engine_options import EngineOptions
+from batchgen.engine_options import DTYPES, EngineOptions
 from batchgen.metrics import NONFINITE, degenerate
 from batchgen.settings import batch_values
 from batchgen.spec import Job, ModelSpec, RenderResult
 
+_DTYPE_NAMES = {getattr(torch, attribute): name for name, attribute in DTYPES.items() if attribute}
 # On CPU a batch mostly saves per-call overhead (the tiny model renders 4 images in 1.9x the time of one); past
 # 4 the gain flattens while latency per result grows.
 CPU_BATCH = 4
@@ -47,7 +49,11 @@ class _Loaded:
 
 @dataclass
 class _Clock:
+    """What the wrapped VAE decode saw in a pipeline call: its seconds and, per image, whether the latents it
+    was handed were finite (NaN or inf there come from denoising, never from the VAE)."""
+
     seconds: float = 0.0
+    finite: list[bool] = field(default_factory=list)
 
 
 def batch_key(job: Job) -> tuple:
@@ -113,12 +119,14 @@ class Renderer:
                 return
             mark = time.perf_counter()
             loaded.decode_clock.seconds = 0.0
+            loaded.decode_clock.finite.clear()
             images = self._generate(loaded, batch, conds)
             stages["decode"] = loaded.decode_clock.seconds
             stages["denoise"] = time.perf_counter() - mark - stages["decode"]
         except torch.cuda.OutOfMemoryError as e:
             if len(batch) == 1:
-                yield RenderResult(batch[0].job_id, None, time.perf_counter() - started, self.name, _describe(e), {})
+                seconds = time.perf_counter() - started
+                yield RenderResult(batch[0].job_id, None, seconds, self.name, _describe(e), {}, dtype=self._dtype_name)
                 return
             # Halve and retry; later batches stay at the size that fitted.
             torch.cuda.empty_cache()
@@ -130,17 +138,35 @@ class Renderer:
         except Exception as e:  # one bad batch must not end the sweep; the manifest records why
             share = (time.perf_counter() - started) / len(batch)
             for job in batch:
-                yield RenderResult(job.job_id, None, share, self.name, _describe(e), {})
+                yield RenderResult(job.job_id, None, share, self.name, _describe(e), {}, dtype=self._dtype_name)
             return
         share = {stage: seconds / len(batch) for stage, seconds in stages.items()}
-        for job, pixels in zip(batch, images, strict=True):
+        seconds, dtype = sum(share.values()), self._dtype_name
+        finite = loaded.decode_clock.finite
+        # A pipeline that decoded outside the wrapped decode leaves the check to the pixels (image_fault).
+        finite = finite if len(finite) == len(batch) else [True] * len(batch)
+        for job, pixels, latents_finite in zip(batch, images, finite, strict=True):
+            if not latents_finite:
+                fault = self._latent_fault(job.model)
+                yield RenderResult(job.job_id, None, seconds, self.name, fault, dict(share), NONFINITE, dtype)
+                continue
             fault = image_fault(pixels)
             if not fault:
-                yield RenderResult(job.job_id, to_pil(pixels), sum(share.values()), self.name, "", dict(share))
+                yield RenderResult(job.job_id, to_pil(pixels), seconds, self.name, "", dict(share), dtype=dtype)
                 continue
             # A failed image is still measured: CI asks for no degenerate images as well as no failures.
             kind = NONFINITE if not np.isfinite(pixels).all() else degenerate(np.asarray(to_pil(pixels)))
-            yield RenderResult(job.job_id, None, sum(share.values()), self.name, fault, dict(share), kind)
+            yield RenderResult(job.job_id, None, seconds, self.name, fault, dict(share), kind, dtype)
+
+    @property
+    def _dtype_name(self) -> str:
+        """What the loaded model computes in, as run.dtype names it; empty before any model loaded."""
+        return _DTYPE_NAMES.get(self.dtype, "") if self.dtype is not None else ""
+
+    def _latent_fault(self, model: str) -> str:
+        spec = self.models[model]
+        key = f"models.{model}.dtype" if spec.dtype is not None else "run.dtype"
+        return latent_fault(self._dtype_name, BY_NAME[spec.base], key)
 
     def _batch_size(self) -> int:
         return min(self._oom_cap or 2**31, self._wanted_batch_size())
@@ -212,6 +238,20 @@ class Renderer:
         return result.images
 
 
+def latent_fault(dtype: str, base: Base, key: str) -> str:
+    """Why a job whose latents held NaN or inf after denoising has no image, and the setting (`key`, the one that
+    chose the dtype) that avoids it: bf16 where the base's releases compute in it (FLUX.1 and SD3 overflow fp16),
+    else bf16's range or fp32's; in fp32 the model itself diverged."""
+    cause = f"non-finite latents (NaN/inf) after denoising in {dtype}"
+    if dtype == "fp16" and base.cuda_dtype == "bf16":
+        return f"{cause}; {base.label} overflows fp16: use {key}=bf16"
+    if dtype == "fp16":
+        return f"{cause}; the model overflowed fp16: use {key}=bf16 or fp32"
+    if dtype == "bf16":
+        return f"{cause}; use {key}=fp32"
+    return f"{cause}; the model or a LoRA diverged: try lower LoRA weights, more steps or another scheduler"
+
+
 def image_fault(pixels: np.ndarray) -> str:
     """Why a decoded image is unusable, or "": NaN (an fp16 overflow, usually) or pure black (what NaN becomes
     once clamped, or a model that produced nothing)."""
@@ -231,10 +271,11 @@ def _time_decode(pipe, clock: _Clock) -> None:
     """Wrap the VAE's decode so its share of a pipeline call is measured without re-implementing the call."""
     decode = pipe.vae.decode
 
-    def timed(*args, **kwargs):
+    def timed(latents, *args, **kwargs):
+        clock.finite += torch.isfinite(latents).flatten(1).all(1).tolist()
         mark = time.perf_counter()
         try:
-            return decode(*args, **kwargs)
+            return decode(latents, *args, **kwargs)
         finally:
             clock.seconds += time.perf_counter() - mark
 

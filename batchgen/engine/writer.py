@@ -83,6 +83,7 @@ def encode_row(
     job = png_job(row)
     row = dict(row)
     row["worker"] = result.worker
+    row["dtype"] = result.dtype
     data = None
     if result.image is None:
         row["status"] = "failed"
