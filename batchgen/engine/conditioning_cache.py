@@ -36,6 +36,11 @@ class ConditioningCache:
         self.misses = 0  # units encoded
         self.rounds = 0  # encoder rounds: a batch's missing units, or a unit fetched on its own (the empty text)
         self._state: LoraState | None = None  # the text-encoder state of the last batch
+        self._retain = False
+
+    def retain_all(self) -> None:
+        """Keep every entry until the cache goes (a plan that encodes every text ahead, engine/placement.py)."""
+        self._retain = True
 
     def open(self, batch: list[Job], mode: Callable[[Job], Hashable], mixed: str) -> Lookup:
         """The cache as `batch` sees it: the batch's one text-encoder state and one `mode(job)` (`mixed` names
@@ -54,7 +59,7 @@ class ConditioningCache:
 
     def trim(self) -> None:
         """Drop the least recently used entries past `max_entries` (after a batch, so none it reads goes first)."""
-        while len(self._entries) > self.max_entries:
+        while not self._retain and len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     def encodings(self) -> list[Encoded]:
@@ -62,7 +67,7 @@ class ConditioningCache:
 
     def _forget_other_states(self, state: LoraState) -> None:
         keep = {state, LoraState()}
-        for key in [key for key in self._entries if key[1] not in keep]:
+        for key in [] if self._retain else [key for key in self._entries if key[1] not in keep]:
             del self._entries[key]
         self._state = state
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from unittest import mock
 
@@ -191,9 +192,9 @@ class SchedulerSwitch:
 class LoraStacks:
     """Switches LoRA stacks by patching weights; each LoRA file is read once, on first use."""
 
-    def __init__(self, pipe, spec: ModelSpec) -> None:
+    def __init__(self, pipe, spec: ModelSpec, device: torch.device | None = None) -> None:
         self.spec = spec
-        self.device = pipe.device
+        self.device = pipe.device if device is None else device  # where LoRA factors live (engine/placement.py)
         self.components = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
         self.unet_config = dict(getattr(pipe, BY_NAME[spec.base].denoiser).config)
         self.patcher = WeightPatcher(self.components, Path(spec.checkpoint), spec.base)
@@ -211,3 +212,11 @@ class LoraStacks:
         self.current = None  # a switch that fails part-way leaves no stack in effect: the next use() must patch
         self.patcher.apply(state)
         self.current = state
+
+    def use_part(self, state: LoraState, components: Collection[str]) -> None:
+        """`state` in `components` only; every other component keeps what it holds (it may be off the device
+        that holds the LoRA factors, engine/placement.py)."""
+        held = self.current or LoraState()
+        parts = [(c, p) for c, p in state.components if c in components]
+        parts += [(c, p) for c, p in held.components if c not in components]
+        self.use(LoraState(tuple(sorted(parts))))

@@ -20,14 +20,16 @@ from PIL import Image
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.bases.record import Base
 from batchgen.engine.conditioning import Conditioning, negative_pass
+from batchgen.engine.conditioning_cache import text_encoder_state
 from batchgen.engine.mmdit import TRANSFORMER_CALL_ARGUMENT, PipelinePrompts, isolate_images
 from batchgen.engine.passes import UNET_CALL_ARGUMENT, pipeline_inputs, wrap_unet
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
+from batchgen.engine.placement import Placement
 from batchgen.engine.prompts import PromptCache
 from batchgen.engine_options import DTYPES, EngineOptions
 from batchgen.metrics import NONFINITE, degenerate
 from batchgen.settings import batch_values
-from batchgen.spec import Job, ModelSpec, RenderResult
+from batchgen.spec import Job, LoraState, ModelSpec, RenderResult
 
 _DTYPE_NAMES = {getattr(torch, attribute): name for name, attribute in DTYPES.items() if attribute}
 # On CPU a batch mostly saves per-call overhead (the tiny model renders 4 images in 1.9x the time of one); past
@@ -43,6 +45,7 @@ class _Loaded:
     scheduler: SchedulerSwitch
     prompts: PromptCache | PipelinePrompts
     decode_clock: _Clock
+    placement: Placement
     guided: Callable[[Job], bool]  # whether the job's pipeline call runs a negative-prompt pass
     call_argument: str  # the pipeline argument that carries a call's DenoiserCall to the wrapped denoiser
 
@@ -91,11 +94,17 @@ class Renderer:
         self.name = name
         self.batch_size = options.batch_size
         self.compile_unet = options.compile
+        self.options = options
         self._loaded: _Loaded | None = None
+        # The jobs of the current render() call, and those whose texts are encoded: a plan that encodes ahead
+        # (engine/placement.py) encodes every pending job's texts while its encoders are on the device.
+        self._pending: list[Job] = []
+        self._encoded: set[str] = set()
         self._oom_cap: int | None = None  # the batch size that fitted after a CUDA out-of-memory error
 
     def render(self, jobs: Iterable[Job]) -> Iterator[RenderResult]:
-        for batch in batches(jobs, self._batch_size()):
+        self._pending = list(jobs)
+        for batch in batches(self._pending, self._batch_size()):
             yield from self._render_batch(batch)
 
     def _render_batch(self, batch: list[Job]) -> Iterator[RenderResult]:
@@ -103,13 +112,7 @@ class Renderer:
         stages: dict[str, float] = {}
         try:
             loaded = self._model(batch[0].model, stages)
-            mark = time.perf_counter()
-            loaded.loras.use(batch[0].lora_state)
-            loaded.scheduler.use(batch[0].scheduler)
-            stages["patch"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            conds = loaded.prompts.embeds(batch)
-            stages["encode"] = time.perf_counter() - mark
+            conds = self._conditioning(loaded, batch, stages)
             signatures = [c.signature for c in conds]
             if len(set(signatures)) > 1:
                 # Long prompts come in 77-token chunks and edited ones switch at their own steps; one pipeline
@@ -168,6 +171,38 @@ class Renderer:
         key = f"models.{model}.dtype" if spec.dtype is not None else "run.dtype"
         return latent_fault(self._dtype_name, BY_NAME[spec.base], key)
 
+    def _conditioning(self, loaded: _Loaded, batch: list[Job], stages: dict[str, float]) -> list[Conditioning]:
+        """The batch's LoRA state and scheduler in place and its texts encoded (stages: patch, encode). Under a
+        plan that encodes ahead, the texts of every pending job of the model not encoded yet go first, grouped by
+        text-encoder state, while the encoders hold the device; then the denoiser takes it back."""
+        placement, loras, state = loaded.placement, loaded.loras, batch[0].lora_state
+        stages["patch"] = stages["encode"] = 0.0
+        if placement.swaps and any(job.job_id not in self._encoded for job in batch):
+            mark = time.perf_counter()
+            placement.to_phase("encode")
+            todo = [j for j in self._pending if j.model == loaded.name and j.job_id not in self._encoded]
+            todo += [j for j in batch if j.job_id not in self._encoded and j not in todo]
+            for group in _by_text_encoder_state(todo):
+                patch = time.perf_counter()
+                loras.use_part(group[0].lora_state, placement.encoders)
+                stages["patch"] += time.perf_counter() - patch
+                for part in batches(group, 2**31):
+                    loaded.prompts.embeds(part)
+                self._encoded.update(j.job_id for j in group)
+            stages["encode"] += time.perf_counter() - mark - stages["patch"]
+        mark = time.perf_counter()
+        placement.to_phase("denoise")
+        if placement.swaps:
+            loras.use_part(state, (placement.denoiser,))
+        else:
+            loras.use(state)
+        loaded.scheduler.use(batch[0].scheduler)
+        stages["patch"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        conds = loaded.prompts.embeds(batch)  # encoded ahead under a swapping plan: read from the cache
+        stages["encode"] += time.perf_counter() - mark
+        return conds
+
     def _batch_size(self) -> int:
         return min(self._oom_cap or 2**31, self._wanted_batch_size())
 
@@ -190,7 +225,10 @@ class Renderer:
         spec = self.models[name]
         base = BY_NAME[spec.base]
         self.dtype = resolve_dtype(spec.dtype or self.run_dtype, base, self.device)
-        pipe = load_pipeline(spec, self.device, self.dtype)
+        offload = self._offload(spec)
+        # A plan that offloads loads on the CPU and moves what each phase needs (engine/placement.py).
+        pipe = load_pipeline(spec, self.device if offload == "none" else "cpu", self.dtype)
+        placement = Placement(pipe, base, self.device, offload)
         register_embeddings(pipe, spec)
         # Before compile, so the compiled graph holds the per-image split.
         if base.denoiser == "transformer":
@@ -201,21 +239,33 @@ class Renderer:
             wrap_unet(pipe.unet)
             prompts = PromptCache(pipe, base)
             call_argument = UNET_CALL_ARGUMENT
-            if self.device.startswith("cuda"):
+            if self.device.startswith("cuda") and offload == "none":
                 pipe.unet.to(memory_format=torch.channels_last)
         # The VAE's small convolutions round by batch too, so images decode one by one: an image's pixels must not
         # depend on its batch. Measured on W1 (64x64, 2 CPU cores): decode 0.5-0.6 s against 0.2-0.3 s batched.
         pipe.vae.enable_slicing()
+        placement.settle()
+        if placement.swaps:
+            # Encoded ahead, every text a worker's jobs need stays until the model is unloaded.
+            prompts.cache.retain_all()
         if self.compile_unet:
             setattr(pipe, base.denoiser, torch.compile(getattr(pipe, base.denoiser)))
         clock = _Clock()
         _time_decode(pipe, clock)
         uses = functools.partial(negative_pass, base, pipe)
-        loras = LoraStacks(pipe, spec)
+        loras = LoraStacks(pipe, spec, placement.lora_device)
         scheduler = SchedulerSwitch(pipe)
-        self._loaded = _Loaded(name, pipe, loras, scheduler, prompts, clock, uses, call_argument)
+        self._encoded.clear()
+        self._loaded = _Loaded(name, pipe, loras, scheduler, prompts, clock, placement, uses, call_argument)
         stages["load"] = time.perf_counter() - mark
         return self._loaded
+
+    def _offload(self, spec: ModelSpec) -> str:
+        """The model's offload plan: run.offload when it names one; for auto, the fastest that fits the device's
+        memory (batchgen/plan/memory.py), which on a CPU without run.gpu_memory_gb is `none`."""
+        if self.options.offload != "auto":
+            return self.options.offload
+        return "none"
 
     @torch.inference_mode()
     def _generate(self, loaded: _Loaded, batch: list[Job], conds: list[Conditioning]):
@@ -236,6 +286,14 @@ class Renderer:
             **embeds,
         )
         return result.images
+
+
+def _by_text_encoder_state(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs grouped by text-encoder LoRA state, in order of first appearance: one patch of the encoders each."""
+    groups: dict[LoraState, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(text_encoder_state(job), []).append(job)
+    return list(groups.values())
 
 
 def latent_fault(dtype: str, base: Base, key: str) -> str:
