@@ -84,3 +84,18 @@ def test_a_job_arriving_later_brings_the_encoders_back_for_what_is_missing(plans
         j.job_id: 0 for j in plan.jobs
     }
     assert renderer._loaded.placement.switches == 4  # encode, denoise, encode again for the second call, denoise
+
+
+def test_auto_takes_the_plan_the_memory_plan_chooses_for_the_budget(plans) -> None:
+    from batchgen.plan.memory import GIB, memory_plan
+
+    plan = plans["tiny_sd1"]
+    spec = plan.models["tiny_sd1"]
+    peaks = memory_plan(spec, plan.jobs, EngineOptions(batch_size=2), None, "cpu").peaks
+    assert peaks["none"] > peaks["encoders"]
+    # A budget between the two peaks: everything resident does not fit, encoders-first does.
+    gb = (peaks["none"] + peaks["encoders"]) / 2 / GIB
+    renderer = Renderer(plan.models, EngineOptions(batch_size=2, gpu_memory_gb=gb))
+    results = list(renderer.render(plan.jobs[:2]))
+    assert [r.error for r in results] == ["", ""]
+    assert renderer._loaded.placement.offload == "encoders"

@@ -28,6 +28,7 @@ from batchgen.engine.placement import Placement
 from batchgen.engine.prompts import PromptCache
 from batchgen.engine_options import DTYPES, EngineOptions
 from batchgen.metrics import NONFINITE, degenerate
+from batchgen.plan.memory import GIB, memory_plan
 from batchgen.settings import batch_values
 from batchgen.spec import Job, LoraState, ModelSpec, RenderResult
 
@@ -261,11 +262,19 @@ class Renderer:
         return self._loaded
 
     def _offload(self, spec: ModelSpec) -> str:
-        """The model's offload plan: run.offload when it names one; for auto, the fastest that fits the device's
-        memory (batchgen/plan/memory.py), which on a CPU without run.gpu_memory_gb is `none`."""
+        """The model's offload plan: run.offload when it names one; for auto, the fastest that fits the memory
+        planned for (run.gpu_memory_gb, else the device's total; on a CPU without it, `none`), from the model's
+        jobs of this render call (batchgen/plan/memory.py, which the dry run prints)."""
         if self.options.offload != "auto":
             return self.options.offload
-        return "none"
+        budget = None
+        if self.options.gpu_memory_gb is not None:
+            budget = int(self.options.gpu_memory_gb * GIB)
+        elif self.device.startswith("cuda"):
+            budget = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
+        jobs = [job for job in self._pending if job.model == spec.name]
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        return memory_plan(spec, jobs, self.options, budget, kind).offload
 
     @torch.inference_mode()
     def _generate(self, loaded: _Loaded, batch: list[Job], conds: list[Conditioning]):
