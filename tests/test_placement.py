@@ -32,18 +32,19 @@ def _render(plan, offload: str, batch_size: int = 2) -> tuple[dict[str, np.ndarr
 
 @pytest.fixture(scope="module")
 def plans(tiny_cache):
-    return {
-        model: prepare(compose_config([*SWEEP, f"sweep.models=[{model}]"]))
-        for model in ("tiny_sd1", "tiny_sdxl")
-    }
+    return {model: prepare(compose_config([*SWEEP, f"sweep.models=[{model}]"])) for model in ("tiny_sd1", "tiny_sdxl")}
 
 
-@pytest.mark.parametrize("model", ["tiny_sd1", "tiny_sdxl"])
-def test_every_plan_renders_the_pixels_of_everything_resident(plans, model: str) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "offloads"),
+    [("tiny_sd1", ("encoders", "model", "sequential")), ("tiny_sdxl", ("encoders",))],  # SDXL: the pooled encoder
+)
+def test_every_plan_renders_the_pixels_of_everything_resident(plans, model: str, offloads) -> None:
     plan = plans[model]
     resident, _ = _render(plan, "none")
     assert len(resident) == len(plan.jobs) == 10
-    for offload in ("encoders", "model", "sequential"):
+    for offload in offloads:
         pixels, _ = _render(plan, offload)
         assert pixels.keys() == resident.keys()
         diff = {j: int(np.abs(pixels[j].astype(int) - resident[j].astype(int)).max()) for j in resident}
@@ -99,3 +100,24 @@ def test_auto_takes_the_plan_the_memory_plan_chooses_for_the_budget(plans) -> No
     results = list(renderer.render(plan.jobs[:2]))
     assert [r.error for r in results] == ["", ""]
     assert renderer._loaded.placement.offload == "encoders"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd3"])
+def test_mmdit_plans_render_the_pixels_of_everything_resident(tiny_cache, model: str) -> None:
+    # grain patches FLUX.1's text encoders as well as its transformer: two text-encoder states.
+    plan = prepare(
+        compose_config(
+            [
+                "+sweep=next", f"sweep.models=[{model}]", "sweep.seeds=[1]", "sweep.steps=2", "sweep.slots={}",
+                "sweep.prompts=['a castle at night']", "sweep.references=false", "~sweep.stacks.pastel",
+            ]
+        )
+    )  # fmt: skip
+    resident, _ = _render(plan, "none")
+    assert len(resident) == 4
+    for offload in ("encoders", "sequential"):
+        pixels, _ = _render(plan, offload)
+        assert {j: int(np.abs(pixels[j].astype(int) - resident[j].astype(int)).max()) for j in resident} == {
+            j: 0 for j in resident
+        }, offload
