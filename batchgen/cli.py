@@ -1,4 +1,4 @@
-"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report`, `diff` and `check` subcommands.
+"""`batchgen [OPTIONS] [HYDRA_OVERRIDES]...`, plus the `report`, `diff`, `check` and `rank` subcommands.
 
 Any first word other than a subcommand belongs to the render command, so `batchgen +sweep=styles` needs no verb.
 """
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the modules behind these types import hydra and pandas: sta
     from batchgen.plan import Plan
 
 RENDER = "render"
-SUBCOMMANDS = ("report", "diff", "check")
+SUBCOMMANDS = ("report", "diff", "check", "rank")
 
 
 class DefaultGroup(TyperGroup):
@@ -164,6 +164,7 @@ def report_command(
     if result.measured:
         sys.stderr.write(f"measured {result.measured} images (effect, ssim, degenerate) into the manifest\n")
     plots = f", {len(result.plots)} strength plots" if result.plots else ""
+    plots += f", {len(result.tradeoffs)} tradeoff plots" if result.tradeoffs else ""
     sys.stdout.write(f"{len(result.grids)} grids{plots}, {result.index}\n")
 
 
@@ -204,14 +205,38 @@ def check_command(
         bool, typer.Option("--no-degenerate", help="No image is flat, mostly clipped or non-finite")
     ] = False,
     max_failed: Annotated[int | None, typer.Option("--max-failed", help="At most this many failed jobs")] = None,
+    min_clip_t: Annotated[
+        float | None,
+        typer.Option("--min-clip-t", help="Every job with a clip_t (prompt fidelity, 0-100) reaches at least this"),
+    ] = None,
+    min_clip_i: Annotated[
+        float | None,
+        typer.Option("--min-clip-i", help="Every job with a clip_i (CLIP, like its concepts' images) reaches this"),
+    ] = None,
+    min_dino_i: Annotated[
+        float | None,
+        typer.Option("--min-dino-i", help="Every job with a dino_i (DINO, like its concepts' images) reaches this"),
+    ] = None,
 ) -> None:
     from batchgen.report.check import CheckRequest, check_run
 
-    result = check_run(CheckRequest(run_dir, min_effect, no_degenerate, max_failed))
+    request = CheckRequest(run_dir, min_effect, no_degenerate, max_failed, min_clip_t, min_clip_i, min_dino_i)
+    result = check_run(request)
     for line in result.problems:
         sys.stdout.write(f"{line}\n")
     sys.stdout.write(f"{result.summary}\n")
     raise typer.Exit(result.exit_code)
+
+
+@app.command("rank", help="Rank each LoRA's (or TI's) weights, epochs and block presets by clip_i, dino_i, clip_t.")
+def rank_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory whose manifest has sweep.metrics' columns")],
+    csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout, one line per state, for machines")] = False,
+) -> None:
+    from batchgen.report.rank import rank_run, to_csv, to_text
+
+    groups = rank_run(run_dir)
+    sys.stdout.write(to_csv(groups) if csv else to_text(groups, run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,11 @@ def test_check_exit_codes_and_messages(rendered: Path, run_cli) -> None:
         (("--min-effect", "abc"), "Invalid value for '--min-effect': "),
         (("--max-failed", "x"), "Invalid value for '--max-failed': "),
         (("--min-efect", "1"), "No such option: --min-efect"),
-        ((), "batchgen: error: check: nothing to check; give --min-effect N, --no-degenerate and/or --max-failed N"),
+        (
+            (),
+            "batchgen: error: check: nothing to check; give --min-effect N, --no-degenerate, --max-failed N, "
+            "--min-clip-t N, --min-clip-i N and/or --min-dino-i N",
+        ),
         (("--min-effect", "-1"), "batchgen: error: --min-effect -1.0: give a pixel difference from 0 to 255"),
     ]:
         code, _, err = run_cli("check", "runs/styles", *args)

@@ -1,13 +1,13 @@
 """The steps after rendering, one function for both `batchgen +sweep=...` (after its last image) and `batchgen
-report RUN_DIR`: measurements the manifest lacks go into it, then the grids, strength plots and index.html are
-built from each job's latest row (manifest.read_latest).
+report RUN_DIR`: measurements the manifest lacks go into it, then the grids, strength and trade-off plots and
+index.html are built from each job's latest row (manifest.read_latest).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,7 @@ from batchgen.report.curves import strength_plots
 from batchgen.report.effects import fill_measurements
 from batchgen.report.grids import build_grids
 from batchgen.report.index import build_index
+from batchgen.report.tradeoff import tradeoff_plots
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class AfterRender:
     grids: list[Path]
     plots: list[Path]
     index: Path
+    tradeoffs: list[Path] = field(default_factory=list)  # clip_i against clip_t (report.tradeoff)
 
 
 def after_render(
@@ -55,5 +57,6 @@ def after_render(
     slots = slot_columns(table) if layout.slots is None else layout.slots
     grids = build_grids(table, run_dir, layout.x, layout.y, slots, z=layout.z, max_megapixels=layout.max_megapixels)
     plots = strength_plots(table, run_dir)
-    index = build_index(table, run_dir, grids, summary, plots)
-    return AfterRender(measured, len(table), grids, plots, index)
+    tradeoffs = tradeoff_plots(table, run_dir)
+    index = build_index(table, run_dir, grids, summary, plots, tradeoffs)
+    return AfterRender(measured, len(table), grids, plots, index, tradeoffs)

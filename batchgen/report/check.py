@@ -1,4 +1,5 @@
-"""`batchgen check RUN_DIR`: assertions on a finished run for CI, e.g. every LoRA does something, nothing broke.
+"""`batchgen check RUN_DIR`: assertions on a finished run for CI, e.g. every LoRA does something, nothing broke,
+every image follows its prompt and looks like its LoRA's training images (clip_t, clip_i, dino_i).
 
 Reads each job's latest row; measurements a run lacks (a reference that landed after its job) are computed in
 memory, never written: a check changes nothing in the run directory.
@@ -6,6 +7,7 @@ memory, never written: a check changes nothing in the run directory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +19,15 @@ from batchgen.manifest import MANIFEST, latest_positions, read_manifest
 from batchgen.report.effects import with_measurements
 from batchgen.report.invocations import recorded
 from batchgen.report.labels import stack_labels
+from batchgen.report.rank import values
 from batchgen.report.text import text
 
 _LABEL = "_stack_label"  # the row's stack state as grids label it, for the lines naming a job
 # A LoRA job takes part in --min-effect when every weight it has (UNet and text encoder) is at least this: at
 # lower weights a LoRA may rightly do next to nothing.
 MIN_EFFECT_WEIGHT = 0.5
+# The metric columns (sweep.metrics) a threshold applies to, and the option naming it.
+MIN_METRICS = {"clip_t": "--min-clip-t", "clip_i": "--min-clip-i", "dino_i": "--min-dino-i"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,13 @@ class CheckRequest:
     min_effect: float | None = None
     no_degenerate: bool = False
     max_failed: int | None = None
+    min_clip_t: float | None = None
+    min_clip_i: float | None = None
+    min_dino_i: float | None = None
+
+    def minimum(self, column: str) -> float | None:
+        """The threshold given for a metric column of MIN_METRICS."""
+        return getattr(self, f"min_{column}")
 
 
 @dataclass(frozen=True)
@@ -82,17 +94,42 @@ def check_run(request: CheckRequest) -> CheckResult:
             problems += [f"failed ({row['error']}): {_where(row)}" for _, row in failed.iterrows()]
             problems.append(f"{len(failed)} failed jobs, more than --max-failed {request.max_failed}")
         said.append(f"{len(failed)} failed (at most {request.max_failed})")
+    for column, option in MIN_METRICS.items():
+        minimum = request.minimum(column)
+        if minimum is None:
+            continue
+        measured = latest.assign(_value=values(latest, column).to_numpy())
+        measured = measured[(measured["status"] == "ok") & measured["_value"].notna()]
+        if measured.empty:
+            raise BatchgenError(
+                f"{run_dir}: {option}: no job has a {column} value in this run; set sweep.metrics and run "
+                f"`batchgen report {run_dir}` to measure it, or drop {option}"
+            )
+        problems += [
+            f"{column} {row['_value']:.3f} < {minimum:g}: {_where(row)}"
+            for _, row in measured.iterrows()
+            if row["_value"] < minimum
+        ]
+        said.append(f"{len(measured)} jobs checked for {column} >= {minimum:g}")
     verdict = f"{len(problems)} problems" if problems else "ok"
     return CheckResult(problems, f"check {run_dir}: {verdict}; {', '.join(said)}")
 
 
 def _check_request(request: CheckRequest, run_dir: Path) -> None:
-    if request.min_effect is None and not request.no_degenerate and request.max_failed is None:
-        raise BatchgenError("check: nothing to check; give --min-effect N, --no-degenerate and/or --max-failed N")
+    limits = [request.min_effect, request.max_failed, *(request.minimum(column) for column in MIN_METRICS)]
+    if not request.no_degenerate and all(limit is None for limit in limits):
+        raise BatchgenError(
+            "check: nothing to check; give --min-effect N, --no-degenerate, --max-failed N, --min-clip-t N, "
+            "--min-clip-i N and/or --min-dino-i N"
+        )
     if request.min_effect is not None and not request.min_effect >= 0:
         raise BatchgenError(f"--min-effect {request.min_effect}: give a pixel difference from 0 to 255")
     if request.max_failed is not None and request.max_failed < 0:
         raise BatchgenError(f"--max-failed {request.max_failed}: give a count of 0 or more")
+    for column, option in MIN_METRICS.items():
+        minimum = request.minimum(column)
+        if minimum is not None and not math.isfinite(minimum):
+            raise BatchgenError(f"{option} {minimum}: give a number, as the manifest's {column} column holds")
     if not (run_dir / MANIFEST).is_file():
         raise BatchgenError(f"{run_dir}: no {MANIFEST} here; pass a run directory such as runs/styles")
 

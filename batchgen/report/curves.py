@@ -6,7 +6,6 @@ Only single-LoRA stacks make points: with two LoRAs in a stack there is no one w
 
 from __future__ import annotations
 
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from batchgen.cells import parse_loras
-from batchgen.report.files import write_atomic
+from batchgen.report.files import safe_name, write_atomic
 from batchgen.report.text import text
 
 
@@ -70,12 +69,8 @@ def strength_plots(table: pd.DataFrame, run_dir: Path) -> list[Path]:
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
         figure.tight_layout()
-        path = run_dir / "plots" / f"strength-{_safe(model)}.png"
+        path = run_dir / "plots" / f"strength-{safe_name(model)}.png"
         write_atomic(path, lambda handle, f=figure: f.savefig(handle, format="png", metadata={"Software": None}))
         plt.close(figure)
         written.append(path)
     return written
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

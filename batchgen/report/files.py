@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,3 +41,8 @@ def href(base: Path, path: Path) -> str:
     """Relative, URL-quoted, HTML-escaped link so a page works from a file or any static server."""
     rel = Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
     return html.escape(quote(rel, safe="/"), quote=True)
+
+
+def safe_name(name: str) -> str:
+    """A model's name as part of a file name (plots/strength-<model>.png)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

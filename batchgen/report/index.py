@@ -302,9 +302,10 @@ def build_index(
     grids: list[Path],
     summary: dict[str, str] | None = None,
     plots: list[Path] = (),
+    tradeoffs: list[Path] = (),
 ) -> Path:
     """Write run_dir/index.html. `summary`: facts about the invocation that just ran, shown above the run's;
-    `plots`: the strength curves (report.curves)."""
+    `plots`: the strength curves (report.curves); `tradeoffs`: clip_i against clip_t (report.tradeoff)."""
     run_dir = Path(run_dir)
     title = _esc(f"batchgen run: {run_dir.resolve().name}")
     page = "\n".join(
@@ -318,6 +319,11 @@ def build_index(
             f"<h2>Grids ({len(grids)})</h2>",
             _grids_html(run_dir, grids),
             *([f"<h2>Strength curves ({len(plots)})</h2>", _figures_html(run_dir, plots)] if plots else []),
+            *(
+                [f"<h2>Concept vs prompt fidelity ({len(tradeoffs)})</h2>", _figures_html(run_dir, tradeoffs)]
+                if tradeoffs
+                else []
+            ),
             f"<h2>Jobs ({len(table)})</h2>",
             _filters_html(table),
             _jobs_html(run_dir, table),

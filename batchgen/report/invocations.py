@@ -27,6 +27,7 @@ class Recorded:
     grid_z: str | None = None
     max_grid_megapixels: Any = None  # report.max_grid_megapixels, checked where it is used (axes)
     references: bool | None = None  # sweep.references
+    concepts: tuple[str, ...] | None = None  # the names sweep.metrics.concepts gives images; None: no sweep.metrics
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> Recorded:
@@ -40,6 +41,7 @@ class Recorded:
             grid_z=None if grid.get("z") is None else str(grid["z"]),
             max_grid_megapixels=_section(config, "report").get("max_grid_megapixels"),
             references=sweep.get("references") if isinstance(sweep.get("references"), bool) else None,
+            concepts=_concepts(sweep.get("metrics")),
         )
 
 
@@ -84,6 +86,13 @@ def recorded(run_dir: Path) -> Recorded:
     """The latest invocation's settings; all unrecorded when there is none."""
     latest = latest_invocation(run_dir)
     return Recorded() if latest is None else latest.recorded
+
+
+def _concepts(metrics: Any) -> tuple[str, ...] | None:
+    if not isinstance(metrics, dict):
+        return None
+    concepts = metrics.get("concepts")
+    return tuple(str(name) for name in concepts) if isinstance(concepts, dict) else ()
 
 
 def _section(config: dict[str, Any], key: str) -> dict[str, Any]:

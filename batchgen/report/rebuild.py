@@ -40,6 +40,7 @@ class ReportResult:
     recovered: Recovered | None
     measured: int = 0  # rows given effect, ssim or degenerate now (a run from before batchgen measured)
     plots: list[Path] = field(default_factory=list)
+    tradeoffs: list[Path] = field(default_factory=list)
 
 
 def _layout(request: ReportRequest, run_dir: Path) -> GridLayout:
@@ -71,4 +72,4 @@ def rebuild_report(request: ReportRequest) -> ReportResult:
     layout = _layout(request, run_dir)  # a bad axis limit is refused before anything is written
     recovered = write_manifest_from_pngs(run_dir) if request.from_pngs else None
     done = after_render(run_dir, layout, lock=request.lock(run_dir))
-    return ReportResult(done.grids, done.index, done.rows, recovered, done.measured, done.plots)
+    return ReportResult(done.grids, done.index, done.rows, recovered, done.measured, done.plots, done.tradeoffs)
