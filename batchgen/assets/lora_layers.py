@@ -63,6 +63,11 @@ class LayerPatch(ABC):
     def bias_delta(self) -> torch.Tensor | None:
         return None
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(up, down, scale) with ΔW = scale · up @ down, up and down fp32 matrices, for a layer that is one such
+        product (a LoRA on a Linear); None for every other. fp8 weights apply such a layer in the forward."""
+        return None
+
     def rank(self) -> int | None:
         return self.rank_of(self._tensors)
 
@@ -155,6 +160,11 @@ class LoRALayer(_FactoredLayer):
         self._check_shape(target)
         up, down = self._fp32("lora_up.weight").flatten(1), self._fp32("lora_down.weight").flatten(1)
         target.view(up.shape[0], -1).addmm_(up, down, alpha=alpha * self._scale)
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if "lora_mid.weight" in self._tensors or self._tensors["lora_down.weight"].dim() != 2:
+            return None
+        return self._fp32("lora_up.weight").flatten(1), self._fp32("lora_down.weight"), self._scale
 
     def _build(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         import torch

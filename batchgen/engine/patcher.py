@@ -16,6 +16,8 @@ from batchgen.assets.architecture import ModuleRef, module_shapes
 from batchgen.assets.block_weights import block_of
 from batchgen.assets.lora_layers import LayerPatch
 from batchgen.assets.loras import read_lora_layers
+from batchgen.engine.fp8 import Fp8Linear
+from batchgen.engine.fp8 import patch as patch_fp8
 from batchgen.engine.pristine import PristineStore
 from batchgen.spec import LoraState
 
@@ -85,14 +87,17 @@ class WeightPatcher:
         module = self._modules.get(ref)
         if module is None:
             module = self._modules[ref] = self.components[ref.component].get_submodule(ref.path)
-        if ref not in self.pristine:
+        fp8 = isinstance(module, Fp8Linear)
+        if ref not in self.pristine and not fp8:  # fp8 storage is never written (engine/fp8.py): nothing to keep
             self.pristine.keep(ref, module)
         layers = [(self.loras[name][ref], weight) for name, weight in contributions]
         holds_original = ref not in self._applied
         # Until this write completes the module's bits are unknown: a failure part-way must not leave it looking
         # original (or as its old stack), so the next write of it restores from the pristine copy first.
         self._applied[ref] = _UNKNOWN
-        if module.weight.dtype == torch.float32 and not any(layer.needs_pristine for layer, _ in layers):
+        if fp8:
+            patch_fp8(module, layers)  # a delta would round away in fp8: the stack rides beside the weight
+        elif module.weight.dtype == torch.float32 and not any(layer.needs_pristine for layer, _ in layers):
             self._write_in_place(ref, module, layers, holds_original)
         else:
             self._write_via_fp32(ref, module, layers)

@@ -17,6 +17,7 @@ from batchgen.assets.bases import BY_NAME
 from batchgen.assets.bases.record import Base, tokenizer_of
 from batchgen.assets.tensors import checkpoint_state_dict, embedding_vectors, read_state_dict
 from batchgen.engine.components import load_component_files
+from batchgen.engine.fp8 import fp8_state, store_fp8
 from batchgen.engine.patcher import WeightPatcher, load_lora_layers
 from batchgen.engine_options import DTYPES
 from batchgen.library_log import settle
@@ -31,16 +32,22 @@ def resolve_dtype(name: str, base: Base, device: str) -> torch.dtype:
     return getattr(torch, DTYPES[base.compute_dtype(name, device)])
 
 
-def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
-    """A diffusers pipeline from a local folder or single file; never touches the network."""
+def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype, weights: str = "compute"):
+    """A diffusers pipeline from a local folder or single file; never touches the network. `weights` is
+    run.weights: under fp8 the denoiser's Linear weights are stored in fp8 before the model moves (engine/fp8.py)."""
     from diffusers import DiffusionPipeline
 
     settle()  # the libraries' notices go where batchgen.library_log routes them
     parts = load_component_files(spec, dtype)  # whole-file VAE / text encoders, in place of the checkpoint's own
+    denoiser = BY_NAME[spec.base].denoiser
     if spec.single_file is not None:
-        load = load_transformer_single_file if BY_NAME[spec.base].denoiser == "transformer" else load_single_file
-        pipe = load(spec, dtype, parts)
+        if denoiser == "transformer":
+            pipe = load_transformer_single_file(spec, dtype, parts, weights)
+        else:
+            pipe = load_single_file(spec, dtype, parts)
         pipe.set_progress_bar_config(disable=True)
+        if weights == "fp8":
+            store_fp8(getattr(pipe, denoiser))
         return pipe.to(device)
     index = json.loads((Path(spec.checkpoint) / "model_index.json").read_text())
     extra = {}
@@ -53,6 +60,8 @@ def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype):
     extra.update(parts)
     pipe = DiffusionPipeline.from_pretrained(str(spec.checkpoint), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
+    if weights == "fp8":
+        store_fp8(getattr(pipe, denoiser))
     return pipe.to(device)
 
 
@@ -99,10 +108,13 @@ def _absent_text_encoders(folder: Path, base: str) -> dict[str, None]:
     return absent
 
 
-def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype, parts: dict | None = None):
+def load_transformer_single_file(
+    spec: ModelSpec, dtype: torch.dtype, parts: dict | None = None, weights: str = "compute"
+):
     """An SD3 or FLUX.1 transformer file in its original layout, converted by batchgen (assets/sd3_checkpoint.py,
     assets/flux_checkpoint.py), inside the rest of the pipeline from the `config:` folder (planning checked that
-    every weight is there at its shape)."""
+    every weight is there at its shape). The conversion renames and cuts views of the file's tensors, so under
+    run.weights=fp8 an fp8 file's Linear weights reach the model as its own bytes, never copied to bf16."""
     import diffusers
 
     from batchgen.assets.single_file import convert_transformer
@@ -114,8 +126,12 @@ def load_transformer_single_file(spec: ModelSpec, dtype: torch.dtype, parts: dic
     transformer = meta_denoiser(config, spec.base)
     target = {key: tuple(value.shape) for key, value in transformer.state_dict().items()}
     state = checkpoint_state_dict(Path(spec.checkpoint))
-    weights = {k: v.to(dtype) for k, v in convert_transformer(spec.base, state, target).items()}
-    transformer.load_state_dict(weights, strict=True, assign=True)
+    converted = convert_transformer(spec.base, state, target)
+    if weights == "fp8":
+        tensors = fp8_state(converted, transformer)
+    else:
+        tensors = {k: v.to(dtype) for k, v in converted.items()}
+    transformer.load_state_dict(tensors, strict=True, assign=True)
     pipeline = getattr(diffusers, BY_NAME[spec.base].pipeline_class)
     return pipeline.from_pretrained(
         str(single.config_dir),

@@ -21,6 +21,7 @@ from batchgen.assets.bases import BY_NAME
 from batchgen.assets.bases.record import Base
 from batchgen.engine.conditioning import Conditioning, negative_pass
 from batchgen.engine.conditioning_cache import text_encoder_state
+from batchgen.engine.fp8 import compute_dtype
 from batchgen.engine.mmdit import TRANSFORMER_CALL_ARGUMENT, PipelinePrompts, isolate_images
 from batchgen.engine.passes import UNET_CALL_ARGUMENT, pipeline_inputs, wrap_unet
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
@@ -225,10 +226,11 @@ class Renderer:
             gc.collect()  # release the previous model before the next one claims memory (a full pass: 0.2 s)
         spec = self.models[name]
         base = BY_NAME[spec.base]
-        self.dtype = resolve_dtype(spec.dtype or self.run_dtype, base, self.device)
+        dtype = resolve_dtype(spec.dtype or self.run_dtype, base, self.device)
+        self.dtype = compute_dtype(self.options.weights, dtype)  # fp8 weights compute in bf16 (engine/fp8.py)
         offload = self._offload(spec)
         # A plan that offloads loads on the CPU and moves what each phase needs (engine/placement.py).
-        pipe = load_pipeline(spec, self.device if offload == "none" else "cpu", self.dtype)
+        pipe = load_pipeline(spec, self.device if offload == "none" else "cpu", self.dtype, self.options.weights)
         placement = Placement(pipe, base, self.device, offload)
         register_embeddings(pipe, spec)
         # Before compile, so the compiled graph holds the per-image split.
