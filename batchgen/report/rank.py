@@ -316,6 +316,8 @@ def tradeoff_curves(table: pd.DataFrame) -> dict[str, list[Curve]]:
     """{model: curves} of median clip_i against median clip_t, from the jobs of single-LoRA stacks (with two LoRAs
     there is no one weight or epoch to follow); only points with both measures. A LoRA with epochs has one curve
     per weight through its epochs, else one through its weights; per text-encoder weight and block weights."""
+    if not all(values(table, column).notna().any() for column in ("clip_i", "clip_t")):
+        return {}  # a run without metrics (most runs) pays no more than this look
     per_job = jobs(table, concepts=())
     per_job = per_job[per_job["loras"] == 1]
     out: dict[str, list[Curve]] = {}
