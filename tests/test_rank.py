@@ -228,7 +228,7 @@ def test_check_metric_thresholds(tmp_path: Path, cli) -> None:
 
 
 def test_report_writes_the_tradeoff_plot_and_index_shows_it(tmp_path: Path, cli) -> None:
-    _build(tmp_path / RUN)
+    _build(tmp_path / RUN, concepts=None)  # no sweep.metrics recorded: the report measures nothing, loads no model
     assert tradeoff_curves(read_latest(tmp_path / RUN)) == {
         # only single-LoRA stacks: ink_grain has no one weight to follow; the references' medians as a cross
         "m1": [
