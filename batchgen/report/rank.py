@@ -22,6 +22,7 @@ import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -147,26 +148,39 @@ def rank(table: pd.DataFrame, concepts: Collection[str] | None = None) -> list[G
     return groups
 
 
+class _Measured(NamedTuple):
+    state: str
+    images: int
+    first: int  # where its first job sits in the table: the last tie-break, so the order is the grids'
+    measures: dict[str, Spread]
+    gains: dict[str, Spread]
+
+
 def _group(model: str, kind: str, name: str, rows: pd.DataFrame) -> Group:
-    states = []
-    for state, found in rows.groupby("state", sort=False):
-        measures = {column: _spread(found[column]) for column in MEASURES}
-        gains = {column: _spread(found[f"{column}_gain"]) for column in GAINS}
-        states.append((state, len(found), int(found["order"].min()), measures, gains))
-    fidelity = next((c for c in ("clip_i", "dino_i") if any(s[3][c].known for s in states)), None)
-    axes = [c for c in (fidelity, "clip_t") if c is not None and any(s[3][c].known for s in states)]
-    points = [tuple(s[3][c].median for c in axes) for s in states]
+    states = [
+        _Measured(
+            state,
+            len(found),
+            int(found["order"].min()),
+            {column: _spread(found[column]) for column in MEASURES},
+            {column: _spread(found[f"{column}_gain"]) for column in GAINS},
+        )
+        for state, found in rows.groupby("state", sort=False)
+    ]
+    fidelity = next((c for c in ("clip_i", "dino_i") if any(s.measures[c].known for s in states)), None)
+    axes = [c for c in (fidelity, "clip_t") if c is not None and any(s.measures[c].known for s in states)]
+    points = [tuple(s.measures[c].median for c in axes) for s in states]
     front = [bool(axes) and _on_front(point, points) for point in points]
 
     def key(i: int) -> tuple:
-        _, _, first, measures, gains = states[i]
-        gain = gains[fidelity].median if fidelity else math.nan
-        value = measures[fidelity].median if fidelity else math.nan
-        return (not front[i], _descending(gain), _descending(value), first)
+        gain = states[i].gains[fidelity].median if fidelity else math.nan
+        value = states[i].measures[fidelity].median if fidelity else math.nan
+        return (not front[i], _descending(gain), _descending(value), states[i].first)
 
     ranked = [
-        RankedState(model, kind, name, states[i][0], place, front[i], states[i][1], states[i][3], states[i][4])
+        RankedState(model, kind, name, s.state, place, front[i], s.images, s.measures, s.gains)
         for place, i in enumerate(sorted(range(len(states)), key=key), start=1)
+        for s in (states[i],)
     ]
     reference = {column: _median(rows[f"reference_{column}"]) for column in GAINS}
     return Group(model, kind, name, fidelity, reference, ranked)
