@@ -135,11 +135,14 @@ class LoraWeight:
 @dataclass(frozen=True)
 class Contribution:
     """What one LoRA file puts into one pipeline component's weights: its weight there and, with block weights, the
-    factor of each block its modules in that component sit in, listed only where it is not 1."""
+    factor of each block its modules in that component sit in, listed only where it is not 1. `sha256`: the file's
+    bytes, so that a file rewritten under its name (a trainer's final save over an earlier one) is another state
+    for the patcher and every cache ("": not known, as in states built by hand)."""
 
     lora: str
     weight: float
     blocks: tuple[tuple[str, float], ...] = ()
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,11 @@ class LoraState:
     def loras(self) -> tuple[str, ...]:
         """The LoRA files the state needs loaded, each once, in name order."""
         return tuple(sorted({part.lora for _, parts in self.components for part in parts}))
+
+    @property
+    def files(self) -> dict[str, str]:
+        """LoRA name -> the sha256 of the file the state holds under it ("" where not known)."""
+        return {part.lora: part.sha256 for _, parts in self.components for part in parts}
 
     def pairs(self) -> dict[tuple[str, str], Contribution]:
         """(component, LoRA) -> contribution: what a switch between two states compares."""

@@ -53,6 +53,12 @@ class WeightPatcher:
         self._modules: dict[ModuleRef, torch.nn.Module] = {}
 
     def add(self, name: str, layers: dict[ModuleRef, LayerPatch]) -> None:
+        """The LoRA's layers under `name`; adding a name again replaces them (its file was rewritten, --watch): every
+        module holding the old layers is rewritten from its pristine copy by the next apply()."""
+        if name in self.loras:
+            for ref, contributions in self._applied.items():
+                if any(lora == name for lora, _ in contributions):
+                    self._applied[ref] = _UNKNOWN
         self.loras[name] = layers
         by_component: dict[str, list[ModuleRef]] = {}
         for ref in layers:

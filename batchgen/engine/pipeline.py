@@ -215,16 +215,21 @@ class LoraStacks:
         self.unet_config = dict(getattr(pipe, BY_NAME[spec.base].denoiser).config)
         self.patcher = WeightPatcher(self.components, Path(spec.checkpoint), spec.base)
         self.current: LoraState | None = None
+        self.loaded: dict[str, str] = {}  # LoRA name -> the sha256 of the file its layers were read from
 
     def use(self, state: LoraState) -> None:
         if state == self.current:
             return
-        for name in state.loras:
-            if name not in self.patcher.loras:
-                lora = self.spec.lora(name)
+        for name, sha256 in state.files.items():
+            if name not in self.loaded or (sha256 and self.loaded[name] != sha256):
+                lora = self.spec.lora(name)  # a later plan's spec (--watch: Renderer.update_models)
                 if lora is None:
                     raise KeyError(f"model {self.spec.name} has no LoRA '{name}'; the planner skips such jobs")
+                if sha256 and lora.sha256 != sha256:
+                    raise RuntimeError(f"LoRA '{name}' ({lora.path}) is not the file its jobs were planned with")
+                self.current = None  # replacing a file's layers unsettles the modules that hold them
                 self.patcher.add(name, load_lora_layers(lora.path, self.components, self.unet_config, self.device))
+                self.loaded[name] = lora.sha256
         self.current = None  # a switch that fails part-way leaves no stack in effect: the next use() must patch
         self.patcher.apply(state)
         self.current = state

@@ -11,7 +11,7 @@ import functools
 import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -108,6 +108,24 @@ class Renderer:
         self._pending = list(jobs)
         for batch in batches(self._pending, self._batch_size()):
             yield from self._render_batch(batch)
+
+    def update_models(self, models: dict[str, ModelSpec]) -> None:
+        """A later plan's models (--watch renders each new file on the workers it started with). The loaded model
+        stays: its LoRAs are read from the new spec (a file whose sha256 changed is read again, LoraStacks.use) and
+        TIs added since are registered; a TI rewritten or gone, or any other change to the model, unloads it."""
+        self.models = models
+        loaded = self._loaded
+        if loaded is None:
+            return
+        old, new = loaded.loras.spec, models.get(loaded.name)
+        if new is None or _without_assets(old) != _without_assets(new) or not set(old.embeddings) <= {*new.embeddings}:
+            self._loaded = None
+            gc.collect()
+            return
+        register_embeddings(
+            loaded.pipe, replace(new, embeddings=tuple(e for e in new.embeddings if e not in old.embeddings))
+        )
+        loaded.loras.spec = new
 
     def _render_batch(self, batch: list[Job]) -> Iterator[RenderResult]:
         started = time.perf_counter()
@@ -297,6 +315,11 @@ class Renderer:
             **embeds,
         )
         return result.images
+
+
+def _without_assets(spec: ModelSpec) -> ModelSpec:
+    """The model as loading it depends on: without the LoRA and TI files found beside it."""
+    return replace(spec, embeddings=(), loras=(), refused=(), discovered=())
 
 
 def _by_text_encoder_state(jobs: list[Job]) -> list[list[Job]]:

@@ -25,7 +25,8 @@ def lora_state(loras: tuple[LoraWeight, ...], spec: ModelSpec) -> LoraState:
             if weight == 0.0:  # W0 + 0 * dW is W0: the component holds nothing of this file
                 continue
             factors = effective_blocks(lw, blocks, spec.base)
-            by_component.setdefault(component, []).append(Contribution(lw.name, weight, tuple(factors.items())))
+            contribution = Contribution(lw.name, weight, tuple(factors.items()), file.sha256)
+            by_component.setdefault(component, []).append(contribution)
     return LoraState(tuple(sorted((c, tuple(parts)) for c, parts in by_component.items())))
 
 
