@@ -90,19 +90,21 @@ def render_command(
         sys.stdout.write(OmegaConf.to_yaml(composed.container))
         return
     executor = None
+    device = None
     if renders:
         # Before torch loads (composing imports none): libgomp reads the policy once, when it starts, and
         # spawned workers inherit it.
         choose_wait_policy(since=load_sample)
         executor = make_executor(composed.config.executor, engine)
         executor.start_early()  # workers import their libraries while this process plans
+        device = executor.planning_device()
     elif dry_run:
         # What a render would refuse (executor.devices naming a missing GPU, say), the dry run refuses too; it
-        # starts nothing.
-        make_executor(composed.config.executor, engine)
+        # starts nothing, and plans memory for the same devices.
+        device = make_executor(composed.config.executor, engine).planning_device()
     try:
         with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet
-            plan = prepare(composed, all_assets=list_)
+            plan = prepare(composed, all_assets=list_, device=device)
         _render_plan(composed, plan, executor, list_, dry_run, yes, retry_failed)
     finally:
         if executor is not None:

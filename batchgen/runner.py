@@ -21,7 +21,7 @@ from batchgen.cells import parse_timings
 from batchgen.columns import RECORDED
 from batchgen.config import Composed
 from batchgen.errors import OUTPUT_ERRNOS, Stopped, output_error
-from batchgen.executors.base import Executor, ExecutorRequest
+from batchgen.executors.base import Executor, ExecutorRequest, PlanningDevice
 from batchgen.executors.registry import executor_options, make_executor
 from batchgen.library_log import LOG as LIBRARY_LOG
 from batchgen.library_log import routed
@@ -35,6 +35,7 @@ from batchgen.manifest import (
     remove_stale_temp_files,
 )
 from batchgen.plan import Plan, build_plan, read_prompts_file, select_models, used_assets
+from batchgen.plan.memory import GIB, MemoryPlan, check_fits, gb, memory_plan
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
 from batchgen.settings import SETTINGS
@@ -55,10 +56,12 @@ class Outcome:
         return 1 if self.failed else 0
 
 
-def prepare(composed: Composed, all_assets: bool = False) -> Plan:
+def prepare(composed: Composed, all_assets: bool = False, device: PlanningDevice | None = None) -> Plan:
     """Everything that can fail on bad input, before any model weights load.
 
-    Only the LoRAs and TIs the sweep mentions are hashed and read, unless `all_assets` (for --list).
+    Only the LoRAs and TIs the sweep mentions are hashed and read, unless `all_assets` (for --list, which plans no
+    memory). `device`: what the memory plans are made for (the executor's planning_device; None: the configured
+    executor's, built here).
     """
     cfg = composed.config
     executor_options(cfg.executor)  # an unknown executor or key is a config error, before any file is read
@@ -81,7 +84,25 @@ def prepare(composed: Composed, all_assets: bool = False) -> Plan:
     hashes.save()
     plan = build_plan(cfg.sweep, models, rows, cfg.run)
     plan.warnings.extend(unused)
+    if not all_assets:
+        plan.memory.update(plan_memory(plan, device or make_executor(cfg.executor, plan.engine).planning_device()))
     return plan
+
+
+def plan_memory(plan: Plan, device: PlanningDevice) -> dict[str, MemoryPlan]:
+    """Each model's memory plan against run.gpu_memory_gb (GiB), else the device's total; a plan that cannot fit
+    is refused here, before anything loads, for a render and a dry run alike. Where neither the device nor a
+    budget is known here (Ray, SLURM), each worker plans at load and nothing is refused."""
+    options = plan.engine
+    budget = round(options.gpu_memory_gb * GIB) if options.gpu_memory_gb is not None else device.memory_bytes
+    kind = device.kind or ("cuda" if budget is not None else None)
+    if kind is None:
+        return {}
+    plans = {}
+    for name, spec in plan.models.items():
+        plans[name] = memory_plan(spec, [job for job in plan.jobs if job.model == name], options, budget, kind)
+        check_fits(plans[name])
+    return plans
 
 
 def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
@@ -115,6 +136,54 @@ def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:
         )
     for reason, count in plan.table.loc[plan.table["status"] == "skipped", "error"].value_counts().items():
         out.write(f"  skipped {count}: {reason}\n")
+    out.write("memory of each model:\n")
+    for line in memory_lines(plan):
+        out.write(line + "\n")
+
+
+def memory_lines(plan: Plan) -> list[str]:
+    """Per model: each component's size, the activations and decode, the plan chosen, its estimated peak and the
+    memory it was planned against (batchgen/plan/memory.py)."""
+    if not plan.memory:
+        return [f"  each worker plans for its own device at load ({_FOR_A_CARD})"]
+    indent = max(map(len, plan.memory)) + 4
+    lines = []
+    for name, memory in plan.memory.items():
+        sizes = [f"{c.component} {gb(c.bytes)}," for c in memory.components]
+        if memory.lora_bytes:
+            sizes.append(f"LoRAs {gb(memory.lora_bytes)},")
+        sizes[-1] = sizes[-1].rstrip(",") + ";"
+        weights = ", fp8 Linear weights" if memory.weights == "fp8" else ""
+        items = [f"{memory.dtype}{weights}:", *sizes]
+        items += [f"activations {gb(memory.activation_bytes)} (batch {memory.batch_size}),"]
+        items += [f"decode {gb(memory.decode_bytes)}"]
+        lines += _wrapped(f"  {name}", items, indent)
+        chosen = [f"plan {memory.offload}", f"(run.offload={memory.requested}):"]
+        chosen += [f"estimated peak {gb(memory.peak_bytes)},"]
+        if memory.budget_bytes is not None:
+            chosen += [f"planned against {gb(memory.budget_bytes)}", f"({memory.budget_source})"]
+        elif memory.device_kind == "cpu":
+            chosen += ["no limit on CPU", f"({_FOR_A_CARD})"]
+        else:
+            chosen += ["each worker plans for its own device at load", f"({_FOR_A_CARD})"]
+        lines += _wrapped("", chosen, indent)
+        lines += [" " * indent + f"note: {note}" for note in memory.notes]
+    return lines
+
+
+_FOR_A_CARD = "run.gpu_memory_gb=24 plans for a 24 GB card"
+
+
+def _wrapped(head: str, items: list[str], indent: int) -> list[str]:
+    """`head` padded to `indent`, then the items joined by spaces, wrapped before 119 columns between items."""
+    lines, line = [], head.ljust(indent)
+    for item in items:
+        if len(line) + len(item) >= 119 and line.strip() != head.strip():
+            lines.append(line.rstrip())
+            line = " " * indent
+        line += item + " "
+    lines.append(line.rstrip())
+    return lines
 
 
 def resolved_settings(plan: Plan) -> dict[str, list[tuple[str, str]]]:

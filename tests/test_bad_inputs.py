@@ -346,6 +346,13 @@ def zero_batch_size(c: Case):
     return ["sweep.batch_size=0"], "sweep.batch_size: '0' is neither 'auto' nor a positive integer\n"
 
 
+def offload_that_cannot_fit(c: Case):
+    return ["run.offload=none", "run.gpu_memory_gb=0.01"], (
+        "model tiny_sd1: run.offload=none needs 31.1 MB, more than the 10.2 MB planned for (run.gpu_memory_gb); "
+        "run.offload=sequential fits\n"
+    )
+
+
 def zero_devices(c: Case):
     return ["executor.devices=0"], "executor.devices=0: need at least 1 worker\n"
 
@@ -489,6 +496,7 @@ CASES = [
     compile_not_a_bool,
     zero_threads,
     zero_batch_size,
+    offload_that_cannot_fit,
     zero_devices,
     negative_device,
     negative_steps,

@@ -270,7 +270,9 @@ class Renderer:
             # Encoded ahead, every text a worker's jobs need stays until the model is unloaded.
             prompts.cache.retain_all()
         if self.compile_unet:
-            setattr(pipe, base.denoiser, torch.compile(getattr(pipe, base.denoiser)))
+            # In place (nn.Module.compile): torch.compile's wrapper would prefix every module path with _orig_mod.,
+            # and no LoRA would find its modules.
+            getattr(pipe, base.denoiser).compile()
         clock = _Clock()
         _time_decode(pipe, clock)
         uses = functools.partial(negative_pass, base, pipe)

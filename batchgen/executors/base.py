@@ -56,6 +56,15 @@ class WorkerSetup:
         return Renderer(self.models, self.engine, device, name)
 
 
+@dataclass(frozen=True)
+class PlanningDevice:
+    """What each model's memory plan is made for before anything loads (batchgen/plan/memory.py): the kind of
+    device the workers render on and the least memory among their devices."""
+
+    kind: str | None  # cuda | cpu; None: not known here (each worker plans for its own device at load)
+    memory_bytes: int | None = None  # None: no limit (CPU) or not known here
+
+
 class Executor(Protocol):
     """What the runner calls; built from the executor's options and the run's EngineOptions (checked by planning:
     its thread count, batch size, dtype), `executor_class(name)(options, engine)`; it checks its own options."""
@@ -75,6 +84,11 @@ class Executor(Protocol):
 
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         """Render every job of the request; each finished row goes to `sink`, in this process, in finish order."""
+        ...
+
+    def planning_device(self) -> PlanningDevice:
+        """The device the memory plans are made for (starting nothing): its kind, and its total memory where this
+        process can read it."""
         ...
 
 

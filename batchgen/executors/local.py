@@ -25,6 +25,7 @@ from batchgen.executors.base import (
     Idle,
     Message,
     Pairs,
+    PlanningDevice,
     Row,
     Sink,
     WorkerSetup,
@@ -99,6 +100,13 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def device_memory(devices: list[str]) -> int:
+    """The smallest total memory of these CUDA devices: a plan that fits it fits every worker."""
+    import torch  # lazy: only where CUDA devices are visible, which has imported torch already
+
+    return min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices)
+
+
 def torch_has_gpu_build(version_file: Path | None = None) -> bool:
     """False only where torch's version.py sets both `cuda` and `hip` to None (a CPU wheel); any doubt is True."""
     if version_file is None:
@@ -141,6 +149,10 @@ class LocalExecutor:
         if self._early is not None:
             self._early.close()
             self._early = None
+
+    def planning_device(self) -> PlanningDevice:
+        cuda = sorted({slot.device for slot in self.slots if slot.device.startswith("cuda")})
+        return PlanningDevice("cuda", device_memory(cuda)) if cuda else PlanningDevice("cpu")
 
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         if len(self.slots) == 1 or len(request.jobs) == 1:

@@ -20,6 +20,7 @@ from batchgen.executors.base import (
     Idle,
     Message,
     Pairs,
+    PlanningDevice,
     Row,
     Sink,
     WorkerSetup,
@@ -105,6 +106,9 @@ class RayExecutor:
 
     def note(self, jobs: int) -> str:
         return ""
+
+    def planning_device(self) -> PlanningDevice:
+        return PlanningDevice(None)  # the cluster's devices are known only to its actors
 
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         import ray

@@ -25,6 +25,7 @@ from batchgen.executors.base import (
     Idle,
     Message,
     Pairs,
+    PlanningDevice,
     Row,
     Sink,
     WorkerSetup,
@@ -86,6 +87,10 @@ class SlurmExecutor:
 
     def note(self, jobs: int) -> str:
         return ""
+
+    def planning_device(self) -> PlanningDevice:
+        # A job's GPU is known only on its node: each worker plans for its own at load.
+        return PlanningDevice("cuda" if self.slurm.gpus_per_task else "cpu")
 
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
         pool = JobPool(request, self.engine, self.slurm, self.threads)

@@ -26,6 +26,7 @@ from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
 from batchgen.plan.checks import check_lora_triggers, check_names_exist, check_sweep_grid, missing_assets
 from batchgen.plan.lora_state import effective_blocks, lora_state
+from batchgen.plan.memory import MemoryPlan
 from batchgen.plan.prompts import (
     PromptVariant,
     check_negative_has_no_tags,
@@ -63,6 +64,8 @@ class Plan:
     # Per model, each setting's values, those the sweep leaves to the model resolved (--dry-run prints them).
     settings: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     engine: EngineOptions = EngineOptions()  # how every worker renders (run.dtype, run.compile, ...), checked
+    # Per model, its memory plan for the device the run renders on (runner.prepare fills it; --dry-run prints it).
+    memory: dict[str, MemoryPlan] = field(default_factory=dict)
 
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]

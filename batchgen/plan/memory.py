@@ -119,6 +119,7 @@ class MemoryPlan:
     """One model's plan, as --dry-run prints it and the engine executes it (engine/placement.py)."""
 
     model: str
+    device_kind: str  # cuda | cpu: what it was planned for
     dtype: str  # what it computes in: fp16 | bf16 | fp32
     weights: str  # run.weights: compute | fp8
     components: tuple[ComponentBytes, ...]
@@ -274,6 +275,7 @@ def memory_plan(
     fp8 = options.weights == "fp8"
     return MemoryPlan(
         model=spec.name,
+        device_kind="cuda" if device_kind.startswith("cuda") else "cpu",
         dtype=dtype,
         weights=options.weights,
         components=tuple(
