@@ -94,7 +94,7 @@ def plan_memory(plan: Plan, device: PlanningDevice) -> dict[str, MemoryPlan]:
     is refused here, before anything loads, for a render and a dry run alike. Where neither the device nor a
     budget is known here (Ray, SLURM), each worker plans at load and nothing is refused."""
     options = plan.engine
-    budget = round(options.gpu_memory_gb * GIB) if options.gpu_memory_gb is not None else device.memory_bytes
+    budget = int(options.gpu_memory_gb * GIB) if options.gpu_memory_gb is not None else device.memory_bytes
     kind = device.kind or ("cuda" if budget is not None else None)
     if kind is None:
         return {}

@@ -76,7 +76,7 @@ def flux_job(width: int = 1024, height: int = 1024) -> Job:
 
 def plan_for(spec: ModelSpec, gib: float, weights: str = "compute", offload: str = "auto"):
     options = EngineOptions(gpu_memory_gb=gib, weights=weights, offload=offload)
-    return memory_plan(spec, [flux_job()], options, round(gib * GIB), "cuda")
+    return memory_plan(spec, [flux_job()], options, int(gib * GIB), "cuda")
 
 
 def test_flux1_dev_components_are_sized_from_their_headers(flux1_dev: ModelSpec) -> None:
@@ -132,6 +132,9 @@ def test_the_flux1_dev_estimate_term_by_term(flux1_dev: ModelSpec) -> None:
     # Without a budget (CPU, no run.gpu_memory_gb) the plan is `none`, and it fits.
     cpu = memory_plan(flux1_dev, [flux_job()], EngineOptions(), None, "cpu")
     assert (cpu.offload, cpu.fits, cpu.dtype, cpu.reserve_bytes) == ("none", True, "fp32", 0)
+    # fp8 weights compute in bf16 whatever run.dtype says (engine/fp8.py), on CPU too.
+    fp8 = memory_plan(flux1_dev, [flux_job()], EngineOptions(weights="fp8", dtype="fp32"), None, "cpu")
+    assert (fp8.dtype, fp8.components[0].bytes) == ("bf16", 11_898_322_944 + 2 * 3_085_376)
 
 
 def test_an_explicit_plan_that_cannot_fit_is_one_line_naming_what_fits(flux1_dev: ModelSpec) -> None:

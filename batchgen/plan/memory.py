@@ -66,6 +66,7 @@ TEXT_TENSORS = 8
 CLIP_TOKENS = 77
 RESERVE = {"cuda": GIB, "cpu": 0}
 AUTO_BATCH = {"cuda": 1, "cpu": 4}
+FP8_COMPUTE = "bf16"  # run.weights=fp8 computes in bf16 whatever run.dtype says (engine/fp8.py compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class MemoryPlan:
 
     model: str
     device_kind: str  # cuda | cpu: what it was planned for
-    dtype: str  # what it computes in: fp16 | bf16 | fp32
+    dtype: str  # what it computes in: fp16 | bf16 | fp32 (bf16 under run.weights=fp8)
     weights: str  # run.weights: compute | fp8
     components: tuple[ComponentBytes, ...]
     lora_bytes: int
@@ -263,16 +264,16 @@ def memory_plan(
     (cuda or cpu) with `budget_bytes` of memory (None: no limit)."""
     base = BY_NAME[spec.base]
     sizes = model_sizes(spec)
-    dtype = dtype_name(spec.dtype, options.dtype, device_kind, base)
+    fp8 = options.weights == "fp8"
+    dtype = FP8_COMPUTE if fp8 else dtype_name(spec.dtype, options.dtype, device_kind, base)
     calls = shapes(jobs, base, sizes.denoiser_config)
     batch = planned_batch(options, device_kind)
     loras = lora_bytes(spec, jobs)
-    common = dict(dtype=dtype, batch=batch, lora_bytes=loras, device_kind=device_kind)
-    terms = parts(sizes, base, calls, fp8=options.weights == "fp8", **common)
+    common = dict(batch=batch, lora_bytes=loras, device_kind=device_kind)
+    terms = parts(sizes, base, calls, dtype=dtype, fp8=fp8, **common)
     peaks = terms.peaks()
-    fp8_peaks = peaks if options.weights == "fp8" else parts(sizes, base, calls, fp8=True, **common).peaks()
+    fp8_peaks = peaks if fp8 else parts(sizes, base, calls, dtype=FP8_COMPUTE, fp8=True, **common).peaks()
     offload = choose(options.offload, peaks, budget_bytes)
-    fp8 = options.weights == "fp8"
     return MemoryPlan(
         model=spec.name,
         device_kind="cuda" if device_kind.startswith("cuda") else "cpu",
