@@ -3,7 +3,8 @@
 Every module's target weight is computed from its pristine copy, never by adding to or subtracting from the
 current weight, so switching A -> B -> A gives exactly A's bits and removing every LoRA gives exactly W0.
 Only modules whose contributions change are touched when the stack or a weight changes. A module with no
-contribution holds W0 itself, so adding a stack to it reads nothing back.
+contribution holds W0 itself, so adding a stack to it reads nothing back. A Linear stored in fp8
+(run.weights=fp8) is never written: its stack is attached beside the weight (engine/fp8.py).
 """
 
 from __future__ import annotations
