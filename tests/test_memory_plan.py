@@ -156,6 +156,27 @@ def test_an_explicit_plan_that_cannot_fit_is_one_line_naming_what_fits(flux1_dev
     check_fits(plan_for(flux1_dev, 24, offload="model"))  # fits: nothing raised
 
 
+def test_a_unet_batches_its_guidance_pairs_and_sdxl_decodes_in_fp32_under_fp16(tmp_path: Path) -> None:
+    folder = tmp_path / "sdxl"
+    shutil.copytree(SHIPPED_CONFIGS / "sdxl", folder)
+    for component, name in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")]:
+        write_safetensors(folder / component / f"{name}.safetensors", [["w.weight", [5, 5]]], "F16")
+    for component in ("text_encoder", "text_encoder_2"):
+        write_safetensors(folder / component / "model.safetensors", [["w.weight", [5, 5]]], "F16")
+    spec = ModelSpec(name="xl", base="sdxl", checkpoint=folder, checkpoint_sha256="")
+    jobs = [Job(f"{i:016x}", "xl", "a fox", "", i, 20, 7.5, 1024, 1024, lora_state=LoraState()) for i in range(3)]
+    fp16 = memory_plan(spec, jobs, EngineOptions(batch_size=2), None, "cuda")
+    # Two images per call, each with its negative pass: 4 rows of 128x128 latents at 320 channels.
+    assert (fp16.batch_size, fp16.activation_bytes) == (2, 28 * 4 * 128 * 128 * 320 * 2)
+    # diffusers' SDXL pipeline upcasts its force_upcast VAE to fp32 for the decode, weights and all.
+    assert (fp16.components[-1].bytes, fp16.decode_bytes) == (25 * 4, 8 * 128 * 1024 * 1024 * 4)
+    bf16 = memory_plan(spec, jobs, EngineOptions(batch_size=2, dtype="bf16"), None, "cuda")
+    assert (bf16.components[-1].bytes, bf16.decode_bytes) == (25 * 2, 8 * 128 * 1024 * 1024 * 2)
+    # A guidance scale of 1 runs no negative pass: half the rows.
+    once = [Job("0" * 16, "xl", "a fox", "", 1, 20, 1.0, 1024, 1024, lora_state=LoraState())] * 2
+    assert memory_plan(spec, once, EngineOptions(batch_size=2), None, "cuda").activation_bytes == 28 * 2 * 128**2 * 640
+
+
 def test_dtype_name_is_the_rule_resolve_dtype_follows() -> None:
     flux, sd1 = BY_NAME["flux"], BY_NAME["sd-1"]
     assert dtype_name(None, "auto", "cuda", flux) == "bf16"

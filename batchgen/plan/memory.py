@@ -29,7 +29,8 @@ scale, 2 ** (len(block_out_channels) - 1)):
                      t5_tokens, + CLIP_TOKENS), width = num_attention_heads x attention_head_dim
         under run.weights=fp8, plus the largest Linear weight in the compute dtype (dequantized for its product)
     A_decode   DECODE_TENSORS x block_out_channels[0] x H x W x s: the VAE decodes image by image, and its peak is
-               the full-resolution stage
+               the full-resolution stage; s is 4 where diffusers' SDXL pipeline upcasts an fp16 VAE (force_upcast),
+               whose weights then count in fp32 too
     A_text     TEXT_TENSORS x tokens x width x s for the widest encoder (77 tokens for CLIP, T5's length for T5):
                one text per call
 
@@ -66,6 +67,7 @@ TEXT_TENSORS = 8
 CLIP_TOKENS = 77
 RESERVE = {"cuda": GIB, "cpu": 0}
 AUTO_BATCH = {"cuda": 1, "cpu": 4}
+UPCASTING_PIPELINES = frozenset({"StableDiffusionXLPipeline"})  # fp16 VAEs with force_upcast decode in fp32
 FP8_COMPUTE = "bf16"  # run.weights=fp8 computes in bf16 whatever run.dtype says (engine/fp8.py compute_dtype)
 
 
@@ -226,7 +228,8 @@ def parts(
     itemsize = ITEMSIZE[dtype]
     denoisers = sizes.of_role("denoiser")
     dequantized = max((c.largest_linear for c in denoisers), default=0) * itemsize if fp8 else 0
-    weights = {c.component: c.device_bytes(dtype, fp8 and c.role == "denoiser") for c in sizes.components}
+    weights = component_bytes(sizes, base, dtype, fp8)
+    vae_itemsize = ITEMSIZE[vae_dtype(base, dtype, sizes.vae_config)]
     return Parts(
         encoders=tuple(weights[c.component] for c in sizes.of_role("text_encoder")),
         denoiser=sum(weights[c.component] for c in denoisers),
@@ -235,9 +238,26 @@ def parts(
         loras=lora_bytes,
         text=max((text_bytes(base, s.t5_tokens, itemsize) for s in calls), default=0),
         denoise=max((denoise_bytes(sizes, base, s, batch, itemsize, dequantized) for s in calls), default=0),
-        decode=max((decode_bytes(sizes, s, itemsize) for s in calls), default=0),
+        decode=max((decode_bytes(sizes, s, vae_itemsize) for s in calls), default=0),
         reserve=RESERVE["cuda" if device_kind.startswith("cuda") else "cpu"],
     )
+
+
+def vae_dtype(base: Base, dtype: str, vae_config: Mapping[str, object]) -> str:
+    """What the VAE decodes in: diffusers' SDXL pipeline upcasts an fp16 VAE whose config asks for it
+    (force_upcast, true unless said otherwise) to fp32 for the decode."""
+    upcasts = base.pipeline_class in UPCASTING_PIPELINES and vae_config.get("force_upcast", True) is True
+    return "fp32" if dtype == "fp16" and upcasts else dtype
+
+
+def component_bytes(sizes: ModelSizes, base: Base, dtype: str, fp8: bool) -> dict[str, int]:
+    """Each component's bytes on the device: the denoiser's Linear weights in one byte under fp8, the VAE in what it
+    decodes in."""
+    vae = vae_dtype(base, dtype, sizes.vae_config)
+    return {
+        c.component: c.device_bytes(vae if c.role == "vae" else dtype, fp8 and c.role == "denoiser")
+        for c in sizes.components
+    }
 
 
 def choose(requested: str, peaks: Mapping[str, int], budget: int | None) -> str:
@@ -274,15 +294,13 @@ def memory_plan(
     peaks = terms.peaks()
     fp8_peaks = peaks if fp8 else parts(sizes, base, calls, dtype=FP8_COMPUTE, fp8=True, **common).peaks()
     offload = choose(options.offload, peaks, budget_bytes)
+    held = component_bytes(sizes, base, dtype, fp8)
     return MemoryPlan(
         model=spec.name,
         device_kind="cuda" if device_kind.startswith("cuda") else "cpu",
         dtype=dtype,
         weights=options.weights,
-        components=tuple(
-            ComponentBytes(c.component, c.role, c.device_bytes(dtype, fp8 and c.role == "denoiser"), c.note)
-            for c in sizes.components
-        ),
+        components=tuple(ComponentBytes(c.component, c.role, held[c.component], c.note) for c in sizes.components),
         lora_bytes=loras,
         batch_size=max((min(batch, s.images) for s in calls), default=batch),
         activation_bytes=terms.denoise,
