@@ -74,3 +74,54 @@ def test_a_held_renderer_renders_a_rewritten_file_with_its_new_bytes(tiny_cache:
     assert not np.array_equal(before[old], after[lora_jobs[0].job_id])
     # Back to the pristine weights: the reference renders as before, bit for bit.
     assert np.array_equal(after[reference], before[reference])
+
+
+def _request(plan, run_dir: Path, done: set[str] = frozenset()):
+    from batchgen.executors.base import ExecutorRequest
+
+    rows = {r["job_id"]: r for r in plan.table.to_dict("records")}
+    return ExecutorRequest([j for j in plan.jobs if j.job_id not in done], rows, plan.models, run_dir)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_held_local_workers_keep_their_processes_and_models_between_runs(
+    tiny_cache: Path, tmp_path: Path, devices: int
+) -> None:
+    from batchgen.cells import parse_timings
+    from batchgen.config import compose_config
+    from batchgen.executors.registry import make_executor
+    from batchgen.runner import prepare
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    source = next(tiny_cache.glob("*/tiny_sd1/lora/ink.safetensors"))
+    _lora(folder, source, "mylora-000001", 0.5, 1)
+    conf = _conf(tmp_path, tiny_cache, folder, "  batch_size: 1\n")
+    overrides = ["+sweep=w", "sweep.seeds=[1,2]", f"run.out_dir={tmp_path / 'run'}", f"executor.devices={devices}"]
+    composed = compose_config(overrides, conf)
+    executor = make_executor(composed.config.executor, prepare(composed).engine)
+    executor.hold()
+    runs: list[list[dict]] = []
+    processes, held = [], []
+    try:
+        executor.start_early()
+        for epoch in (1, 2):
+            if epoch == 2:
+                _lora(folder, source, "mylora-000002", 1.5, 2)
+            plan = prepare(composed)
+            rows: list[dict] = []
+            done = {row["job_id"] for run in runs for row in run}
+            executor.run(_request(plan, tmp_path / "run", done), rows.append)
+            runs.append(rows)
+            if devices == 2:
+                held = [process for process, _ in executor._early.spares.values()]
+                processes.append({process.pid for process in held})
+    finally:
+        executor.discard()
+    assert [len(rows) for rows in runs] == [4, 2]  # two seeds of the reference and epoch 1, then of epoch 2
+    assert all(row["status"] == "ok" for rows in runs for row in rows)
+    loads = [sum("load" in parse_timings(row["timings"]) for row in rows) for rows in runs]
+    assert 1 <= loads[0] <= devices and loads[1] == 0  # a worker loads the model in the first run only
+    if devices == 2:
+        assert processes[0] == processes[1] and len(processes[0]) == 2  # the same two worker processes
+        assert not any(process.is_alive() for process in held)  # discard() ended them

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from batchgen.engine_options import EngineOptions
 from batchgen.executors.units import StateKey, UnitQueue, group_by_state, make_units
@@ -89,6 +89,16 @@ class Executor(Protocol):
     def planning_device(self) -> PlanningDevice:
         """The device the memory plans are made for (starting nothing): its kind, and its total memory where this
         process can read it."""
+        ...
+
+
+@runtime_checkable
+class HoldsWorkers(Protocol):
+    """An executor whose workers can outlive run(): --watch renders each new file on the workers, and the models,
+    that the first render loaded. Executors without it start their workers again for each run()."""
+
+    def hold(self) -> None:
+        """From now on run() leaves its workers up, their models loaded, for the next run(); discard() ends them."""
         ...
 
 

@@ -13,7 +13,7 @@ import queue
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from batchgen.engine_options import EngineOptions
 from batchgen.errors import BatchgenError
@@ -31,6 +31,10 @@ from batchgen.executors.base import (
     WorkerSetup,
     dispatch,
 )
+from batchgen.executors.process import HOLD
+
+if TYPE_CHECKING:  # the engine imports torch: only a worker pays that
+    from batchgen.engine.worker import Renderer
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,9 @@ class LocalExecutor:
     def __init__(self, options: LocalOptions, engine: EngineOptions) -> None:
         self.slots = visible_slots(options.devices, engine.threads)
         self.engine = engine
-        self._early: ProcessPool | None = None
+        self._early: ProcessPool | None = None  # started early, or held between runs
+        self._here: Renderer | None = None  # the one in-process worker's, held between runs
+        self._hold = False
 
     def note(self, jobs: int) -> str:
         return f", {len(self.slots)} workers" if len(self.slots) > 1 and jobs > 1 else ""
@@ -145,8 +151,15 @@ class LocalExecutor:
             self._early = ProcessPool(self.slots, self.engine)
             self._early.start_spares()
 
-    def discard(self) -> None:
+    def hold(self) -> None:
+        self._hold = True
         if self._early is not None:
+            self._early.holding = True
+
+    def discard(self) -> None:
+        self._here = None
+        if self._early is not None:
+            self._early.holding = False
             self._early.close()
             self._early = None
 
@@ -155,21 +168,37 @@ class LocalExecutor:
         return PlanningDevice("cuda", device_memory(cuda)) if cuda else PlanningDevice("cpu")
 
     def run(self, request: ExecutorRequest, sink: Sink) -> None:
-        if len(self.slots) == 1 or len(request.jobs) == 1:
+        # Held workers render even a single job: they hold the loaded models.
+        if len(self.slots) == 1 or (len(request.jobs) == 1 and not self._hold):
+            here = self._here
             self.discard()
-            _run_here(request, WorkerSetup(request.models, self.engine, request.run_dir), self.slots[0], sink)
+            setup = WorkerSetup(request.models, self.engine, request.run_dir)
+            renderer = _run_here(request, setup, self.slots[0], sink, here)
+            self._here = renderer if self._hold else None
             return
         pool, self._early = self._early or ProcessPool(self.slots, self.engine), None
+        pool.holding = self._hold
         pool.bind(request)
-        dispatch(request, pool, [slot.name for slot in self.slots], sink, unit_size=self.engine.unit_size)
+        try:
+            dispatch(request, pool, [slot.name for slot in self.slots], sink, unit_size=self.engine.unit_size)
+        finally:
+            if self._hold:
+                self._early = pool  # its workers wait for the next run's WorkerSetup
 
 
-def _run_here(request: ExecutorRequest, setup: WorkerSetup, slot: Slot, sink: Sink) -> None:
+def _run_here(
+    request: ExecutorRequest, setup: WorkerSetup, slot: Slot, sink: Sink, renderer: Renderer | None = None
+) -> Renderer:
+    """Render in this process, on `renderer` (one held from a previous run, given the new models) or a new one;
+    returns it."""
     import torch
 
     from batchgen.engine.writer import ImageWriter
 
-    renderer = setup.renderer(slot.device, slot.name)
+    if renderer is None:
+        renderer = setup.renderer(slot.device, slot.name)
+    else:
+        renderer.update_models(request.models)
     writer = ImageWriter(request.run_dir, request.models, sink)
     previous_threads = torch.get_num_threads()
     if slot.threads:
@@ -180,6 +209,7 @@ def _run_here(request: ExecutorRequest, setup: WorkerSetup, slot: Slot, sink: Si
     finally:
         writer.close()  # an interrupted run still records the images it already rendered
         torch.set_num_threads(previous_threads)
+    return renderer
 
 
 class ProcessPool:
@@ -196,6 +226,9 @@ class ProcessPool:
         self.processes: dict[int, Any] = {}
         self.inboxes: dict[int, Any] = {}
         self.spares: dict[int, tuple[Any, Any]] = {}  # started before the request was known, not yet given work
+        # Held (LocalExecutor.hold): a worker that finished a run waits, its models loaded, for the next run's
+        # WorkerSetup as a spare, and close() leaves the spares up.
+        self.holding = False
 
     def start_spares(self) -> None:
         """One process per slot, importing its libraries; each waits for the run's WorkerSetup (`start`)."""
@@ -224,7 +257,7 @@ class ProcessPool:
         self.inboxes[wid].put(unit)
 
     def stop(self, wid: int) -> None:
-        self.inboxes[wid].put(None)
+        self.inboxes[wid].put(HOLD if self.holding else None)
 
     def poll(self, timeout: float = POLL_S) -> list[Message]:
         try:
@@ -241,7 +274,10 @@ class ProcessPool:
 
     def _take(self, message: tuple) -> Message:
         if message[0] == "done":  # it reported every row and exits by itself; its exit is not waited for
-            return self._forget(message[1], "finished")
+            wid = message[1]
+            if self.holding and wid in self.processes:  # or waits for the next run, its models loaded
+                self.spares[wid] = (self.processes[wid], self.inboxes[wid])
+            return self._forget(wid, "finished")
         return self._message(message)
 
     def _forget(self, wid: int, why: str) -> Gone:
@@ -249,8 +285,10 @@ class ProcessPool:
         return Gone(wid, why)
 
     def close(self) -> list[dict[str, Any]]:
-        everyone = [*self.processes.values(), *(process for process, _ in self.spares.values())]
-        self.spares.clear()
+        everyone = list(self.processes.values())
+        if not self.holding:
+            everyone += [process for process, _ in self.spares.values()]
+            self.spares.clear()
         for process in everyone:
             if process.is_alive():
                 process.terminate()  # images are written atomically: a kill mid-write leaves none

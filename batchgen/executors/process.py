@@ -6,10 +6,14 @@ import signal
 import traceback
 from typing import Any
 
+# What a held pool (executors/local.py) sends a worker instead of None when a run has no more work for it.
+HOLD = "hold"
+
 
 def worker_main(wid: int, slot, inbox, outbox) -> None:
     """The first message on `inbox` is the run's WorkerSetup (None: not needed after all); the process may be
-    started before it is known, and imports its libraries meanwhile."""
+    started before it is known, and imports its libraries meanwhile. Then units, until None (exit) or, from a held
+    pool, HOLD: report every row, then wait for the next run's WorkerSetup, keeping the renderer and its model."""
     # Ctrl-C reaches the whole process group; only the parent decides what happens to the run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -31,16 +35,19 @@ def worker_main(wid: int, slot, inbox, outbox) -> None:
         if slot.threads:
             torch.set_num_threads(slot.threads)
         renderer = setup.renderer(slot.device, slot.name)
-        writer = ImageWriter(setup.run_dir, setup.models, lambda row: outbox.put(("row", wid, row)))
-        outbox.put(("idle", wid))  # up: ready for a unit
-        while (unit := inbox.get()) is not None:
-            rows: dict[str, dict[str, Any]] = {job.job_id: row for job, row in unit}
-            for result in renderer.render([job for job, _ in unit]):
-                writer.submit(rows[result.job_id], result)
-            outbox.put(("idle", wid))  # the writer may still be finishing this unit's PNGs
-        writer.close()
-        # Every row is on the queue: the parent goes on now rather than wait a second for torch's teardown.
-        outbox.put(("done", wid))
+        while setup is not None:
+            renderer.update_models(setup.models)  # a held worker's next run: its own models, new LoRA files
+            writer = ImageWriter(setup.run_dir, setup.models, lambda row: outbox.put(("row", wid, row)))
+            outbox.put(("idle", wid))  # up: ready for a unit
+            while isinstance(unit := inbox.get(), list):
+                rows: dict[str, dict[str, Any]] = {job.job_id: row for job, row in unit}
+                for result in renderer.render([job for job, _ in unit]):
+                    writer.submit(rows[result.job_id], result)
+                outbox.put(("idle", wid))  # the writer may still be finishing this unit's PNGs
+            writer.close()
+            # Every row is on the queue: the parent goes on now rather than wait a second for torch's teardown.
+            outbox.put(("done", wid))
+            setup = inbox.get() if unit == HOLD else None
     except OSError as e:
         from batchgen.errors import OUTPUT_ERRNOS
 
