@@ -280,7 +280,7 @@ def test_an_explicit_plan_that_cannot_fit_stops_a_dry_run_and_a_render_before_lo
     monkeypatch.setattr(worker, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     line = (
         "batchgen: error: model tiny_flux: run.offload=none needs 50.0 MB, more than the 41.0 MB planned for "
-        "(run.gpu_memory_gb); run.offload=model fits\n"
+        "(run.gpu_memory_gb); run.offload=model fits, or run.weights=fp8 with run.offload=none\n"
     )
     assert _dry_run(run_cli, "run.gpu_memory_gb=0.04", "run.offload=none") == (2, "", line)
     args = ["+sweep=next", "sweep.models=[tiny_flux]", "sweep.max_sequence_length=77", "sweep.seeds=[1]"]
