@@ -210,6 +210,7 @@ def _image(run: Path, row: pd.Series) -> np.ndarray:
     return np.asarray(Image.open(run / row["image"]).convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(LORAS))
 def test_renders_equal_diffusers_with_fp8_rounded_weights_and_a_fused_lora(rendered, tiny_cache, model) -> None:
     run, table = rendered[f"{model}-fp8"]
@@ -233,6 +234,7 @@ def test_renders_equal_diffusers_with_fp8_rounded_weights_and_a_fused_lora(rende
         assert all(np.abs(_image(run, r) - bf16[r["stack"]]).max() > 8 * MAX_PIXEL_DIFF for _, r in table.iterrows())
 
 
+@pytest.mark.slow
 def test_a_weak_lora_moves_pixels_under_fp8_and_stays_near_bf16(rendered, flux) -> None:
     spec, pipe = flux
     stacks = LoraStacks(pipe, spec)
@@ -292,3 +294,48 @@ def test_an_fp8_single_file_loads_as_its_own_bytes(run_cli, tiny_cache: Path, tm
     table = pd.read_csv("runs/fp8file/manifest.csv", dtype=str, keep_default_na=False)
     images = {r["model"]: Image.open(Path("runs/fp8file") / r["image"]) for _, r in table.iterrows()}
     assert_same_weights_render_alike(images["file"], images["folder"], "fp8 file against its folder under fp8")
+
+
+def test_lycoris_layers_under_fp8_equal_the_bf16_patcher_on_fp8_rounded_weights(tiny_cache: Path) -> None:
+    """LoHa and LoKr have no low-rank product: their modules hold the patched weight in bf16 (engine/fp8.py). It is
+    the very weight the ordinary patcher writes into a bf16 model whose Linear weights were rounded through fp8."""
+    spec = prepare(compose_config(["+sweep=styles"]), all_assets=True).models["tiny_sd1"]
+    pipe = load_pipeline(spec, "cpu", torch.bfloat16, "fp8")
+    reference = load_pipeline(spec, "cpu", torch.bfloat16)
+    for module in reference.unet.modules():
+        if type(module) is torch.nn.Linear:
+            module.weight.data = module.weight.data.to(STORAGE).to(torch.bfloat16)
+    before = {n: _bytes(m.weight) for n, m in _linears(pipe.unet).items()}
+    state = _state(spec, ("hatch", 0.7), ("kron", 0.5))
+    stacks = LoraStacks(pipe, spec)
+    stacks.use(state)
+    LoraStacks(reference, spec).use(state)
+    held = [n for n, m in pipe.unet.named_modules() if "patched_weight" in vars(m)]
+    assert held
+    for name, module in pipe.unet.named_modules():
+        theirs = reference.unet.get_submodule(name)
+        if isinstance(module, Fp8Linear):
+            assert torch.equal(_bytes(module.compute_weight()), _bytes(theirs.weight)), name
+        elif isinstance(module, torch.nn.Conv2d):  # not fp8: patched in place as in any bf16 model
+            assert torch.equal(_bytes(module.weight), _bytes(theirs.weight)), name
+    stacks.use(_state(spec))
+    assert all(torch.equal(_bytes(m.weight), before[n]) and not vars(m).keys() & {"patched_weight"}
+               for n, m in _linears(pipe.unet).items())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_offload_plan_renders_the_same_under_fp8(tiny_cache: Path) -> None:
+    from batchgen.engine.worker import Renderer
+    from batchgen.engine_options import EngineOptions
+
+    overrides = ["+sweep=next", "sweep.models=[tiny_flux]", "sweep.prompts=[a fox]", "sweep.seeds=[1]"]
+    plan = prepare(compose_config([*overrides, "sweep.steps=2", "~sweep.stacks.ink_grain", "~sweep.stacks.pastel"]))
+    images = {}
+    for offload in ("none", "encoders", "sequential"):
+        renderer = Renderer(plan.models, EngineOptions(batch_size=1, offload=offload, weights="fp8"))
+        results = list(renderer.render(plan.jobs))
+        assert [r.error for r in results] == [""] * len(plan.jobs) == [""] * 3
+        images[offload] = {r.job_id: np.asarray(r.image) for r in results}
+    assert images["encoders"].keys() == images["none"].keys()
+    for offload in ("encoders", "sequential"):
+        assert all(np.array_equal(images[offload][j], images["none"][j]) for j in images["none"]), offload
