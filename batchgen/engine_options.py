@@ -8,6 +8,7 @@ it whole. Pure: the dtype names are a table here, which the engine maps to torch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +35,21 @@ def dtype_name(spec_dtype: str | None, run_dtype: str, device_kind: str, base: _
     for the base on the device kind (cuda: the base's cuda_dtype, cpu: fp32). Planning sizes memory with it; the
     engine's resolve_dtype maps the same name to torch's dtype."""
     return base.compute_dtype(spec_dtype or run_dtype, device_kind)
+
+
+PLANS = ("none", "encoders", "model", "sequential")  # the offload plans, fastest first
+
+
+def choose_offload(requested: str, peaks: Mapping[str, int], budget: int | None) -> str:
+    """The plan to render with: an explicit one as asked; for auto the fastest whose estimated peak fits the
+    budget, `none` without a budget (or without estimates), and `sequential` when none fits (planning refuses that
+    where it knows the budget). Shared by planning (batchgen/plan/memory.py) and each worker, which knows its
+    device's memory only when it starts."""
+    if requested != "auto":
+        return requested
+    if budget is None or not peaks:
+        return "none"
+    return next((plan for plan in PLANS if peaks[plan] <= budget), "sequential")
 
 
 def _choices(values) -> str:

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,7 +35,7 @@ from batchgen.manifest import (
     remove_stale_temp_files,
 )
 from batchgen.plan import Plan, build_plan, read_prompts_file, select_models, used_assets
-from batchgen.plan.memory import GIB, MemoryPlan, check_fits, gb, memory_plan
+from batchgen.plan.memory import GIB, MemoryPlan, check_fits, gb, memory_plan, peaks_by_kind
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
 from batchgen.settings import SETTINGS
@@ -86,6 +86,7 @@ def prepare(composed: Composed, all_assets: bool = False, device: PlanningDevice
     plan.warnings.extend(unused)
     if not all_assets:
         plan.memory.update(plan_memory(plan, device or make_executor(cfg.executor, plan.engine).planning_device()))
+        with_memory_peaks(plan)
     return plan
 
 
@@ -103,6 +104,14 @@ def plan_memory(plan: Plan, device: PlanningDevice) -> dict[str, MemoryPlan]:
         plans[name] = memory_plan(spec, [job for job in plan.jobs if job.model == name], options, budget, kind)
         check_fits(plans[name])
     return plans
+
+
+def with_memory_peaks(plan: Plan) -> None:
+    """Each model's plan peaks into its ModelSpec, for the workers: a worker that learns its device's memory only
+    when it starts (Ray, SLURM, run.gpu_memory_gb left to the device) chooses run.offload=auto from them."""
+    for name, spec in plan.models.items():
+        jobs = [job for job in plan.jobs if job.model == name]
+        plan.models[name] = replace(spec, memory_peaks=peaks_by_kind(spec, jobs, plan.engine))
 
 
 def dry_run(composed: Composed, plan: Plan, out: TextIO) -> None:

@@ -103,6 +103,9 @@ class ModelSpec:
     # Whole-file components replacing the checkpoint's own; checkpoint_sha256 then hashes them too.
     components: tuple[ComponentFile, ...] = ()
     dtype: str | None = None  # models.X.dtype, a name of engine_options.DTYPES; None: run.dtype
+    # Each offload plan's estimated peak bytes per device kind, from planning (batchgen/plan/memory.py): what a
+    # worker chooses from for run.offload=auto once it knows its device's memory. Empty: not planned.
+    memory_peaks: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
     @property
     def config_dir(self) -> Path:

@@ -27,9 +27,8 @@ from batchgen.engine.passes import UNET_CALL_ARGUMENT, pipeline_inputs, wrap_une
 from batchgen.engine.pipeline import LoraStacks, SchedulerSwitch, load_pipeline, register_embeddings, resolve_dtype
 from batchgen.engine.placement import Placement
 from batchgen.engine.prompts import PromptCache
-from batchgen.engine_options import DTYPES, EngineOptions
+from batchgen.engine_options import DTYPES, EngineOptions, choose_offload
 from batchgen.metrics import NONFINITE, degenerate
-from batchgen.plan.memory import GIB, memory_plan
 from batchgen.settings import batch_values
 from batchgen.spec import Job, LoraState, ModelSpec, RenderResult
 
@@ -284,19 +283,18 @@ class Renderer:
         return self._loaded
 
     def _offload(self, spec: ModelSpec) -> str:
-        """The model's offload plan: run.offload when it names one; for auto, the fastest that fits the memory
-        planned for (run.gpu_memory_gb, else the device's total; on a CPU without it, `none`), from the model's
-        jobs of this render call (batchgen/plan/memory.py, which the dry run prints)."""
+        """The model's offload plan: run.offload when it names one; for auto, the fastest whose peak, as planning
+        estimated it (ModelSpec.memory_peaks, what the dry run prints), fits the memory planned for
+        (run.gpu_memory_gb, else the device's total; on a CPU without it, `none`)."""
         if self.options.offload != "auto":
             return self.options.offload
         budget = None
         if self.options.gpu_memory_gb is not None:
-            budget = int(self.options.gpu_memory_gb * GIB)
+            budget = int(self.options.gpu_memory_gb * 2**30)
         elif self.device.startswith("cuda"):
             budget = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
-        jobs = [job for job in self._pending if job.model == spec.name]
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
-        return memory_plan(spec, jobs, self.options, budget, kind).offload
+        return choose_offload("auto", dict(dict(spec.memory_peaks).get(kind, ())), budget)
 
     @torch.inference_mode()
     def _generate(self, loaded: _Loaded, batch: list[Job], conds: list[Conditioning]):

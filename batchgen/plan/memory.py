@@ -54,11 +54,10 @@ from dataclasses import dataclass
 from batchgen.assets.bases import BY_NAME
 from batchgen.assets.bases.record import Base
 from batchgen.assets.component_sizes import ITEMSIZE, ModelSizes, model_sizes
-from batchgen.engine_options import EngineOptions, dtype_name
+from batchgen.engine_options import PLANS, EngineOptions, choose_offload, dtype_name
 from batchgen.errors import BatchgenError
 from batchgen.spec import Job, ModelSpec
 
-PLANS = ("none", "encoders", "model", "sequential")  # fastest first
 GIB = 2**30
 UNET_TENSORS = 28
 TRANSFORMER_TENSORS = 17
@@ -260,14 +259,14 @@ def component_bytes(sizes: ModelSizes, base: Base, dtype: str, fp8: bool) -> dic
     }
 
 
-def choose(requested: str, peaks: Mapping[str, int], budget: int | None) -> str:
-    """The plan to render with: an explicit one as asked; for auto the fastest that fits the budget, `none` without
-    a budget, and `sequential` when none fits (the caller refuses that)."""
-    if requested != "auto":
-        return requested
-    if budget is None:
-        return "none"
-    return next((plan for plan in PLANS if peaks[plan] <= budget), "sequential")
+choose = choose_offload  # the one rule, shared with the workers (batchgen/engine_options.py)
+
+
+def peaks_by_kind(spec: ModelSpec, jobs: Sequence[Job], options: EngineOptions) -> tuple:
+    """Every plan's peak for each device kind: what ModelSpec.memory_peaks carries to the workers."""
+    return tuple(
+        (kind, tuple(memory_plan(spec, jobs, options, None, kind).peaks.items())) for kind in ("cpu", "cuda")
+    )
 
 
 def lora_bytes(spec: ModelSpec, jobs: Iterable[Job]) -> int:
