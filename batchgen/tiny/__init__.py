@@ -9,7 +9,8 @@ LoRAs in the layouts trainers write for them (transformer_loras.py). Nothing is 
 byte-identical files. :func:`write_lycoris` writes LoRA files of every LyCORIS layer type for test corpora.
 
 Modules: build (cache and atomic build), models (UNet pipelines), transformer_models (MMDiT pipelines), tokenizer,
-t5 (T5 tokenizer and encoder), embeddings, loras, transformer_loras, noise (bit-stable random weights).
+t5 (T5 tokenizer and encoder), embeddings, loras, transformer_loras, noise (bit-stable random weights),
+metric_models (a tiny CLIP, DINOv2 and concept folders for sweep.metrics).
 """
 
 from batchgen.tiny.build import (
@@ -20,6 +21,8 @@ from batchgen.tiny.build import (
     build_tiny,
     cache_root,
     ensure_tiny,
+    ensure_tiny_metrics,
+    tiny_metrics_root,
     tiny_root,
 )
 from batchgen.tiny.loras import KOHYA_PREFIXES, LYCORIS_KINDS, write_lycoris
@@ -34,6 +37,8 @@ __all__ = [
     "build_tiny",
     "cache_root",
     "ensure_tiny",
+    "ensure_tiny_metrics",
+    "tiny_metrics_root",
     "tiny_root",
     "write_lycoris",
 ]

@@ -7,9 +7,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from batchgen.assets.bases import BASES
+from batchgen.tiny import metric_models
 from batchgen.tiny.embeddings import write_embeddings
 from batchgen.tiny.loras import write_loras
 
@@ -39,16 +41,29 @@ def tiny_root(name: str, cache: Path | None = None) -> Path:
 
 def ensure_tiny(name: str, cache: Path | None = None) -> Path:
     """Return the root of tiny model ``name``, building it first if no complete build exists."""
-    target = tiny_root(name, cache)
+    return _ensure_built(tiny_root(name, cache), lambda folder: build_tiny(name, folder))
+
+
+def tiny_metrics_root(cache: Path | None = None) -> Path:
+    """The folder of the embedded measures' models and concept images (batchgen.tiny.metric_models)."""
+    return (cache or cache_root()) / f"{metric_models.NAME}-{metric_models.VERSION}"
+
+
+def ensure_tiny_metrics(cache: Path | None = None) -> Path:
+    """Return :func:`tiny_metrics_root`, building it first if no complete build exists."""
+    return _ensure_built(tiny_metrics_root(cache), metric_models.build_tiny_metrics)
+
+
+def _ensure_built(target: Path, build: Callable[[Path], None]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename (atomic): a crash leaves at most a stray temp folder, and of
     # two concurrent builders one wins the rename while the other finds the target and drops its copy.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished root should read like any cache folder
     try:
-        build_tiny(name, tmp)
+        build(tmp)
         os.rename(tmp, target)
     except OSError:
         if not target.exists():
