@@ -56,7 +56,7 @@ lint: install-dev ## ruff check and ruff format --check at 119 columns
 bench: install-dev ## Run the benchmark (Ray included) and append figures to BENCHMARKS.md
 	$(BIN)/python benchmarks/bench.py
 
-bench-gpu: install-dev ## GPU bench (CUDA, <= 5 min): full-size SD1.5/SDXL, batchgen vs diffusers, to BENCHMARKS.md
+bench-gpu: install-dev ## GPU bench (CUDA, ~8 min): SD1.5/SDXL/FLUX.1 bf16+fp8 vs diffusers, offload plans
 	$(BIN)/python benchmarks/bench_gpu.py
 
 clean: ## Remove runs/ and caches (not .venv)
