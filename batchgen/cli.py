@@ -20,7 +20,7 @@ from batchgen.library_log import VERBOSE_ENV, routed
 
 if TYPE_CHECKING:  # the modules behind these types import hydra and pandas: start-up pays them only when needed
     from batchgen.config import Composed
-    from batchgen.executors.base import Executor
+    from batchgen.executors.base import Executor, PlanningDevice
     from batchgen.plan import Plan
 
 RENDER = "render"
@@ -64,6 +64,16 @@ def render_command(
         bool, typer.Option("--retry-failed", help="Render only the jobs whose last row is failed.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Render a sweep larger than run.max_jobs.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="After rendering, render each new LoRA/TI file the models' folders get, until Ctrl-C."
+        ),
+    ] = False,
+    settle: Annotated[
+        float,
+        typer.Option("--settle", help="With --watch: seconds a new file must keep its size before it is read."),
+    ] = 2.0,
     # Read by main() from the raw arguments: the libraries' quiet settings must be in place before click parses.
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Also show diffusers', transformers' and torch's own notices and bars.")
@@ -72,6 +82,11 @@ def render_command(
     from batchgen.cpuload import choose_wait_policy, start_sample
 
     renders = not (dry_run or cfg or list_)
+    if watch and not renders:
+        used = next(name for name, on in (("--cfg", cfg), ("--list", list_), ("--dry-run", dry_run)) if on)
+        raise BatchgenError(f"--watch renders and {used} renders nothing; drop one of them")
+    if settle < 0:
+        raise BatchgenError(f"--settle {settle:g}: give the seconds a new file must keep its size, such as 2")
     load_sample = start_sample() if renders else None  # composing the config fills the sample's wait
     from omegaconf import OmegaConf
 
@@ -105,6 +120,8 @@ def render_command(
     try:
         with routed(None):  # a model built here (the tiny ones) has no run directory to log into yet
             plan = prepare(composed, all_assets=list_, device=device)
+        if watch:
+            _watch_plan(composed, plan, executor, device, yes, retry_failed, settle)
         _render_plan(composed, plan, executor, list_, dry_run, yes, retry_failed)
     finally:
         if executor is not None:
@@ -131,14 +148,36 @@ def _render_plan(
     if dry_run:
         print_dry_run(composed, plan, sys.stdout)
         return
+    _check_size(composed, plan, yes)
+    outcome = render(composed, plan, retry_failed=retry_failed, executor=executor)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _check_size(composed: Composed, plan: Plan, yes: bool) -> None:
     limit = composed.config.run.max_jobs
     if len(plan.jobs) > limit and not yes:
         raise BatchgenError(
             f"the sweep has {len(plan.jobs)} jobs to render, more than run.max_jobs={limit}; pass --yes to render "
             "them all, or raise run.max_jobs"
         )
-    outcome = render(composed, plan, retry_failed=retry_failed, executor=executor)
-    raise typer.Exit(outcome.exit_code)
+
+
+def _watch_plan(
+    composed: Composed,
+    plan: Plan,
+    executor: Executor,
+    device: PlanningDevice | None,
+    yes: bool,
+    retry_failed: bool,
+    settle: float,
+) -> None:
+    """Render, then watch the models' folders until a signal (`Stopped`: exit 130 or 143)."""
+    from batchgen.watch import WatchOptions, watch_run
+
+    for warning in plan.warnings:
+        sys.stderr.write(f"batchgen: warning: {warning}\n")
+    _check_size(composed, plan, yes)
+    watch_run(composed, plan, executor, device, sys.stdout, sys.stderr, retry_failed, WatchOptions(settle_s=settle))
 
 
 @app.command("report", help="Rebuild grids and index.html of RUN_DIR from its manifest, without rendering.")

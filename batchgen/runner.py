@@ -39,7 +39,7 @@ from batchgen.plan.memory import GIB, MemoryPlan, check_fits, gb, memory_plan, p
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
 from batchgen.settings import SETTINGS
-from batchgen.spec import STAGES, format_number
+from batchgen.spec import STAGES, ModelSpec, format_number
 from batchgen.tiny import cache_root
 
 
@@ -56,12 +56,18 @@ class Outcome:
         return 1 if self.failed else 0
 
 
-def prepare(composed: Composed, all_assets: bool = False, device: PlanningDevice | None = None) -> Plan:
+def prepare(
+    composed: Composed,
+    all_assets: bool = False,
+    device: PlanningDevice | None = None,
+    ignore: frozenset[Path] = frozenset(),
+) -> Plan:
     """Everything that can fail on bad input, before any model weights load.
 
     Only the LoRAs and TIs the sweep mentions are hashed and read, unless `all_assets` (for --list, which plans no
     memory). `device`: what the memory plans are made for (the executor's planning_device; None: the configured
-    executor's, built here).
+    executor's, built here). `ignore`: LoRA and TI files (absolute) planned as if absent (--watch: files refused
+    or still being written).
     """
     cfg = composed.config
     executor_options(cfg.executor)  # an unknown executor or key is a config error, before any file is read
@@ -74,6 +80,8 @@ def prepare(composed: Composed, all_assets: bool = False, device: PlanningDevice
     unused = []
     for name in names:
         spec = resolve_model(name, ModelSource(**vars(cfg.models[name])), hashes, _builtin_root)
+        if ignore:
+            spec = _without_files(spec, ignore)
         models[name], _ = inspect_assets(spec, loras, triggers, hashes)
         if triggers is not None:
             unused += [
@@ -88,6 +96,12 @@ def prepare(composed: Composed, all_assets: bool = False, device: PlanningDevice
         plan.memory.update(plan_memory(plan, device or make_executor(cfg.executor, plan.engine).planning_device()))
         with_memory_peaks(plan)
     return plan
+
+
+def _without_files(spec: ModelSpec, paths: frozenset[Path]) -> ModelSpec:
+    loras = tuple(f for f in spec.loras if Path(f.path).resolve() not in paths)
+    embeddings = tuple(f for f in spec.embeddings if Path(f.path).resolve() not in paths)
+    return replace(spec, loras=loras, embeddings=embeddings)
 
 
 def plan_memory(plan: Plan, device: PlanningDevice) -> dict[str, MemoryPlan]:
@@ -262,12 +276,18 @@ def render(
     executor = executor or make_executor(cfg.executor, plan.engine)
     run_dir = Path(cfg.run.out_dir)
     with RunLock(run_dir), routed(run_dir / LIBRARY_LOG), stop_signals():
-        return _render(composed, plan, executor, out or sys.stdout, err or sys.stderr, retry_failed)
+        return render_locked(composed, plan, executor, out or sys.stdout, err or sys.stderr, retry_failed)
 
 
-def _render(
-    composed: Composed, plan: Plan, executor: Executor, out: TextIO, err: TextIO, retry_failed: bool
+def render_locked(
+    composed: Composed,
+    plan: Plan,
+    executor: Executor,
+    out: TextIO,
+    err: TextIO,
+    retry_failed: bool = False,
 ) -> Outcome:
+    """A render with the run lock held (render, and each cycle of --watch)."""
     from batchgen.report.after_render import GridLayout, after_render
 
     cfg = composed.config

@@ -106,6 +106,7 @@ class ModelSpec:
     # Each offload plan's estimated peak bytes per device kind, from planning (batchgen/plan/memory.py): what a
     # worker chooses from for run.offload=auto once it knows its device's memory. Empty: not planned.
     memory_peaks: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    embedding_dirs: tuple[Path, ...] = ()  # the folders and files TIs were looked up in (--watch watches both)
 
     @property
     def config_dir(self) -> Path:

@@ -31,7 +31,8 @@ FORBIDDEN = {
     "report": {"cli", "runner", "config", "plan", "executors", "engine", "tiny"},
     "tiny": {"cli", "runner", "config", "plan", "executors", "engine", "manifest", "report"},
 }
-LAYER_OF = {"progress": "runner", "runlock": "runner", "cpuload": "runner"}  # the runner's own helpers
+# The runner's own helpers.
+LAYER_OF = {"progress": "runner", "runlock": "runner", "cpuload": "runner", "watch": "runner"}
 
 
 def _layer(module: str) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.confs import SMALL, write_conf
-
-pytestmark = pytest.mark.slow
 
 
 def _lora(folder: Path, source: Path, name: str, scale: float, epoch: int, mtime_ns: int | None = None) -> Path:
@@ -34,6 +39,7 @@ def _conf(tmp: Path, tiny_cache: Path, folder: Path, body: str = "") -> Path:
     return write_conf(tmp / "conf", "w", stacks + SMALL + body, {"mine": model})
 
 
+@pytest.mark.slow
 def test_a_held_renderer_renders_a_rewritten_file_with_its_new_bytes(tiny_cache: Path, tmp_path: Path) -> None:
     from batchgen.config import compose_config
     from batchgen.engine import worker
@@ -83,6 +89,7 @@ def _request(plan, run_dir: Path, done: set[str] = frozenset()):
     return ExecutorRequest([j for j in plan.jobs if j.job_id not in done], rows, plan.models, run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
 def test_held_local_workers_keep_their_processes_and_models_between_runs(
     tiny_cache: Path, tmp_path: Path, devices: int
@@ -125,3 +132,161 @@ def test_held_local_workers_keep_their_processes_and_models_between_runs(
     if devices == 2:
         assert processes[0] == processes[1] and len(processes[0]) == 2  # the same two worker processes
         assert not any(process.is_alive() for process in held)  # discard() ended them
+
+
+def _start_watch(tmp: Path, conf: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """`batchgen +sweep=w --watch` in its own process group; returns it, its stderr log and the run folder."""
+    log = tmp / "watch.err"
+    command = [sys.executable, "-m", "batchgen.cli", "--config-dir", str(conf), "+sweep=w", "--watch", "--settle=0.5"]
+    with log.open("wb") as err, (tmp / "watch.out").open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=tmp, stdout=out, stderr=err, start_new_session=True, env=os.environ.copy()
+        )
+    return process, log, tmp / "runs" / "w"
+
+
+def _until(process: subprocess.Popen, log: Path, ready, what: str, timeout: float = 240) -> None:
+    """Poll until `ready()`; the run must still be up. The timeout only stops a hung test, nothing is timed."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the watch ended ({process.returncode}) before {what}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+def _manifest(run: Path) -> pd.DataFrame:
+    path = run / "manifest.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["job_id", "status", "loras", "image", "image_sha256"])
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+@pytest.mark.slow
+def test_watch_renders_each_new_epoch_file_once_settled_and_stops_on_sigint(tiny_cache: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    source = next(tiny_cache.glob("*/tiny_sd1/lora/ink.safetensors"))
+    _lora(folder, source, "mylora-000001", 0.5, 1)
+    process, log, run = _start_watch(tmp_path, _conf(tmp_path, tiny_cache, folder))
+    try:
+        _until(process, log, lambda: b"watching " in log.read_bytes(), "first render")
+        first = _manifest(run)
+        assert list(first["loras"]) == ["", "mylora-000001:1"]  # the no-LoRA reference, then the epoch
+
+        # A trainer saves the next epoch (written elsewhere, renamed in): only its job renders.
+        _lora(folder, source, "mylora-000002", 1.0, 2)
+        _until(process, log, lambda: len(_manifest(run)) == 3, "the new epoch's row")
+        second = _manifest(run)
+        assert list(second["loras"][:2]) == list(first["loras"]) and second["loras"][2] == "mylora-000002:1"
+        assert list(second["job_id"][:2]) == list(first["job_id"])
+
+        # The same name written again with other bytes: a new job, rendered from the new bytes.
+        path = folder / "mylora-000002.safetensors"
+        _lora(folder, source, "mylora-000002", 1.5, 2, mtime_ns=path.stat().st_mtime_ns + 10**9)
+        _until(process, log, lambda: len(_manifest(run)) == 4, "the rewritten file's row")
+        third = _manifest(run)
+        assert third["loras"][3] == "mylora-000002:1" and third["job_id"][3] != third["job_id"][2]
+        assert third["image_sha256"][3] != third["image_sha256"][2]
+
+        # Garbage under a name the glob matches: one line, and the next epoch still renders.
+        (folder / "mylora-000003.safetensors").write_bytes(b"\x00" * 64)
+        _until(process, log, lambda: b"mylora-000003" in log.read_bytes(), "the refusal")
+        _lora(folder, source, "mylora-000004", 2.0, 4)
+        _until(process, log, lambda: len(_manifest(run)) == 5, "the epoch after the refused file")
+        assert _manifest(run)["loras"][4] == "mylora-000004:1"
+        refusals = [line for line in log.read_text().splitlines() if "mylora-000003" in line]
+        assert len(refusals) == 1 and refusals[0].startswith("batchgen: watch: refused "), refusals
+        assert refusals[0].endswith("; watching goes on")
+        # Each render ends with its summary line once its report is written: then the watch is idle.
+        _until(process, log, lambda: (tmp_path / "watch.out").read_text().count("w: rendered 1,") == 3, "idle")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=60)
+    assert code == 130, log.read_text()
+    assert "batchgen: watch: stopped by SIGINT" in log.read_text()
+    rows = _manifest(run)
+    assert len(rows) == 5 and set(rows["status"]) == {"ok"} and rows["job_id"].is_unique
+    for row in rows.itertuples():
+        assert hashlib.sha256((run / row.image).read_bytes()).hexdigest() == row.image_sha256
+    assert not list(run.glob("**/.*.tmp")), "a temp file was left behind"
+    assert 'id="progress"' not in (run / "index.html").read_text()  # the page says the run is not rendering
+
+
+def test_settler_hands_out_a_file_once_its_size_and_mtime_held_for_the_interval() -> None:
+    from batchgen.watch import Settler
+
+    now = [0.0]
+    states: dict[Path, tuple[int, int] | None] = {}
+    settler = Settler(2.0, clock=lambda: now[0], stat=lambda path: states.get(path))
+    growing, done, gone = Path("/l/growing.safetensors"), Path("/l/done.safetensors"), Path("/l/gone.safetensors")
+    states.update({growing: (10, 1), done: (50, 1), gone: (5, 1)})
+    settler.changed([growing, done, gone])
+    assert settler.ready() == []  # the first look, at 0 s
+    now[0] = 1.0
+    states[growing] = (20, 2)  # still being written
+    del states[gone]
+    assert settler.ready() == [] and settler.pending == {growing, done}
+    now[0] = 2.0
+    assert settler.ready() == [done]  # unchanged for 2 s
+    now[0] = 2.5
+    states[growing] = (30, 3)
+    assert settler.ready() == []
+    now[0] = 4.4
+    assert settler.ready() == []  # unchanged since 2.5 s
+    now[0] = 4.5
+    assert settler.ready() == [growing] and settler.pending == frozenset()
+    states[done] = (60, 5)  # written again under its name: waits again from its next look
+    settler.changed([done])
+    now[0] = 5.0
+    assert settler.ready() == []
+    now[0] = 7.0
+    assert settler.ready() == [done] and settler.pending == frozenset()
+
+
+def test_a_signal_reaches_the_watch_loop_through_the_file_watcher(tmp_path: Path) -> None:
+    from batchgen.errors import Stopped
+    from batchgen.runner import stop_signals
+    from batchgen.watch import FolderEvents
+
+    events = FolderEvents([tmp_path])
+    try:
+        paths: set[Path] = set()
+        deadline = time.monotonic() + 30
+        while tmp_path / "a.safetensors" not in paths and time.monotonic() < deadline:
+            (tmp_path / "a.safetensors").write_bytes(b"x")  # again until the watcher, starting in its thread, sees it
+            paths |= events.take(0.5)
+        assert tmp_path / "a.safetensors" in paths
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Stopped) as stopped, stop_signals():
+            while True:
+                events.take(0.2)
+        assert stopped.value.exit_code == 143
+    finally:
+        events.close()
+
+
+def test_the_live_page_is_written_at_the_first_row_then_at_most_every_interval() -> None:
+    from batchgen.report.live import LivePage
+
+    now = [0.0]
+    writes: list[float] = []
+    page = LivePage(lambda: writes.append(now[0]), interval=3.0, clock=lambda: now[0])
+    for t in (0.0, 1.0, 2.9, 3.0, 3.5, 6.0, 20.0):
+        now[0] = t
+        page.landed()
+    assert writes == [0.0, 3.0, 6.0, 20.0] and page.writes == 4
+
+    def slow() -> None:  # a page that takes 2 s to build: the next one waits 5 times that
+        writes.append(now[0])
+        now[0] += 2.0
+
+    writes.clear()
+    page = LivePage(slow, interval=3.0, clock=lambda: now[0])
+    now[0] = 0.0
+    page.landed()
+    now[0] = 9.9
+    page.landed()
+    now[0] = 10.0
+    page.landed()
+    assert writes == [0.0, 10.0]

@@ -109,6 +109,7 @@ def resolve_model(name: str, cfg: ModelSource, hashes: HashCache, builtin_root: 
         lora_dirs=tuple(lora_dirs),
         components=components,
         dtype=_dtype(cfg.dtype, where),
+        embedding_dirs=tuple(embedding_dirs),
     )
 
 
