@@ -261,7 +261,8 @@ def test_the_dry_run_prints_each_models_memory_plan(run_cli) -> None:
         "  tiny_flux  fp32: transformer 0.9 MB, text_encoder 23.8 MB, text_encoder_2 14.8 MB, vae 0.3 MB, "
         "LoRAs 0.6 MB;\n"
         "             activations 0.4 MB (batch 4), decode 1.0 MB\n"
-        "             plan model (run.offload=auto): estimated peak 34.0 MB, planned against 41.0 MB "
+        # The tiny encoders outweigh the tiny transformer: only sequential, one module at a time, fits.
+        "             plan sequential (run.offload=auto): estimated peak 14.3 MB, planned against 41.0 MB "
         "(run.gpu_memory_gb)\n"
     )
     code, out, err = _dry_run(run_cli)
@@ -280,7 +281,7 @@ def test_an_explicit_plan_that_cannot_fit_stops_a_dry_run_and_a_render_before_lo
     monkeypatch.setattr(worker, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     line = (
         "batchgen: error: model tiny_flux: run.offload=none needs 50.0 MB, more than the 41.0 MB planned for "
-        "(run.gpu_memory_gb); run.offload=model fits, or run.weights=fp8 with run.offload=none\n"
+        "(run.gpu_memory_gb); run.offload=sequential fits, or run.weights=fp8 with run.offload=none\n"
     )
     assert _dry_run(run_cli, "run.gpu_memory_gb=0.04", "run.offload=none") == (2, "", line)
     args = ["+sweep=next", "sweep.models=[tiny_flux]", "sweep.max_sequence_length=77", "sweep.seeds=[1]"]

@@ -10,12 +10,12 @@ Plans, fastest first, and their peaks (W: weights on the device, A: activations)
     none        W(all) + max(A_text, A_denoise, A_decode)
     encoders    max(W(encoders) + A_text, W(denoiser) + W(vae) + max(A_denoise, A_decode)): every text is encoded
                 first, then the encoders leave the device before the denoiser arrives
-    model       max(max W(one encoder) + A_text, W(denoiser) + A_denoise, W(vae) + A_decode): one component on the
-                device at a time (diffusers' model offload)
+    model       max(W(encoders) + A_text, W(denoiser) + A_denoise, W(vae) + A_decode): as encoders, and the
+                denoiser leaves the device while the VAE decodes
     sequential  W(largest module) + max(A_text, A_denoise, A_decode): one module at a time
 
-Each adds the LoRA files the model's jobs use (their factors stay on the device, in the file's dtype, so a file
-costs its size) and, on CUDA, RESERVE: the CUDA context, cuBLAS/cuDNN workspaces and allocator slack.
+Each but sequential adds the LoRA files the model's jobs use (their factors stay on the device, in the file's
+dtype, so a file costs its size; under sequential they stay on the CPU with the weights they patch) and, on CUDA, RESERVE: the CUDA context, cuBLAS/cuDNN workspaces and allocator slack.
 
 Activations, in bytes, with s the compute dtype's size, H x W the image, h x w = H/f x W/f the latent (f the VAE's
 scale, 2 ** (len(block_out_channels) - 1)):
@@ -104,16 +104,17 @@ class Parts:
     reserve: int
 
     def peaks(self) -> dict[str, int]:
+        # engine/placement.py brings the encoders onto the device together (a text goes through all of them), and
+        # keeps the LoRA factors on the device except under sequential, where they stay with the CPU weights.
         encoders = sum(self.encoders) + self.text
-        one_encoder = max(self.encoders, default=0) + self.text
         active = max(self.text, self.denoise, self.decode)
         peaks = {
-            "none": sum(self.encoders) + self.denoiser + self.vae + active,
-            "encoders": max(encoders, self.denoiser + self.vae + max(self.denoise, self.decode)),
-            "model": max(one_encoder, self.denoiser + self.denoise, self.vae + self.decode),
+            "none": sum(self.encoders) + self.denoiser + self.vae + active + self.loras,
+            "encoders": max(encoders, self.denoiser + self.vae + max(self.denoise, self.decode)) + self.loras,
+            "model": max(encoders, self.denoiser + self.denoise, self.vae + self.decode) + self.loras,
             "sequential": self.largest_module + active,
         }
-        return {plan: peak + self.loras + self.reserve for plan, peak in peaks.items()}
+        return {plan: peak + self.reserve for plan, peak in peaks.items()}
 
 
 @dataclass(frozen=True)
