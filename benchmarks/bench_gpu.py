@@ -21,7 +21,9 @@ transformer's and CLIP-L's attention for FLUX.1. Three contestants render the sa
   `run.offload=none`, writing its PNGs, manifest, grids and index as a user's run does.
 
 Per model they run interleaved, A B C [plans] C B A; each figure is the median over its runs. Between the halves,
-batchgen runs once per other offload plan (`run.offload=encoders`, `model`; `sequential` with --sequential). Every run
+batchgen runs once per other offload plan (`run.offload=encoders`, `model`; `sequential` with --sequential), and
+for FLUX.1 under `run.offload=auto` planned for a smaller card (`run.gpu_memory_gb`: 32 in bf16, 24 with fp8
+weights, the cards issue 35 says it fits), the plan it took read from its dry run. Every run
 records `torch.cuda.max_memory_allocated` (peaks reset before it), and each batchgen setting's `--dry-run` (also the
 untimed warm-up: it hashes the model and LoRA files, which the timed runs then find cached) gives the estimated
 peak printed beside the measured one. A contestant's time runs from its pipeline load on; img/s is given over that
@@ -35,12 +37,15 @@ its reason and recorded. A model the GPU's memory cannot hold resident for the d
 
 Pixels: batchgen's images must match the strong loop's within the compute dtype's tolerance (fp16 2/255, bf16 4/255)
 and every plan's images those of batchgen's `run.offload=none` render, or the bench exits 1; fp8 against diffusers'
-layerwise casting is reported, not checked (the two may keep different layers in fp8).
+layerwise casting is reported, not checked (diffusers keeps FLUX.1's modulation Linears in bf16; batchgen does not).
+A model that fails (an exception, a batchgen exit code) is recorded with its first line and the bench goes on to the
+next; the JSON figures are rewritten after each model, and each model's lines printed as soon as it is measured.
 
 Usage: .venv/bin/python benchmarks/bench_gpu.py            (make bench-gpu; CUDA only; appends to BENCHMARKS.md)
        .venv/bin/python benchmarks/bench_gpu.py --tiny --out FILE
          (the same code path on CPU with batchgen's tiny models of the same bases, fp8 included: 64x64, 2 steps,
-         2 LoRA states x 1 image, fp32 (fp8: bf16 compute), no time budget; a test runs it)
+         2 LoRA states x 1 image, fp32 (fp8: bf16 compute), each contestant once, no time budget; a test runs it)
+       add --only flux,flux_fp8 to run some models, --budget-s S, --sequential, --keep
 """
 
 from __future__ import annotations
@@ -61,7 +66,15 @@ from pathlib import Path
 
 import torch
 from bench_gpu_models import Arch, build_full, build_tiny, count_flops
-from bench_gpu_report import Budget, chosen_plan, estimated_peak_gb, markdown_section, peak_for, summary_lines
+from bench_gpu_report import (
+    Budget,
+    chosen_plan,
+    estimated_peak_gb,
+    markdown_section,
+    model_lines,
+    peak_for,
+    summary_lines,
+)
 from bench_gpu_runs import (
     CPU_THREADS,
     GIB,
@@ -287,12 +300,13 @@ def run_models(archs: tuple[Arch, ...], ctx: Context, peak: float | None, result
         else:
             try:
                 results["models"][arch.key] = bench_arch(arch, ctx, peak)
+                print("\n".join(model_lines(arch.key, results["models"][arch.key])), flush=True)
             except Exception as error:  # one model's failure must not lose the others' figures
                 traceback.print_exc()
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 results["skipped"][arch.key] = f"failed: {type(error).__name__}: {first}"
                 results["failed"].append(arch.key)
-                release(ctx.device)
+            release(ctx.device)  # after the except clause: its traceback held the failed run's pipeline
         ctx.archs.remove(arch)
         if not ctx.keep and all(a.model != arch.model for a in ctx.archs):
             shutil.rmtree(ctx.work / "roots" / arch.model, ignore_errors=True)  # the disk holds one FLUX.1 at a time

@@ -130,25 +130,29 @@ def summary_lines(results: dict) -> list[str]:
         + (f"; {results['device_memory_gb']:.1f} GB" if results.get("device_memory_gb") else "")
     ]
     for key, r in results["models"].items():
-        lines.append(
-            f"{key}: {r['label']}, {r['images']} images ({r['states']} LoRA states x {r['images_per_state']}), "
-            f"{r['size']}x{r['size']}, {r['steps']} steps; {r['flops']['per_image'] / 1e9:.4g} GFLOP per image"
-        )
-        for name in ("bare", "strong", "batchgen"):
-            c = r[name]
-            lines.append(
-                f"  {name:<9} {c['img_per_s']:8.3f} img/s ({c['img_per_s_end_to_end']:.3f} end to end), "
-                f"{c['achieved_tflops']:.1f} TFLOP/s, {_share(c)}, peak memory {_gb(c['peak_gb'])}"
-            )
-        lines.append(
-            f"  batchgen / bare {r['batchgen_vs_bare']:.3f} ({r['batchgen_vs_bare_end_to_end']:.3f} end to end), "
-            f"batchgen / strong {r['batchgen_vs_strong']:.3f} ({r['batchgen_vs_strong_end_to_end']:.3f}); "
-            + _pixels(r)
-        )
-        lines += [_plan_line(plan, p) for plan, p in r["plans"].items()]
-        lines += [f"  skipped: {reason}" for reason in r["skipped_runs"]]
+        lines += model_lines(key, r)
     lines += [f"{key}: skipped: {reason}" for key, reason in results["skipped"].items()]
     return lines
+
+
+def model_lines(key: str, r: dict) -> list[str]:
+    """One model's figures as printed (also as soon as it is measured, so that a killed bench leaves them)."""
+    lines = [
+        f"{key}: {r['label']}, {r['images']} images ({r['states']} LoRA states x {r['images_per_state']}), "
+        f"{r['size']}x{r['size']}, {r['steps']} steps; {r['flops']['per_image'] / 1e9:.4g} GFLOP per image"
+    ]
+    for name in ("bare", "strong", "batchgen"):
+        c = r[name]
+        lines.append(
+            f"  {name:<9} {c['img_per_s']:8.3f} img/s ({c['img_per_s_end_to_end']:.3f} end to end), "
+            f"{c['achieved_tflops']:.1f} TFLOP/s, {_share(c)}, peak memory {_gb(c['peak_gb'])}"
+        )
+    lines.append(
+        f"  batchgen / bare {r['batchgen_vs_bare']:.3f} ({r['batchgen_vs_bare_end_to_end']:.3f} end to end), "
+        f"batchgen / strong {r['batchgen_vs_strong']:.3f} ({r['batchgen_vs_strong_end_to_end']:.3f}); " + _pixels(r)
+    )
+    lines += [_plan_line(plan, p) for plan, p in r["plans"].items()]
+    return lines + [f"  skipped: {reason}" for reason in r["skipped_runs"]]
 
 
 def _row(cells: list[str]) -> str:

@@ -104,7 +104,7 @@ def load_pipe(checkpoint: Path, arch: Arch, device: str, lora_root: Path | None 
     return pipe.to(device), lora_seconds
 
 
-def call(pipe, arch: Arch, seeds: list[int], steps: int | None = None) -> list[np.ndarray]:
+def call(pipe, arch: Arch, seeds: list[int]) -> list[np.ndarray]:
     from batchgen.assets.bases import BY_NAME
 
     # One CPU generator per image, as batchgen draws noise: each image depends only on its own seed.
@@ -115,7 +115,7 @@ def call(pipe, arch: Arch, seeds: list[int], steps: int | None = None) -> list[n
         kwargs["negative_prompt"] = [""] * len(seeds)
     out = pipe(
         [PROMPT] * len(seeds),
-        num_inference_steps=steps or arch.steps,
+        num_inference_steps=arch.steps,
         guidance_scale=arch.guidance,
         width=arch.size,
         height=arch.size,
