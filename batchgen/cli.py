@@ -192,21 +192,47 @@ def report_command(
     from_pngs: Annotated[
         bool, typer.Option("--from-pngs", help="Rebuild a missing manifest.csv from the PNGs' batchgen metadata")
     ] = False,
+    clip: Annotated[
+        str | None, typer.Option("--clip", help="A CLIPModel folder: fill empty clip_t/clip_i (as sweep.metrics.clip)")
+    ] = None,
+    dino: Annotated[
+        str | None, typer.Option("--dino", help="A DINO/DINOv2 folder: fill empty dino_i (as sweep.metrics.dino)")
+    ] = None,
+    concept: Annotated[
+        list[str] | None,
+        typer.Option("--concept", help="NAME=FOLDER: a LoRA's or TI's training images (as sweep.metrics.concepts)"),
+    ] = None,
 ) -> None:
     from batchgen.manifest import MANIFEST
     from batchgen.report.rebuild import ReportRequest, rebuild_report
     from batchgen.runlock import RunLock
 
-    result = rebuild_report(ReportRequest(run_dir, x, y, z, max_megapixels, from_pngs, RunLock))
+    concepts = {}
+    for pair in concept or []:
+        name, _, folder = pair.partition("=")
+        if not name.strip() or not folder.strip():
+            raise BatchgenError(f"--concept {pair}: give NAME=FOLDER, e.g. --concept ink=/data/ink_train")
+        concepts[name.strip()] = folder.strip()
+    request = ReportRequest(run_dir, x, y, z, max_megapixels, from_pngs, RunLock, clip, dino, concepts, _metrics_root)
+    result = rebuild_report(request)
     if result.recovered is not None:
         for path, why in result.recovered.ignored:
             sys.stderr.write(f"batchgen: ignored {path}: {why}\n")
         sys.stderr.write(f"rebuilt {run_dir / MANIFEST}: {len(result.recovered.rows)} jobs from their PNGs\n")
     if result.measured:
         sys.stderr.write(f"measured {result.measured} images (effect, ssim, degenerate) into the manifest\n")
+    if result.semantic:
+        sys.stderr.write(f"measured {result.semantic} images (clip_t, clip_i, dino_i) into the manifest\n")
     plots = f", {len(result.plots)} strength plots" if result.plots else ""
     plots += f", {len(result.tradeoffs)} tradeoff plots" if result.tradeoffs else ""
     sys.stdout.write(f"{len(result.grids)} grids{plots}, {result.index}\n")
+
+
+def _metrics_root(name: str) -> Path:
+    """A recorded sweep.metrics.builtin's folder (only tiny_metrics exists), built on first use."""
+    from batchgen.tiny import ensure_tiny_metrics
+
+    return ensure_tiny_metrics()
 
 
 @app.command("diff", help="Compare two runs job by job; exit 1 when an image differs by more than --tolerance.")

@@ -79,6 +79,12 @@ _FIXED = (
     _render("ssim", index=Shown(10, numeric=True)),  # structural similarity to the reference, 1 = identical
     _render("degenerate", codec=DEGENERATE, index=Shown(11, filter=4)),  # empty while not measured
     _render("dtype"),  # what the job computed in: fp16, bf16 or fp32 (run.dtype, models.X.dtype, the base's auto)
+    # sweep.metrics (report/semantic.py), empty where not computed: 100 * max(0, CLIP cos(image, prompt's words))
+    _render("clip_t"),
+    _render("clip_i"),  # mean CLIP cos(image, each image of the concepts the job carries)
+    _render("dino_i"),  # the same with the DINO model's CLS token
+    _render("reference_clip_i"),  # the job's no-LoRA reference image against the same concept images
+    _render("reference_dino_i"),
 )
 
 

@@ -36,6 +36,7 @@ from batchgen.manifest import (
 )
 from batchgen.plan import Plan, build_plan, read_prompts_file, select_models, used_assets
 from batchgen.plan.memory import GIB, MemoryPlan, check_fits, gb, memory_plan, peaks_by_kind
+from batchgen.plan.metrics import check_metrics
 from batchgen.progress import Progress
 from batchgen.runlock import RunLock
 from batchgen.settings import SETTINGS
@@ -92,6 +93,9 @@ def prepare(
     hashes.save()
     plan = build_plan(cfg.sweep, models, rows, cfg.run)
     plan.warnings.extend(unused)
+    metrics, notes = check_metrics(cfg.sweep.metrics, plan.models, builtin_metrics_root)
+    plan = replace(plan, metrics=metrics)
+    plan.warnings.extend(notes)
     if not all_assets:
         plan.memory.update(plan_memory(plan, device or make_executor(cfg.executor, plan.engine).planning_device()))
         with_memory_peaks(plan)
@@ -353,7 +357,7 @@ def render_locked(
     grid = cfg.sweep.grid
     layout = GridLayout(grid.x, grid.y, grid.z, cfg.report.max_grid_megapixels, plan.slots)
     # The run lock is held already; the measurements are those of LoRA jobs whose reference landed after them.
-    report = after_render(run_dir, layout, lambda d: merged_table(plan.table, d), summary)
+    report = after_render(run_dir, layout, lambda d: merged_table(plan.table, d), summary, metrics=plan.metrics)
     elapsed = time.monotonic() - started
     for line in failures[:10]:
         err.write(f"failed {line}\n")
@@ -411,3 +415,10 @@ def _builtin_root(name: str) -> Path:
     from batchgen.tiny import ensure_tiny
 
     return ensure_tiny(name)
+
+
+def builtin_metrics_root(name: str) -> Path:
+    """sweep.metrics.builtin's folder (plan.metrics.BUILTINS), built on first use."""
+    from batchgen.tiny import ensure_tiny_metrics
+
+    return ensure_tiny_metrics()

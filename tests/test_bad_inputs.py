@@ -455,6 +455,81 @@ def sd3_single_file(c: Case):
     )
 
 
+# --- sweep.metrics: folders checked at planning -------------------------------------------------------------------
+
+_FIX_CLIP = "give a local transformers CLIPModel folder (hf download openai/clip-vit-large-patch14 --local-dir DIR)"
+
+
+def _model_folder(c: Case, name: str, model_type: str, *files: str) -> Path:
+    folder = c.tmp / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    for file in files:
+        (folder / file).write_text("{}")
+    return folder
+
+
+def metrics_clip_missing(c: Case):
+    return [f"sweep.metrics.clip={c.tmp}/nothing"], (
+        f"sweep.metrics.clip: {c.tmp}/nothing is not a folder; {_FIX_CLIP}\n"
+    )
+
+
+def metrics_clip_without_weights(c: Case):
+    folder = _model_folder(c, "clip", "clip", "preprocessor_config.json", "tokenizer.json")
+    return [f"sweep.metrics.clip={folder}"], (
+        f"sweep.metrics.clip: {folder} has no weights (model.safetensors or pytorch_model.bin); {_FIX_CLIP}\n"
+    )
+
+
+def metrics_clip_without_processor(c: Case):
+    folder = _model_folder(c, "clip", "clip", "model.safetensors", "tokenizer.json")
+    return [f"sweep.metrics.clip={folder}"], (
+        f"sweep.metrics.clip: {folder} has no preprocessor_config.json (its image processor); copy it from the "
+        "model's repository into the folder\n"
+    )
+
+
+def metrics_dino_is_a_clip(c: Case):
+    folder = _model_folder(c, "clip", "clip", "model.safetensors", "preprocessor_config.json")
+    return [f"sweep.metrics.dino={folder}"], (
+        f"sweep.metrics.dino: {folder} holds a clip model (config.json), not DINO (dinov2, dinov2_with_registers, "
+        "vit, dinov3_vit); give a local transformers DINO or DINOv2 folder (hf download facebook/dinov2-small "
+        "--local-dir DIR)\n"
+    )
+
+
+def metrics_concept_of_no_lora(c: Case):
+    (c.tmp / "inq").mkdir()
+    (c.tmp / "inq" / "1.png").write_bytes(_PNG)
+    return [f"+sweep.metrics.concepts.inq={c.tmp}/inq"], (
+        "sweep.metrics.concepts.inq: no LoRA or TI of the sweep's models is named 'inq' (did you mean 'ink'?); name "
+        "a LoRA (its file stem) or a TI trigger; found: alf, cartoona, grain, grainy, hatch, ink, kron, pastel, "
+        "peft_sketch\n"
+    )
+
+
+def metrics_concept_without_images(c: Case):
+    (c.tmp / "ink_train").mkdir()
+    (c.tmp / "ink_train" / "notes.txt").write_text("captions only")
+    return [f"+sweep.metrics.concepts.ink={c.tmp}/ink_train"], (
+        f"sweep.metrics.concepts.ink: {c.tmp}/ink_train holds no images (.png, .jpg, .jpeg, .webp, .bmp); put ink's "
+        "training images there\n"
+    )
+
+
+def metrics_unknown_builtin(c: Case):
+    return ["sweep.metrics.builtin=tiny"], (
+        "sweep.metrics.builtin: 'tiny' is no builtin set; use tiny_metrics, or null with your own folders\n"
+    )
+
+
+_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
+)
+
+
 CASES = [
     zero_byte,
     truncated,
@@ -514,6 +589,13 @@ CASES = [
     single_file_without_config,
     flux_single_file,
     sd3_single_file,
+    metrics_clip_missing,
+    metrics_clip_without_weights,
+    metrics_clip_without_processor,
+    metrics_dino_is_a_clip,
+    metrics_concept_of_no_lora,
+    metrics_concept_without_images,
+    metrics_unknown_builtin,
 ]
 
 

@@ -188,7 +188,8 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
     [
         (
             ("+sweep=nope",),
-            "sweep config 'nope' not found; available: next, styles (add your own folder with --config-dir)",
+            "sweep config 'nope' not found; available: metrics_demo, next, styles (add your own folder with "
+            "--config-dir)",
         ),
         (("+sweep=styles", "sweep.models=[sd3]"), "sweep.models: unknown model 'sd3'"),
         (
@@ -210,7 +211,7 @@ def test_config_dir_adds_and_shadows(run_cli, tmp_path: Path) -> None:
         (("+sweep=styles", "run.out_dir=a,b"), "override 'run.out_dir=a,b': a list of values is an axis only on"),
         (("+sweep=styles", "sweep.steps=[1"), "bad override 'sweep.steps=[1':"),
         (("+sweep=styles", "sweep.steps=0"), "sweep.steps: '0' is not an integer >= 1"),
-        ((), "no sweep selected: add +sweep=NAME (available: next, styles)"),
+        ((), "no sweep selected: add +sweep=NAME (available: metrics_demo, next, styles)"),
         (
             ("+sweep=styles", "sweep.negative_prompt=[a, b]"),
             "override 'sweep.negative_prompt=[a, b]': Cannot convert 'list' to string: '['a', 'b']'; give "

@@ -20,10 +20,12 @@ MANIFEST_BEFORE = (
     *("pad_prompts", "lora_triggers", "epoch", "reference", "effect", "ssim", "degenerate"),
     "max_sequence_length",
     "dtype",
+    *("clip_t", "clip_i", "dino_i", "reference_clip_i", "reference_dino_i"),
 )
 RECORDED_BEFORE = (
     *("status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"),
     *("effect", "ssim", "degenerate", "dtype"),
+    *("clip_t", "clip_i", "dino_i", "reference_clip_i", "reference_dino_i"),
 )
 VOLATILE_BEFORE = {"status", "image", "image_sha256", "error", "seconds", "worker", "finished_at", "timings"} | {
     "reference",
@@ -31,6 +33,7 @@ VOLATILE_BEFORE = {"status", "image", "image_sha256", "error", "seconds", "worke
     "ssim",
     "degenerate",
     "dtype",
+    *("clip_t", "clip_i", "dino_i", "reference_clip_i", "reference_dino_i"),
 }
 
 

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batchgen"
 # Leaf modules every layer may use: records, errors and tables with no behaviour of their own.
 SHARED = {
     *("errors", "spec", "settings", "schedulers", "axes", "prompt_syntax", "metrics", "library_log"),
+    "semantic",
     "engine_options",
     *("cells", "columns"),
 }

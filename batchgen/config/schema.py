@@ -44,6 +44,17 @@ class GridConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """sweep.metrics: local model folders and concept images for clip_t, clip_i and dino_i; all optional, and
+    without them nothing extra loads. Relative paths are read under the builtin set's folder when one is named."""
+
+    builtin: str | None = None  # tiny_metrics: the embedded tiny CLIP, DINOv2 and concept folders, built on first use
+    clip: str | None = None  # a transformers CLIPModel folder with its processor -> clip_t, clip_i
+    dino: str | None = None  # a transformers DINO/DINOv2 (AutoModel) folder with its image processor -> dino_i
+    concepts: dict[str, str] = field(default_factory=dict)  # a LoRA or TI name -> a folder of its training images
+
+
+@dataclass
 class ReportConfig:
     max_grid_megapixels: float = 64.0  # a larger grid is split into pages
 
@@ -83,6 +94,7 @@ SweepConfig = make_dataclass(
         # Render each LoRA job's no-LoRA twin too (same prompt text, seed, settings), so effect and ssim can be
         # measured against it; usually the `none` stack holds them already.
         ("references", bool, field(default=True)),
+        ("metrics", MetricsConfig, field(default_factory=MetricsConfig)),
         ("batch_size", Any, field(default="auto")),
         ("grid", GridConfig, field(default_factory=GridConfig)),
     ],

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from batchgen.assets.bases import BY_NAME
+from batchgen.assets.metric_models import MetricModels
 from batchgen.assets.tokens import ChunkCounter
 from batchgen.axes import state_labels, with_trigger_words
 from batchgen.cells import format_names, format_triggers
@@ -66,6 +67,7 @@ class Plan:
     engine: EngineOptions = EngineOptions()  # how every worker renders (run.dtype, run.compile, ...), checked
     # Per model, its memory plan for the device the run renders on (runner.prepare fills it; --dry-run prints it).
     memory: dict[str, MemoryPlan] = field(default_factory=dict)
+    metrics: MetricModels | None = None  # sweep.metrics, checked (runner.prepare fills it); None: not measured
 
     def axis_counts(self) -> dict[str, int]:
         columns = ["model", "stack", *(["epoch"] if self.table["epoch"].ne("").any() else []), "prompt"]

@@ -8,13 +8,35 @@ batchgen or a hand-edited file: a key that is absent or not of its type reads as
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 _STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class RecordedMetrics:
+    """sweep.metrics as recorded: paths as written, read under the builtin set's folder when one is named."""
+
+    builtin: str | None = None
+    clip: str | None = None
+    dino: str | None = None
+    concepts: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, metrics: Any) -> RecordedMetrics | None:
+        if not isinstance(metrics, dict):
+            return None
+        concepts = metrics.get("concepts")
+        return cls(
+            builtin=_text(metrics.get("builtin")),
+            clip=_text(metrics.get("clip")),
+            dino=_text(metrics.get("dino")),
+            concepts={str(k): str(v) for k, v in concepts.items() if v} if isinstance(concepts, dict) else {},
+        )
 
 
 @dataclass(frozen=True)
@@ -28,6 +50,7 @@ class Recorded:
     max_grid_megapixels: Any = None  # report.max_grid_megapixels, checked where it is used (axes)
     references: bool | None = None  # sweep.references
     concepts: tuple[str, ...] | None = None  # the names sweep.metrics.concepts gives images; None: no sweep.metrics
+    metrics: RecordedMetrics | None = None  # sweep.metrics; None: not recorded
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> Recorded:
@@ -42,6 +65,7 @@ class Recorded:
             max_grid_megapixels=_section(config, "report").get("max_grid_megapixels"),
             references=sweep.get("references") if isinstance(sweep.get("references"), bool) else None,
             concepts=_concepts(sweep.get("metrics")),
+            metrics=RecordedMetrics.of(sweep.get("metrics")),
         )
 
 
@@ -93,6 +117,10 @@ def _concepts(metrics: Any) -> tuple[str, ...] | None:
         return None
     concepts = metrics.get("concepts")
     return tuple(str(name) for name in concepts) if isinstance(concepts, dict) else ()
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
 
 
 def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
