@@ -1,20 +1,28 @@
 """index.html in a real browser: headless Chromium loads a rendered run's report from disk, every image loads,
-the filters hide and show rows, and a screenshot lands in runs/browser-test/.
+the filters hide and show rows, the grid viewer draws the axes its URL fragment and its controls name, filters,
+opens the compare view, follows a run that is still rendering, and draws 10,000 jobs; a screenshot lands in
+runs/browser-test/.
 
-Marked `browser` and deselected by default; `make test-browser` installs Chromium (Debian package `chromium`)
-when it is missing and runs this. Without Chromium the test fails: it never skips.
+Marked `browser`; `make test` and `make test-browser` install Chromium (Debian package `chromium`) when it is
+missing and run these (`make test-fast` leaves them out). Without Chromium the tests fail: they never skip.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
 from batchgen.manifest import Manifest, read_manifest
-from tests.cdp import Chromium, find_chromium
+from batchgen.report.index import build_index, write_live_index
+from tests.cdp import CdpError, Chromium, find_chromium
+from tests.synthetic import STYLES, make_run
 
 pytestmark = pytest.mark.browser
 
@@ -24,8 +32,8 @@ ARGS = ("+sweep=styles", "sweep.seeds=[1]", "sweep.prompts=['<grainy> cat','a ca
 
 LOAD_ALL_IMAGES = """
 (async () => {
-  // the compare view's images get their src when it opens
-  const images = Array.from(document.images).filter((img) => !img.closest("#compare"));
+  // the compare view's images get their src when it opens; the viewer's grid is counted apart
+  const images = Array.from(document.images).filter((img) => !img.closest("#compare") && !img.closest("#grid"));
   images.forEach((img) => { img.loading = "eager"; });  // lazy thumbnails below the fold load now
   const settle = (img) => img.complete ? Promise.resolve() :
     new Promise((done) => { img.addEventListener("load", done); img.addEventListener("error", done); });
@@ -35,6 +43,9 @@ LOAD_ALL_IMAGES = """
           broken: images.filter((img) => !ok(img)).map((img) => img.getAttribute("src"))};
 })()
 """
+
+
+GRID_IMAGES = 'document.querySelectorAll("#grid img[data-job-id]").length'
 
 
 def choose(name: str, value: str) -> str:
@@ -88,6 +99,8 @@ def test_report_in_headless_chromium(run_cli, tmp_path: Path) -> None:
         page = browser.open((run / "index.html").as_uri())
         images = browser.evaluate(page, LOAD_ALL_IMAGES)
         assert images == {"total": ok + grids, "loaded": ok + grids, "broken": []}
+        # The viewer, on the run's own axes (stack x prompt), has every ok job's image in a cell.
+        assert browser.evaluate(page, GRID_IMAGES) == ok
 
         assert browser.evaluate(page, 'document.getElementById("shown").textContent') == str(ok + skipped + 1)
         picked = browser.evaluate(page, choose("status", "failed"))
@@ -182,3 +195,283 @@ def test_compare_view_sort_and_effect_filter_in_headless_chromium(run_cli, tmp_p
         assert numbers == measured and order["ascending"][len(numbers) :] == [""] * (6 - len(numbers))
         assert [float(v) for v in order["descending"] if v] == measured[::-1]
         assert sorted(order["shown"]) == [v for v in measured if v >= 1]
+
+
+# ---------------------------------------------------------------- the grid viewer, on synthetic runs
+
+VIEW = """
+(() => {
+  const layer = document.querySelector("#grid section.layer");
+  const texts = (selector) => layer ? Array.from(layer.querySelectorAll(selector), (e) => e.textContent) : [];
+  return {images: document.querySelectorAll("#grid img[data-job-id]").length,
+          skipped: document.querySelectorAll("#grid span.job.skipped").length,
+          columns: texts(".vrow.head .vcell"), rows: texts(".vrow:not(.head) .ylabel"),
+          layers: Array.from(document.querySelectorAll("#grid section.layer h3"), (e) => e.textContent),
+          fragment: location.hash};
+})()
+"""
+
+
+def after_hashchange(action: str) -> str:
+    """JS: do `action` (which changes the fragment), then, once the viewer has redrawn on hashchange, VIEW."""
+    return f"""
+new Promise((done) => {{
+  window.addEventListener("hashchange", () => done(), {{once: true}});
+  {action};
+}}).then(() => {VIEW})
+"""
+
+
+def pick_axis(key: str, axis: str) -> str:
+    """A change of the x, y or z select, as a user makes it."""
+    return after_hashchange(
+        f"""const select = document.querySelector('form.view select[name="{key}"]');
+  select.value = {json.dumps(axis)};
+  select.dispatchEvent(new Event("change", {{bubbles: true}}))"""
+    )
+
+
+def toggle(axis: str, value: str) -> str:
+    """A click on the checkbox of one value in an axis's filter."""
+    return after_hashchange(
+        f"""const box = Array.from(document.querySelectorAll('#viewer-filters fieldset[data-axis="{axis}"] label'))
+    .find((label) => label.textContent.startsWith({json.dumps(value + " (")})).querySelector("input");
+  box.click()"""
+    )
+
+
+def set_fragment(fragment: str) -> str:
+    return after_hashchange(f"location.hash = {json.dumps(fragment)}")
+
+
+def with_references(table: pd.DataFrame) -> pd.DataFrame:
+    """Each LoRA job's `reference`: the none job of its model, prompt and seed (as the planner pairs them)."""
+    none = table[table["stack"] == "none"].set_index(["model", "prompt", "seed"])["job_id"]
+    keys = zip(table["model"], table["prompt"], table["seed"], strict=True)
+    table["reference"] = [
+        "" if stack == "none" else none[key] for stack, key in zip(table["stack"], keys, strict=True)
+    ]
+    return table
+
+
+def test_viewer_axes_from_the_fragment_and_the_controls(tmp_path: Path) -> None:
+    binary = find_chromium()
+    assert binary, "Chromium not found: `make test` installs the Debian package, or set BATCHGEN_CHROMIUM"
+    run = tmp_path / "run"
+    # 2 models x 3 stacks x 2 styles x 2 seeds; job 1 (tiny_sd1, none, ink drawing, seed 2) is skipped
+    table = make_run(run, seeds=[1, 2], skip={1})
+    build_index(table, run, [])
+    url = (run / "index.html").as_uri()
+    stacks = ["none", "ink 0.8 + grain 0.6", "ink 0.5"]
+    with Chromium(binary, tmp_path / "profile") as browser:
+        page = browser.open(url + "#x=seed&y=stack&model=tiny_sd1")
+        view = browser.evaluate(page, VIEW)
+        assert view == {
+            "images": 11,  # tiny_sd1's 12 jobs, one skipped: a cell of its own word, not an image
+            "skipped": 1,
+            "columns": ["1", "2"],
+            "rows": stacks,
+            "layers": [],
+            "fragment": "#x=seed&y=stack&model=tiny_sd1",
+        }
+        view = browser.evaluate(page, pick_axis("x", "style"))
+        assert (view["images"], view["columns"], view["rows"]) == (11, STYLES, stacks)
+        assert view["fragment"] == "#x=style&y=stack&model=tiny_sd1"
+        view = browser.evaluate(page, pick_axis("z", "model"))
+        assert (view["images"], view["layers"]) == (11, ["model: tiny_sd1"])
+        assert view["fragment"] == "#x=style&y=stack&z=model&model=tiny_sd1"
+        view = browser.evaluate(page, toggle("model", "tiny_sdxl"))  # every value shown: no filter in the URL
+        assert (view["images"], view["layers"]) == (23, ["model: tiny_sd1", "model: tiny_sdxl"])
+        assert view["fragment"] == "#x=style&y=stack&z=model"
+        view = browser.evaluate(page, toggle("stack", "ink 0.5"))
+        assert (view["images"], view["rows"]) == (23 - 8, stacks[:2])
+        assert view["fragment"] == "#x=style&y=stack&z=model&stack=none,ink%200.8%20%2B%20grain%200.6"
+        view = browser.evaluate(page, pick_axis("y", "style"))  # the axis on x: the two swap
+        assert (view["images"], view["columns"], view["rows"]) == (15, stacks[:2], STYLES)
+        assert view["fragment"] == "#x=stack&y=style&z=model&stack=none,ink%200.8%20%2B%20grain%200.6"
+
+        # A bookmark of that view opens as it was.
+        again = browser.open(url + view["fragment"])
+        assert browser.evaluate(again, VIEW) == view
+        boxes = """Array.from(document.querySelectorAll('#viewer-filters fieldset[data-axis="stack"] input'),
+                               (input) => input.checked)"""
+        assert browser.evaluate(again, boxes) == [True, True, False]
+
+        # A fragment changed by hand (or a link) redraws, and the controls follow it.
+        view = browser.evaluate(again, set_fragment("#x=seed&y=prompt"))
+        assert (view["images"], view["columns"], view["layers"]) == (23, ["1", "2"], [])
+        assert view["rows"] == [f"a portrait of <alf> in {style}" for style in STYLES]
+        assert browser.evaluate(again, boxes) == [True, True, True]
+        selects = "Array.from(document.querySelectorAll('form.view select'), (s) => s.value)"
+        assert browser.evaluate(again, selects) == ["seed", "prompt", ""]
+        none = after_hashchange(
+            """document.querySelector('#viewer-filters fieldset[data-axis="seed"] button[data-all="0"]').click()"""
+        )
+        view = browser.evaluate(again, none)
+        assert (view["images"], view["fragment"]) == (0, "#x=seed&y=prompt&seed=")
+
+
+OPEN_CELL = """
+(() => {
+  const cell = Array.from(document.querySelectorAll("#grid img[data-job-id]"))[%d];
+  cell.click();
+  const box = document.getElementById("compare");
+  return {id: cell.dataset.jobId, hidden: box.hidden, job: box.querySelector("img.job").getAttribute("src"),
+          reference: box.querySelector("img.reference").getAttribute("src"), fragment: location.hash};
+})()
+"""
+
+COMPARED = """
+(() => {
+  const box = document.getElementById("compare");
+  return {hidden: box.hidden, job: box.querySelector("img.job").getAttribute("src"), fragment: location.hash};
+})()
+"""
+
+
+def key(name: str) -> str:
+    return f'document.dispatchEvent(new KeyboardEvent("keydown", {{key: "{name}", bubbles: true}}))'
+
+
+def test_a_grid_cell_opens_the_compare_view_and_the_fragment_keeps_it(tmp_path: Path) -> None:
+    binary = find_chromium()
+    assert binary, "Chromium not found: `make test` installs the Debian package, or set BATCHGEN_CHROMIUM"
+    run = tmp_path / "run"
+    table = with_references(make_run(run, models=["tiny_sd1"], seeds=[1]))  # 3 stacks x 2 styles
+    build_index(table, run, [])
+    ids = dict(zip(table["job_id"], table["image"], strict=True))
+    reference = dict(zip(table["job_id"], table["reference"], strict=True))
+    base = (run / "index.html").as_uri() + "#x=stack&y=style"
+    with Chromium(binary, tmp_path / "profile") as browser:
+        page = browser.open(base)
+        opened = browser.evaluate(page, OPEN_CELL % 1)  # the first row's second column: ink 0.8 + grain 0.6
+        job = opened["id"]
+        assert table.set_index("job_id").loc[job, "stack"] == "ink 0.8 + grain 0.6"
+        assert (
+            opened
+            == {
+                "id": job,
+                "hidden": False,
+                "job": ids[job],
+                "reference": ids[reference[job]],  # its no-LoRA twin, beside it and under the wipe
+                "fragment": f"{base[base.index('#') :]}&open={job}",
+            }
+        )
+        # The arrow keys step through the grid's cells in their order, and the fragment follows.
+        order = browser.evaluate(page, 'Array.from(document.querySelectorAll("#grid img"), (i) => i.dataset.jobId)')
+        browser.evaluate(page, key("ArrowRight"))
+        stepped = browser.evaluate(page, COMPARED)
+        assert stepped["job"] == ids[order[2]] and stepped["fragment"].endswith(f"&open={order[2]}")
+
+        again = browser.open(base + f"&open={order[2]}")  # reopened from the URL: the same job compared
+        assert browser.evaluate(again, COMPARED) == {
+            "hidden": False,
+            "job": ids[order[2]],
+            "fragment": stepped["fragment"],
+        }
+        browser.evaluate(again, key("Escape"))
+        assert browser.evaluate(again, COMPARED)["hidden"] is True
+        assert browser.evaluate(again, "location.hash") == base[base.index("#") :]
+
+
+def wait_for(browser: Chromium, page: str, expression: str, seconds: float = 30.0):
+    """Evaluate `expression` until it is truthy: the page reloads itself meanwhile, and an evaluation that
+    meets a reload fails; those are retried."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            value = browser.evaluate(page, expression)
+        except CdpError:
+            value = None
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+LIVE = """
+(() => ({images: document.querySelectorAll("#grid img[data-job-id]").length, fragment: location.hash,
+         scroll: Math.round(window.scrollY), compare: !document.getElementById("compare").hidden,
+         progress: (document.getElementById("progress") || {}).textContent || null}))()
+"""
+
+
+def test_a_page_opened_mid_run_reloads_until_the_run_ends_and_keeps_its_view(tmp_path: Path) -> None:
+    binary = find_chromium()
+    assert binary, "Chromium not found: `make test` installs the Debian package, or set BATCHGEN_CHROMIUM"
+    run = tmp_path / "run"
+    table = make_run(run, seeds=[1, 2], skip={1})  # 24 jobs, 23 to render
+    mid = table.copy()
+    mid.loc[12:, ["status", "image"]] = ["", ""]  # tiny_sdxl's jobs not rendered yet: pending
+    write_live_index(mid, run, refresh_seconds=1)
+    with Chromium(binary, tmp_path / "profile") as browser:
+        page = browser.open((run / "index.html").as_uri() + "#x=seed&y=stack")
+        first = browser.evaluate(page, LIVE)
+        assert first["images"] == 11 and first["fragment"] == "#x=seed&y=stack"
+        assert first["progress"].startswith("Rendering: 11 of 23 rendered, 0 failed.")
+        assert browser.evaluate(page, "document.documentElement.scrollHeight") > 900 + 400
+        opened = browser.evaluate(page, OPEN_CELL % 0)["id"]
+        browser.evaluate(page, "window.scrollTo(0, 400)")
+        browser.evaluate(page, "window.reloadedSince = false")
+
+        build_index(table, run, [])  # the run's end: every job in, finished
+        done = wait_for(browser, page, f"({LIVE}).images === 23 && {LIVE}")
+        assert done == {
+            "images": 23,
+            "fragment": f"#x=seed&y=stack&open={opened}",  # the scroll position went in and out again
+            "scroll": 400,
+            "compare": True,
+            "progress": None,
+        }
+        # Finished: no more reloads (a reload would clear the flag set here).
+        browser.evaluate(page, "window.stillHere = true")
+        time.sleep(3)
+        assert browser.evaluate(page, "window.stillHere") is True
+
+
+def ten_thousand_jobs(run: Path) -> pd.DataFrame:
+    """2 models x 5 stacks x 10 prompts x 100 seeds, every job ok; one small PNG's bytes in every image file."""
+    (run / "images").mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 160, 60)).save(buffer, format="PNG")
+    stacks = {"none": "", "ink 0.5": "ink:0.5", "ink 1": "ink:1", "grain 0.6": "grain:0.6", "both": "grain:0.6;ink:1"}
+    rows = []
+    product = itertools.product(["m1", "m2"], stacks, [f"prompt {k}, a cat" for k in range(10)], range(100))
+    for i, (model, stack, prompt, seed) in enumerate(product):
+        job_id = f"{i:016x}"
+        (run / "images" / f"{job_id}.png").write_bytes(buffer.getvalue())
+        rows.append(
+            {"job_id": job_id, "status": "ok", "model": model, "stack": stack, "loras": stacks[stack],
+             "prompt": prompt, "seed": seed, "steps": 20, "width": 64, "height": 64, "image": f"images/{job_id}.png"}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+MEASURE = """
+new Promise((done) => {
+  window.addEventListener("hashchange", () => done(window.batchgenViewer.stats()), {once: true});
+  location.hash = %s;
+})
+"""
+
+
+def test_ten_thousand_jobs_draw_and_filter(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    binary = find_chromium()
+    assert binary, "Chromium not found: `make test` installs the Debian package, or set BATCHGEN_CHROMIUM"
+    run = tmp_path / "run"
+    table = ten_thousand_jobs(run)
+    build_index(table, run, [])
+    views = [
+        ("#x=seed&y=stack&z=model", 10_000),
+        ("#x=seed&y=prompt&z=model", 10_000),
+        ("#x=seed&y=prompt&z=model&stack=none", 2_000),
+        ("#x=seed&y=stack&model=m1&prompt=prompt%200%2C%20a%20cat", 500),
+    ]
+    with Chromium(binary, tmp_path / "profile", timeout=300) as browser:
+        page = browser.open((run / "index.html").as_uri() + "#x=stack&y=prompt")
+        drawn = []
+        for fragment, images in views:
+            stats = browser.evaluate(page, MEASURE % json.dumps(fragment))
+            assert (stats["jobs"], stats["images"]) == (images, images), fragment
+            drawn.append(f"{fragment} {images} images in {stats['ms']:.0f} ms")
+    with capsys.disabled():  # the figure README quotes: measured here, never asserted
+        print("\n10,000 rows: grid drawn after a fragment change, layout included: " + "; ".join(drawn))

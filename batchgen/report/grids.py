@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,19 +95,19 @@ def _column(table: pd.DataFrame, name: str) -> pd.Series:
     return table[name].map(text)
 
 
-def _axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.Series:
+def axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.Series:
     """A table column, or a value derived from it: a LoRA's weight, the stack without the grid's LoRAs, a stack's
     state by the sweep's name for it (`ink 0.5`, `ink_grain`)."""
     lora = weight_lora(name)
     if lora is not None:
-        return _column(table, "loras").map(lambda cell: weight_label(cell, lora))
+        return _per_cell(_column(table, "loras"), lambda cell: weight_label(cell, lora))
     lora = blocks_lora(name)
     if lora is not None:
-        return _column(table, "loras").map(lambda cell: blocks_label(cell, lora))
+        return _per_cell(_column(table, "loras"), lambda cell: blocks_label(cell, lora))
     if name == REST:
         weights = [n for a in on_grid if (n := weight_lora(a)) is not None]
         blocks = [n for a in on_grid if (n := blocks_lora(a)) is not None]
-        return _column(table, "loras").map(lambda cell: stack_label(cell, weights, blocks))
+        return _per_cell(_column(table, "loras"), lambda cell: stack_label(cell, weights, blocks))
     if name == "stack":
         return stack_labels(table, on_grid)
     if name == "prompt" and "prompt" in table.columns:
@@ -115,11 +115,16 @@ def _axis_column(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> pd.S
     return _column(table, name)
 
 
+def _per_cell(cells: pd.Series, label: Callable[[str], str]) -> pd.Series:
+    # Once per distinct cell: a sweep of 10,000 jobs has a few dozen `loras` cells.
+    return cells.map({cell: label(cell) for cell in dict.fromkeys(cells)})
+
+
 def _ordered_unique(values: pd.Series) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _axis_order(values: pd.Series, axis: str) -> list[str]:
+def axis_order(values: pd.Series, axis: str) -> list[str]:
     """First appearance (the sweep's own order), except weights, which read best ascending."""
     unique = _ordered_unique(values)
     return sorted(unique, key=weight_sort_key) if weight_lora(axis) is not None else unique
@@ -127,12 +132,12 @@ def _axis_order(values: pd.Series, axis: str) -> list[str]:
 
 def grid_axes(table: pd.DataFrame, slots: list[str]) -> list[str]:
     """Axis columns that vary in this table (more than one distinct value), in AXES order then slots."""
-    return [a for a in _all_axes(slots) if a in table.columns and _axis_column(table, a, ()).nunique() > 1]
+    return [a for a in _all_axes(slots) if a in table.columns and axis_column(table, a, ()).nunique() > 1]
 
 
 def _varies(table: pd.DataFrame, name: str, on_grid: Sequence[str]) -> bool:
     source = "loras" if name == REST else name
-    return source in table.columns and _axis_column(table, name, on_grid).nunique() > 1
+    return source in table.columns and axis_column(table, name, on_grid).nunique() > 1
 
 
 def _group_keys(table: pd.DataFrame, on_grid: Sequence[str], slots: list[str]) -> list[str]:
@@ -548,10 +553,10 @@ def build_grids(
     keys = _group_keys(table, on_grid, slots)
     names = list(dict.fromkeys([*on_grid, *keys]))
     # A stack's label leaves out what the grid shows on an axis or in its title (an epoch, a prompt's tags).
-    values = pd.DataFrame({name: _axis_column(table, name, names) for name in names})
+    values = pd.DataFrame({name: axis_column(table, name, names) for name in names})
     values[_LAYER] = values[z] if z else ""
     groups = _groups(values, keys)
-    orders = {axis: _axis_order(values[axis], axis) for axis in on_grid}
+    orders = {axis: axis_order(values[axis], axis) for axis in on_grid}
     out = run_dir / "grids"
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,12 +1,14 @@
-"""run_dir/index.html: summary, grids, then the jobs as a filterable table with thumbnails.
+"""run_dir/index.html: summary, the grid viewer (any axes, filters, cell size; its view in the URL's fragment),
+the PNG grids and plots, then the jobs as a filterable table with thumbnails; while a run renders, its progress.
 
-Self-contained: inline CSS and JS, relative links only, so it works opened from disk, from any static server,
-and after the run folder is moved or zipped.
+Self-contained: inline CSS, JS (index.js) and data (viewer.py's JSON), relative links only, so it works opened
+from disk, from any static server, and after the run folder is moved or zipped.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +16,11 @@ import pandas as pd
 from batchgen.cells import is_degenerate
 from batchgen.columns import INDEX_COLUMNS, INDEX_FILTERS, INDEX_NUMERIC
 from batchgen.report.files import href, write_text
+from batchgen.report.invocations import recorded
 from batchgen.report.labels import stack_labels
 from batchgen.report.summary import STATUSES, RunSummary, summarise
 from batchgen.report.text import text
+from batchgen.report.viewer import LIVE_REFRESH_SECONDS, Progress, data_script, image_links, progress_of, viewer_data
 
 THUMB = 64
 
@@ -51,108 +55,30 @@ form.filters input[type=number] { width: 5em; }
 #compare .wipe { position: relative; line-height: 0; }
 #compare .wipe img.over { position: absolute; left: 0; top: 0; }
 #compare input[type=range] { width: min(40vw, 512px); }
+#progress { background: #fff0c2; padding: 0.5em 0.75em; }
+form.view { display: flex; flex-wrap: wrap; gap: 0.75em; align-items: center; margin-bottom: 0.5em; }
+#viewer-filters { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; margin-bottom: 0.75em; }
+#viewer-filters fieldset { max-height: 10em; max-width: 30em; overflow: auto; border: 1px solid #ccc; }
+#viewer-filters label { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#viewer-filters button { font-size: 0.8em; margin: 0 0.25em 0.25em 0; }
+#grid { --cell: 128px; }
+#grid section.layer { display: inline-block; vertical-align: top; margin: 0 1.5em 1.5em 0; }
+#grid h3 { margin: 0 0 0.25em 0; }
+#grid .vrow { display: flex; content-visibility: auto; contain-intrinsic-size: auto var(--row, 134px);
+  border-bottom: 1px solid #ccc; }
+#grid .vrow.head { content-visibility: visible; background: #f4f4f4; }
+#grid .ylabel { flex: none; width: 12em; padding: 2px 4px; overflow-wrap: anywhere; background: #f4f4f4; }
+#grid .vcell { flex: none; width: calc(var(--n) * (var(--cell) + 2px)); padding: 2px; overflow-wrap: anywhere;
+  border-left: 1px solid #ccc; }
+#grid img { width: var(--cell); height: auto; border: 0; cursor: zoom-in; vertical-align: top; margin: 1px; }
+#grid span.job { display: inline-block; vertical-align: top; width: var(--cell); min-height: calc(var(--row) - 8px);
+  background: #e0e0e0; font-size: 0.8em; text-align: center; margin: 1px; }
+#grid span.failed { background: #fbd5d5; }
+#grid span.skipped { background: #fff0c2; }
 """
 
-# Plain DOM, no library: a row shows when every chosen filter equals its data-* value and the search text
-# (any case) occurs in it.
-_JS = """
-(function () {
-  var form = document.querySelector("form.filters");
-  var rows = document.querySelectorAll("table.jobs tbody tr");
-  var shown = document.getElementById("shown");
-  function apply() {
-    var chosen = [];
-    form.querySelectorAll("select[data-filter]").forEach(function (s) {
-      if (s.value !== "") chosen.push([s.getAttribute("data-filter"), s.value]);
-    });
-    var needle = form.querySelector("input[name=search]").value.toLowerCase();
-    var bounds = [];
-    form.querySelectorAll("input[data-bound]").forEach(function (input) {
-      if (input.value !== "") bounds.push([input.getAttribute("data-column"), input.getAttribute("data-bound"),
-                                           parseFloat(input.value)]);
-    });
-    var count = 0;
-    rows.forEach(function (tr) {
-      var ok = chosen.every(function (c) { return tr.getAttribute("data-" + c[0]) === c[1]; });
-      ok = ok && bounds.every(function (b) {
-        var raw = tr.getAttribute("data-" + b[0]);
-        if (raw === null || raw === "") return false;  // unmeasured rows do not pass a bound
-        return b[1] === "min" ? parseFloat(raw) >= b[2] : parseFloat(raw) <= b[2];
-      });
-      if (ok && needle) ok = tr.textContent.toLowerCase().indexOf(needle) !== -1;
-      tr.hidden = !ok;
-      if (ok) count += 1;
-    });
-    shown.textContent = String(count);
-  }
-  form.addEventListener("change", apply);
-  form.addEventListener("input", apply);
-  form.addEventListener("submit", function (e) { e.preventDefault(); });
-  apply();
-
-  // Sort by a column on a click of its header; a second click reverses. Numbers sort as numbers, blanks last.
-  var body = document.querySelector("table.jobs tbody");
-  document.querySelectorAll("table.jobs th").forEach(function (th, index) {
-    th.addEventListener("click", function () {
-      var descending = th.getAttribute("aria-sort") === "ascending";
-      document.querySelectorAll("table.jobs th").forEach(function (h) { h.removeAttribute("aria-sort"); });
-      th.setAttribute("aria-sort", descending ? "descending" : "ascending");
-      var numeric = th.hasAttribute("data-numeric");
-      var list = Array.prototype.slice.call(body.rows);
-      list.sort(function (a, b) {
-        var x = a.cells[index].textContent, y = b.cells[index].textContent;
-        if (x === "" || y === "") return (x === "") - (y === "");
-        var order = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
-        return descending ? -order : order;
-      });
-      list.forEach(function (tr) { body.appendChild(tr); });
-    });
-  });
-
-  // A thumbnail opens the image beside its reference, with a wipe slider between the two; the arrow keys step
-  // through the jobs shown, in their current order; Escape closes.
-  var box = document.getElementById("compare");
-  var current = null;
-  function show(tr) {
-    current = tr;
-    var image = tr.getAttribute("data-image"), reference = tr.getAttribute("data-reference-image");
-    box.querySelector("img.job").src = image;
-    box.querySelector("img.over").src = image;
-    var refs = box.querySelectorAll("img.reference");
-    refs.forEach(function (img) { img.src = reference || image; });
-    box.querySelector(".caption").textContent = tr.getAttribute("data-label") + " | " +
-      tr.getAttribute("data-prompt") + " | effect " + (tr.getAttribute("data-effect") || "-") + ", ssim " +
-      (tr.getAttribute("data-ssim") || "-") + (reference ? "" : " | no reference image");
-    wipe();
-    box.hidden = false;
-  }
-  function wipe() {
-    var value = box.querySelector("input[type=range]").value;
-    box.querySelector("img.over").style.clipPath = "inset(0 " + (100 - value) + "% 0 0)";
-  }
-  function step(delta) {
-    var visible = Array.prototype.filter.call(body.rows, function (tr) {
-      return !tr.hidden && tr.hasAttribute("data-image");
-    });
-    var at = visible.indexOf(current);
-    if (visible.length) show(visible[(at + delta + visible.length) % visible.length]);
-  }
-  body.addEventListener("click", function (e) {
-    var link = e.target.closest("a.open");
-    if (!link) return;
-    e.preventDefault();
-    show(link.closest("tr"));
-  });
-  box.querySelector("input[type=range]").addEventListener("input", wipe);
-  box.querySelector("button.close").addEventListener("click", function () { box.hidden = true; });
-  document.addEventListener("keydown", function (e) {
-    if (box.hidden) return;
-    if (e.key === "ArrowRight" || e.key === "ArrowDown") { e.preventDefault(); step(1); }
-    else if (e.key === "ArrowLeft" || e.key === "ArrowUp") { e.preventDefault(); step(-1); }
-    else if (e.key === "Escape") box.hidden = true;
-  });
-})();
-"""
+# The job table's filters and sorting, the compare view and the grid viewer: plain DOM, no library, inlined.
+_JS = Path(__file__).with_name("index.js").read_text(encoding="utf-8")
 
 _COMPARE = """
 <div id="compare" hidden role="dialog" aria-label="image and its reference">
@@ -204,19 +130,20 @@ def _figures_html(run_dir: Path, grids: list[Path]) -> str:
     return "\n".join(figures)
 
 
-def _thumb_html(run_dir: Path, image: str) -> str:
+def _thumb_html(run_dir: Path, image: str, link: str | None = None) -> str:
+    """`link`: the image's href when known to exist (an ok job's), else it is looked up."""
     if not image:
         return ""
-    if not (run_dir / image).is_file():
+    if link is None and not (run_dir / image).is_file():
         return f"missing {_esc(image)}"
-    link = href(run_dir, run_dir / image)
+    link = link or href(run_dir, run_dir / image)
     return (
         f'<a class="open" href="{link}"><img src="{link}" loading="lazy" width="{THUMB}" class="thumb"'
         f' alt="{_esc(image)}"></a>'
     )
 
 
-def _status(row: pd.Series) -> str:
+def _status(row: Mapping[str, object]) -> str:
     return text(row.get("status")) or "pending"
 
 
@@ -226,21 +153,21 @@ def _row_class(status: str) -> str:
     return ""
 
 
-def _job_row_html(run_dir: Path, row: pd.Series, images: dict[str, str], label: str) -> str:
+def _job_row_html(run_dir: Path, row: Mapping[str, object], images: dict[str, str], label: str) -> str:
     """One job; `label`: its stack state as a grid labels it (`ink 0.5`), shown in the stack column."""
     status = _status(row)
     cells = {name: _esc(row.get(name)) for name in INDEX_COLUMNS}
     cells["status"] = _esc(status)
     cells["stack"] = _esc(label)
     cells["size"] = f"{_esc(row.get('width'))}x{_esc(row.get('height'))}"
-    cells["image"] = _thumb_html(run_dir, text(row.get("image")))
+    job_id = text(row.get("job_id"))
+    cells["image"] = _thumb_html(run_dir, text(row.get("image")), images.get(job_id))
     degenerate = text(row.get("degenerate"))
     classes = {"degenerate": "degenerate bad" if is_degenerate(degenerate) else "degenerate"}
     tds = "".join(f'<td class="{classes.get(name, name)}">{cells[name]}</td>' for name in INDEX_COLUMNS)
     data = "".join(f' data-{name}="{_esc(status if name == "status" else row.get(name))}"' for name in INDEX_FILTERS)
     data += "".join(f' data-{name}="{_esc(row.get(name))}"' for name in ("effect", "ssim"))
     data += f' data-label="{_esc(label)}"'
-    job_id = text(row.get("job_id"))
     if job_id in images:
         data += f' data-image="{images[job_id]}"'
         reference = images.get(text(row.get("reference")))
@@ -260,7 +187,7 @@ def _filters_html(table: pd.DataFrame) -> str:
     selects = []
     for name in INDEX_FILTERS:
         if name == "status":
-            values = [_status(row) for _, row in table.iterrows()]
+            values = [text(v) or "pending" for v in table.get("status", [""] * len(table))]
         else:
             values = [text(v) for v in table[name]] if name in table.columns else []
         options = "".join(
@@ -283,17 +210,44 @@ def _filters_html(table: pd.DataFrame) -> str:
     )
 
 
-def _jobs_html(run_dir: Path, table: pd.DataFrame) -> str:
+def _jobs_html(run_dir: Path, table: pd.DataFrame, links: dict[str, str]) -> str:
     head = "".join(f"<th{' data-numeric' if name in INDEX_NUMERIC else ''}>{name}</th>" for name in INDEX_COLUMNS)
-    images = {
-        text(row["job_id"]): href(run_dir, run_dir / text(row["image"]))
-        for _, row in table.iterrows()
-        if text(row.get("status")) == "ok" and text(row.get("image")) and (run_dir / text(row["image"])).is_file()
-    }
+    images = {job_id: html.escape(link, quote=True) for job_id, link in links.items()}
     labels = stack_labels(table)
-    rows = zip(table.iterrows(), labels, strict=True)
-    body = "\n".join(_job_row_html(run_dir, row, images, label) for (_, row), label in rows)
+    # Records, not iterrows: a dict's get is what 10,000 rows can afford.
+    rows = zip(table.to_dict("records"), labels, strict=True)
+    body = "\n".join(_job_row_html(run_dir, row, images, label) for row, label in rows)
     return f'<table class="jobs"><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>'
+
+
+def _progress_html(progress: Progress) -> str:
+    if progress.finished:
+        return ""
+    seconds = f"{progress.refresh_seconds:g}"
+    return (
+        f'<p id="progress">Rendering: {progress.rendered} of {progress.total} rendered, {progress.failed} failed. '
+        f'<label><input type="checkbox" id="live-reload" checked> reload every {seconds} s</label>'
+        " until the run ends (the view stays as it is)</p>"
+    )
+
+
+_VIEWER = """<h2>Viewer</h2>
+<form class="view">
+<label>x <select name="x"></select></label>
+<label>y <select name="y"></select></label>
+<label>z <select name="z"></select></label>
+<label>cell size <input type="range" name="size" step="1"></label> <span id="cell-size"></span>
+<span id="viewer-shown"></span>
+</form>
+<div id="viewer-filters"></div>
+<div id="grid"></div>"""
+
+
+def _view(run_dir: Path, view: tuple[str, str, str | None] | None) -> tuple[str, str, str | None]:
+    if view is not None:
+        return view
+    run = recorded(run_dir)  # the axes the run was rendered with, as `batchgen report` takes them
+    return run.grid_x or "stack", run.grid_y or "prompt", run.grid_z
 
 
 def build_index(
@@ -303,11 +257,19 @@ def build_index(
     summary: dict[str, str] | None = None,
     plots: list[Path] = (),
     tradeoffs: list[Path] = (),
+    view: tuple[str, str, str | None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
-    """Write run_dir/index.html. `summary`: facts about the invocation that just ran, shown above the run's;
-    `plots`: the strength curves (report.curves); `tradeoffs`: clip_i against clip_t (report.tradeoff)."""
+    """Write run_dir/index.html atomically (a temp file, then os.replace), so that a browser reloading it while a
+    run rewrites it reads the old page or the new one. `summary`: facts about the invocation that just ran, shown
+    above the run's; `plots`: the strength curves (report.curves); `tradeoffs`: clip_i against clip_t
+    (report.tradeoff); `view`: the viewer's x, y, z until the URL's fragment says otherwise (default: the recorded
+    sweep.grid); `progress`: the run's counts while it renders (write_live_index), None once it has ended."""
     run_dir = Path(run_dir)
     title = _esc(f"batchgen run: {run_dir.resolve().name}")
+    progress = progress or progress_of(table, finished=True)
+    links = image_links(table, run_dir)
+    data = viewer_data(table, links, _view(run_dir, view), progress)
     page = "\n".join(
         [
             "<!DOCTYPE html>",
@@ -315,7 +277,9 @@ def build_index(
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{title}</title><style>{_CSS}</style></head><body>",
             f"<h1>{title}</h1>",
+            _progress_html(progress),
             _summary_html(summarise(table, run_dir), summary or {}),
+            _VIEWER,
             f"<h2>Grids ({len(grids)})</h2>",
             _grids_html(run_dir, grids),
             *([f"<h2>Strength curves ({len(plots)})</h2>", _figures_html(run_dir, plots)] if plots else []),
@@ -326,8 +290,9 @@ def build_index(
             ),
             f"<h2>Jobs ({len(table)})</h2>",
             _filters_html(table),
-            _jobs_html(run_dir, table),
+            _jobs_html(run_dir, table, links),
             _COMPARE,
+            data_script(data),
             f"<script>{_JS}</script>",
             "</body></html>",
             "",
@@ -336,3 +301,18 @@ def build_index(
     path = run_dir / "index.html"
     write_text(path, page)
     return path
+
+
+def write_live_index(
+    table: pd.DataFrame,
+    run_dir: Path,
+    grids: list[Path] = (),
+    summary: dict[str, str] | None = None,
+    view: tuple[str, str, str | None] | None = None,
+    refresh_seconds: float = LIVE_REFRESH_SECONDS,
+) -> Path:
+    """index.html while a run renders, for the writer to call as rows land: the page says how many of the table's
+    jobs have rendered and failed, and reloads itself every `refresh_seconds` (keeping its view) until a page
+    written by build_index without `progress` (the run's end) replaces it."""
+    progress = progress_of(table, finished=False, refresh_seconds=refresh_seconds)
+    return build_index(table, run_dir, list(grids), summary, view=view, progress=progress)
