@@ -31,8 +31,9 @@ time less the model load (what a long sweep sees) and end to end. The share of t
 FLOPs per step x steps (guidance doubling SD's batch) plus one VAE decode, counted with torch's FlopCounterMode on
 the meta device, times img/s, over the GPU's dense bf16/fp16 peak (bench_gpu_report.PEAKS; "unknown GPU" otherwise).
 
-Time: --budget-s (default 480 s) is shared out as bench_gpu_report.Budget says: a model whose reserve no longer fits
-is skipped, and so is a repeat or plan run that would eat into the models still to come; each skip is printed with
+Time: --budget-s (default 480 s) is shared out between the models as bench_gpu_report.Budget says: a model whose
+reserve (build, dry run, one run per contestant) no longer fits is skipped, and so is a plan or repeat run that
+would not end within the model's share (time an earlier model left unused passes on); each skip is printed with
 its reason and recorded. A model the GPU's memory cannot hold resident for the diffusers contestants is skipped too.
 
 Pixels: batchgen's images must match the strong loop's within the compute dtype's tolerance (fp16 2/255, bf16 4/255)
@@ -106,17 +107,19 @@ FP8_NOTE = "diffusers' layerwise casting keeps FLUX.1's modulation Linears in bf
 BUDGET_S = 480.0  # `make bench-gpu` must finish within the device's 10-minute command limit, with room to spare
 LABELS = {"sd-1": "SD1.5", "sdxl": "SDXL", "flux": "FLUX.1-dev"}
 
+# key, base, tiny model, built model, size, steps, LoRA states, images per state, guidance, dtype, fp8 weights,
+# cards to plan auto for (GB), device memory needed (GB), reserve and share of the budget (s; rough H100 figures).
 FULL = (
-    Arch("sd15", "sd-1", "tiny_sd1", "sd15", 512, 20, 4, 8, 7.5, "fp16", min_memory_gb=8, reserve_s=45),
-    Arch("sdxl", "sdxl", "tiny_sdxl", "sdxl", 1024, 20, 4, 4, 7.5, "fp16", min_memory_gb=16, reserve_s=90),
+    Arch("sd15", "sd-1", "tiny_sd1", "sd15", 512, 20, 4, 8, 7.5, "fp16", False, (), 8, 45, 60),
+    Arch("sdxl", "sdxl", "tiny_sdxl", "sdxl", 1024, 20, 4, 4, 7.5, "fp16", False, (), 16, 80, 100),
     # bf16 weights: 23.8 GB transformer + 9.5 GB T5-XXL + 0.4 GB CLIP-L and VAE, resident for the diffusers loops;
     # fp8: diffusers' cast transformer 15.2 GB. Reserves: building and saving 34 GB, hashing it in the dry run.
     # Cards: the issue's claims, FLUX.1-dev renders on 32 GB in bf16 (encoders first) and on 24 GB with fp8 weights.
-    Arch("flux", "flux", "tiny_flux", "flux", 512, 8, 4, 2, 3.5, "bf16", False, (32,), 40, 200),
-    Arch("flux_fp8", "flux", "tiny_flux", "flux", 512, 8, 4, 2, 3.5, "bf16", True, (24,), 32, 90),
+    Arch("flux", "flux", "tiny_flux", "flux", 512, 8, 4, 2, 3.5, "bf16", False, (32,), 40, 180, 200),
+    Arch("flux_fp8", "flux", "tiny_flux", "flux", 512, 8, 4, 2, 3.5, "bf16", True, (24,), 32, 90, 120),
 )
 # --tiny: the same models at batchgen's tiny size; fp32, fp8's compute bf16; no device memory or time to reserve.
-TINY_SIZE = {"size": 64, "steps": 2, "states": 2, "per_state": 1, "min_memory_gb": 0.0, "reserve_s": 0.0}
+TINY_SIZE = {"size": 64, "steps": 2, "states": 2, "per_state": 1, "min_memory_gb": 0.0, "reserve_s": 0.0, "share_s": 1}
 TINY = tuple(replace(a, dtype="bf16" if a.fp8 else "fp32", **TINY_SIZE) for a in FULL)
 
 
@@ -133,12 +136,8 @@ class Context:
     order: tuple[str, ...]
     memory_gb: float | None  # the device's, which batchgen plans against without run.gpu_memory_gb
     out: Path  # the JSON figures, rewritten after each model so that a killed bench keeps what it measured
-    archs: list[Arch] = field(default_factory=list)  # the models still to run, this one first
     built: dict[str, float] = field(default_factory=dict)  # model folder -> build seconds
     flops: dict[tuple[str, int, int], dict[str, float]] = field(default_factory=dict)  # by (model, size, steps)
-
-    def reserve_after(self, arch: Arch) -> float:
-        return sum(a.reserve_s for a in self.archs if a is not arch)
 
 
 # --- one model -------------------------------------------------------------------------------------------------------
@@ -202,7 +201,8 @@ def bench_arch(arch: Arch, ctx: Context, peak: float | None) -> dict:
     strong_images: dict = {}
     resident_images: dict = {}
     diffs: list[int] = []
-    plans = [*ctx.plans, *(f"auto@{card}" for card in arch.cards)]
+    # auto for a card first: whether the model renders on the card the issue names is the figure most wanted.
+    plans = [*(f"auto@{card}" for card in arch.cards), *ctx.plans]
     steps = [*ctx.order[:3], *(f"plan:{p}" for p in plans), *ctx.order[3:]]
     for index, step in enumerate(steps):
         plan = step.removeprefix("plan:") if step.startswith("plan:") else None
@@ -210,7 +210,7 @@ def bench_arch(arch: Arch, ctx: Context, peak: float | None) -> dict:
             last = runs["batchgen"][0].seconds if plan else runs[step][-1].seconds
             need = last * PLAN_COST[plan.partition("@")[0]] if plan else last
             what = f"plan {plan}" if plan else f"the repeat of {step}"
-            reason = ctx.budget.skip_reason(what, need, ctx.reserve_after(arch))
+            reason = ctx.budget.skip_reason(arch.key, what, need)
             if reason:
                 skipped.append(reason)
                 print(f"{arch.key}: skipped {reason}", flush=True)
@@ -286,14 +286,18 @@ def bench_arch(arch: Arch, ctx: Context, peak: float | None) -> dict:
 
 
 def run_models(archs: tuple[Arch, ...], ctx: Context, peak: float | None, results: dict) -> None:
-    ctx.archs = list(archs)
+    memory = ctx.memory_gb
+    runnable = [arch for arch in archs if memory is None or memory >= arch.min_memory_gb]
     for arch in archs:
-        reason = None
-        if ctx.memory_gb is not None and ctx.memory_gb < arch.min_memory_gb:
-            reason = (f"needs about {arch.min_memory_gb:g} GB resident for the diffusers contestants; "
-                      f"the GPU has {ctx.memory_gb:.1f} GB")  # fmt: skip
-        elif not ctx.budget.allows(arch.reserve_s):
-            reason = f"about {arch.reserve_s:g} s needed, {ctx.budget.left():.0f} s of the budget left"
+        if arch not in runnable:
+            results["skipped"][arch.key] = (
+                f"needs about {arch.min_memory_gb:g} GB resident for the diffusers contestants; the GPU has "
+                f"{memory:.1f} GB"
+            )
+            print(f"{arch.key}: skipped: {results['skipped'][arch.key]}", flush=True)
+    ctx.budget.share([(arch.key, arch.share_s) for arch in runnable])
+    for index, arch in enumerate(runnable):
+        reason = ctx.budget.start_reason(arch.reserve_s)
         if reason:
             print(f"{arch.key}: skipped: {reason}", flush=True)
             results["skipped"][arch.key] = reason
@@ -307,8 +311,7 @@ def run_models(archs: tuple[Arch, ...], ctx: Context, peak: float | None, result
                 results["skipped"][arch.key] = f"failed: {type(error).__name__}: {first}"
                 results["failed"].append(arch.key)
             release(ctx.device)  # after the except clause: its traceback held the failed run's pipeline
-        ctx.archs.remove(arch)
-        if not ctx.keep and all(a.model != arch.model for a in ctx.archs):
+        if not ctx.keep and all(later.model != arch.model for later in runnable[index + 1 :]):
             shutil.rmtree(ctx.work / "roots" / arch.model, ignore_errors=True)  # the disk holds one FLUX.1 at a time
         save(results, ctx)
 

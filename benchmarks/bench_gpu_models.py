@@ -48,7 +48,8 @@ class Arch:
     fp8: bool = False  # denoiser weights stored in float8 e4m3: batchgen run.weights=fp8, diffusers layerwise casting
     cards: tuple[int, ...] = ()  # GB of cards to run run.offload=auto for (run.gpu_memory_gb): what fits there
     min_memory_gb: float = 0.0  # device memory below which the diffusers contestants cannot hold it resident
-    reserve_s: float = 0.0  # rough H100 seconds for its build, warm-up and one run of each contestant
+    reserve_s: float = 0.0  # rough H100 seconds for its build, dry run and one run of each contestant
+    share_s: float = 0.0  # its share of the time budget, optional runs included (bench_gpu_report.Budget)
 
     @property
     def torch_dtype(self) -> torch.dtype:

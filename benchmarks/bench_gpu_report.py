@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Dense bf16/fp16 tensor-core peaks with fp32 accumulation (TFLOP/s, no sparsity), matched in order against
@@ -62,16 +62,25 @@ def chosen_plan(dry_run_text: str, model: str) -> str | None:
 
 @dataclass
 class Budget:
-    """The bench's wall-clock budget. A model starts only if its reserve (build, warm-up, one run per contestant)
-    fits what is left; an optional run (a repeat, an offload plan) only if it fits what is left after the reserves
-    of the models still to come."""
+    """The bench's wall-clock budget, shared out between the models. A model starts only if its reserve (build,
+    dry run, one run per contestant) fits what is left of the whole budget. Its optional runs (offload plans,
+    repeats) must end by its cumulative share: the models' shares are scaled to the budget in run order, so that time
+    an earlier model leaves unused passes to the later ones, and a model that overran gives up its own optional
+    runs before a later model gives up any."""
 
     seconds: float  # math.inf: no limit (--tiny)
     clock: Callable[[], float] = time.perf_counter
     started: float = field(init=False)
+    ends: dict[str, float] = field(default_factory=dict)  # model -> seconds into the bench its optional runs end by
 
     def __post_init__(self) -> None:
         self.started = self.clock()
+
+    def share(self, shares: Sequence[tuple[str, float]]) -> None:
+        total, running = sum(share for _, share in shares), 0.0
+        for key, share in shares:
+            running += share
+            self.ends[key] = self.seconds * running / total if total else self.seconds
 
     def elapsed(self) -> float:
         return self.clock() - self.started
@@ -79,16 +88,19 @@ class Budget:
     def left(self) -> float:
         return self.seconds - self.elapsed()
 
-    def allows(self, need: float, reserve: float = 0.0) -> bool:
-        return math.isinf(self.seconds) or need <= self.left() - reserve
-
-    def skip_reason(self, what: str, need: float, reserve: float) -> str | None:
-        """None if ``what`` (about ``need`` seconds) fits before the ``reserve`` kept for the models after it, else
-        the line the bench prints and records for skipping it."""
-        if self.allows(need, reserve):
+    def start_reason(self, reserve: float) -> str | None:
+        """None if a model needing ``reserve`` seconds fits what is left, else why it is skipped."""
+        if math.isinf(self.seconds) or reserve <= self.left():
             return None
-        left = self.left()
-        return f"{what} (about {need:.0f} s; {left:.0f} s left, {reserve:.0f} s of it kept for the models after)"
+        return f"about {reserve:g} s needed, {self.left():.0f} s of the {self.seconds:g} s budget left"
+
+    def skip_reason(self, key: str, what: str, need: float) -> str | None:
+        """None if ``what`` (about ``need`` seconds) ends within model ``key``'s share, else the line the bench
+        prints and records for skipping it."""
+        end = self.ends.get(key, self.seconds)
+        if math.isinf(self.seconds) or self.elapsed() + need <= end:
+            return None
+        return f"{what} (about {need:.0f} s; {max(0.0, end - self.elapsed()):.0f} s left of {key}'s share)"
 
 
 def _gb(value: float | None) -> str:

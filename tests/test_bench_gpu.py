@@ -75,16 +75,25 @@ def test_dry_run_estimate_read_leniently() -> None:
     assert report.chosen_plan("estimated peak 3 GB", "flux") is None
 
 
-def test_budget_skips_what_would_eat_the_later_models_reserve() -> None:
+def test_budget_shares_time_between_models_and_passes_unused_time_on() -> None:
     now = [100.0]
     budget = report.Budget(480.0, clock=lambda: now[0])
-    now[0] += 300.0  # 180 s left
-    assert budget.skip_reason("plan model", 50.0, reserve=100.0) is None
-    assert budget.skip_reason("the repeat of strong", 90.0, reserve=100.0) == (
-        "the repeat of strong (about 90 s; 180 s left, 100 s of it kept for the models after)"
+    budget.share([("sd15", 60.0), ("sdxl", 100.0), ("flux", 200.0), ("flux_fp8", 120.0)])
+    assert budget.ends == {"sd15": 60.0, "sdxl": 160.0, "flux": 360.0, "flux_fp8": 480.0}
+    now[0] += 40.0  # sd15 at 40 s: a 20 s plan run still ends within its share, a 21 s one does not
+    assert budget.skip_reason("sd15", "plan model", 20.0) is None
+    assert budget.skip_reason("sd15", "plan model", 21.0) == "plan model (about 21 s; 20 s left of sd15's share)"
+    assert budget.skip_reason("sdxl", "plan model", 120.0) is None  # what sd15 leaves passes on
+    now[0] += 400.0  # 440 s in: flux overran its share; a model needs its reserve from what is left
+    assert (
+        budget.skip_reason("flux", "the repeat of bare", 5.0)
+        == "the repeat of bare (about 5 s; 0 s left of flux's share)"
     )
-    assert budget.allows(180.0) and not budget.allows(181.0)
-    assert report.Budget(float("inf"), clock=lambda: now[0]).skip_reason("anything", 1e9, 1e9) is None
+    assert budget.start_reason(40.0) is None
+    assert budget.start_reason(41.0) == "about 41 s needed, 40 s of the 480 s budget left"
+    unlimited = report.Budget(float("inf"), clock=lambda: now[0])
+    unlimited.share([("sd15", 1.0)])
+    assert unlimited.skip_reason("sd15", "anything", 1e9) is None and unlimited.start_reason(1e9) is None
 
 
 def _results() -> dict:
@@ -100,7 +109,7 @@ def _results() -> dict:
         "batchgen_vs_strong_end_to_end": 1.0, "pixel_max_diff": 15, "pixel_check_passed": None,
         "pixel_tolerance": None, "pixel_note": "they differ",
         "plans": {"none": plan | {"chosen": "none", "estimated_peak_gb": None}, "auto@24": plan},
-        "skipped_runs": ["the repeat of bare (about 30 s; 20 s left, 0 s of it kept for the models after)"],
+        "skipped_runs": ["the repeat of bare (about 30 s; 20 s left of flux_fp8's share)"],
     }  # fmt: skip
     return {
         "command": "make bench-gpu", "device": "NVIDIA H100 80GB HBM3", "device_memory_gb": 79.2,
@@ -129,7 +138,7 @@ def test_markdown_names_command_and_gpu_for_every_table() -> None:
     assert "on NVIDIA H100 80GB HBM3" in plans_caption
     assert lines[-2:] == [
         "- flux_fp8: pixels vs strong: max 15/255 (not checked: they differ); skipped the repeat of bare (about 30 s;"
-        " 20 s left, 0 s of it kept for the models after)",
+        " 20 s left of flux_fp8's share)",
         "- sdxl: skipped: needs about 16 GB resident for the diffusers contestants; the GPU has 8.0 GB",
     ]
 
