@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # apt-get needs root; as another user it goes through sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install install-dev run test test-fast test-browser fuzz soak lint bench bench-gpu clean
+.PHONY: help install install-dev chromium run test test-fast test-browser fuzz soak lint bench bench-gpu clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,14 +33,19 @@ install-dev: $(VENV)/.installed-dev ## Install with the dev extras (pytest, ruff
 run: install ## Render the embedded styles sweep into runs/styles
 	$(BIN)/batchgen +sweep=styles
 
-test: install-dev ## Run the test suite
+# The browser tests need a Chromium: BATCHGEN_CHROMIUM, one on PATH, or the distribution's package.
+chromium:
+	@[ -n "$$BATCHGEN_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: install-dev chromium ## Run the test suite, index.html in headless Chromium included (apt-get installs chromium)
 	$(BIN)/pytest
 
-test-fast: install-dev ## Run the tests not marked slow
+test-fast: install-dev ## Run the tests not marked slow, without the browser
 	$(BIN)/pytest -m "not slow and not browser"
 
-test-browser: install-dev ## Check index.html in headless Chromium (apt-get installs chromium if missing)
-	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+test-browser: install-dev chromium ## Only the index.html tests in headless Chromium (apt-get installs chromium)
 	$(BIN)/pytest -m browser
 
 fuzz: install-dev ## The property tests with 3000 cases each (make test runs 60)

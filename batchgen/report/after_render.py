@@ -66,5 +66,5 @@ def after_render(
     grids = build_grids(table, run_dir, layout.x, layout.y, slots, z=layout.z, max_megapixels=layout.max_megapixels)
     plots = strength_plots(table, run_dir)
     tradeoffs = tradeoff_plots(table, run_dir)
-    index = build_index(table, run_dir, grids, summary, plots, tradeoffs)
+    index = build_index(table, run_dir, grids, summary, plots, tradeoffs, view=(layout.x, layout.y, layout.z))
     return AfterRender(measured, len(table), grids, plots, index, tradeoffs, semantic=semantic)
