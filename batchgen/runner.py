@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -290,9 +291,13 @@ def render_locked(
     out: TextIO,
     err: TextIO,
     retry_failed: bool = False,
+    live_clock: Callable[[], float] = time.monotonic,
 ) -> Outcome:
-    """A render with the run lock held (render, and each cycle of --watch)."""
+    """A render with the run lock held (render, and each cycle of --watch). `live_clock`: what index.html's
+    rewrites while rendering are timed by (report.live)."""
     from batchgen.report.after_render import GridLayout, after_render
+    from batchgen.report.index import build_index, write_live_index
+    from batchgen.report.live import LivePage
 
     cfg = composed.config
     run_dir = Path(cfg.run.out_dir)
@@ -317,6 +322,10 @@ def render_locked(
     failures: list[str] = []
 
     stage_totals: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+    # The grids are the last render's until this one ends; the page shows the rows as they land.
+    live = LivePage(
+        lambda: write_live_index(merged_table(plan.table, run_dir), run_dir, grid_files(run_dir)), clock=live_clock
+    )
 
     def on_row(row: dict[str, Any]) -> None:
         manifest.append(row)
@@ -325,6 +334,7 @@ def render_locked(
             stage_totals[stage] += seconds
         if row["status"] == "failed":
             failures.append(f"{row['job_id']}: {row['error']}")
+        live.landed()
 
     err.write(
         f"{cfg.sweep.name}: {len(todo)} to render, {already} already done, "
@@ -342,6 +352,8 @@ def render_locked(
             f"batchgen: stopped by {e.signal_name} after {progress.done} of {len(todo)} images; the manifest is "
             f"intact, run the same command again to continue\n"
         )
+        if live.writes:  # a page that says it is rendering would reload itself for good
+            build_index(merged_table(plan.table, run_dir), run_dir, grid_files(run_dir))
         raise
     finally:
         manifest.close()
@@ -388,6 +400,11 @@ def stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def grid_files(run_dir: Path) -> list[Path]:
+    """The grids a run directory holds now (the last report's)."""
+    return sorted((run_dir / "grids").glob("*.png"))
 
 
 def merged_table(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

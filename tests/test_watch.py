@@ -290,3 +290,43 @@ def test_the_live_page_is_written_at_the_first_row_then_at_most_every_interval()
     now[0] = 10.0
     page.landed()
     assert writes == [0.0, 10.0]
+
+
+@pytest.mark.slow
+def test_index_html_is_rewritten_while_rows_land_and_final_at_the_end(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from batchgen.config import compose_config
+    from batchgen.executors.registry import make_executor
+    from batchgen.report import index
+    from batchgen.runner import prepare, render_locked
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    _lora(folder, next(tiny_cache.glob("*/tiny_sd1/lora/ink.safetensors")), "mylora-000001", 0.5, 1)
+    conf = _conf(tmp_path, tiny_cache, folder, "  batch_size: 1\n")
+    composed = compose_config(["+sweep=w", "sweep.seeds=[1,2]", f"run.out_dir={tmp_path / 'run'}"], conf)
+    plan = prepare(composed)
+    pages: list[tuple[int, bool]] = []
+    real = index.write_live_index
+
+    def spy(table, run_dir, *args, **kwargs):
+        path = real(table, run_dir, *args, **kwargs)
+        pages.append((int((table["status"] == "ok").sum()), 'id="progress"' in path.read_text()))
+        return path
+
+    monkeypatch.setattr(index, "write_live_index", spy)
+    executor = make_executor(composed.config.executor, plan.engine)
+    # 10 s pass with each row recorded, none while a page is written: every row rewrites the page.
+    clock = lambda: 10.0 * len(_manifest(tmp_path / "run"))  # noqa: E731
+    render_locked(composed, plan, executor, io.StringIO(), io.StringIO(), live_clock=clock)
+    assert pages == [(1, True), (2, True), (3, True), (4, True)]  # the page as each of the 4 rows landed
+    assert 'id="progress"' not in (tmp_path / "run" / "index.html").read_text()  # the report's page, final
+
+
+def test_watch_with_a_command_that_renders_nothing_is_refused(cli) -> None:
+    code, _, err = cli("+sweep=styles", "--watch", "--dry-run")
+    assert code == 2
+    assert err == "batchgen: error: --watch renders and --dry-run renders nothing; drop one of them\n"

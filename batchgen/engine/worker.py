@@ -117,7 +117,7 @@ class Renderer:
         if loaded is None:
             return
         old, new = loaded.loras.spec, models.get(loaded.name)
-        if new is None or _without_assets(old) != _without_assets(new) or not set(old.embeddings) <= {*new.embeddings}:
+        if new is None or _loads_as(old) != _loads_as(new) or not set(old.embeddings) <= {*new.embeddings}:
             self._loaded = None
             gc.collect()
             return
@@ -317,9 +317,18 @@ class Renderer:
         return result.images
 
 
-def _without_assets(spec: ModelSpec) -> ModelSpec:
-    """The model as loading it depends on: without the LoRA and TI files found beside it."""
-    return replace(spec, embeddings=(), loras=(), refused=(), discovered=())
+def _loads_as(spec: ModelSpec) -> tuple:
+    """What loading a model reads: a later plan's spec that differs only in its LoRA and TI files (and what is
+    planned from them) keeps the loaded model."""
+    return (
+        spec.base,
+        spec.checkpoint,
+        spec.checkpoint_sha256,
+        spec.single_file,
+        spec.variant,
+        spec.components,
+        spec.dtype,
+    )
 
 
 def _by_text_encoder_state(jobs: list[Job]) -> list[list[Job]]:
