@@ -180,6 +180,10 @@ def watch_run(
     if isinstance(executor, HoldsWorkers):
         executor.hold()  # the workers and their loaded models stay up between cycles
     seen = watched(plan.models.values())
+    if not seen.roots:
+        names = ", ".join(f"models.{name}" for name in plan.models)
+        verb = "names" if len(plan.models) == 1 else "name"
+        raise BatchgenError(f"--watch: {names} {verb} no LoRA or embedding folder to watch; give loras: [FOLDER]")
     rendering = True  # a render interrupted says so itself
     with RunLock(run_dir), routed(run_dir / LIBRARY_LOG), stop_signals():
         # Watching starts before the first render: a file saved while it runs is rendered next.
@@ -216,9 +220,7 @@ def watch_run(
 def _report_watching(seen: Watched, err: TextIO) -> None:
     where = [str(path) for path in (*seen.folders, *sorted(seen.files))]
     listed = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-    err.write(
-        f"watching {listed or 'no folder (the models name none)'} for new LoRA and embedding files; Ctrl-C to stop\n"
-    )
+    err.write(f"watching {listed} for new LoRA and embedding files; Ctrl-C to stop\n")
 
 
 @dataclass

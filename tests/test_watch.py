@@ -330,3 +330,18 @@ def test_watch_with_a_command_that_renders_nothing_is_refused(cli) -> None:
     code, _, err = cli("+sweep=styles", "--watch", "--dry-run")
     assert code == 2
     assert err == "batchgen: error: --watch renders and --dry-run renders nothing; drop one of them\n"
+
+
+def test_watch_of_models_without_folders_is_refused_before_rendering(
+    run_cli, tmp_path: Path, tiny_cache: Path
+) -> None:
+    main = next(tiny_cache.glob("*/tiny_sd1/main/tiny_sd1"))
+    body = "  prompts: ['a castle']\n  stacks: {none: {}}\n" + SMALL
+    conf = write_conf(tmp_path / "conf", "bare", body, {"bare": f"base: sd-1\ncheckpoint: {main}\n"})
+    code, _, err = run_cli("--config-dir", str(conf), "+sweep=bare", "--watch")
+    assert code == 2
+    assert (
+        err
+        == "batchgen: error: --watch: models.bare names no LoRA or embedding folder to watch; give loras: [FOLDER]\n"
+    )
+    assert not (tmp_path / "runs" / "bare").exists()
