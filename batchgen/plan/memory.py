@@ -268,9 +268,7 @@ choose = choose_offload  # the one rule, shared with the workers (batchgen/engin
 
 def peaks_by_kind(spec: ModelSpec, jobs: Sequence[Job], options: EngineOptions) -> tuple:
     """Every plan's peak for each device kind: what ModelSpec.memory_peaks carries to the workers."""
-    return tuple(
-        (kind, tuple(memory_plan(spec, jobs, options, None, kind).peaks.items())) for kind in ("cpu", "cuda")
-    )
+    return tuple((kind, tuple(memory_plan(spec, jobs, options, None, kind).peaks.items())) for kind in ("cpu", "cuda"))
 
 
 def lora_bytes(spec: ModelSpec, jobs: Iterable[Job]) -> int:
