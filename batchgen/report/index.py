@@ -51,10 +51,11 @@ form.filters input[type=number] { width: 5em; }
 #compare[hidden] { display: none; }
 #compare .pair { display: flex; gap: 1em; }
 #compare figure { margin: 0; text-align: center; }
-#compare .pair img, #compare .wipe img { width: min(40vw, 512px); image-rendering: pixelated; border: 0; }
+#compare .pair img, #compare .wipe img { height: min(40vh, 512px); width: auto; max-width: 45vw; object-fit: contain;
+  image-rendering: pixelated; border: 0; }
 #compare .wipe { position: relative; line-height: 0; }
 #compare .wipe img.over { position: absolute; left: 0; top: 0; }
-#compare input[type=range] { width: min(40vw, 512px); }
+#compare input[type=range] { width: min(45vw, 40vh, 512px); }
 #progress { background: #fff0c2; padding: 0.5em 0.75em; }
 form.view { display: flex; flex-wrap: wrap; gap: 0.75em; align-items: center; margin-bottom: 0.5em; }
 #viewer-filters { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; margin-bottom: 0.75em; }
