@@ -78,7 +78,9 @@ _FIXED = (
     _render("effect", index=Shown(9, numeric=True)),  # mean absolute pixel difference from the reference, 0-255
     _render("ssim", index=Shown(10, numeric=True)),  # structural similarity to the reference, 1 = identical
     _render("degenerate", codec=DEGENERATE, index=Shown(11, filter=4)),  # empty while not measured
-    _render("dtype"),  # what the job computed in: fp16, bf16 or fp32 (run.dtype, models.X.dtype, the base's auto)
+    # what the job computed in: fp16, bf16 or fp32 (run.dtype, models.X.dtype, the base's auto), or fp8 (weights
+    # stored in fp8, computed in bf16: run.weights=fp8)
+    _render("dtype"),
     # sweep.metrics (report/semantic.py), empty where not computed: 100 * max(0, CLIP cos(image, prompt's words))
     _render("clip_t"),
     _render("clip_i"),  # mean CLIP cos(image, each image of the concepts the job carries)

@@ -214,7 +214,7 @@ def _image(run: Path, row: pd.Series) -> np.ndarray:
 @pytest.mark.parametrize("model", list(LORAS))
 def test_renders_equal_diffusers_with_fp8_rounded_weights_and_a_fused_lora(rendered, tiny_cache, model) -> None:
     run, table = rendered[f"{model}-fp8"]
-    assert set(table["status"]) == {"ok"} and set(table["dtype"]) == {"bf16"}
+    assert set(table["status"]) == {"ok"} and set(table["dtype"]) == {"fp8"}
     lora, denoiser = LORAS[model]
     root = tiny_root(model, tiny_cache)
     diffs = {}

@@ -147,8 +147,8 @@ class Renderer:
             stages["denoise"] = time.perf_counter() - mark - stages["decode"]
         except torch.cuda.OutOfMemoryError as e:
             if len(batch) == 1:
-                seconds = time.perf_counter() - started
-                yield RenderResult(batch[0].job_id, None, seconds, self.name, _describe(e), {}, dtype=self._dtype_name)
+                seconds, dtype = time.perf_counter() - started, self._recorded_dtype
+                yield RenderResult(batch[0].job_id, None, seconds, self.name, _describe(e), {}, dtype=dtype)
                 return
             # Halve and retry; later batches stay at the size that fitted.
             torch.cuda.empty_cache()
@@ -160,10 +160,10 @@ class Renderer:
         except Exception as e:  # one bad batch must not end the sweep; the manifest records why
             share = (time.perf_counter() - started) / len(batch)
             for job in batch:
-                yield RenderResult(job.job_id, None, share, self.name, _describe(e), {}, dtype=self._dtype_name)
+                yield RenderResult(job.job_id, None, share, self.name, _describe(e), {}, dtype=self._recorded_dtype)
             return
         share = {stage: seconds / len(batch) for stage, seconds in stages.items()}
-        seconds, dtype = sum(share.values()), self._dtype_name
+        seconds, dtype = sum(share.values()), self._recorded_dtype
         finite = loaded.decode_clock.finite
         # A pipeline that decoded outside the wrapped decode leaves the check to the pixels (image_fault).
         finite = finite if len(finite) == len(batch) else [True] * len(batch)
@@ -184,6 +184,12 @@ class Renderer:
     def _dtype_name(self) -> str:
         """What the loaded model computes in, as run.dtype names it; empty before any model loaded."""
         return _DTYPE_NAMES.get(self.dtype, "") if self.dtype is not None else ""
+
+    @property
+    def _recorded_dtype(self) -> str:
+        """The manifest's dtype cell: fp8 where the denoiser's Linear weights were stored in fp8 (computed in bf16),
+        else the compute dtype."""
+        return "fp8" if self.options.weights == "fp8" and self.dtype is not None else self._dtype_name
 
     def _latent_fault(self, model: str) -> str:
         spec = self.models[model]
