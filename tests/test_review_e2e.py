@@ -18,7 +18,7 @@ GRIDS = [
     "tiny_sd1__others-none.png",
     "tiny_sd1__others-peft_sketch_0.8.png",
 ]
-VOLATILE = ["seconds", "worker", "finished_at", "timings"]  # not in a PNG, so not recovered
+VOLATILE = ["seconds", "worker", "finished_at", "timings", "dtype"]  # not in a PNG, so not recovered
 
 
 def test_render_then_review_report_diff_and_recover(run_cli) -> None:
