@@ -60,7 +60,7 @@ MODELS = (
 def write_safetensors(path: Path, rows: list, dtype: str = "BF16") -> None:
     """A safetensors file with a real header over sparse data: full size on paper, no blocks on disk."""
     header, offset = {}, 0
-    itemsize = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
     for key, shape in rows:
         size = math.prod(shape) * itemsize
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}

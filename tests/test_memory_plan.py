@@ -11,9 +11,8 @@ file. The release's parameter counts: transformer 11,901,408,320 (23.8 GB in bf1
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,24 +26,12 @@ from batchgen.plan.memory import GIB, check_fits, gb, memory_plan
 from batchgen.spec import ComponentFile, Job, LoraState, ModelSpec, SingleFile
 from batchgen.tiny import tiny_root
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from card_table import write_safetensors  # noqa: E402  (the sparse-file writer the card table uses too)
+
 SHAPES = Path(__file__).parent / "fixtures" / "flux1_dev_shapes.json"
 PARAMS = {"transformer": 11_901_408_320, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656}
 PARAMS["vae"] = 83_819_683
-
-
-def write_safetensors(path: Path, rows: list, dtype: str = "BF16") -> None:
-    """A safetensors file with a real header over sparse data: full size on paper, no blocks on disk."""
-    header, offset = {}, 0
-    itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
-    for key, shape in rows:
-        size = math.prod(shape) * itemsize
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        f.truncate(8 + len(raw) + offset)
 
 
 def write_sharded(folder: Path, stem: str, rows: list, shards: int) -> None:
