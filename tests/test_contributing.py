@@ -47,7 +47,7 @@ FAKE_SETTING = """\
         axis=True,
         job_id=JobId.OFF_DEFAULT,
         batch=True,
-        column_after="dtype",
+        column_after="reference_dino_i",
         grid=True,
         diff=True,
         a1111=A1111("Fake level", "{fake_level}", omit_at_default=True),
@@ -96,7 +96,7 @@ def test_the_fake_setting_reaches_every_consumer() -> None:
     assert _plan().jobs[0].job_id == _plan(FAKE, 0).jobs[0].job_id == BASE_ID
     assert _plan(FAKE, 3).jobs[0].job_id == "{fake_id}"
     # manifest column in place, the plan's row, diff, the empty cell of an older manifest
-    assert MANIFEST_COLUMNS[-2:] == ("dtype", "fake_level")
+    assert MANIFEST_COLUMNS[-2:] == ("reference_dino_i", "fake_level")
     row = _plan(FAKE, 3).table.iloc[0].to_dict()
     assert row["fake_level"] == 3
     assert "fake_level" in DIFF_COLUMNS and EMPTY_CELLS["fake_level"] == "0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -177,6 +178,13 @@ def test_a_run_without_metrics_has_empty_columns_and_loads_no_clip_or_dino(
     with (run / "manifest.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["status"] == "ok" and {rows[0][c] for c in COLUMNS} == {""}
+    # `batchgen report` of such a run, in a process of its own: not even torch or transformers is imported.
+    code = (
+        "import sys; from batchgen.cli import main; code = main(['report', sys.argv[1]]); "
+        "print(code, sorted(m for m in ('torch', 'transformers', 'batchgen.semantic') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stdout + done.stderr
 
 
 def test_report_fills_the_columns_of_a_run_rendered_without_them(measured: Path, metrics_root: Path, tmp_path: Path):
