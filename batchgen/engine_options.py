@@ -19,9 +19,9 @@ from batchgen.settings import is_int
 DTYPES: dict[str, str | None] = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # run.offload: where each model's components live while it renders (batchgen/plan/memory.py chooses for auto).
 OFFLOADS = ("auto", "none", "encoders", "model", "sequential")
-# run.weights: `compute` holds every weight in the compute dtype; `fp8` stores the denoiser's linear weights in
+# run.weights: `auto` holds every weight in the compute dtype; `fp8` stores the denoiser's linear weights in
 # float8 (e4m3) and computes in bf16.
-WEIGHTS = ("compute", "fp8")
+WEIGHTS = ("auto", "fp8")
 
 
 class _Base(Protocol):
@@ -65,7 +65,7 @@ class EngineOptions:
     batch_size: int | str = "auto"  # images per pipeline call, or auto: each worker sizes its own
     offload: str = "auto"  # a name of OFFLOADS
     gpu_memory_gb: float | None = None  # device memory to plan against; None: the device's total (none on CPU)
-    weights: str = "compute"  # a name of WEIGHTS
+    weights: str = "auto"  # a name of WEIGHTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:

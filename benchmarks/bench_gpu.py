@@ -244,7 +244,7 @@ def bench_arch(arch: Arch, ctx: Context, peak: float | None) -> dict:
         "base": arch.base,
         "precision": f"{arch.dtype}" + (" + fp8 weights" if arch.fp8 else ""),
         "dtype": arch.dtype,
-        "weights": "fp8" if arch.fp8 else "compute",
+        "weights": "fp8" if arch.fp8 else "auto",
         "size": arch.size,
         "steps": arch.steps,
         "guidance_scale": arch.guidance,

@@ -45,7 +45,7 @@ class Model:
     label: str
     base: str  # its shipped configs: batchgen/model_configs/<base>
     shapes: str  # tests/fixtures/<shapes>: every component's tensor names and shapes
-    weights: str = "compute"  # run.weights
+    weights: str = "auto"  # run.weights
 
 
 MODELS = (
@@ -87,7 +87,7 @@ def default_job(spec: ModelSpec) -> Job:
     return Job("0" * 16, spec.name, "a fox", "", 1, lora_state=LoraState(), **own)
 
 
-def plan(spec: ModelSpec, job: Job, gib: int, weights: str = "compute") -> MemoryPlan:
+def plan(spec: ModelSpec, job: Job, gib: int, weights: str = "auto") -> MemoryPlan:
     return memory_plan(spec, [job], EngineOptions(gpu_memory_gb=gib, weights=weights), gib * GIB, "cuda")
 
 

@@ -346,6 +346,22 @@ def zero_batch_size(c: Case):
     return ["sweep.batch_size=0"], "sweep.batch_size: '0' is neither 'auto' nor a positive integer\n"
 
 
+def unknown_offload(c: Case):
+    return ["run.offload=cpu"], (
+        "run.offload: 'cpu' is not an offload plan; use auto, none, encoders, model or sequential\n"
+    )
+
+
+def zero_gpu_memory(c: Case):
+    return ["run.gpu_memory_gb=0"], (
+        "run.gpu_memory_gb=0.0: give the device memory in GB (such as 24), or null for the device's own\n"
+    )
+
+
+def unknown_weights(c: Case):
+    return ["run.weights=fp4"], "run.weights: 'fp4' is not a weight format; use auto or fp8\n"
+
+
 def offload_that_cannot_fit(c: Case):
     return ["run.offload=none", "run.gpu_memory_gb=0.01"], (
         "model tiny_sd1: run.offload=none needs 31.1 MB, more than the 10.2 MB planned for (run.gpu_memory_gb); "
@@ -571,6 +587,9 @@ CASES = [
     compile_not_a_bool,
     zero_threads,
     zero_batch_size,
+    unknown_offload,
+    zero_gpu_memory,
+    unknown_weights,
     offload_that_cannot_fit,
     zero_devices,
     negative_device,

@@ -216,7 +216,7 @@ def test_tiny_run_measures_contestants_and_plans_and_checks_pixels(tmp_path: Pat
     sd15 = results["models"]["sd15"]
     assert [sd15[k] for k in ("dtype", "weights", "pixel_tolerance", "pixel_check_passed")] == [
         "fp32",
-        "compute",
+        "auto",
         2,
         True,
     ]

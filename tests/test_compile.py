@@ -47,7 +47,7 @@ def _render(renderer: Renderer, job) -> np.ndarray:
     return np.asarray(result.image)
 
 
-def _frames_per_job(model: str, order: list[str], counter: CompileCounter, weights: str = "compute"):
+def _frames_per_job(model: str, order: list[str], counter: CompileCounter, weights: str = "auto"):
     """Render `order` one job at a time in one compiled Renderer: {job: frames compiled so far} after each, and
     whether every image equals the uncompiled Renderer's."""
     jobs, models = _jobs(model)

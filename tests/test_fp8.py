@@ -194,8 +194,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> dict
             if model != "tiny_flux":
                 body = body.replace(", weak: {grain: {unet: 0.01, text_encoder: 0}}", "")
             conf = write_conf(folder / f"conf-{model}", "fp8", body, {model: None})
-            for weights, dtype in (("fp8", "auto"), ("compute", "bf16")):
-                if model != "tiny_flux" and weights == "compute":
+            for weights, dtype in (("fp8", "auto"), ("auto", "bf16")):
+                if model != "tiny_flux" and weights == "auto":
                     continue
                 out = folder / "runs" / f"{model}-{weights}"
                 args = ["--config-dir", str(conf), "+sweep=fp8", f"run.weights={weights}", f"run.dtype={dtype}"]

@@ -61,7 +61,7 @@ def flux_job(width: int = 1024, height: int = 1024) -> Job:
     return Job("0" * 16, "flux1", "a fox", "", 1, 28, 3.5, width, height, lora_state=LoraState())
 
 
-def plan_for(spec: ModelSpec, gib: float, weights: str = "compute", offload: str = "auto"):
+def plan_for(spec: ModelSpec, gib: float, weights: str = "auto", offload: str = "auto"):
     options = EngineOptions(gpu_memory_gb=gib, weights=weights, offload=offload)
     return memory_plan(spec, [flux_job()], options, int(gib * GIB), "cuda")
 
@@ -85,10 +85,10 @@ def test_flux1_dev_components_are_sized_from_their_headers(flux1_dev: ModelSpec)
 @pytest.mark.parametrize(
     ("gib", "weights", "chosen"),
     [
-        (24, "compute", "model"),  # encoders first needs the 23.8 GB transformer, the VAE and its decode at once
-        (32, "compute", "encoders"),
-        (80, "compute", "none"),
-        (12, "compute", "sequential"),
+        (24, "auto", "model"),  # encoders first needs the 23.8 GB transformer, the VAE and its decode at once
+        (32, "auto", "encoders"),
+        (80, "auto", "none"),
+        (12, "auto", "sequential"),
         (16, "fp8", "encoders"),
         (24, "fp8", "none"),  # 11.1 GB of fp8 transformer + 8.9 GB of T5 + the decode's 2.0 GB + 1 GB reserve
     ],

@@ -113,7 +113,7 @@ RunConfig = make_dataclass(
         # The device memory plans are made for, in GB; null: the device's total (on CPU: no limit, no plan).
         ("gpu_memory_gb", float | None, field(default=None)),
         # compute: weights in the compute dtype; fp8: the denoiser's linear weights stored in float8 (e4m3).
-        ("weights", str, field(default="compute")),
+        ("weights", str, field(default="auto")),
         # torch.compile the UNet: slower start, faster steps on long GPU sweeps.
         ("compile", bool, field(default=False)),
         # A bigger sweep needs --yes: a typo in an axis should not start a week of rendering.

@@ -32,7 +32,7 @@ def resolve_dtype(name: str, base: Base, device: str) -> torch.dtype:
     return getattr(torch, DTYPES[base.compute_dtype(name, device)])
 
 
-def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype, weights: str = "compute"):
+def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype, weights: str = "auto"):
     """A diffusers pipeline from a local folder or single file; never touches the network. `weights` is
     run.weights: under fp8 the denoiser's Linear weights are stored in fp8 before the model moves (engine/fp8.py)."""
     from diffusers import DiffusionPipeline
@@ -109,7 +109,7 @@ def _absent_text_encoders(folder: Path, base: str) -> dict[str, None]:
 
 
 def load_transformer_single_file(
-    spec: ModelSpec, dtype: torch.dtype, parts: dict | None = None, weights: str = "compute"
+    spec: ModelSpec, dtype: torch.dtype, parts: dict | None = None, weights: str = "auto"
 ):
     """An SD3 or FLUX.1 transformer file in its original layout, converted by batchgen (assets/sd3_checkpoint.py,
     assets/flux_checkpoint.py), inside the rest of the pipeline from the `config:` folder (planning checked that

@@ -127,7 +127,7 @@ class MemoryPlan:
     model: str
     device_kind: str  # cuda | cpu: what it was planned for
     dtype: str  # what it computes in: fp16 | bf16 | fp32 (bf16 under run.weights=fp8)
-    weights: str  # run.weights: compute | fp8
+    weights: str  # run.weights: auto | fp8
     components: tuple[ComponentBytes, ...]
     lora_bytes: int
     batch_size: int  # the largest batch planned for
