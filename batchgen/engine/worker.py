@@ -294,13 +294,16 @@ class Renderer:
         (run.gpu_memory_gb, else the device's total; on a CPU without it, `none`)."""
         if self.options.offload != "auto":
             return self.options.offload
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        peaks = dict(dict(spec.memory_peaks).get(kind, ()))
+        if not peaks:
+            return "none"  # a model planning did not size (a spec built by hand)
         budget = None
         if self.options.gpu_memory_gb is not None:
             budget = int(self.options.gpu_memory_gb * 2**30)
-        elif self.device.startswith("cuda"):
+        elif kind == "cuda":
             budget = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
-        kind = "cuda" if self.device.startswith("cuda") else "cpu"
-        return choose_offload("auto", dict(dict(spec.memory_peaks).get(kind, ())), budget)
+        return choose_offload("auto", peaks, budget)
 
     @torch.inference_mode()
     def _generate(self, loaded: _Loaded, batch: list[Job], conds: list[Conditioning]):
