@@ -53,7 +53,7 @@ def test_models_dtype_overrides_run_dtype_per_model(monkeypatch: pytest.MonkeyPa
     so each job's failed row carries the dtype its model would have loaded in."""
     loaded: dict[str, torch.dtype] = {}
 
-    def no_load(spec: ModelSpec, device: str, dtype: torch.dtype):
+    def no_load(spec: ModelSpec, device: str, dtype: torch.dtype, weights: str = "auto"):
         loaded[spec.name] = dtype
         raise RuntimeError("not loaded")
 
