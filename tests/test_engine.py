@@ -21,9 +21,9 @@ def test_models_tis_and_loras_load_once(tiny_cache: Path, monkeypatch: pytest.Mo
     reads: Counter[str] = Counter()
     real_load, real_read = pipeline.load_pipeline, pipeline.read_state_dict
 
-    def counting_load(spec, device, dtype):
+    def counting_load(spec, device, dtype, weights="auto"):
         loads[spec.name] += 1
-        return real_load(spec, device, dtype)
+        return real_load(spec, device, dtype, weights)
 
     def counting_read(path):
         reads[Path(path).name if "lora" not in Path(path).parts else f"lora/{Path(path).name}"] += 1
