@@ -229,7 +229,7 @@ def test_renders_equal_diffusers_with_fp8_rounded_weights_and_a_fused_lora(rende
     assert diffs["none"] == 0  # no LoRA: the very same computation
     assert max(diffs.values()) <= MAX_PIXEL_DIFF
     if model == "tiny_flux":
-        bf16_run, bf16_table = rendered["tiny_flux-compute"]
+        bf16_run, bf16_table = rendered["tiny_flux-auto"]
         bf16 = {r["stack"]: _image(bf16_run, r) for _, r in bf16_table.iterrows()}
         assert all(np.abs(_image(run, r) - bf16[r["stack"]]).max() > 8 * MAX_PIXEL_DIFF for _, r in table.iterrows())
 
@@ -245,7 +245,7 @@ def test_a_weak_lora_moves_pixels_under_fp8_and_stays_near_bf16(rendered, flux) 
         assert torch.equal(torch.addmm(w8, module.lora_up, module.lora_down).to(STORAGE).float(), w8)
     stacks.use(lora_state((), spec))
     run, table = rendered["tiny_flux-fp8"]
-    bf16_run, bf16_table = rendered["tiny_flux-compute"]
+    bf16_run, bf16_table = rendered["tiny_flux-auto"]
     fp8 = {row["stack"]: _image(run, row) for _, row in table.iterrows()}
     bf16 = {row["stack"]: _image(bf16_run, row) for _, row in bf16_table.iterrows()}
     effect, bf16_effect = fp8["weak"] - fp8["none"], bf16["weak"] - bf16["none"]
