@@ -374,18 +374,20 @@ def test_a_grid_cell_opens_the_compare_view_and_the_fragment_keeps_it(tmp_path: 
         assert browser.evaluate(again, "location.hash") == base[base.index("#") :]
 
 
-def wait_for(browser: Chromium, page: str, expression: str, seconds: float = 30.0):
-    """Evaluate `expression` until it is truthy: the page reloads itself meanwhile, and an evaluation that
-    meets a reload fails; those are retried."""
-    deadline = time.monotonic() + seconds
-    while True:
+def wait_for(browser: Chromium, page: str, expression: str, attempts: int = 150):
+    """Evaluate `expression` until it is truthy, at most `attempts` times (a count, not a clock: a busy machine
+    gets as many looks as a quiet one): the page reloads itself meanwhile, and an evaluation that meets a reload
+    fails; those are retried."""
+    value = None
+    for _ in range(attempts):
         try:
             value = browser.evaluate(page, expression)
         except CdpError:
             value = None
-        if value or time.monotonic() > deadline:
+        if value:
             return value
         time.sleep(0.2)
+    return value
 
 
 LIVE = """
